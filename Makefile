@@ -1,0 +1,41 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+PIPFLAGS = -q --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test install dev bench torchvision-test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIPFLAGS) -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install $(PIPFLAGS) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+demo: $(VENV)/.dev-installed
+	$(PY) examples/demo.py
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev-installed
+	$(PIP) install $(PIPFLAGS) -e ".[bench]"
+	$(PY) benchmarks/compile_time.py
+	$(PY) benchmarks/step_time.py
+
+# torchvision needs a different torch (2.14.1, a 5.5 GB build on this machine): own venv.
+torchvision-test:
+	$(PYTHON) -m venv .venv-tv
+	.venv-tv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	.venv-tv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	.venv-tv/bin/python -m pytest -q -m torchvision
+
+clean:
+	rm -rf $(VENV) .venv-tv .pytest_cache build *.egg-info

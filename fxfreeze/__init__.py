@@ -1,0 +1,57 @@
+"""fxfreeze: freeze converged layers during training, as a torch.fx compiler pass.
+
+``fxfreeze.plan(model, example_inputs)`` finds a model's freezable blocks;
+``fxfreeze.compile(model, example_inputs, optimizer=opt)`` returns a module that trains
+exactly like ``model`` until its policy freezes a prefix of blocks, then skips their
+backward pass.
+
+Importing fxfreeze loads torch, numpy, networkx and PyYAML only; optional dependencies
+(transformers, Graphviz, tqdm...) are imported where they are used.
+"""
+
+from __future__ import annotations
+
+from .api import plan
+from .errors import (
+    ConfigError,
+    ExampleInputError,
+    FreezeError,
+    FxFreezeError,
+    ModelError,
+    PlanError,
+    TraceError,
+    VizError,
+)
+from .plan import Block, FreezePlan, Head
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "plan",
+    "compile",
+    "FreezePlan",
+    "Block",
+    "Head",
+    "FreezeConfig",
+    "FxFreezeError",
+    "ModelError",
+    "TraceError",
+    "ExampleInputError",
+    "PlanError",
+    "ConfigError",
+    "FreezeError",
+    "VizError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):  # lazy: the runtime is only loaded when used
+    if name == "compile":
+        from .runtime.module import compile as _compile
+
+        return _compile
+    if name == "FreezeConfig":
+        from .config import FreezeConfig
+
+        return FreezeConfig
+    raise AttributeError(f"module 'fxfreeze' has no attribute {name!r}")

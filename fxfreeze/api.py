@@ -1,0 +1,91 @@
+"""Public entry points: :func:`plan` (and :func:`analyze`, shared with ``compile``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .analysis import batch_size_of, propagate
+from .errors import PlanError
+from .partition import GraphIndex, propose
+from .plan import FreezePlan, build_plan, starts_from_plan
+from .trace import Capture, capture, normalize_inputs
+
+__all__ = ["plan", "analyze", "Analysis"]
+
+
+@dataclass
+class Analysis:
+    """Everything learnt about a model: its capture, a graph module over it, the graph
+    index the partitioner used and the resulting plan."""
+
+    capture: Capture
+    graph_module: fx.GraphModule
+    index: GraphIndex
+    plan: FreezePlan
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    plan: FreezePlan | str | None = None,
+    strategy: str = "auto",
+) -> Analysis:
+    """Capture, annotate and partition ``model`` (see :func:`plan`)."""
+    cap = capture(model, example_inputs, strategy=strategy)
+    args, kwargs = normalize_inputs(example_inputs)
+    if cap.executable:
+        gm = cap.build(model)
+        if args or kwargs:
+            propagate(gm, model, cap, args, kwargs)
+    else:
+        gm = _plain_graph_module(cap.graph)
+    ix = GraphIndex(cap.graph, model)
+    if plan is not None:
+        if isinstance(plan, str):
+            plan = FreezePlan.load(plan)
+        if not isinstance(plan, FreezePlan):
+            raise PlanError(f"plan= must be a FreezePlan or a path, got {type(plan).__name__}")
+        proposal = starts_from_plan(ix, plan)
+    else:
+        proposal = propose(ix)
+    fp = build_plan(
+        ix,
+        gm,
+        proposal,
+        model_name=type(model).__name__,
+        strategy=cap.strategy,
+        batch_size=batch_size_of(args, kwargs),
+        notes=cap.reasons,
+    )
+    return Analysis(cap, gm, ix, fp)
+
+
+def _plain_graph_module(graph: fx.Graph) -> fx.GraphModule:
+    """A non-executable holder for a hooks graph (its call_module targets are not bound)."""
+    gm = fx.GraphModule.__new__(fx.GraphModule)
+    nn.Module.__init__(gm)
+    gm.__dict__["_graph"] = graph
+    return gm
+
+
+def plan(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    plan: FreezePlan | str | None = None,
+    strategy: str = "auto",
+) -> FreezePlan:
+    """Find the freezable blocks of ``model``.
+
+    ``example_inputs`` is a tuple of positional arguments, a dict of keyword arguments (for
+    Hugging Face models: ``{"input_ids": ..., "attention_mask": ...}``), a single tensor or
+    ``None``. With inputs, blocks carry FLOPs and per-sample frontier bytes, and models that
+    ``torch.fx`` cannot trace are captured with ``torch.export``; without, only structure is
+    known. ``plan`` re-derives an edited plan (or a path to one) on this model.
+    """
+    return analyze(model, example_inputs, plan=plan, strategy=strategy).plan

@@ -1,0 +1,205 @@
+"""The ``fxfreeze`` command line: ``fxfreeze plan`` and ``fxfreeze viz``.
+
+Errors are printed as one line (``fxfreeze: error: ...``) with exit status 2 and no
+traceback; set ``FXFREEZE_DEBUG=1`` to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "parse_input_shape", "load_target"]
+
+_DTYPES = {
+    "float32": "float32", "float": "float32", "f32": "float32",
+    "float16": "float16", "half": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "double": "float64",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+    "bool": "bool", "uint8": "uint8",
+}
+
+
+class CliError(Exception):
+    """A bad command-line argument."""
+
+
+def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...], str]:
+    """Parse ``[name=]d0,d1,...[:dtype]``, e.g. ``1,3,224,224`` or ``input_ids=2,128:int64``."""
+    name: str | None = None
+    body = spec.strip()
+    if "=" in body:
+        name, body = body.split("=", 1)
+        name = name.strip()
+        if not name.isidentifier():
+            raise CliError(f"--input-shape {spec!r}: {name!r} is not a valid argument name")
+    dtype = "float32"
+    if ":" in body:
+        body, dt = body.rsplit(":", 1)
+        if dt.strip().lower() not in _DTYPES:
+            raise CliError(f"--input-shape {spec!r}: unknown dtype {dt!r}; use one of {', '.join(sorted(set(_DTYPES.values())))}")
+        dtype = _DTYPES[dt.strip().lower()]
+    parts = [p.strip() for p in body.replace("x", ",").split(",") if p.strip()]
+    if not parts:
+        raise CliError(f"--input-shape {spec!r}: expected comma-separated sizes such as 1,3,224,224")
+    dims = []
+    for p in parts:
+        if not p.isdigit() or int(p) <= 0:
+            raise CliError(f"--input-shape {spec!r}: {p!r} is not a positive integer size")
+        dims.append(int(p))
+    return name, tuple(dims), dtype
+
+
+def load_target(target: str, kwargs_json: str | None) -> Any:
+    """Import ``MODULE:CALLABLE`` and call it (with ``--kwargs``) to get a model."""
+    if ":" not in target:
+        raise CliError(f"model {target!r} must be given as MODULE:CALLABLE, e.g. fxfreeze.zoo:resnet56")
+    mod_name, attr = target.split(":", 1)
+    kwargs: dict[str, Any] = {}
+    if kwargs_json:
+        try:
+            kwargs = json.loads(kwargs_json)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--kwargs is not valid JSON: {e.msg} at column {e.colno}") from e
+        if not isinstance(kwargs, dict):
+            raise CliError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is a bad argument
+        raise CliError(f"cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    import torch.nn as nn
+
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise CliError(f"{target!r} is neither an nn.Module nor callable")
+    try:
+        return obj(**kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise CliError(f"calling {target}(**{kwargs}) failed: {type(e).__name__}: {e}") from e
+
+
+def _example_inputs(args: argparse.Namespace) -> Any:
+    import torch
+
+    if args.example_inputs and args.input_shape:
+        raise CliError("give either --input-shape or --example-inputs, not both")
+    if args.example_inputs:
+        path = Path(args.example_inputs)
+        if not path.is_file():
+            raise CliError(f"--example-inputs {str(path)!r}: no such file")
+        try:
+            data = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise CliError(f"--example-inputs {str(path)!r} is not a tensor file torch.load can read safely: {e}") from e
+        if isinstance(data, list):
+            data = tuple(data)
+        return data
+    if not args.input_shape:
+        return None
+    positional, named = [], {}
+    for spec in args.input_shape:
+        name, shape, dtype = parse_input_shape(spec)
+        dt = getattr(torch, dtype)
+        g = torch.Generator().manual_seed(0)
+        if dt.is_floating_point:
+            t = torch.randn(shape, generator=g).to(dt)
+        elif dt == torch.bool:
+            t = torch.ones(shape, dtype=dt)
+        else:
+            t = torch.randint(0, 2, shape, generator=g, dtype=dt)
+        if name is None:
+            if named:
+                raise CliError("positional --input-shape values must come before named ones")
+            positional.append(t)
+        else:
+            named[name] = t
+    if positional and named:
+        raise CliError("mix of positional and named --input-shape values is not supported; name them all")
+    return named if named else tuple(positional)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODULE:CALLABLE", help="factory returning an nn.Module, e.g. fxfreeze.zoo:resnet56")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="[NAME=]D0,D1,...[:DTYPE]",
+        help="an example input of this shape (random values); repeat for several inputs; "
+        "NAME= makes it a keyword argument, :int64 etc. sets the dtype",
+    )
+    p.add_argument("--example-inputs", metavar="FILE.pt", help="example inputs saved with torch.save (a tensor, tuple or dict)")
+    p.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory, as a JSON object")
+    p.add_argument("--strategy", default="auto", choices=("auto", "fx", "export", "hooks"), help="capture strategy (default: auto)")
+    p.add_argument("--plan", metavar="FILE", help="an edited plan (YAML/JSON) to apply instead of proposing one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxfreeze", description="Inspect fxfreeze freeze plans.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="print the freeze plan of a model")
+    _common(p)
+    p.add_argument("--format", default="table", choices=("table", "yaml", "json"))
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    v = sub.add_parser("viz", help="export the block-clustered graph as DOT, SVG, HTML or JSON")
+    _common(v)
+    v.add_argument("-o", "--output", required=True, metavar="OUT.{dot,svg,html,json}")
+    return parser
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from .api import analyze
+
+    if ns.command == "viz":
+        from .viz import FORMATS
+
+        fmt = Path(ns.output).suffix.lstrip(".").lower()
+        if fmt not in FORMATS:
+            raise CliError(f"-o {ns.output!r}: unknown format {fmt!r}; use .dot, .svg, .html or .json")
+    model = load_target(ns.model, ns.kwargs)
+    inputs = _example_inputs(ns)
+    result = analyze(model, inputs, plan=ns.plan, strategy=ns.strategy)
+    if ns.command == "plan":
+        fp = result.plan
+        text = {"table": fp.table, "yaml": fp.to_yaml, "json": fp.to_json}[ns.format]()
+        if ns.output:
+            Path(ns.output).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        else:
+            print(text.rstrip("\n"))
+        return 0
+    from .viz import export
+
+    out = export(result.capture.graph, result.plan, ns.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import FxFreezeError
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return _run(ns)
+    except (CliError, FxFreezeError) as e:
+        if os.environ.get("FXFREEZE_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())
+        print(f"fxfreeze: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

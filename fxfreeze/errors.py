@@ -1,0 +1,51 @@
+"""The exception hierarchy of fxfreeze.
+
+Every error the library raises on purpose derives from :class:`FxFreezeError`, so a
+caller can catch one type. Messages name the node, key or file at fault and say what
+to do about it; the CLI prints them as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxFreezeError",
+    "ModelError",
+    "TraceError",
+    "ExampleInputError",
+    "PlanError",
+    "ConfigError",
+    "FreezeError",
+    "VizError",
+]
+
+
+class FxFreezeError(Exception):
+    """Base class of every error raised by fxfreeze."""
+
+
+class ModelError(FxFreezeError, TypeError):
+    """The object given as a model cannot be used (not an nn.Module, no parameters...)."""
+
+
+class TraceError(FxFreezeError):
+    """No capture strategy could turn the model into a graph."""
+
+
+class ExampleInputError(FxFreezeError, ValueError):
+    """The example inputs do not fit the model (wrong shape, dtype or arity)."""
+
+
+class PlanError(FxFreezeError, ValueError):
+    """A freeze plan is malformed or does not match the model it is applied to."""
+
+
+class ConfigError(FxFreezeError, ValueError):
+    """A configuration value, key or file is invalid."""
+
+
+class FreezeError(FxFreezeError, ValueError):
+    """A freezing request cannot be carried out (e.g. a prefix beyond the plan)."""
+
+
+class VizError(FxFreezeError):
+    """A graph picture cannot be produced (unknown format, missing Graphviz...)."""

@@ -1,0 +1,403 @@
+"""Finding the freezable building blocks of a captured graph.
+
+The partitioner *proposes* block boundaries; :mod:`fxfreeze.plan` turns a proposal (or a
+user-edited one) into a :class:`~fxfreeze.plan.FreezePlan`, and passes *apply* it. Nothing
+here knows any class name: blocks are found from structure alone.
+
+1. **Ownership.** Every compute node belongs to the innermost module that produced it
+   (``nn_module_stack``). A module, or a group of sibling modules, is *contiguous* when no
+   node of another sibling subtree runs between its first and last node (its parent's own
+   glue code may).
+2. **Runs.** Among the children of a module, ordered by first execution, a *run* is a
+   sequence of at least two units of ``k`` consecutive children (``k`` = 1..4) with the same
+   module types, each unit contiguous and holding parameters, and each unit depending on
+   the previous one through the data flow (a chain, not parallel branches such as q/k/v).
+3. **Levels.** Runs are searched top-down. A run unit is refined into the runs found inside
+   it only when those cover at least 90% of its parameters and their internal cuts are no
+   wider (in tensors crossing) than the unit's own input cut: a ResNet stage splits into its
+   residual blocks, a residual block does not split at its skip connection, a transformer
+   layer does not split into its attention and MLP halves. Children outside any run are
+   searched for runs deeper down (``encoder.layer`` inside a BERT).
+4. **Stem and head.** Everything before the first unit is block 0, the stem (merged into the
+   first block when it holds no parameters); nodes between two units go to the following
+   block; everything after the last unit is the head, which is never frozen.
+5. **Fallback.** With no run anywhere, the contiguous parametrised children of the model
+   (descending through wrappers that hold nearly all parameters) are the blocks, and the
+   last of them is the head.
+
+Frontiers, the tensors crossing a prefix cut, are computed on a ``networkx`` view of the
+graph; they are what an activation cache must hold when that prefix is frozen.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import networkx as nx
+import torch.fx as fx
+from torch import nn
+
+from .analysis import META_TENSOR
+from .trace import module_path_of
+
+__all__ = [
+    "GraphIndex",
+    "Proposal",
+    "propose",
+    "COMPUTE_OPS",
+]
+
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+#: Runs found independently are kept only when they cover at least this share of the
+#: parameters of the largest run (drops stray repeats far from the trunk).
+_MIN_RELATIVE_COVERAGE = 0.01
+_REFINE_COVERAGE = 0.9
+_MAX_PERIOD = 4
+
+
+def _ancestors(path: str) -> list[str]:
+    """'a.b.c' -> ['', 'a', 'a.b', 'a.b.c']."""
+    if not path:
+        return [""]
+    parts = path.split(".")
+    return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _within(path: str, root: str) -> bool:
+    return root == "" or path == root or path.startswith(root + ".")
+
+
+class GraphIndex:
+    """Positions, ownership and data-flow queries over one graph (built once, read often)."""
+
+    def __init__(self, graph: fx.Graph, model: nn.Module) -> None:
+        self.graph = graph
+        self.model = model
+        self.nodes: list[fx.Node] = list(graph.nodes)
+        self.compute: list[fx.Node] = [n for n in self.nodes if n.op in COMPUTE_OPS]
+        self.cidx: dict[fx.Node, int] = {n: i for i, n in enumerate(self.compute)}
+        self.owner: list[str] = [module_path_of(n) for n in self.compute]
+        self.end = len(self.compute)  # position of the output node
+        spans: dict[str, list[int]] = {}
+        for i, o in enumerate(self.owner):
+            for a in _ancestors(o):
+                s = spans.get(a)
+                if s is None:
+                    spans[a] = [i, i, 1]
+                else:
+                    s[1] = i
+                    s[2] += 1
+        self.spans = spans
+        self._params: dict[str, int] = {}
+        self.dg = nx.DiGraph()
+        for n in self.nodes:
+            self.dg.add_node(n.name)
+            for u in n.users:
+                self.dg.add_edge(n.name, u.name)
+        self._width = self._frontier_widths()
+
+    # -- modules -------------------------------------------------------------------------
+    def module(self, path: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(path) if path else self.model
+        except AttributeError:
+            return None
+
+    def params_of(self, path: str) -> int:
+        if path not in self._params:
+            m = self.module(path)
+            self._params[path] = sum(p.numel() for p in m.parameters()) if m is not None else 0
+        return self._params[path]
+
+    def children(self, path: str) -> list[str]:
+        """Children of ``path`` that own compute nodes, in order of first execution."""
+        m = self.module(path)
+        if m is None:
+            return []
+        prefix = path + "." if path else ""
+        kids = [prefix + name for name, _ in m.named_children() if prefix + name in self.spans]
+        return sorted(kids, key=lambda k: self.spans[k][0])
+
+    def has_children(self, path: str) -> bool:
+        m = self.module(path)
+        return m is not None and len(m._modules) > 0
+
+    def type_of(self, path: str) -> object:
+        """Repetition signature: the module's type; for the generic containers
+        (Sequential, ModuleList, ModuleDict) also the types of their children, so that two
+        stages of different make-up do not count as repeats of each other."""
+        m = self.module(path)
+        if m is None:
+            return None
+        if type(m) in _CONTAINERS:
+            return (type(m), tuple(type(c) for c in m.children()))
+        return type(m)
+
+    # -- structure -----------------------------------------------------------------------
+    def group_range(self, paths: Sequence[str]) -> tuple[int, int]:
+        return min(self.spans[p][0] for p in paths), max(self.spans[p][1] for p in paths)
+
+    def contiguous(self, paths: Sequence[str], parent: str) -> bool:
+        lo, hi = self.group_range(paths)
+        for i in range(lo, hi + 1):
+            o = self.owner[i]
+            if any(_within(o, p) for p in paths):
+                continue
+            if _within(parent, o):  # glue of the parent or an ancestor
+                continue
+            return False
+        return True
+
+    def depends(self, a: tuple[int, int], b: tuple[int, int]) -> bool:
+        """Does any node in compute range ``b`` use (transitively) a node of range ``a``?"""
+        seen: set[fx.Node] = set()
+        queue = deque(self.compute[a[0] : a[1] + 1])
+        while queue:
+            n = queue.popleft()
+            for u in n.users:
+                i = self.cidx.get(u)
+                if i is None or i > b[1] or u in seen:
+                    continue
+                if i >= b[0]:
+                    return True
+                seen.add(u)
+                queue.append(u)
+        return False
+
+    # -- cuts ----------------------------------------------------------------------------
+    def _is_tensor(self, n: fx.Node) -> bool:
+        return bool(n.meta.get(META_TENSOR, True))
+
+    def _last_use(self, n: fx.Node) -> int:
+        last = -1
+        for u in n.users:
+            last = max(last, self.cidx.get(u, self.end))
+        return last
+
+    def _frontier_widths(self) -> list[int]:
+        diff = [0] * (self.end + 2)
+        for i, n in enumerate(self.compute):
+            if not self._is_tensor(n):
+                continue
+            last = self._last_use(n)
+            if last > i:
+                diff[i + 1] += 1
+                diff[last + 1] -= 1
+        out, acc = [], 0
+        for c in range(self.end + 1):
+            acc += diff[c]
+            out.append(acc)
+        return out
+
+    def width(self, cut: int) -> int:
+        """Tensors produced before compute position ``cut`` and used at or after it."""
+        return self._width[cut]
+
+    def frontier(self, cut: int) -> list[fx.Node]:
+        """The nodes whose tensors cross the cut at compute position ``cut``, in order."""
+        out = []
+        for i in range(cut):
+            n = self.compute[i]
+            if self._is_tensor(n) and self._last_use(n) >= cut:
+                out.append(n)
+        return out
+
+    def inputs_after(self, cut: int) -> list[fx.Node]:
+        """Graph inputs still needed at or after the cut (passed through, never cached)."""
+        return [
+            n
+            for n in self.nodes
+            if n.op == "placeholder" and any(self.cidx.get(u, self.end) >= cut for u in n.users)
+        ]
+
+    def params_in(self, lo: int, hi: int) -> bool:
+        """Does compute range [lo, hi) use any parameter?"""
+        for i in range(lo, hi):
+            n = self.compute[i]
+            if n.op == "call_module":
+                m = self.module(str(n.target))
+                if m is not None and any(True for _ in m.parameters()):
+                    return True
+            for a in n.all_input_nodes:
+                if a.op == "get_attr":
+                    return True
+        return False
+
+
+@dataclass
+class Unit:
+    paths: tuple[str, ...]
+    lo: int
+    hi: int
+
+
+@dataclass
+class Proposal:
+    """Proposed boundaries: block ``i`` spans compute positions ``[starts[i], starts[i+1])``
+    and the head spans ``[head_start, end)``."""
+
+    starts: list[int]
+    head_start: int
+    names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _unit_name(paths: Sequence[str]) -> str:
+    if len(paths) == 1:
+        return paths[0]
+    return f"{paths[0]}..{paths[-1].rsplit('.', 1)[-1]}"
+
+
+class _Searcher:
+    def __init__(self, index: GraphIndex) -> None:
+        self.ix = index
+
+    def unit(self, paths: Sequence[str]) -> Unit:
+        lo, hi = self.ix.group_range(paths)
+        return Unit(tuple(paths), lo, hi)
+
+    def runs(self, parent: str, kids: list[str]) -> list[list[Unit]]:
+        """Best set of runs among ``kids`` (max parameter coverage, then smallest period)."""
+        ix = self.ix
+        types = [ix.type_of(k) for k in kids]
+        best: list[list[Unit]] = []
+        best_cover = 0
+        for k in range(1, _MAX_PERIOD + 1):
+            found: list[list[Unit]] = []
+            i = 0
+            while i + 2 * k <= len(kids):
+                pattern = types[i : i + k]
+                units: list[Unit] = []
+                j = i
+                while j + k <= len(kids) and types[j : j + k] == pattern:
+                    group = kids[j : j + k]
+                    if sum(ix.params_of(p) for p in group) == 0 or not ix.contiguous(group, parent):
+                        break
+                    if k == 1 and not ix.has_children(group[0]):
+                        break  # a lone leaf op (a pooler Linear then a classifier Linear) is no block
+                    u = self.unit(group)
+                    if units and (u.lo <= units[-1].hi or not ix.depends((units[-1].lo, units[-1].hi), (u.lo, u.hi))):
+                        break
+                    units.append(u)
+                    j += k
+                if len(units) >= 2:
+                    found.append(units)
+                    i = j
+                else:
+                    i += 1
+            cover = sum(ix.params_of(p) for run in found for u in run for p in u.paths)
+            if cover > best_cover:
+                best, best_cover = found, cover
+        return best
+
+    def decompose(self, path: str) -> list[tuple[int, list[Unit]]]:
+        """Runs found in ``path``'s subtree as ``(coverage, units)``, in execution order;
+        coverage is that of the run as found, before its units were refined."""
+        kids = self.ix.children(path)
+        if not kids:
+            return []
+        runs = self.runs(path, kids)
+        first_of_run = {run[0].paths[0]: run for run in runs}
+        in_run = {p for run in runs for u in run for p in u.paths}
+        out: list[tuple[int, list[Unit]]] = []
+        for kid in kids:
+            if kid in first_of_run:
+                run = first_of_run[kid]
+                cover = sum(self.ix.params_of(p) for u in run for p in u.paths)
+                units: list[Unit] = []
+                for u in run:
+                    units.extend(self.refine(u))
+                out.append((cover, units))
+            elif kid not in in_run:
+                out.extend(self.decompose(kid))
+        return out
+
+    def refine(self, u: Unit) -> list[Unit]:
+        if len(u.paths) != 1:
+            return [u]
+        sub = [s for _, units in self.decompose(u.paths[0]) for s in units]
+        if len(sub) < 2:
+            return [u]
+        ix = self.ix
+        covered = sum(ix.params_of(p) for s in sub for p in s.paths)
+        if covered < _REFINE_COVERAGE * ix.params_of(u.paths[0]):
+            return [u]
+        limit = ix.width(u.lo)
+        if any(ix.width(s.lo) > limit for s in sub[1:]):
+            return [u]
+        return sub
+
+    def units(self) -> list[Unit]:
+        found = self.decompose("")
+        if not found:
+            return []
+        best = max(c for c, _ in found)
+        return [u for c, units in found if c >= _MIN_RELATIVE_COVERAGE * best for u in units]
+
+    def fallback(self) -> list[Unit]:
+        ix = self.ix
+        path = ""
+        total = ix.params_of("")
+        while True:
+            kids = [k for k in ix.children(path) if ix.params_of(k) > 0]
+            if len(kids) == 1 and ix.params_of(kids[0]) >= 0.9 * total:
+                path = kids[0]
+                continue
+            break
+        units = []
+        for k in kids:
+            if ix.contiguous([k], path):
+                u = self.unit([k])
+                if not units or u.lo > units[-1].hi:
+                    units.append(u)
+        return units
+
+
+def propose(index: GraphIndex) -> Proposal:
+    """Propose block boundaries for the graph behind ``index``."""
+    ix = index
+    searcher = _Searcher(ix)
+    units = searcher.units()
+    notes: list[str] = []
+    head_from_last = False
+    if not units:
+        units = searcher.fallback()
+        head_from_last = True
+        notes.append(
+            "no repeated chain of modules found; blocks are the model's parametrised "
+            "children in execution order and the last one is the head"
+        )
+    if not units:
+        # A single opaque module: one block, no head.
+        return Proposal(starts=[0], head_start=ix.end, names=["model"], notes=notes + ["one block only"])
+    if head_from_last and len(units) >= 2:
+        head = units.pop()
+        head_start = head.lo
+    else:
+        head_start = units[-1].hi + 1
+    starts: list[int] = []
+    names: list[str] = []
+    if units[0].lo > 0 and ix.params_in(0, units[0].lo):
+        starts.append(0)
+        names.append("stem")
+    for u in units:
+        starts.append(u.lo)
+        names.append(_unit_name(u.paths))
+    starts[0] = 0  # nodes before the first unit belong to block 0
+    return Proposal(starts=starts, head_start=head_start, names=names, notes=notes)
+
+
+def top_modules(paths: Iterable[str]) -> list[str]:
+    """Minimal set of module paths covering ``paths`` (drop descendants), in given order."""
+    out: list[str] = []
+    for p in paths:
+        if not p:
+            continue
+        if any(_within(p, q) for q in out):
+            continue
+        out = [q for q in out if not _within(q, p)]
+        out.append(p)
+    return out

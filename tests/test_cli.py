@@ -1,0 +1,96 @@
+"""The fxfreeze CLI: plan, viz, and one-line errors with non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from fxfreeze.cli import main, parse_input_shape
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fxfreeze.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_plan_table(capsys):
+    assert main(["plan", "fxfreeze.zoo:resnet20", "--input-shape", "2,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "ResNetCifar: 10 blocks" in out
+    assert "layer3.2" in out and "head" in out and "GFLOPs" in out
+
+
+def test_plan_yaml_and_json(capsys, tmp_path):
+    assert main(["plan", "fxfreeze.zoo:bert_style", "--input-shape", "input_ids=2,16:int64", "--input-shape", "attention_mask=2,16:int64", "--format", "yaml"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert [b["name"] for b in data["blocks"]][1:] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    out = tmp_path / "p.json"
+    assert main(["plan", "fxfreeze.zoo:resnet20", "--format", "json", "-o", str(out)]) == 0
+    assert len(json.loads(out.read_text())["blocks"]) == 10
+
+
+def test_plan_with_example_inputs_file_and_kwargs(capsys, tmp_path):
+    f = tmp_path / "inputs.pt"
+    torch.save((torch.randn(2, 1, 28, 28),), f)
+    assert main(["plan", "fxfreeze.zoo:resnet_cifar", "--kwargs", '{"depth": 20, "in_channels": 1}', "--example-inputs", str(f)]) == 0
+    assert "10 blocks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
+        (["plan", "fxfreeze.zoo:nothing"], "has no attribute 'nothing'"),
+        (["plan", "fxfreeze.zoo"], "MODULE:CALLABLE"),
+        (["plan", "fxfreeze.zoo:resnet20", "--input-shape", "2,three,32"], "'three' is not a positive integer"),
+        (["plan", "fxfreeze.zoo:resnet20", "--input-shape", "2,5"], "fails on the example inputs"),
+        (["plan", "fxfreeze.zoo:resnet20", "--kwargs", "{bad"], "--kwargs is not valid JSON"),
+        (["plan", "torch.nn:ReLU"], "no parameters"),
+        (["plan", "fxfreeze.zoo:__doc__"], "neither an nn.Module nor callable"),
+        (["viz", "fxfreeze.zoo:resnet20", "-o", "x.png"], "unknown format 'png'"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, needle):
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+
+
+def test_parse_input_shape():
+    assert parse_input_shape("1,3,224,224") == (None, (1, 3, 224, 224), "float32")
+    assert parse_input_shape("input_ids=2,128:long") == ("input_ids", (2, 128), "int64")
+
+
+@pytest.mark.parametrize("fmt", ["dot", "json"])
+def test_viz_without_graphviz_formats(tmp_path, fmt):
+    out = tmp_path / f"g.{fmt}"
+    assert main(["viz", "fxfreeze.zoo:unet", "--input-shape", "1,3,32,32", "-o", str(out)]) == 0
+    text = out.read_text()
+    if fmt == "dot":
+        assert "cluster_0" in text and "cluster_head" in text and "color=red" in text
+    else:
+        data = json.loads(text)
+        assert any(e["frontier"] for e in data["edges"])
+        assert {n["block"] for n in data["nodes"]} >= {0, "head"}
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
+@pytest.mark.parametrize("fmt", ["svg", "html"])
+def test_viz_svg_html(tmp_path, fmt):
+    out = tmp_path / f"g.{fmt}"
+    assert main(["viz", "fxfreeze.zoo:resnet20", "--input-shape", "1,3,32,32", "-o", str(out)]) == 0
+    assert "<svg" in out.read_text()
+
+
+def test_viz_svg_without_dot_is_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["viz", "fxfreeze.zoo:resnet20", "-o", str(tmp_path / "g.svg")]) == 2
+    assert "apt-get install graphviz" in capsys.readouterr().err

@@ -1,0 +1,34 @@
+"""Bad input to the foundation API: one clear error each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxfreeze
+from fxfreeze import zoo
+
+
+def test_non_module():
+    with pytest.raises(fxfreeze.ModelError, match="expected a torch.nn.Module"):
+        fxfreeze.plan(lambda x: x)
+
+
+def test_model_without_parameters():
+    with pytest.raises(fxfreeze.ModelError, match="no parameters"):
+        fxfreeze.plan(torch.nn.ReLU(), (torch.randn(2),))
+
+
+def test_wrong_input_shape():
+    with pytest.raises(fxfreeze.ExampleInputError, match=r"float32\[2, 5\]"):
+        fxfreeze.plan(zoo.dict_output_net(), (torch.randn(2, 5),))
+
+
+def test_wrong_input_container():
+    with pytest.raises(fxfreeze.ExampleInputError, match="example_inputs must be"):
+        fxfreeze.plan(zoo.resnet20(), 3.0)
+
+
+def test_errors_share_a_base():
+    for cls in (fxfreeze.ModelError, fxfreeze.PlanError, fxfreeze.TraceError, fxfreeze.ConfigError):
+        assert issubclass(cls, fxfreeze.FxFreezeError)

@@ -1,0 +1,164 @@
+"""Partitioner: expected blocks on the in-repo zoo, frontiers, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxfreeze
+from fxfreeze import zoo
+
+
+def _plan(name: str, batch: int = 2) -> fxfreeze.FreezePlan:
+    torch.manual_seed(0)
+    factory, inputs = zoo.MODELS[name]
+    return fxfreeze.plan(factory(), inputs(batch))
+
+
+def test_resnet56_stem_plus_27_blocks():
+    p = _plan("resnet56")
+    assert p.strategy == "fx"
+    assert len(p.blocks) == 28
+    assert p.blocks[0].name == "stem"
+    expected = [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(9)]
+    assert [b.name for b in p.blocks[1:]] == expected
+    assert p.head.modules == ["avgpool", "fc"]
+    # every cut between residual blocks carries exactly one tensor
+    assert all(len(b.frontier) == 1 for b in p.blocks)
+    # params of blocks + head add up to the model's
+    assert sum(b.num_params for b in p.blocks) + p.head.num_params == p.total_params
+    assert p.blocks[1].frontier_bytes == 16 * 32 * 32 * 4  # per sample, fp32
+
+
+def test_resnet50_shape_16_bottlenecks():
+    p = _plan("resnet50_like", batch=1)
+    names = [b.name for b in p.blocks]
+    assert names[0] == "stem" and len(names) == 17
+    assert names[1:] == [f"layer{s}.{i}" for s, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for i in range(n)]
+
+
+def test_mobilenet_v2_17_inverted_residuals():
+    p = _plan("mobilenet_v2_like")
+    assert [b.name for b in p.blocks[1:]] == [f"features.{i}" for i in range(1, 18)]
+    assert p.blocks[0].modules == ["features.0"]
+    assert "classifier" in " ".join(p.head.modules)
+
+
+def test_transformer_encoder_classifier_one_block_per_layer():
+    p = _plan("transformer_classifier")
+    # fx cannot see inside nn.TransformerEncoder; export recovers the layers
+    assert p.strategy == "export"
+    assert [b.name for b in p.blocks[1:]] == [f"encoder.layers.{i}" for i in range(4)]
+    assert any("encoder" in n for n in p.notes)
+    assert p.head.modules == ["fc"]
+
+
+def test_seq2seq_transformer_encoder_and_decoder_layers_with_memory_in_frontier():
+    p = _plan("seq2seq_transformer")
+    names = [b.name for b in p.blocks]
+    assert names[1:4] == [f"transformer.encoder.layers.{i}" for i in range(3)]
+    assert names[4:7] == [f"transformer.decoder.layers.{i}" for i in range(3)]
+    # the encoder memory crosses every decoder-layer boundary: more than one tensor
+    assert all(len(b.frontier) >= 2 for b in p.blocks[3:6])
+    assert "generator" in p.head.modules
+
+
+def test_bert_style_layers_mask_in_frontier_and_pooler_head():
+    p = _plan("bert_style")
+    assert [b.name for b in p.blocks] == ["stem", "layers.0", "layers.1", "layers.2", "layers.3"]
+    assert p.head.modules == ["pooler", "classifier"]
+    # hidden state + attention mask cross every layer boundary
+    assert all(len(b.frontier) == 2 for b in p.blocks[:-1])
+
+
+def test_unet_long_skips_make_multi_tensor_frontiers():
+    p = _plan("unet")
+    names = [b.name for b in p.blocks]
+    for n in ("down1", "down2", "down3", "up1", "up2", "up3"):
+        assert n in names
+    assert names.index("down1") < names.index("down3") < names.index("up1") < names.index("up3")
+    widths = {b.name: len(b.frontier) for b in p.blocks}
+    assert widths["down3"] == 4  # x1, x2, x3 still needed by the decoder, plus x4
+    assert widths["up1"] == 3 and widths["up3"] == 1
+    assert p.head.modules == ["outc"]
+
+
+def test_data_dependent_control_flow_becomes_leaf_blocks():
+    p = _plan("gated_net")
+    assert p.strategy == "fx"
+    assert [b.name for b in p.blocks[1:]] == [f"blocks.{i}" for i in range(4)]
+    assert any("leaves" in n for n in p.notes)
+
+
+def test_multi_input_and_dict_output():
+    p = _plan("multi_input_net")
+    assert [b.name for b in p.blocks[1:]] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert "head" in p.head.modules
+    assert len(p.inputs) == 2
+    q = _plan("dict_output_net")
+    assert [b.name for b in q.blocks[1:]] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_plain_model_without_repetition_falls_back_to_children():
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4)
+    )
+    x = torch.randn(2, 3, 10, 10)
+    m(x)
+    p = fxfreeze.plan(m, (x,))
+    assert len(p.blocks) == 2
+    assert p.head.modules == ["4"]
+    assert any("no repeated chain" in n for n in p.notes)
+
+
+def test_plan_without_example_inputs_has_structure_only():
+    p = fxfreeze.plan(zoo.resnet20())
+    assert len(p.blocks) == 10
+    assert p.blocks[0].flops is None and p.blocks[0].frontier_bytes is None
+
+
+def test_flops_match_conv_arithmetic():
+    p = _plan("resnet20", batch=1)
+    # layer1.0: two 3x3 convs 16->16 on 32x32, 2 FLOPs per MAC
+    conv = 2 * 16 * 16 * 9 * 32 * 32
+    assert p.blocks[1].flops == 2 * conv
+    assert p.total_flops == sum(b.flops for b in p.blocks) + p.head.flops
+
+
+@pytest.mark.parametrize("name", ["resnet20", "bert_style", "unet"])
+def test_plan_is_deterministic_and_round_trips(name):
+    a, b = _plan(name), _plan(name)
+    assert a.to_dict() == b.to_dict()
+    assert fxfreeze.FreezePlan.from_yaml(a.to_yaml()) == a
+    assert fxfreeze.FreezePlan.from_json(a.to_json()) == a
+
+
+def test_edited_plan_merges_blocks(tmp_path):
+    m = zoo.resnet20()
+    x = zoo.example_inputs("resnet20")
+    p = fxfreeze.plan(m, x)
+    d = p.to_dict()
+    del d["blocks"][2]  # merge layer1.1 into layer1.0
+    path = tmp_path / "plan.yaml"
+    fxfreeze.FreezePlan.from_dict(d).save(path)
+    q = fxfreeze.plan(m, x, plan=str(path))
+    assert len(q.blocks) == len(p.blocks) - 1
+    assert q.blocks[1].num_params == p.blocks[1].num_params + p.blocks[2].num_params
+    assert q.blocks[1].frontier == p.blocks[2].frontier
+
+
+def test_edited_plan_with_unknown_node_is_a_clear_error():
+    m = zoo.resnet20()
+    p = fxfreeze.plan(m)
+    d = p.to_dict()
+    d["blocks"][3]["start"] = "no_such_node"
+    with pytest.raises(fxfreeze.PlanError, match="no_such_node"):
+        fxfreeze.plan(m, plan=fxfreeze.FreezePlan.from_dict(d))
+
+
+def test_plan_from_dict_rejects_unknown_keys():
+    p = fxfreeze.plan(zoo.resnet20())
+    d = p.to_dict()
+    d["blocks"][0]["nmae"] = "x"
+    with pytest.raises(fxfreeze.PlanError, match="nmae"):
+        fxfreeze.FreezePlan.from_dict(d)

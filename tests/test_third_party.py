@@ -1,0 +1,52 @@
+"""Real third-party architectures: Hugging Face transformers (small configs, no download)
+and torchvision (behind the `torchvision` marker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxfreeze
+
+transformers = pytest.importorskip("transformers")
+
+
+def _ids(b=2, t=12, vocab=100):
+    return {"input_ids": torch.randint(0, vocab, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long)}
+
+
+def test_hf_bert_one_block_per_layer_plus_embeddings():
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    p = fxfreeze.plan(transformers.BertModel(cfg), _ids())
+    assert p.strategy == "export"
+    assert [b.name for b in p.blocks] == ["stem", "encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    assert p.blocks[0].modules[0] == "embeddings"
+    assert p.head.modules == ["pooler"]
+    assert any("fx cannot trace the root" in n for n in p.notes)
+
+
+def test_hf_gpt2_one_block_per_layer_plus_embeddings():
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=2, n_positions=64, use_cache=False)
+    p = fxfreeze.plan(transformers.GPT2Model(cfg), {"input_ids": torch.randint(0, 100, (2, 12))})
+    assert [b.name for b in p.blocks] == ["stem", "h.0", "h.1", "h.2"]
+    assert "wte" in p.blocks[0].modules
+    assert p.head.modules == ["ln_f"]
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize(
+    "name, shape, expected",
+    [
+        ("resnet50", (1, 3, 224, 224), [f"layer{s}.{i}" for s, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for i in range(n)]),
+        ("mobilenet_v2", (1, 3, 224, 224), [f"features.{i}" for i in range(1, 18)]),
+        ("vit_b_16", (1, 3, 224, 224), [f"encoder.layers.encoder_layer_{i}" for i in range(12)]),
+    ],
+)
+def test_torchvision_models(name, shape, expected):
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None)
+    p = fxfreeze.plan(model, (torch.randn(*shape),))
+    assert [b.name for b in p.blocks[1:]] == expected
+    assert p.blocks[0].num_params > 0
+    assert p.head.num_params > 0
