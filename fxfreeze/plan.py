@@ -22,7 +22,7 @@ from .analysis import META_BYTES, META_FLOPS, META_SHAPE, META_DTYPE, META_TENSO
 from .errors import PlanError
 from .partition import GraphIndex, Proposal, top_modules
 
-__all__ = ["Block", "Head", "FreezePlan", "build_plan", "PLAN_VERSION", "META_BLOCK", "HEAD"]
+__all__ = ["Block", "Head", "FreezePlan", "build_plan", "param_uses", "block_of", "starts_from_plan", "PLAN_VERSION", "META_BLOCK", "HEAD"]
 
 PLAN_VERSION = 1
 #: node.meta key holding the block index of a node (``HEAD`` for the head).
@@ -226,7 +226,7 @@ def _from(cls: type, data: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-def _param_uses(ix: GraphIndex) -> tuple[dict[str, list[int]], dict[str, int]]:
+def param_uses(ix: GraphIndex) -> tuple[dict[str, list[int]], dict[str, int]]:
     """For each parameter (canonical name): compute positions that use it; and numels."""
     model = ix.model
     canonical: dict[int, str] = {}
@@ -269,7 +269,7 @@ def _collapse(ix: GraphIndex, owners: Sequence[str], lo: int, hi: int) -> list[s
     return top_modules(out)
 
 
-def _block_of(pos: int, starts: Sequence[int], head_start: int) -> int:
+def block_of(pos: int, starts: Sequence[int], head_start: int) -> int:
     if pos >= head_start:
         return HEAD
     b = 0
@@ -336,7 +336,7 @@ def build_plan(
     owners: list[list[str]] = [[] for _ in range(n_blocks)]
     head_owners: list[str] = []
     for i, n in enumerate(ix.compute):
-        b = _block_of(i, starts, head_start)
+        b = block_of(i, starts, head_start)
         n.meta[META_BLOCK] = b
         f = int(n.meta.get(META_FLOPS, 0))
         if b == HEAD:
@@ -349,13 +349,13 @@ def build_plan(
         if n.op == "get_attr":
             blocks = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
             n.meta[META_BLOCK] = min(blocks, key=lambda x: (x == HEAD, x)) if blocks else None
-    uses, numel = _param_uses(ix)
+    uses, numel = param_uses(ix)
     block_params: list[list[str]] = [[] for _ in range(n_blocks)]
     head_params = 0
     shared: list[str] = []
     for name in sorted(uses, key=lambda k: (min(uses[k]), k)):
-        bs = {_block_of(i, starts, head_start) for i in uses[name]}
-        first = _block_of(min(uses[name]), starts, head_start)
+        bs = {block_of(i, starts, head_start) for i in uses[name]}
+        first = block_of(min(uses[name]), starts, head_start)
         if len(bs) > 1:
             shared.append(name)
         if first == HEAD:

@@ -1,0 +1,180 @@
+"""Cut the backward pass at the end of a frozen prefix of blocks.
+
+Given a graph whose compute nodes carry ``node.meta["fxfreeze.block"]`` (see
+:mod:`fxfreeze.plan`), :class:`CutBackward` with ``k`` frozen blocks rewrites it so that
+autograd records nothing for blocks ``0..k-1``:
+
+1. the prefix runs with gradients disabled: a ``grad_off`` node before its first op and a
+   ``grad_restore`` node right after its last op (restoring whatever mode the caller had);
+2. every frontier tensor (made in the prefix, used after it) is ``detach()``-ed and its
+   later uses rewired to the detached value, so no backward edge leads into the prefix
+   even if a caller re-enables gradients;
+3. ops with a baked-in training flag inside the prefix (``F.dropout(..., training=True)``,
+   ``F.batch_norm``, ATen dropout/batch-norm from ``torch.export``) are switched to
+   inference, matching the frozen blocks' ``eval()`` mode.
+
+The pass is idempotent and reversible: it first removes what an earlier run inserted and
+restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter flags
+(``requires_grad``) and module modes are training state and are set by the runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..plan import HEAD, META_BLOCK
+from .base import PassResult
+
+__all__ = ["CutBackward", "grad_off", "grad_restore", "detach_tree", "MODE_SENSITIVE", "META_INSERTED", "META_ORIG_ARGS"]
+
+META_INSERTED = "fxfreeze.inserted"
+META_ORIG_ARGS = "fxfreeze.orig_args"
+_COMPUTE = ("call_function", "call_method", "call_module")
+
+
+def grad_off() -> bool:
+    """Disable autograd; return the previous mode (graph node at the start of a prefix)."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    return prev
+
+
+def grad_restore(prev: bool, *after: Any) -> None:
+    """Restore the autograd mode saved by :func:`grad_off`. ``after`` only orders the node
+    after the prefix's last op."""
+    torch._C._set_grad_enabled(prev)
+
+
+def detach_tree(x: Any) -> Any:
+    """``detach()`` every tensor in ``x`` (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list, dict)):
+        return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)
+    return x
+
+
+def _aten(name: str) -> Any:
+    try:
+        ns, op, overload = name.split(".")
+        return getattr(getattr(getattr(torch.ops, ns), op), overload)
+    except AttributeError:
+        return None
+
+
+#: Functions whose behaviour depends on a training flag baked into the graph when it was
+#: traced: target -> (keyword name, positional index) of that flag.
+MODE_SENSITIVE: dict[Callable[..., Any], tuple[str, int]] = {
+    F.dropout: ("training", 2),
+    F.dropout1d: ("training", 2),
+    F.dropout2d: ("training", 2),
+    F.dropout3d: ("training", 2),
+    F.alpha_dropout: ("training", 2),
+    F.feature_alpha_dropout: ("training", 2),
+    F.batch_norm: ("training", 5),
+}
+for _name, _flag in (
+    ("aten.dropout.default", ("train", 2)),
+    ("aten.native_dropout.default", ("train", 2)),
+    ("aten.feature_dropout.default", ("train", 2)),
+    ("aten.alpha_dropout.default", ("train", 2)),
+    ("aten.batch_norm.default", ("training", 5)),
+):
+    _op = _aten(_name)
+    if _op is not None:
+        MODE_SENSITIVE[_op] = _flag
+
+
+def _in_prefix(n: fx.Node, k: int) -> bool:
+    b = n.meta.get(META_BLOCK)
+    return b is not None and b != HEAD and int(b) < k
+
+
+def _set_inference(n: fx.Node) -> bool:
+    spec = MODE_SENSITIVE.get(n.target) if n.op == "call_function" else None
+    if spec is None:
+        return False
+    name, idx = spec
+    n.meta[META_ORIG_ARGS] = (n.args, dict(n.kwargs))
+    if name in n.kwargs:
+        kw = dict(n.kwargs)
+        kw[name] = False
+        n.kwargs = kw
+    elif len(n.args) > idx:
+        args = list(n.args)
+        args[idx] = False
+        n.args = tuple(args)
+    else:
+        kw = dict(n.kwargs)
+        kw[name] = False
+        n.kwargs = kw
+    return True
+
+
+def _undo(graph: fx.Graph) -> bool:
+    changed = False
+    for n in list(graph.nodes):
+        if META_ORIG_ARGS in n.meta:
+            n.args, n.kwargs = n.meta.pop(META_ORIG_ARGS)
+            changed = True
+    for n in reversed(list(graph.nodes)):
+        if n.meta.get(META_INSERTED):
+            if n.target is detach_tree:
+                n.replace_all_uses_with(n.args[0])
+            graph.erase_node(n)
+            changed = True
+    return changed
+
+
+class CutBackward:
+    """Freeze the first ``k`` blocks of an annotated graph (``k = 0`` removes any cut)."""
+
+    def __init__(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"CutBackward needs a non-negative int, got {k!r}")
+        self.k = k
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        modified = _undo(graph)
+        if self.k > 0:
+            modified |= self._cut(graph)
+        if modified:
+            graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _cut(self, graph: fx.Graph) -> bool:
+        nodes = list(graph.nodes)
+        compute = [n for n in nodes if n.op in _COMPUTE]
+        prefix = [n for n in compute if _in_prefix(n, self.k)]
+        if not prefix:
+            return False
+        prefix_set = set(prefix)
+        last = prefix[-1]
+        # nodes after the prefix (in order), for rewiring frontier uses
+        order = {n: i for i, n in enumerate(nodes)}
+        with graph.inserting_before(prefix[0]):
+            off = graph.call_function(grad_off, ())
+        off.meta[META_INSERTED] = True
+        with graph.inserting_after(last):
+            restore = graph.call_function(grad_restore, (off, last))
+        restore.meta[META_INSERTED] = True
+        anchor = restore
+        for n in prefix:
+            _set_inference(n)
+            later = [u for u in n.users if u not in prefix_set and u is not restore and order.get(u, 1 << 30) > order[last]]
+            if not later:
+                continue
+            with graph.inserting_after(anchor):
+                d = graph.call_function(detach_tree, (n,))
+            d.meta[META_INSERTED] = True
+            d.meta[META_BLOCK] = n.meta.get(META_BLOCK)
+            for u in later:
+                u.replace_input_with(n, d)
+            anchor = d
+        return True

@@ -1,0 +1,7 @@
+"""Stateful training-time objects: the compiled module, the controller and policies.
+May import :mod:`fxfreeze.passes`; never the reverse."""
+
+from .controller import Freezer
+from .module import FreezableModule, compile
+
+__all__ = ["FreezableModule", "Freezer", "compile"]

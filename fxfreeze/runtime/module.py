@@ -1,0 +1,289 @@
+"""``fxfreeze.compile`` and the module it returns.
+
+:class:`FreezableModule` runs the captured graph instead of the model's Python ``forward``
+and shares every parameter, buffer and submodule with the original model: its
+``state_dict()`` keys are the original's, so checkpoints move freely between the two. Until
+a prefix is frozen it computes exactly what the model computes; with ``k`` blocks frozen the
+:class:`~fxfreeze.passes.CutBackward` pass keeps autograd out of those blocks, their
+parameters stop requiring gradients and their modules run in ``eval()`` mode (BatchNorm
+running statistics stop updating, dropout is off).
+
+A graph is captured per training mode, because tracing bakes the mode into functional
+calls (``F.dropout(x, training=self.training)``) and ``torch.export`` specialises on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..analysis import placeholder_values
+from ..api import Analysis, analyze
+from ..config import FreezeConfig, load_config
+from ..errors import FreezeError, ModelError
+from ..passes import CutBackward
+from ..plan import HEAD, META_BLOCK, FreezePlan, block_of, param_uses, starts_from_plan
+from ..trace import Capture, capture, module_path_of, normalize_inputs, preserved_state
+
+__all__ = ["FreezableModule", "compile"]
+
+logger = logging.getLogger("fxfreeze")
+_INF = 1 << 30
+
+
+def _transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
+    """Annotate ``dst`` (the same model captured in the other training mode) with the
+    blocks of ``src``: by node name when the graphs match, else by owning module, keeping
+    block indices non-decreasing in execution order."""
+    comp = ("call_function", "call_method", "call_module")
+    s_nodes = [n for n in src.nodes if n.op in comp]
+    d_nodes = [n for n in dst.nodes if n.op in comp]
+    if [n.name for n in s_nodes] == [n.name for n in d_nodes]:
+        for a, b in zip(s_nodes, d_nodes):
+            b.meta[META_BLOCK] = a.meta.get(META_BLOCK)
+    else:
+        by_owner: dict[str, list[int]] = {}
+        for n in s_nodes:
+            b = n.meta.get(META_BLOCK)
+            key = _INF if b == HEAD else int(b)
+            by_owner.setdefault(module_path_of(n), []).append(key)
+        prev = 0
+        for n in d_nodes:
+            owner = module_path_of(n)
+            cands: list[int] = []
+            while True:
+                cands = sorted(set(by_owner.get(owner, [])))
+                if cands or not owner:
+                    break
+                owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+            ok = [c for c in cands if c >= prev]
+            cur = ok[0] if ok else prev
+            prev = cur
+            n.meta[META_BLOCK] = HEAD if cur == _INF else cur
+    for n in dst.nodes:
+        if n.op == "get_attr":
+            bs = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
+            n.meta[META_BLOCK] = min(bs, key=lambda x: (x == HEAD, x)) if bs else None
+
+
+class FreezableModule(nn.Module):
+    """The compiled model. Use it exactly like the original; see :func:`compile`."""
+
+    def __init__(self, model: nn.Module, analysis: Analysis) -> None:
+        super().__init__()
+        # Share the original hierarchy under the same names: same state_dict keys, same
+        # parameter objects, and .to()/.train() reach the original modules.
+        for name, child in model._modules.items():
+            self._modules[name] = child
+        for name, p in model._parameters.items():
+            self._parameters[name] = p
+        for name, b in model._buffers.items():
+            self._buffers[name] = b
+        self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+        self.training = model.training
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_analysis", analysis)
+        self.plan: FreezePlan = analysis.plan
+        self._captures: dict[bool, Capture] = {analysis.capture.training: analysis.capture}
+        self._gms: dict[bool, fx.GraphModule] = {}
+        self._num_frozen = 0
+        self._saved_requires_grad: dict[str, bool] = {}
+        self._eval_modules: list[nn.Module] = []
+        self.freezer: Any = None  # set by compile()
+        ix = analysis.index
+        proposal = starts_from_plan(ix, self.plan)
+        uses, _ = param_uses(ix)
+        self._param_last_block: dict[str, int] = {}
+        for name, positions in uses.items():
+            bs = [block_of(i, proposal.starts, proposal.head_start) for i in positions]
+            self._param_last_block[name] = max(_INF if b == HEAD else b for b in bs)
+        self._named_params = dict(model.named_parameters())
+
+    # -- graph management ----------------------------------------------------------------
+    @property
+    def num_frozen(self) -> int:
+        """How many leading blocks are frozen now."""
+        return self._num_frozen
+
+    @property
+    def strategy(self) -> str:
+        return self._analysis.capture.strategy
+
+    def _capture_for(self, mode: bool) -> Capture:
+        cap = self._captures.get(mode)
+        if cap is None:
+            base = self._analysis.capture
+            model = self._model
+            saved = {m: m.training for m in model.modules()}
+            try:
+                model.train(mode)
+                inputs = base.example_kwargs if base.example_kwargs else base.example_args
+                cap = capture(model, inputs if (base.example_args or base.example_kwargs) else None, strategy=base.strategy)
+            finally:
+                for m, t in saved.items():
+                    m.training = t
+            _transfer_blocks(base.graph, cap.graph)
+            self._captures[mode] = cap
+        return cap
+
+    def _graph_module(self, mode: bool) -> fx.GraphModule:
+        gm = self._gms.get(mode)
+        if gm is None:
+            gm = self._capture_for(mode).build(self._model)
+            CutBackward(self._num_frozen)(gm)
+            self._gms[mode] = gm
+        return gm
+
+    def graph_module(self, training: bool | None = None) -> fx.GraphModule:
+        """The graph module run in the given (default: current) training mode."""
+        return self._graph_module(self.training if training is None else training)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "FreezableModule":
+        super()._apply(fn, recurse)
+        # buffers are new tensor objects after .to(); keep the original model in step and
+        # rebuild graph modules so that get_attr nodes see them
+        for name in list(self._buffers):
+            self._model._buffers[name] = self._buffers[name]
+        for name in list(self._parameters):
+            self._model._parameters[name] = self._parameters[name]
+        self._gms.clear()
+        self._named_params = dict(self._model.named_parameters())
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        gm = self._graph_module(self.training)
+        cap = self._captures[self.training]
+        grad_mode = torch.is_grad_enabled()
+        try:
+            if cap.strategy == "export":
+                return gm(*args, **kwargs)
+            if not kwargs and len(args) == self._n_placeholders(gm):
+                return gm(*args)
+            return gm(*placeholder_values(gm, self._model, args, kwargs))
+        finally:
+            torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
+
+    @staticmethod
+    def _n_placeholders(gm: fx.GraphModule) -> int:
+        n = gm.__dict__.get("_fxfreeze_nph")
+        if n is None:
+            n = sum(1 for x in gm.graph.nodes if x.op == "placeholder")
+            gm.__dict__["_fxfreeze_nph"] = n
+        return n
+
+    # -- freezing mechanics (the controller decides; this applies) ------------------------
+    def freeze_prefix(self, k: int) -> None:
+        """Freeze exactly the first ``k`` blocks (0 unfreezes everything)."""
+        if self.freezer is not None:
+            self.freezer.freeze_prefix(k, reason="freeze_prefix() called")
+        else:
+            self._set_prefix(k)
+
+    def check_prefix(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise FreezeError(f"the number of frozen blocks must be an int, got {type(k).__name__} {k!r}")
+        if k < 0:
+            raise FreezeError(f"the number of frozen blocks cannot be negative, got {k}")
+        if k > self.plan.max_frozen:
+            raise FreezeError(
+                f"cannot freeze {k} blocks: the plan of {self.plan.model} has {len(self.plan.blocks)} "
+                f"blocks and at most {self.plan.max_frozen} may be frozen (the head is never frozen)"
+            )
+        return k
+
+    def frozen_parameter_names(self, k: int | None = None) -> list[str]:
+        """Parameters frozen with a prefix of ``k`` blocks: those whose every use lies in it
+        (a parameter shared with a later block or the head keeps training)."""
+        k = self._num_frozen if k is None else k
+        return [n for n, last in self._param_last_block.items() if last < k]
+
+    def _frozen_modules(self, k: int) -> list[nn.Module]:
+        mods: list[nn.Module] = []
+        for b in self.plan.blocks[:k]:
+            for path in b.modules:
+                try:
+                    mods.append(self._model.get_submodule(path))
+                except AttributeError:
+                    continue
+        return mods
+
+    def _set_prefix(self, k: int) -> None:
+        k = self.check_prefix(k)
+        # parameters: restore the previously frozen, then freeze the new prefix
+        for name, flag in self._saved_requires_grad.items():
+            self._named_params[name].requires_grad_(flag)
+        self._saved_requires_grad = {}
+        for name in self.frozen_parameter_names(k):
+            p = self._named_params[name]
+            self._saved_requires_grad[name] = p.requires_grad
+            p.requires_grad_(False)
+            p.grad = None
+        # modules: frozen ones run in eval mode
+        for m in self._eval_modules:
+            m.train(self.training)
+        self._eval_modules = self._frozen_modules(k)
+        for m in self._eval_modules:
+            m.eval()
+        self._num_frozen = k
+        for gm in self._gms.values():
+            CutBackward(k)(gm)
+
+    def train(self, mode: bool = True) -> "FreezableModule":
+        super().train(mode)
+        self._model.training = mode
+        for m in self._eval_modules:
+            m.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that currently require gradients."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), num_frozen={self._num_frozen}"
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    policy: str | None = None,
+    config: FreezeConfig | dict[str, Any] | str | None = None,
+    plan: FreezePlan | str | None = None,
+    strategy: str = "auto",
+) -> FreezableModule:
+    """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
+
+    - ``example_inputs``: as for :func:`fxfreeze.plan`; needed for models ``torch.fx``
+      cannot trace (captured with ``torch.export``) and for FLOP/byte figures.
+    - ``optimizer``: when given, the controller runs after every ``optimizer.step()``
+      (``register_step_post_hook``) and releases optimizer state of frozen parameters;
+      otherwise call ``fm.freezer.step()`` yourself.
+    - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
+      YAML path). The default policy is ``manual`` until Egeria ships.
+    - ``plan``: an edited plan to use instead of the proposed one.
+    """
+    from .controller import Freezer
+
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    if isinstance(model, FreezableModule):
+        raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ModelError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    cfg = load_config(config, policy)
+    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy)
+    if not analysis.capture.executable:
+        raise ModelError(
+            f"{type(model).__name__} could only be captured as module order (hooks strategy), which "
+            "cannot run: " + "; ".join(analysis.capture.reasons)
+        )
+    fm = FreezableModule(model, analysis)
+    fm.freezer = Freezer(fm, cfg, optimizer)
+    return fm

@@ -1,0 +1,55 @@
+"""The policy interface: per-step signals in, a frozen-prefix decision out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from ...config import FreezeConfig
+from ...plan import FreezePlan
+
+__all__ = ["Signals", "Decision", "Policy"]
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What a policy sees after each optimizer step."""
+
+    step: int
+    epoch: int
+    loss: float | None
+    lr: float | None
+    lr_changed: bool
+    num_frozen: int
+    max_frozen: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Set the frozen prefix to ``num_frozen`` blocks, for ``reason``."""
+
+    num_frozen: int
+    reason: str
+
+
+class Policy(ABC):
+    """Decides how many leading blocks are frozen. Stateless policies need only
+    :meth:`decide`; stateful ones also implement :meth:`state_dict` /
+    :meth:`load_state_dict` so that a resume continues where training stopped."""
+
+    name: str = "policy"
+
+    def __init__(self, config: FreezeConfig, plan: FreezePlan) -> None:
+        self.config = config
+        self.plan = plan
+
+    @abstractmethod
+    def decide(self, signals: Signals) -> Decision | None:
+        """Return a decision, or None to leave the prefix as it is."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

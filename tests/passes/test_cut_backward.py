@@ -1,0 +1,92 @@
+"""CutBackward: numerics, structure, lint, reversibility."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.api import analyze
+from fxfreeze.passes import CutBackward, META_INSERTED
+from fxfreeze.passes.cut_backward import detach_tree, grad_off, grad_restore
+
+
+def _gm():
+    model = zoo.resnet20()
+    x = torch.randn(2, 3, 32, 32)
+    a = analyze(model, (x,))
+    return model, x, a.capture.build(model)
+
+
+def test_structure_lint_and_numerics():
+    model, x, gm = _gm()
+    ref = model(x)
+    res = CutBackward(3)(gm)
+    assert res.modified
+    res.graph_module.graph.lint()
+    inserted = [n for n in gm.graph.nodes if n.meta.get(META_INSERTED)]
+    targets = [n.target for n in inserted]
+    assert targets.count(grad_off) == 1 and targets.count(grad_restore) == 1
+    assert targets.count(detach_tree) == 1  # one tensor crosses a residual-block boundary
+    order = list(gm.graph.nodes)
+    off = next(n for n in inserted if n.target is grad_off)
+    restore = next(n for n in inserted if n.target is grad_restore)
+    prefix = [n for n in order if n.meta.get("fxfreeze.block") is not None and 0 <= n.meta["fxfreeze.block"] < 3 and n.op.startswith("call") and not n.meta.get(META_INSERTED)]
+    assert order.index(off) < order.index(prefix[0]) and order.index(restore) > order.index(prefix[-1])
+    out = gm(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.is_grad_enabled()
+
+
+def test_idempotent_and_reversible():
+    model, x, gm = _gm()
+    code0 = gm.code
+
+    def shape():
+        return [(n.op, n.target, n.meta.get("fxfreeze.block")) for n in gm.graph.nodes]
+
+    CutBackward(4)(gm)
+    shape4 = shape()
+    assert CutBackward(4)(gm).modified  # re-applied from scratch
+    assert shape() == shape4
+    CutBackward(0)(gm)
+    assert gm.code == code0
+
+
+def test_dropout_flag_switched_in_prefix_only():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(3))
+            self.out = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.nn.functional.dropout(b(x), 0.5, self.training)
+            return self.out(x)
+
+    net = Net().train()
+    a = analyze(net, (torch.randn(4, 8),))
+    gm = a.capture.build(net)
+    CutBackward(2)(gm)
+    drops = [n for n in gm.graph.nodes if n.target is torch.nn.functional.dropout]
+    flags = [n.kwargs.get("training", n.args[2] if len(n.args) > 2 else None) for n in drops]
+    blocks = [n.meta["fxfreeze.block"] for n in drops]
+    in_prefix = [0 <= b < 2 for b in blocks]  # the head is block -1
+    assert any(in_prefix) and not all(in_prefix)
+    assert all(f is False for f, p in zip(flags, in_prefix) if p)
+    assert all(f is True for f, p in zip(flags, in_prefix) if not p)
+    CutBackward(0)(gm)
+    assert all((n.kwargs.get("training", n.args[2] if len(n.args) > 2 else None)) is True for n in drops)
+
+
+def test_grad_mode_restored_after_exception_in_prefix():
+    fm = fxfreeze.compile(zoo.resnet20(), (torch.randn(2, 3, 32, 32),))
+    fm.freeze_prefix(3)
+    try:
+        fm(torch.randn(2, 5, 32, 32))
+    except RuntimeError:
+        pass
+    assert torch.is_grad_enabled()

@@ -1,0 +1,100 @@
+"""FreezeConfig validation, YAML files, the manual and freezeout policies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.config import FreezeConfig
+from fxfreeze.runtime.policies.freezeout import freeze_times
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("policy: manual\nlr_chnage_factor: 2\n")
+    with pytest.raises(fxfreeze.ConfigError) as e:
+        fxfreeze.compile(zoo.resnet20(), config=str(path))
+    assert "lr_chnage_factor" in str(e.value) and "lr_change_factor" in str(e.value) and "cfg.yaml" in str(e.value)
+
+
+def test_unknown_nested_key():
+    with pytest.raises(fxfreeze.ConfigError, match="'t_0'.*freezeout"):
+        FreezeConfig.from_dict({"freezeout": {"t_0": 0.3}})
+
+
+def test_unknown_policy_lists_valid_names():
+    with pytest.raises(fxfreeze.ConfigError, match="valid names: freezeout, manual"):
+        fxfreeze.compile(zoo.resnet20(), policy="frezeout")
+
+
+def test_unavailable_policy_is_clear():
+    with pytest.raises(fxfreeze.ConfigError, match="'egeria' is not available.*manual"):
+        fxfreeze.compile(zoo.resnet20(), policy="egeria")
+
+
+def test_bad_config_changes_nothing():
+    model = zoo.resnet20()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(fxfreeze.ConfigError):
+        fxfreeze.compile(model, config={"manual": {"schedule": {"x": 1}}})
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_round_trip_dict_and_yaml(tmp_path):
+    cfg = FreezeConfig(policy="freezeout", freezeout={"t0": 0.4, "total_steps": 100})
+    assert FreezeConfig.from_dict(cfg.to_dict()) == cfg
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    assert FreezeConfig.from_yaml(p) == cfg
+
+
+def test_manual_schedule_by_step_runs_from_optimizer_hook():
+    model = zoo.resnet20(num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
+    fm = fxfreeze.compile(model, (x,), optimizer=opt, config={"manual": {"schedule": {2: 2, 4: 5}}})
+    seen = []
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(fm(x), y).backward()
+        opt.step()
+        seen.append(fm.num_frozen)
+    assert seen == [0, 2, 2, 5, 5]
+
+
+def test_freezeout_times_and_policy():
+    assert freeze_times(4, 0.5, "linear", 100) == [50, 62, 75, 88]
+    assert freeze_times(2, 0.5, "cubic", 1000) == [125, 422]
+    model = zoo.resnet20(num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = fxfreeze.compile(model, config={"policy": "freezeout", "freezeout": {"t0": 0.5, "scaling": "linear", "total_steps": 20}}, optimizer=opt)
+    ks = []
+    for _ in range(20):
+        fm.freezer.step()
+        ks.append(fm.num_frozen)
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == fm.plan.max_frozen
+
+
+def test_freezeout_requires_total_steps():
+    with pytest.raises(fxfreeze.ConfigError, match="total_steps"):
+        fxfreeze.compile(zoo.resnet20(), policy="freezeout")
+
+
+def test_lr_change_is_reported():
+    model = zoo.resnet20()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = fxfreeze.compile(model, optimizer=opt)
+    fm.freezer.step()
+    opt.param_groups[0]["lr"] = 0.01
+    fm.freezer.step()
+    assert fm.freezer.history[-1]["action"] == "lr_change"
+
+
+def test_load_state_for_other_plan_is_rejected():
+    a = fxfreeze.compile(zoo.resnet20())
+    b = fxfreeze.compile(zoo.resnet56())
+    with pytest.raises(fxfreeze.FreezeError, match="different plan"):
+        b.freezer.load_state_dict(a.freezer.state_dict())
