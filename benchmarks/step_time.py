@@ -1,0 +1,130 @@
+"""Training-step time with k frozen blocks against the baseline and the ideal.
+
+For each k: the measured step time of the compiled model with the first k blocks frozen,
+the ideal step time (baseline minus the measured backward time of those k blocks), and
+achieved/ideal saving. The backward time of a prefix is measured on the unfrozen model:
+a gradient hook on each block's frontier tensor records when backward reaches that cut;
+from then to the end of backward is the prefix's backward time.
+
+    .venv/bin/python benchmarks/step_time.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.plan import HEAD, META_BLOCK
+
+_marks: list[tuple[int, float]] = []
+
+
+def _mark(t: Any, k: int) -> Any:
+    if isinstance(t, torch.Tensor) and t.requires_grad:
+        t.register_hook(lambda g: _marks.append((k, time.perf_counter())) or None)
+    return t
+
+
+def instrument(fm: fxfreeze.runtime.FreezableModule) -> None:
+    """Insert a grad-time mark on the frontier tensors after each block (k = 1..n)."""
+    gm = fm.graph_module(True)
+    g = gm.graph
+    names = {n.name: n for n in g.nodes}
+    for k, blk in enumerate(fm.plan.blocks, start=1):
+        for fname in blk.frontier:
+            node = names[fname]
+            users = [u for u in node.users if u.meta.get(META_BLOCK) not in (None,) and (u.meta[META_BLOCK] == HEAD or u.meta[META_BLOCK] >= k)]
+            with g.inserting_after(node):
+                m = g.call_function(_mark, (node, k))
+            for u in users:
+                u.replace_input_with(node, m)
+    g.lint()
+    gm.recompile()
+
+
+def step_fn(fm, opt, x, y, loss_fn) -> Callable[[], float]:
+    def run() -> float:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(fm(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    return run
+
+
+def measure(run: Callable[[], float], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        run()
+    return statistics.median(run() for _ in range(reps))
+
+
+def prefix_backward_times(fm, x, y, loss_fn, reps: int) -> dict[int, float]:
+    instrument(fm)
+    samples: dict[int, list[float]] = {}
+    for i in range(reps + 1):
+        _marks.clear()
+        out = fm(x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        end = time.perf_counter()
+        fm.zero_grad(set_to_none=True)
+        if i == 0:
+            continue
+        for k, t in _marks:
+            samples.setdefault(k, []).append(end - t)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench(name: str, model, x, y, loss_fn, ks, warmup: int, reps: int) -> list[dict]:
+    fm = fxfreeze.compile(model, (x,))
+    opt = torch.optim.SGD(fm.parameters(), lr=0.01, momentum=0.9)
+    fm.train()
+    base = measure(step_fn(fm, opt, x, y, loss_fn), warmup, reps)
+    rows = []
+    for k in ks:
+        fm.freeze_prefix(k)
+        opt = torch.optim.SGD([p for p in fm.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        t = measure(step_fn(fm, opt, x, y, loss_fn), warmup, reps)
+        rows.append({"k": k, "step": t})
+    fm.freeze_prefix(0)
+    bwd = prefix_backward_times(fxfreeze.compile(model, (x,)), x, y, loss_fn, reps)
+    print(f"\n### {name} ({len(fm.plan.blocks)} blocks, captured with {fm.strategy}); baseline step {base * 1000:.0f} ms\n")
+    print("| k frozen | step (ms) | ideal (ms) | saving (ms) | ideal saving (ms) | achieved/ideal |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ideal_saving = bwd.get(r["k"], 0.0)
+        saving = base - r["step"]
+        ratio = saving / ideal_saving if ideal_saving > 0 else float("nan")
+        print(f"| {r['k']} | {r['step'] * 1000:.0f} | {(base - ideal_saving) * 1000:.0f} | {saving * 1000:.0f} | {ideal_saving * 1000:.0f} | {ratio:.2f} |", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small batches, few repetitions")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    warmup, reps = (1, 3) if args.quick else (2, 7)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {reps} steps after {warmup} warm-up")
+    b = 32 if args.quick else 128
+    x = torch.randn(b, 3, 32, 32)
+    y = torch.randint(0, 10, (b,))
+    n = 27
+    bench(f"ResNet-56, batch {b}, 32x32", zoo.resnet56(), x, y, F.cross_entropy, [7, 14, 21, 28], warmup, reps)
+    bt = 16 if args.quick else 64
+    toks = torch.randint(0, 1000, (bt, 64))
+    yt = torch.randint(0, 2, (bt,))
+    model = zoo.TransformerClassifier(d_model=256, nhead=8, layers=6, max_len=64)
+    bench(f"6-layer transformer encoder (d=256), batch {bt}, 64 tokens", model, toks, yt, F.cross_entropy, [2, 4, 6, 7], warmup, reps)
+
+
+if __name__ == "__main__":
+    main()
