@@ -27,7 +27,7 @@ from ..config import FreezeConfig, load_config
 from ..errors import FreezeError, ModelError
 from ..passes import CutBackward
 from ..plan import HEAD, META_BLOCK, FreezePlan, block_of, param_uses, starts_from_plan
-from ..trace import Capture, capture, module_path_of, normalize_inputs, preserved_state
+from ..trace import Capture, capture, module_path_of, preserved_state
 
 __all__ = ["FreezableModule", "compile"]
 
@@ -118,14 +118,10 @@ class FreezableModule(nn.Module):
         if cap is None:
             base = self._analysis.capture
             model = self._model
-            saved = {m: m.training for m in model.modules()}
-            try:
+            inputs = base.example_kwargs if base.example_kwargs else base.example_args
+            with preserved_state(model):  # restores every module's training flag
                 model.train(mode)
-                inputs = base.example_kwargs if base.example_kwargs else base.example_args
                 cap = capture(model, inputs if (base.example_args or base.example_kwargs) else None, strategy=base.strategy)
-            finally:
-                for m, t in saved.items():
-                    m.training = t
             _transfer_blocks(base.graph, cap.graph)
             self._captures[mode] = cap
         return cap
