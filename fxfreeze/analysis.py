@@ -47,9 +47,16 @@ META_FLOPS = "fxfreeze.flops"
 
 
 def placeholder_values(
-    gm: fx.GraphModule, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    gm: fx.GraphModule,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    signature: inspect.Signature | None = None,
 ) -> list[Any]:
-    """The value of every placeholder of ``gm`` for the call ``model(*args, **kwargs)``."""
+    """The value of every placeholder of ``gm`` for the call ``model(*args, **kwargs)``.
+
+    ``signature`` is ``inspect.signature(model.forward)``; callers on the training step
+    pass it precomputed."""
     codegen = gm.graph._codegen
     if type(codegen).__name__ == "_PyTreeCodeGen" and getattr(codegen, "pytree_info", None):
         info = codegen.pytree_info
@@ -58,7 +65,7 @@ def placeholder_values(
             return list(flat)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
-        sig = inspect.signature(model.forward)
+        sig = signature if signature is not None else inspect.signature(model.forward)
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         values = [

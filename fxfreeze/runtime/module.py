@@ -14,6 +14,7 @@ calls (``F.dropout(x, training=self.training)``) and ``torch.export`` specialise
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Iterator
 
@@ -102,6 +103,10 @@ class FreezableModule(nn.Module):
             bs = [block_of(i, proposal.starts, proposal.head_start) for i in positions]
             self._param_last_block[name] = max(_INF if b == HEAD else b for b in bs)
         self._named_params = dict(model.named_parameters())
+        try:  # bound once: keyword calls map onto graph inputs every step
+            self._signature: inspect.Signature | None = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._signature = None
 
     # -- graph management ----------------------------------------------------------------
     @property
@@ -160,7 +165,7 @@ class FreezableModule(nn.Module):
                 return gm(*args, **kwargs)
             if not kwargs and len(args) == self._n_placeholders(gm):
                 return gm(*args)
-            return gm(*placeholder_values(gm, self._model, args, kwargs))
+            return gm(*placeholder_values(gm, self._model, args, kwargs, self._signature))
         finally:
             torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
 
