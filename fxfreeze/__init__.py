@@ -14,6 +14,7 @@ from __future__ import annotations
 from .api import plan
 from .errors import (
     ConfigError,
+    DataError,
     ExampleInputError,
     FreezeError,
     FxFreezeError,
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigError",
     "FreezeError",
     "VizError",
+    "DataError",
     "__version__",
 ]
 

@@ -13,10 +13,10 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "load_config", "UNAVAILABLE_POLICIES"]
+__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "load_config", "UNAVAILABLE_POLICIES"]
 
 #: Policies that are designed but not shipped yet (their issues are open).
-UNAVAILABLE_POLICIES = ("egeria", "smartfrz", "autofreeze")
+UNAVAILABLE_POLICIES = ("smartfrz", "autofreeze")
 
 
 def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
@@ -70,11 +70,89 @@ class FreezeOutConfig:
             raise ConfigError(f"freezeout.total_steps must be a positive integer, got {self.total_steps!r}")
 
 
+def _positive_int(value: Any, where: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass
+class EgeriaConfig:
+    """Egeria (Wang et al., EuroSys 2023): freeze the front block once its plasticity,
+    measured against a low-precision reference on the CPU, has stopped changing. See
+    ``docs/egeria.md`` for the rule and the experiments behind the defaults.
+
+    - ``eval_interval``: optimizer steps between evaluations (at least; see
+      ``overhead_budget``);
+    - ``probe_size``: samples of the first training batch kept as the fixed probe batch;
+    - ``window`` / ``threshold`` / ``patience``: the front block freezes when the relative
+      change of its plasticity across the last ``window`` evaluations, bounded at two
+      standard errors, is under ``threshold`` at ``patience`` evaluations in a row;
+    - ``reference_precision``: ``int8`` (static for convolutional blocks, dynamic for
+      Linear ones, fp32 fallback), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
+    - ``lookahead``: blocks tracked beyond the front one (the front block alone decides; the
+      ones behind it are tracked so that their evidence is ready when they reach the front);
+    - ``refresh_every``: re-take the reference snapshot every this many evaluations;
+    - ``worker_threads``: PyTorch threads of the reference worker;
+    - ``overhead_budget``: the share of training time evaluations may take (training-side
+      probe plus the reference worker's busy time); evaluations are spaced out to stay
+      under it (0 = no limit);
+    - ``freeze``: ``False`` measures and records plasticity (``policy.timeline``) without
+      ever freezing: for tuning the threshold, and for measuring the overhead;
+    - ``asynchronous``: consume reference results whenever they are ready (default). With
+      ``False`` each evaluation waits for its result: slower, but the run is reproducible
+      (with ``overhead_budget=0``, evaluations then happen at fixed steps);
+    - ``unfreeze_on_lr_change``: on a learning-rate step, unfreeze ``all`` blocks, the
+      ``last`` frozen one, or ``none``; tracking restarts either way.
+    """
+
+    eval_interval: int = 50
+    probe_size: int = 64
+    window: int = 5
+    threshold: float = 0.6
+    patience: int = 2
+    reference_precision: str = "int8"
+    lookahead: int = 2
+    refresh_every: int = 20
+    worker_threads: int = 1
+    overhead_budget: float = 0.01
+    unfreeze_on_lr_change: str = "all"
+    asynchronous: bool = True
+    freeze: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int(self.eval_interval, "egeria.eval_interval")
+        _positive_int(self.probe_size, "egeria.probe_size", 2)
+        _positive_int(self.window, "egeria.window", 3)
+        _positive_int(self.patience, "egeria.patience")
+        _positive_int(self.refresh_every, "egeria.refresh_every")
+        _positive_int(self.lookahead, "egeria.lookahead", 0)
+        _positive_int(self.worker_threads, "egeria.worker_threads")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
+            raise ConfigError(f"egeria.threshold must be a positive number, got {self.threshold!r}")
+        if isinstance(self.overhead_budget, bool) or not isinstance(self.overhead_budget, (int, float)) or not (
+            0 <= self.overhead_budget < 1
+        ):
+            raise ConfigError(f"egeria.overhead_budget must be in [0, 1), got {self.overhead_budget!r}")
+        for name in ("asynchronous", "freeze"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"egeria.{name} must be true or false, got {getattr(self, name)!r}")
+        precisions = ("int8", "int8_static", "int8_dynamic", "bf16", "fp32")
+        if self.reference_precision not in precisions:
+            raise ConfigError(
+                f"egeria.reference_precision must be one of {', '.join(precisions)}, got {self.reference_precision!r}"
+            )
+        if self.unfreeze_on_lr_change not in ("all", "last", "none"):
+            raise ConfigError(
+                f"egeria.unfreeze_on_lr_change must be 'all', 'last' or 'none', got {self.unfreeze_on_lr_change!r}"
+            )
+
+
 @dataclass
 class FreezeConfig:
     """Everything the freezing controller is configured by.
 
-    - ``policy``: which policy decides (``manual``, ``freezeout``);
+    - ``policy``: which policy decides (``egeria``, the default; ``freezeout``; ``manual``);
     - ``lr_change_factor``: a learning-rate change by more than this factor (either way) is
       reported to the policy as an LR step (Egeria unfreezes on it);
     - ``release_optimizer_state``: drop optimizer state (momentum, Adam moments) of frozen
@@ -82,12 +160,13 @@ class FreezeConfig:
     - ``steps_per_epoch``: lets epoch-based schedules work without ``freezer.set_epoch``.
     """
 
-    policy: str = "manual"
+    policy: str = "egeria"
     lr_change_factor: float = 1.5
     release_optimizer_state: bool = True
     steps_per_epoch: int | None = None
     manual: ManualConfig = field(default_factory=ManualConfig)
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
+    egeria: EgeriaConfig = field(default_factory=EgeriaConfig)
 
     def __post_init__(self) -> None:
         from .runtime.policies import available_policies
@@ -109,6 +188,8 @@ class FreezeConfig:
             self.manual = _sub(ManualConfig, self.manual, "manual")
         if isinstance(self.freezeout, Mapping):
             self.freezeout = _sub(FreezeOutConfig, self.freezeout, "freezeout")
+        if isinstance(self.egeria, Mapping):
+            self.egeria = _sub(EgeriaConfig, self.egeria, "egeria")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

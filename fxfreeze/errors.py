@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "FreezeError",
     "VizError",
+    "DataError",
 ]
 
 
@@ -49,3 +50,7 @@ class FreezeError(FxFreezeError, ValueError):
 
 class VizError(FxFreezeError):
     """A graph picture cannot be produced (unknown format, missing Graphviz...)."""
+
+
+class DataError(FxFreezeError, ValueError):
+    """A data file or folder (benchmarks, examples) is missing or malformed."""

@@ -149,14 +149,9 @@ class Capture:
     example_args: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, model: nn.Module) -> fx.GraphModule:
-        """A GraphModule over ``self.graph`` that shares ``model``'s current parameters,
-        buffers and submodules (rebuilt after ``.to()`` moves buffers)."""
-        if not self.executable:
-            raise TraceError(
-                "this graph was captured with the 'hooks' strategy, which records module "
-                "order only and cannot run; fxfreeze can plan this model but not compile it"
-            )
+    def attributes(self, model: nn.Module) -> dict[str, Any]:
+        """Every ``get_attr`` / ``call_module`` target of the graph, resolved on ``model``
+        (or in ``extra_attrs``)."""
         root: dict[str, Any] = {}
         for node in self.graph.nodes:
             if node.op in ("get_attr", "call_module"):
@@ -171,6 +166,17 @@ class Capture:
                         f"graph node {node.name!r} refers to {target!r}, which the model "
                         "no longer has; re-run fxfreeze.plan/compile on the current model"
                     ) from e
+        return root
+
+    def build(self, model: nn.Module) -> fx.GraphModule:
+        """A GraphModule over ``self.graph`` that shares ``model``'s current parameters,
+        buffers and submodules (rebuilt after ``.to()`` moves buffers)."""
+        if not self.executable:
+            raise TraceError(
+                "this graph was captured with the 'hooks' strategy, which records module "
+                "order only and cannot run; fxfreeze can plan this model but not compile it"
+            )
+        root = self.attributes(model)
         gm = fx.GraphModule(root, self.graph, class_name=type(model).__name__ + "Graph")
         return gm
 

@@ -43,8 +43,10 @@ class Freezer:
         self.step_count = 0
         self._epoch = 0
         self._last_lr: float | None = None
+        self._last_log_ratio = 0.0
         self._loss: float | None = None
         self._hook = optimizer.register_step_post_hook(self._after_step) if optimizer is not None else None
+        self.policy.attach(self)
 
     # -- signals ---------------------------------------------------------------------------
     @property
@@ -83,15 +85,20 @@ class Freezer:
         lr = self._lr()
         changed = False
         if lr is not None and self._last_lr is not None and self._last_lr > 0 and lr > 0:
-            ratio = lr / self._last_lr
-            f = float(self.config.lr_change_factor)
-            changed = ratio >= f or ratio <= 1.0 / f
+            # a *step*: a jump by the factor right after a step at which the rate barely moved.
+            # A smooth schedule changes by large ratios only near zero (the tail of a cosine,
+            # the start of a warm-up), where the ratio was already far from 1 the step before.
+            log_r = abs(math.log(lr / self._last_lr))
+            log_f = math.log(float(self.config.lr_change_factor))
+            changed = log_r >= log_f and self._last_log_ratio < log_f / 4
+            self._last_log_ratio = log_r
         if changed:
             self._record("lr_change", self.num_frozen, self.num_frozen, f"learning rate {self._last_lr:g} -> {lr:g}")
         if lr is not None:
             self._last_lr = lr
         loss_v = self._loss
-        if loss_v is not None and not math.isfinite(loss_v):
+        nonfinite = loss_v is not None and not math.isfinite(loss_v)
+        if nonfinite:
             loss_v = None
         signals = Signals(
             step=self.step_count,
@@ -101,6 +108,7 @@ class Freezer:
             lr_changed=changed,
             num_frozen=self.num_frozen,
             max_frozen=self.plan.max_frozen,
+            loss_nonfinite=nonfinite,
         )
         decision = self.policy.decide(signals)
         if decision is not None and decision.num_frozen != self.num_frozen:
@@ -144,10 +152,11 @@ class Freezer:
             )
 
     def detach(self) -> None:
-        """Stop running after optimizer steps."""
+        """Stop running after optimizer steps and stop the policy's background work."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self.policy.close()
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

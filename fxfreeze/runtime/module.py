@@ -95,6 +95,8 @@ class FreezableModule(nn.Module):
         self._saved_requires_grad: dict[str, bool] = {}
         self._eval_modules: list[nn.Module] = []
         self.freezer: Any = None  # set by compile()
+        #: called with (args, kwargs) on training-mode forwards (the Egeria probe batch)
+        self._probe_hook: Any = None
         ix = analysis.index
         proposal = starts_from_plan(ix, self.plan)
         uses, _ = param_uses(ix)
@@ -157,6 +159,8 @@ class FreezableModule(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._probe_hook is not None and self.training:
+            self._probe_hook(args, kwargs)
         gm = self._graph_module(self.training)
         cap = self._captures[self.training]
         grad_mode = torch.is_grad_enabled()
@@ -267,7 +271,7 @@ def compile(
       (``register_step_post_hook``) and releases optimizer state of frozen parameters;
       otherwise call ``fm.freezer.step()`` yourself.
     - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
-      YAML path). The default policy is ``manual`` until Egeria ships.
+      YAML path). The default policy is ``egeria``.
     - ``plan``: an edited plan to use instead of the proposed one.
     """
     from .controller import Freezer

@@ -26,13 +26,30 @@ def test_unknown_nested_key():
 
 
 def test_unknown_policy_lists_valid_names():
-    with pytest.raises(fxfreeze.ConfigError, match="valid names: freezeout, manual"):
+    with pytest.raises(fxfreeze.ConfigError, match="valid names: egeria, freezeout, manual"):
         fxfreeze.compile(zoo.resnet20(), policy="frezeout")
 
 
 def test_unavailable_policy_is_clear():
-    with pytest.raises(fxfreeze.ConfigError, match="'egeria' is not available.*manual"):
-        fxfreeze.compile(zoo.resnet20(), policy="egeria")
+    with pytest.raises(fxfreeze.ConfigError, match="'smartfrz' is not available.*egeria"):
+        fxfreeze.compile(zoo.resnet20(), policy="smartfrz")
+
+
+def test_egeria_is_the_default_and_its_config_is_validated():
+    fm = fxfreeze.compile(zoo.resnet20())
+    assert fm.freezer.config.policy == "egeria"
+    fm.freezer.detach()
+    for bad, match in (
+        ({"window": 2}, "egeria.window"),
+        ({"threshold": 0}, "egeria.threshold"),
+        ({"reference_precision": "int4"}, "egeria.reference_precision"),
+        ({"unfreeze_on_lr_change": "some"}, "egeria.unfreeze_on_lr_change"),
+        ({"overhead_budget": 1.5}, "egeria.overhead_budget"),
+        ({"asynchronous": "yes"}, "egeria.asynchronous"),
+        ({"eval_intervall": 5}, "unknown key 'eval_intervall'"),
+    ):
+        with pytest.raises(fxfreeze.ConfigError, match=match):
+            FreezeConfig.from_dict({"egeria": bad})
 
 
 def test_bad_config_changes_nothing():
@@ -55,7 +72,7 @@ def test_manual_schedule_by_step_runs_from_optimizer_hook():
     model = zoo.resnet20(num_classes=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))
-    fm = fxfreeze.compile(model, (x,), optimizer=opt, config={"manual": {"schedule": {2: 2, 4: 5}}})
+    fm = fxfreeze.compile(model, (x,), optimizer=opt, config={"policy": "manual", "manual": {"schedule": {2: 2, 4: 5}}})
     seen = []
     for _ in range(5):
         opt.zero_grad()

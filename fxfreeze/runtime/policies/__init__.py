@@ -31,11 +31,13 @@ def make_policy(config: Any, plan: Any) -> Policy:
 
 
 def _register_builtin() -> None:
+    from .egeria import EgeriaPolicy
     from .freezeout import FreezeOutPolicy
     from .manual import ManualPolicy
 
     register_policy("manual", ManualPolicy)
     register_policy("freezeout", FreezeOutPolicy)
+    register_policy("egeria", EgeriaPolicy)
 
 
 _register_builtin()

@@ -23,6 +23,8 @@ class Signals:
     lr_changed: bool
     num_frozen: int
     max_frozen: int
+    #: the latest observed loss was NaN or infinite (``loss`` is then None)
+    loss_nonfinite: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,15 @@ class Policy(ABC):
     @abstractmethod
     def decide(self, signals: Signals) -> Decision | None:
         """Return a decision, or None to leave the prefix as it is."""
+
+    def attach(self, freezer: Any) -> None:
+        """Called once by the controller; policies that need the module (to measure
+        activations, say) take it from ``freezer.module``."""
+        return None
+
+    def close(self) -> None:
+        """Release background resources (threads); called by ``Freezer.detach``."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

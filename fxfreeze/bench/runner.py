@@ -1,0 +1,204 @@
+"""One training run, plain or compiled, with everything a comparison needs recorded.
+
+The baseline and every policy run go through :func:`train_run`: the same model factory and
+seed (same initial weights), the same batch order (a batch factory seeded per epoch), the
+same optimizer and schedule. Wall time counts training only; test accuracy is measured after
+each epoch outside the clock. The result records per-epoch accuracy and time, the loss
+curve, the frozen prefix after every step and the controller's events, which is what the
+time-to-accuracy table and the freeze-timeline plot are made from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["RunResult", "train_run"]
+
+Batch = tuple[Any, torch.Tensor]  # (inputs: tensor, tuple of args or dict of kwargs; targets)
+
+
+@dataclass
+class RunResult:
+    name: str
+    policy: str | None
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    final_accuracy: float = 0.0
+    wall_seconds: float = 0.0
+    steps: int = 0
+    frozen: list[tuple[int, int]] = field(default_factory=list)  # (step, num_frozen) at changes
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every few steps
+    events: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # policy's own records (Egeria)
+    num_blocks: int = 0
+    controller_seconds: float = 0.0
+    backward_flops_skipped: float = 0.0
+    peak_rss_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def time_to_accuracy(self, target: float) -> float | None:
+        """Training seconds until the end of the first epoch reaching ``target``."""
+        for e in self.epochs:
+            if e["accuracy"] >= target:
+                return e["wall"]
+        return None
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        for key in ("logits", "out", "output"):
+            if key in out:
+                return out[key]
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.logits
+
+
+def _rss_mb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except (ImportError, OSError):
+        return None
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for inputs, y in batches:
+        pred = _logits(_call(model, inputs)).argmax(-1)
+        correct += int((pred == y).sum())
+        total += int(y.numel())
+    model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+def train_run(
+    name: str,
+    model_fn: Callable[[], nn.Module],
+    train_batches: Callable[[int], Iterable[Batch]],
+    test_batches: Callable[[], Iterable[Batch]],
+    *,
+    epochs: int,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    make_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None,
+    steps_per_epoch: int | None = None,
+    policy: str | None = None,
+    config: dict[str, Any] | None = None,
+    example_inputs: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+    loss_every: int = 5,
+) -> RunResult:
+    """Train ``model_fn()`` for ``epochs``; ``policy=None`` is plain PyTorch.
+
+    ``train_batches(epoch)`` yields ``(inputs, targets)``; it must be deterministic in
+    ``epoch`` so that every run sees the same order. ``make_scheduler(opt, total_steps)``
+    (needs ``steps_per_epoch``) builds a learning-rate scheduler stepped after every
+    optimizer step, so that a smooth decay never looks like an LR step to a policy."""
+    torch.manual_seed(seed)
+    model = model_fn()
+    opt = make_optimizer(model)
+    sched = None
+    if make_scheduler is not None:
+        if not steps_per_epoch:
+            raise ValueError("make_scheduler needs steps_per_epoch")
+        sched = make_scheduler(opt, epochs * steps_per_epoch)
+    net: nn.Module = model
+    fm = None
+    if policy is not None:
+        import fxfreeze
+
+        cfg = dict(config or {})
+        cfg["policy"] = policy
+        fm = fxfreeze.compile(model, example_inputs, optimizer=opt, config=cfg)
+        net = fm
+    res = RunResult(name=name, policy=policy)
+    if fm is not None:
+        res.num_blocks = len(fm.plan.blocks)
+        flops = [b.flops or 0 for b in fm.plan.blocks]
+        head = fm.plan.head.flops or 0
+        total = sum(flops) + head
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=epochs, desc=name, unit="epoch", leave=False)
+        except ImportError:
+            bar = None
+    lossf = nn.CrossEntropyLoss()
+    wall = 0.0
+    step = 0
+    skipped = 0.0
+    last_k = 0
+    torch.manual_seed(seed + 1)  # dropout etc. draw the same numbers in every run
+    for epoch in range(epochs):
+        net.train()
+        t0 = time.perf_counter()
+        for inputs, y in train_batches(epoch):
+            out = _logits(_call(net, inputs))
+            loss = lossf(out, y)
+            if fm is not None:
+                fm.freezer.observe_loss(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            if fm is not None:
+                k = fm.num_frozen
+                if k != last_k:
+                    res.frozen.append((step, k))
+                    last_k = k
+                if total:
+                    skipped += sum(flops[:k]) / total
+            if step % loss_every == 0:
+                res.losses.append((step, float(loss.detach())))
+        wall += time.perf_counter() - t0
+        acc = accuracy(net, test_batches())
+        res.epochs.append({"epoch": epoch + 1, "wall": wall, "accuracy": acc, "step": step,
+                           "num_frozen": fm.num_frozen if fm is not None else 0})
+        if bar is not None:
+            bar.set_postfix(acc=f"{acc:.2f}", frozen=fm.num_frozen if fm is not None else 0)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    res.steps = step
+    res.wall_seconds = wall
+    res.final_accuracy = res.epochs[-1]["accuracy"] if res.epochs else 0.0
+    res.backward_flops_skipped = skipped / step if step else 0.0
+    res.peak_rss_mb = _rss_mb()
+    if fm is not None:
+        pol = fm.freezer.policy
+        res.events = [dict(e) for e in fm.freezer.history]
+        res.timeline = [dict(r) for r in getattr(pol, "timeline", [])]
+        res.controller_seconds = float(getattr(pol, "main_seconds", 0.0))
+        worker = getattr(pol, "worker", None)
+        if worker is not None:
+            res.extra["worker_seconds"] = worker.busy_seconds
+            res.extra["backends"] = dict(getattr(pol, "backends", {}))
+        fm.freezer.detach()
+    return res

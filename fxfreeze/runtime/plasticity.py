@@ -1,0 +1,156 @@
+"""Plasticity: how far a block's function has moved, and when it has stopped moving.
+
+Egeria (Wang et al., EuroSys 2023) measures a block's training progress by comparing its
+activations with those of a reference copy of the model, using the similarity-preserving
+(SP) distillation loss of Tung and Mori (ICCV 2019). In fxfreeze the reference of a block is
+an *anchor*: a low-precision snapshot of the block taken at one evaluation and kept for
+``refresh_every`` evaluations. At each evaluation the anchor runs on the block's *training*
+inputs ("teacher forcing": each block is judged on its own change, not on drift inherited
+from the blocks before it), and the SP loss against the training outputs is the block's
+plasticity: the distance its function has travelled since the anchor.
+
+While a block learns, that distance keeps growing; once it has converged it levels off (SGD
+noise around the optimum plus the reference's quantization error, both bounded). The
+decision statistic :func:`flat_trend` fits a line through the last ``window`` values against
+the optimizer step and asks whether the change it predicts across the window, *including
+two standard errors*, is under ``threshold`` times the window's mean: a series that is
+still rising does not pass, and neither does one too noisy to tell. (Per-interval drift, the
+increments of this series, was tried first and measured too noisy to decide on: docs/egeria.md.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["sp_loss", "flat_trend", "Trend", "PlasticityTracker"]
+
+
+def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Similarity-preserving loss between two activations of the same ``b`` samples.
+
+    Each is flattened to ``(b, d)``; ``G = A Aᵀ`` with each row L2-normalised; the loss is
+    ``‖G_a − G_b‖²_F / b²``. It is 0 for identical activations and unchanged when either
+    activation is multiplied by a positive constant (the row normalisation removes it).
+    """
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"sp_loss needs the same number of samples, got {a.shape[0]} and {b.shape[0]}")
+    n = a.shape[0]
+    ga = _gram(a)
+    gb = _gram(b)
+    return float(((ga - gb) ** 2).sum() / (n * n))
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().reshape(x.shape[0], -1).double()
+    g = x @ x.t()
+    return torch.nn.functional.normalize(g, p=2, dim=1)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The fitted trend of a window: its relative change (slope x (window-1) / mean) and
+    that change's bound at two standard errors."""
+
+    relative_change: float
+    bound: float
+    mean: float
+
+    def flat(self, threshold: float) -> bool:
+        return self.bound < threshold
+
+
+def flat_trend(values: Sequence[float], threshold: float, xs: Sequence[float] | None = None) -> tuple[bool, Trend | None]:
+    """Is the series flat? ``values`` is the window (oldest first) and ``xs`` where each was
+    measured (optimizer steps; default evenly spaced); needs 3 or more finite values with a
+    positive mean."""
+    v = [float(x) for x in values]
+    n = len(v)
+    if n < 3 or not all(math.isfinite(x) for x in v):
+        return False, None
+    mean = sum(v) / n
+    if mean <= 0:
+        return False, None
+    xs = [float(x) for x in xs] if xs is not None else [float(i) for i in range(n)]
+    if len(xs) != n:
+        raise ValueError("flat_trend needs one x per value")
+    xm = sum(xs) / n
+    sxx = sum((x - xm) ** 2 for x in xs)
+    if sxx <= 0:
+        return False, None
+    slope = sum((x - xm) * (y - mean) for x, y in zip(xs, v)) / sxx
+    resid = [y - (mean + slope * (x - xm)) for x, y in zip(xs, v)]
+    se = math.sqrt(sum(r * r for r in resid) / (n - 2) / sxx)
+    span = xs[-1] - xs[0]
+    rel = slope * span / mean
+    bound = (abs(slope) + 2.0 * se) * span / mean
+    t = Trend(rel, bound, mean)
+    return t.flat(threshold), t
+
+
+@dataclass
+class PlasticityTracker:
+    """Per-block plasticity series and the count of consecutive flat evaluations."""
+
+    window: int
+    threshold: float
+    series: dict[int, list[float]] = field(default_factory=dict)
+    steps: dict[int, list[float]] = field(default_factory=dict)
+    first: dict[int, float] = field(default_factory=dict)
+    flat_count: dict[int, int] = field(default_factory=dict)
+    last_trend: dict[int, Trend | None] = field(default_factory=dict)
+
+    def add(self, block: int, value: float, step: float | None = None) -> None:
+        """Record one plasticity value measured at ``step``; a non-finite value resets the
+        block's evidence."""
+        if not math.isfinite(value) or value < 0:
+            self.reset([block])
+            return
+        s = self.series.setdefault(block, [])
+        xs = self.steps.setdefault(block, [])
+        s.append(value)
+        xs.append(float(step) if step is not None else float(xs[-1] + 1 if xs else 0))
+        if len(s) > self.window:
+            del s[: len(s) - self.window]
+            del xs[: len(xs) - self.window]
+        if block not in self.first and value > 0:
+            self.first[block] = value
+        ok, trend = flat_trend(s, self.threshold, xs) if len(s) == self.window else (False, None)
+        self.last_trend[block] = trend
+        self.flat_count[block] = self.flat_count.get(block, 0) + 1 if ok else 0
+
+    def normalized(self, block: int) -> float | None:
+        """The latest value relative to the block's first (1.0 = as plastic as at start)."""
+        s = self.series.get(block)
+        f = self.first.get(block)
+        if not s or not f:
+            return None
+        return s[-1] / f
+
+    def reset(self, blocks: Sequence[int] | None = None) -> None:
+        """Forget the evidence (after an unfreeze or a learning-rate step)."""
+        keys = list(self.series) if blocks is None else list(blocks)
+        for b in keys:
+            self.series.pop(b, None)
+            self.steps.pop(b, None)
+            self.flat_count.pop(b, None)
+            self.last_trend.pop(b, None)
+            self.first.pop(b, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "series": {int(k): list(v) for k, v in self.series.items()},
+            "steps": {int(k): list(v) for k, v in self.steps.items()},
+            "first": {int(k): float(v) for k, v in self.first.items()},
+            "flat_count": {int(k): int(v) for k, v in self.flat_count.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.series = {int(k): [float(x) for x in v] for k, v in state.get("series", {}).items()}
+        self.steps = {int(k): [float(x) for x in v] for k, v in state.get("steps", {}).items()}
+        self.first = {int(k): float(v) for k, v in state.get("first", {}).items()}
+        self.flat_count = {int(k): int(v) for k, v in state.get("flat_count", {}).items()}
+        self.last_trend = {}

@@ -1,0 +1,285 @@
+"""``egeria``: freeze the front block when its plasticity has stopped changing.
+
+After Egeria (Wang et al., EuroSys 2023, arXiv 2201.06227). Every ``eval_interval`` steps
+(spaced out further when the measured cost would exceed ``overhead_budget``):
+
+1. the training side runs the not-yet-frozen blocks on the fixed probe batch
+   (:class:`~fxfreeze.runtime.probe.ActivationProbe`); for the front block and
+   ``lookahead`` blocks behind it, it hands each block's training inputs and outputs to the
+   reference worker, with a copy of the block's weights when the block's anchor is due
+   (first evaluation, every ``refresh_every`` evaluations while the block is not already
+   looking flat, after a reset);
+2. the reference worker (:class:`~fxfreeze.runtime.reference.ReferenceWorker`, a CPU
+   thread) builds due anchors in int8 (or the configured precision) and runs each block's
+   anchor on the block's training inputs; the SP loss against the training outputs is the
+   block's plasticity (:mod:`fxfreeze.runtime.plasticity`);
+3. results are consumed on later steps, whenever they are ready; the front block freezes
+   when its plasticity trend is flat at ``patience`` evaluations in a row. At most one block
+   per evaluation, never the head.
+
+A learning-rate step (as the controller detects it) unfreezes all blocks or the last one
+(``unfreeze_on_lr_change``) and restarts tracking with fresh anchors. A non-finite loss or
+probe activation skips the evaluation and clears the evidence: it never triggers a freeze.
+A reference job that fails or a worker that dies is logged; the worker restarts, and after
+too many failures the policy stops deciding while training continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from ...errors import FreezeError
+from ...passes.reference import BuiltReference, ReferenceBuilder
+from ..plasticity import PlasticityTracker, sp_loss
+from ..probe import ActivationProbe, all_finite
+from ..reference import ReferenceWorker
+from .base import Decision, Policy, Signals
+
+__all__ = ["EgeriaPolicy"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+class EgeriaPolicy(Policy):
+    name = "egeria"
+
+    def __init__(self, config: Any, plan: Any) -> None:
+        super().__init__(config, plan)
+        self.cfg = config.egeria
+        self.hi = plan.max_frozen
+        self.tracker = PlasticityTracker(window=self.cfg.window, threshold=float(self.cfg.threshold))
+        self.timeline: list[dict[str, Any]] = []
+        self.worker: ReferenceWorker | None = None
+        self.probe: ActivationProbe | None = None
+        self.module: Any = None
+        self.next_eval = int(self.cfg.eval_interval)
+        self.evaluations = 0
+        self.main_seconds = 0.0
+        self._fresh = False
+        self._disabled_reported = False
+        self._last_step_time: float | None = None
+        self._step_seconds: float | None = None
+        self._last_worker_seconds = 0.0
+        self._contention = 1.0
+        # block -> (anchor id, evaluation it was taken at); ids never repeat
+        self._anchor: dict[int, tuple[int, int]] = {}
+        self._anchor_ids = 0
+        # worker-side state (touched only by jobs on the worker thread)
+        self._refs: dict[int, tuple[BuiltReference, int]] = {}
+        self._builders: dict[int, ReferenceBuilder] = {}
+        self.backends: dict[int, str] = {}
+        self.fallbacks: dict[int, list[str]] = {}
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def attach(self, freezer: Any) -> None:
+        self.module = freezer.module
+        if self.hi == 0:
+            return
+        self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
+        self.module._probe_hook = self.probe.offer
+        self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads))
+        # the worker's busy time is charged to the budget in full, as if it were taken from
+        # training; measured here it mostly is not (docs/egeria.md), so this is conservative
+        self._contention = 1.0
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        if self.module is not None and getattr(self.module, "_probe_hook", None) is not None:
+            self.module._probe_hook = None
+
+    # -- the decision ------------------------------------------------------------------------------
+    def decide(self, s: Signals) -> Decision | None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
+        if self.worker is None or self.probe is None:
+            self._last_step_time = now
+            return None
+        try:
+            return self._decide(s)
+        finally:
+            end = time.perf_counter()
+            self.main_seconds += end - now
+            self._last_step_time = end
+
+    def _decide(self, s: Signals) -> Decision | None:
+        assert self.worker is not None and self.probe is not None
+        self._consume(s)
+        if self.worker.disabled:
+            if not self._disabled_reported:
+                logger.warning("egeria: the reference worker failed repeatedly (%s); no further freezing decisions",
+                               "; ".join(self.worker.failures[-3:]))
+                self._disabled_reported = True
+            return None
+        if s.lr_changed:
+            return self._on_lr_change(s)
+        if s.loss_nonfinite:
+            self._reset(s)
+            self.timeline.append({"step": s.step, "skipped": "non-finite loss"})
+            return None
+        if s.step >= self.next_eval and self.probe.ready and s.num_frozen < self.hi:
+            self._evaluate(s)
+        k = s.num_frozen
+        if self.cfg.freeze and self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
+            self._fresh = False
+            t = self.tracker.last_trend.get(k)
+            detail = f"change across window {t.relative_change:+.3f}, bound {t.bound:.3f}" if t else "flat"
+            return Decision(k + 1, f"Egeria: block {k} plasticity flat at {self.cfg.patience} evaluations ({detail})")
+        return None
+
+    def _on_lr_change(self, s: Signals) -> Decision | None:
+        mode = self.cfg.unfreeze_on_lr_change
+        self._reset(s)
+        if mode == "none" or s.num_frozen == 0:
+            return None
+        k = 0 if mode == "all" else s.num_frozen - 1
+        return Decision(k, f"Egeria: learning rate changed, unfreezing ({mode})")
+
+    def _reset(self, s: Signals) -> None:
+        """Forget the evidence and the anchors (results still in flight are dropped)."""
+        self.tracker.reset()
+        self._anchor = {}
+        self._fresh = False
+        self.next_eval = s.step + int(self.cfg.eval_interval)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def _evaluate(self, s: Signals) -> None:
+        assert self.worker is not None and self.probe is not None
+        t0 = time.perf_counter()
+        values = self.probe.values()
+        if not all_finite(values):
+            self._reset(s)
+            self.timeline.append({"step": s.step, "skipped": "non-finite probe activation"})
+            self._schedule(s, time.perf_counter() - t0)
+            return
+        self.evaluations += 1
+        jobs = []
+        one_time = 0.0
+        for j in range(s.num_frozen, min(self.hi, s.num_frozen + 1 + int(self.cfg.lookahead))):
+            sub = self.probe.block(j)
+            inputs = [values[n] for n in sub.inputs]
+            train = [values[n] for n in sub.outputs]
+            state = None
+            anchor = self._anchor.get(j)
+            due = anchor is None or (
+                self.evaluations - anchor[1] >= self.cfg.refresh_every and not self._near_flat(j)
+            )
+            if due:
+                if j not in self._builders:  # prepares (may trace): training thread only, once
+                    tb = time.perf_counter()
+                    self._builders[j] = ReferenceBuilder(sub.graph_module, inputs, self.cfg.reference_precision)
+                    one_time += time.perf_counter() - tb
+                state = {k: v.detach().to("cpu", copy=True) for k, v in sub.graph_module.state_dict().items()}
+                self._anchor_ids += 1
+                anchor = (self._anchor_ids, self.evaluations)
+                self._anchor[j] = anchor
+                self.tracker.reset([j])
+            jobs.append((j, anchor[0], inputs, train, state))
+        tag = ("eval", self.evaluations, s.step)
+        k = s.num_frozen
+        self.worker.submit(lambda: self._reference_job(jobs, k), tag=tag)
+        if not self.cfg.asynchronous:
+            self.worker.wait()
+            self._consume(s)
+        self._schedule(s, time.perf_counter() - t0 - one_time)
+
+    def _near_flat(self, j: int) -> bool:
+        """Keep an old anchor while its block is close to passing: a refresh would throw the
+        evidence away just before the decision."""
+        t = self.tracker.last_trend.get(j)
+        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.bound < 2 * float(self.cfg.threshold))
+
+    def _schedule(self, s: Signals, main_cost: float) -> None:
+        gap = int(self.cfg.eval_interval)
+        budget = float(self.cfg.overhead_budget)
+        if budget > 0 and self._step_seconds:
+            cost = main_cost + self._contention * self._last_worker_seconds
+            gap = max(gap, int(math.ceil(cost / (budget * self._step_seconds))))
+        self.next_eval = s.step + gap
+
+    def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
+        """On the worker thread: build due anchors, then each block's plasticity."""
+        for j in [j for j in self._refs if j < k]:
+            del self._refs[j]  # frozen since: its anchor is no longer needed
+        out: dict[str, Any] = {"plasticity": {}, "backend": {}}
+        for j, anchor_id, inputs, train, state in jobs:
+            if state is not None:
+                built = self._builders[j].build(state, inputs)
+                if built.fallbacks and self.backends.get(j) != built.backend:
+                    logger.warning("egeria: block %d reference falls back to %s (%s)", j, built.backend, "; ".join(built.fallbacks))
+                self.backends[j] = built.backend
+                self.fallbacks[j] = built.fallbacks
+                self._refs[j] = (built, anchor_id)
+            ref = self._refs.get(j)
+            if ref is None or ref[1] != anchor_id:
+                continue  # its anchor failed to build
+            pred = ref[0](inputs)
+            pred = pred if isinstance(pred, (tuple, list)) else (pred,)
+            out["plasticity"][j] = (anchor_id, _block_sp(train, pred))
+            out["backend"][j] = self.backends.get(j)
+        return out
+
+    def _consume(self, s: Signals) -> None:
+        assert self.worker is not None
+        for res in self.worker.poll():
+            tag = res.tag
+            if not (isinstance(tag, tuple) and tag and tag[0] == "eval"):
+                if res.error:
+                    logger.warning("egeria: reference job failed: %s", res.error)
+                continue
+            _, eval_no, step = tag
+            self._last_worker_seconds = res.seconds
+            if res.error is not None:
+                logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
+                self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
+                continue
+            rec: dict[str, Any] = {"step": step, "evaluation": eval_no, "num_frozen": s.num_frozen, "plasticity": {},
+                                   "normalized": {}, "trend": {}, "backend": dict(res.value["backend"]),
+                                   "worker_seconds": round(res.seconds, 4)}
+            for j, (anchor_id, p) in sorted(res.value["plasticity"].items()):
+                anchor = self._anchor.get(j)
+                if j < s.num_frozen or anchor is None or anchor[0] != anchor_id:
+                    continue  # frozen since, or measured against an anchor replaced since
+                self.tracker.add(j, p, step)
+                rec["plasticity"][j] = p
+                rec["normalized"][j] = self.tracker.normalized(j)
+                t = self.tracker.last_trend.get(j)
+                rec["trend"][j] = None if t is None else round(t.bound, 4)
+                if j == s.num_frozen:
+                    self._fresh = True
+            self.timeline.append(rec)
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "next_eval": self.next_eval,
+            "evaluations": self.evaluations,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise FreezeError("egeria policy state must be a dict")
+        self.next_eval = int(state.get("next_eval", self.next_eval))
+        self.evaluations = int(state.get("evaluations", 0))
+        # anchors are not checkpointed: new ones are taken at the next evaluation, and the
+        # evidence restarts with them
+        self._anchor = {}
+        self.tracker.reset()
+
+
+def _block_sp(train: list[Any], ref: Any) -> float:
+    """Mean SP loss over a block's floating-point outputs that have a batch dimension."""
+    losses = []
+    for a, b in zip(train, ref):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and a.dim() > 0:
+            if b.is_quantized:
+                b = b.dequantize()
+            losses.append(sp_loss(a.float(), b.float()))
+    return sum(losses) / len(losses) if losses else float("nan")

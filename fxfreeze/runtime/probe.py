@@ -1,0 +1,103 @@
+"""Training-side activation capture on a fixed probe batch.
+
+Plasticity compares the same samples over time, so the probe batch is fixed: the first
+``size`` samples of the first training batch the compiled module sees (or a batch the user
+gives with :meth:`ActivationProbe.set`). On an evaluation, the blocks that may still be frozen
+run once on it in ``eval()`` mode under ``no_grad`` (BatchNorm uses its running statistics
+and updates nothing, dropout is off, and the user's modes are restored afterwards), and every
+block's inputs and outputs are returned as detached CPU tensors by graph node name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..analysis import batch_size_of, placeholder_values
+from ..passes.subgraph import Subgraph, extract
+from ..trace import preserved_state
+
+__all__ = ["ActivationProbe"]
+
+
+def _take(x: Any, bs: int | None, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        y = x.detach()
+        if bs is not None and y.dim() > 0 and y.shape[0] == bs:
+            y = y[:n]
+        return y.clone()
+    return x
+
+
+class ActivationProbe:
+    """Records the probe batch and computes block activations of a FreezableModule."""
+
+    def __init__(self, module: Any, size: int, hi: int) -> None:
+        self.module = module
+        self.size = size
+        self.hi = hi
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] = {}
+        self._full: Subgraph | None = None
+        self._blocks: dict[int, Subgraph] = {}
+        self._key: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return self.args is not None
+
+    def set(self, *args: Any, **kwargs: Any) -> None:
+        """Use these inputs (a batch, sliced to ``size`` samples) as the probe batch."""
+        bs = batch_size_of(args, kwargs)
+        self.args = tuple(_take(a, bs, self.size) for a in args)
+        self.kwargs = {k: _take(v, bs, self.size) for k, v in kwargs.items()}
+
+    def offer(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Called by the module's forward in training mode; keeps the first batch only."""
+        if self.args is None:
+            self.set(*args, **kwargs)
+
+    # -- graphs --------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """(Re)build the extracted graphs when the module's graphs were rebuilt (.to())."""
+        cap = self.module._capture_for(False)
+        gm = self.module.graph_module(False)
+        key = (id(cap), id(gm))
+        if key != self._key:
+            self._full = extract(cap.graph, cap.attributes(self.module._model), 0, self.hi, class_name="ProbeBlocks")
+            self._blocks = {}
+            self._key = key
+
+    def block(self, j: int) -> Subgraph:
+        """Block ``j`` alone, its inputs named as in :meth:`values`."""
+        self._refresh()
+        sub = self._blocks.get(j)
+        if sub is None:
+            cap = self.module._capture_for(False)
+            sub = extract(cap.graph, cap.attributes(self.module._model), j, j + 1, class_name=f"Block{j}")
+            self._blocks[j] = sub
+        return sub
+
+    @torch.no_grad()
+    def values(self) -> dict[str, Any]:
+        """Inputs and outputs of every block in ``[0, hi)`` on the probe batch (CPU)."""
+        if self.args is None:
+            raise RuntimeError("no probe batch yet")
+        self._refresh()
+        assert self._full is not None
+        gm = self.module.graph_module(False)
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        model = self.module._model
+        ph = dict(zip(names, placeholder_values(gm, model, self.args, self.kwargs, self.module._signature)))
+        with preserved_state(model):
+            model.eval()
+            outs = self._full.graph_module(*[ph[n] for n in self._full.inputs])
+        vals: dict[str, Any] = {**ph, **dict(zip(self._full.outputs, outs))}
+        return {k: tree_map(lambda t: t.detach().to("cpu") if isinstance(t, torch.Tensor) else t, v) for k, v in vals.items()}
+
+
+def all_finite(values: Any) -> bool:
+    flat, _ = tree_flatten(values)
+    return all(bool(torch.isfinite(t).all()) for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point())

@@ -1,0 +1,183 @@
+"""The asynchronous reference worker: CPU jobs off the training thread.
+
+Egeria runs its reference model on the CPU next to training and never makes training wait
+for it. :class:`ReferenceWorker` is a daemon thread with its own PyTorch thread count
+(OpenMP's thread count is per calling thread, so ``torch.set_num_threads`` inside the worker
+does not change the training thread's). Jobs are callables run in submission order; their
+results are collected with :meth:`ReferenceWorker.poll` whenever the training thread looks,
+so a slow reference only delays decisions.
+
+Failures: a job that raises produces a result carrying the error. A worker thread that
+dies (something escaped the job, the interpreter killed it) is restarted on the next
+:meth:`submit` / :meth:`poll`, up to ``max_restarts`` times; after that the worker is
+*disabled*, which the caller reports, and training goes on without it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["ReferenceWorker", "JobResult"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+@dataclass
+class JobResult:
+    """What one job returned (``value``) or raised (``error``), and its CPU-side seconds."""
+
+    job_id: int
+    tag: Any
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class _Stop:
+    pass
+
+
+_LIVE: "weakref.WeakSet[ReferenceWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # a daemon thread still inside a PyTorch kernel when the interpreter exits aborts the
+    # process ("terminate called without an active exception"): stop them first
+    for w in list(_LIVE):
+        w.close(timeout=10.0)
+
+
+class ReferenceWorker:
+    """One background thread running submitted jobs in order."""
+
+    def __init__(self, num_threads: int = 1, max_restarts: int = 3, name: str = "fxfreeze-reference") -> None:
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        self.num_threads = num_threads
+        self.max_restarts = max_restarts
+        self.name = name
+        self.restarts = 0
+        self.disabled = False
+        self.failures: list[str] = []
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._results: queue.Queue[JobResult] = queue.Queue()
+        self._ids = itertools.count()
+        self._pending: set[int] = set()
+        self._running: int | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.busy_seconds = 0.0
+        _LIVE.add(self)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.num_threads)
+        while True:
+            item = self._jobs.get()
+            if isinstance(item, _Stop):
+                return
+            job_id, tag, fn = item
+            with self._lock:
+                self._running = job_id
+            t0 = time.perf_counter()
+            try:
+                value = fn()
+                res = JobResult(job_id, tag, value=value)
+            except Exception as e:  # noqa: BLE001 - reported to the caller, never raised here
+                res = JobResult(job_id, tag, error=f"{type(e).__name__}: {e}")
+            res.seconds = time.perf_counter() - t0
+            with self._lock:
+                self._running = None
+                self._pending.discard(job_id)
+                self.busy_seconds += res.seconds
+            self._results.put(res)
+
+    def check(self) -> bool:
+        """Restart a dead thread if allowed; return whether the worker can take jobs."""
+        if self._closed or self.disabled:
+            return False
+        if self._thread is None:
+            self._start()
+            return True
+        if self._thread.is_alive():
+            return True
+        # the thread died: the job it was running is lost
+        with self._lock:
+            lost = self._running
+            self._running = None
+            if lost is not None:
+                self._pending.discard(lost)
+        reason = f"reference worker thread died (job {lost})" if lost is not None else "reference worker thread died"
+        self.failures.append(reason)
+        if lost is not None:
+            self._results.put(JobResult(lost, None, error=reason))
+        if self.restarts >= self.max_restarts:
+            self.disabled = True
+            logger.warning("%s; restarted %d times already, giving up: freezing decisions stop, training goes on", reason, self.restarts)
+            return False
+        self.restarts += 1
+        logger.warning("%s; restarting it (%d of %d)", reason, self.restarts, self.max_restarts)
+        self._start()
+        return True
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop after the queued jobs; pending results stay pollable."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(_Stop())
+            self._thread.join(timeout)
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def submit(self, fn: Callable[[], Any], tag: Any = None) -> int | None:
+        """Queue ``fn``; returns its job id, or None when the worker is closed or disabled."""
+        if not self.check():
+            return None
+        job_id = next(self._ids)
+        with self._lock:
+            self._pending.add(job_id)
+        self._jobs.put((job_id, tag, fn))
+        return job_id
+
+    def poll(self) -> list[JobResult]:
+        """Results finished since the last poll, in completion order (never blocks)."""
+        self.check()
+        out: list[JobResult] = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Block until the queue is empty (tests, benchmarks, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.pending:
+            if not self.check():
+                return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True

@@ -1,0 +1,193 @@
+"""subgraph.extract, fold_batchnorm, lift_modules and reference building: numerics with
+eager, graph structure, lint; int8 agreement with fp32 and the fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.passes.reference import (
+    ReferenceBuilder,
+    build_reference,
+    fold_batchnorm,
+    lift_modules,
+    relative_error,
+    snapshot,
+)
+from fxfreeze.passes.subgraph import block_outputs, extract
+from fxfreeze.runtime.probe import ActivationProbe
+
+# extraction and folding only regroup the same float ops: equality up to fp32 rounding
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _compiled(name: str, batch: int = 4):
+    model = zoo.MODELS[name][0]()
+    x = zoo.example_inputs(name, batch)
+    fm = fxfreeze.compile(model, x, policy="manual")
+    model.eval()
+    return model, x, fm
+
+
+@pytest.mark.parametrize("name", ["resnet20", "bert_style", "transformer_classifier", "unet"])
+def test_blocks_chain_to_the_model(name):
+    """Running every block alone, feeding each the outputs of earlier ones, reproduces the
+    full model's block outputs exactly; each extracted graph lints."""
+    model, x, fm = _compiled(name)
+    probe = ActivationProbe(fm, 4, fm.plan.max_frozen)
+    if isinstance(x, dict):
+        probe.set(**x)
+    else:
+        probe.set(*(x if isinstance(x, tuple) else (x,)))
+    values = probe.values()
+    chained = {k: v for k, v in values.items() if k in probe._full.inputs}
+    for j in range(fm.plan.max_frozen):
+        sub = probe.block(j)
+        sub.graph_module.graph.lint()
+        assert all(n.op != "placeholder" or n.name in sub.inputs for n in sub.graph_module.graph.nodes)
+        with torch.no_grad():
+            outs = sub.graph_module(*[chained[n] for n in sub.inputs])
+        for name_, v in zip(sub.outputs, outs):
+            torch.testing.assert_close(v, values[name_], **TOL)
+            chained[name_] = v
+    # every block hands something on to a later block or the head
+    bo = block_outputs(fm.graph_module(False).graph)
+    assert set(bo) == set(range(len(fm.plan.blocks)))
+
+
+def test_extract_structure_and_errors():
+    model, x, fm = _compiled("resnet20")
+    cap = fm._capture_for(False)
+    sub = extract(cap.graph, cap.attributes(model), 1, 3)
+    blocks = {n.meta.get("fxfreeze.block") for n in sub.graph_module.graph.nodes if n.op.startswith("call")}
+    assert blocks == {1, 2}
+    assert len(sub.inputs) == 1 and sub.block_outputs[1] and sub.block_outputs[2]
+    with pytest.raises(ValueError, match="lo < hi"):
+        extract(cap.graph, model, 3, 3)
+    with pytest.raises(ValueError, match="not computed"):
+        extract(cap.graph, model, 1, 2, outputs=["x"])
+
+
+def test_extract_ignores_a_frozen_prefix_cut():
+    """Extraction looks through the nodes CutBackward inserted."""
+    model, x, fm = _compiled("resnet20")
+    fm.freeze_prefix(3)
+    cap = fm._capture_for(False)
+    sub = extract(cap.graph, cap.attributes(model), 0, 5)
+    assert not any(n.meta.get("fxfreeze.inserted") for n in sub.graph_module.graph.nodes)
+    sub.graph_module.graph.lint()
+
+
+def test_fold_batchnorm_and_lift_modules_are_identities():
+    model, x, fm = _compiled("resnet20")
+    x = x[0] if isinstance(x, tuple) else x
+    gm = snapshot(fm.graph_module(False))
+    ref = gm(x)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    res = fold_batchnorm(gm)
+    assert res.modified
+    gm.graph.lint()
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules()) < n_bn
+    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.BatchNorm2d) and n.args[0].op == "call_module"
+                   and isinstance(gm.get_submodule(n.args[0].target), nn.Conv2d) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-4)  # folding reassociates float math
+
+    # an ATen graph (torch.export): linear calls become modules
+    model, x, fm = _compiled("transformer_classifier")
+    assert fm.strategy == "export"
+    x = x[0] if isinstance(x, tuple) else x
+    gm = snapshot(fm.graph_module(False))
+    ref = gm(x)
+    n_calls = sum(1 for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+    res = lift_modules(gm)
+    assert res.modified and n_calls > 0
+    gm.graph.lint()
+    assert not any(n.op == "call_function" and "linear" in str(n.target) for n in gm.graph.nodes)
+    assert sum(isinstance(m, nn.Linear) for m in gm.modules()) >= n_calls
+    torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
+
+
+def test_int8_reference_agrees_with_fp32_on_a_conv_net():
+    """Static int8 of a whole (trained a little) ResNet: top-1 agreement >= 95% with fp32
+    and a bounded relative error of the logits."""
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=20, width=16, in_channels=1)
+    x = torch.randn(256, 1, 28, 28)
+    y = (x[:, 0, :14].mean((1, 2)) > 0).long() + 2 * (x[:, 0, :, :14].mean((1, 2)) > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fm = fxfreeze.compile(model, x[:2], policy="manual")
+    model.eval()
+    gm = fm.graph_module(False)
+    calib = (x[:64],)
+    ref = build_reference(gm, calib, "int8")
+    assert ref.backend == "int8_static"
+    with torch.no_grad():
+        fp = snapshot(gm)(x)
+        q = ref((x,))
+    agree = float((fp.argmax(1) == q.argmax(1)).float().mean())
+    assert agree >= 0.95, agree
+    assert relative_error(q, fp) < 0.15
+
+
+def test_int8_dynamic_on_a_transformer_and_bf16():
+    model, x, fm = _compiled("bert_style", batch=8)
+    gm = fm.graph_module(False)
+    args = [x["input_ids"], x["attention_mask"]]
+    cap = fm._capture_for(False)
+    sub = extract(cap.graph, cap.attributes(model), 1, 2)
+    probe = ActivationProbe(fm, 8, fm.plan.max_frozen)
+    probe.set(**x)
+    values = probe.values()
+    inputs = [values[n] for n in sub.inputs]
+    with torch.no_grad():
+        fp = sub.graph_module(*inputs)
+    for precision, backend, bound in (("int8", "int8_dynamic", 0.1), ("bf16", "bf16", 0.05), ("fp32", "fp32", 0.0)):
+        ref = build_reference(sub.graph_module, inputs, precision)
+        assert ref.backend == backend
+        assert relative_error(ref(inputs), fp) <= bound + 1e-6
+    del gm, args
+
+
+def test_unquantizable_block_falls_back_to_fp32():
+    class Elementwise(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x) * 2 + 1
+
+    gm = torch.fx.symbolic_trace(Elementwise())
+    ref = build_reference(gm, (torch.randn(4, 8),), "int8")
+    assert ref.backend == "fp32"
+    assert any("int8_static" in r for r in ref.fallbacks) and any("int8_dynamic" in r for r in ref.fallbacks)
+
+
+def test_builder_refreshes_weights_without_tracing_again():
+    model, x, fm = _compiled("resnet20")
+    probe = ActivationProbe(fm, 4, fm.plan.max_frozen)
+    probe.set(*x)
+    values = probe.values()
+    sub = probe.block(2)
+    inputs = [values[n] for n in sub.inputs]
+    b = ReferenceBuilder(sub.graph_module, inputs, "int8")
+    r1 = b.build(None, inputs)
+    state = {k: v.clone() for k, v in sub.graph_module.state_dict().items()}
+    for k in state:
+        if k.endswith("weight"):
+            state[k] = state[k] * 0.5
+    r2 = b.build(state, inputs)
+    assert r1.backend == r2.backend == "int8_static"
+    assert relative_error(r2(inputs), r1(inputs)) > 0.05  # the new weights are used
+    with torch.no_grad():
+        sub2 = copy.deepcopy(snapshot(sub.graph_module))
+        sub2.load_state_dict(state)
+        fp = sub2(*inputs)
+    assert relative_error(r2(inputs), fp) < 0.15
