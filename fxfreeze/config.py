@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "load_config", "UNAVAILABLE_POLICIES"]
+__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "CacheConfig", "load_config", "UNAVAILABLE_POLICIES"]
 
 #: Policies that are designed but not shipped yet (their issues are open).
 UNAVAILABLE_POLICIES = ("smartfrz", "autofreeze")
@@ -85,9 +85,10 @@ class EgeriaConfig:
     - ``eval_interval``: optimizer steps between evaluations (at least; see
       ``overhead_budget``);
     - ``probe_size``: samples of the first training batch kept as the fixed probe batch;
-    - ``window`` / ``threshold`` / ``patience``: the front block freezes when the relative
-      change of its plasticity across the last ``window`` evaluations, bounded at two
-      standard errors, is under ``threshold`` at ``patience`` evaluations in a row;
+    - ``window`` / ``threshold`` / ``noise_limit`` / ``patience``: the front block freezes
+      when, over its last ``window`` evaluations, its plasticity's elasticity against the
+      anchor's age is under ``threshold`` (1 = still moving steadily, 0 = levelled off) and
+      the fit's noise under ``noise_limit``, at ``patience`` evaluations in a row;
     - ``reference_precision``: ``int8`` (static for convolutional blocks, dynamic for
       Linear ones, fp32 fallback), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
     - ``lookahead``: blocks tracked beyond the front one (the front block alone decides; the
@@ -109,7 +110,8 @@ class EgeriaConfig:
     eval_interval: int = 50
     probe_size: int = 64
     window: int = 5
-    threshold: float = 0.6
+    threshold: float = 0.5
+    noise_limit: float = 1.0
     patience: int = 2
     reference_precision: str = "int8"
     lookahead: int = 2
@@ -128,8 +130,10 @@ class EgeriaConfig:
         _positive_int(self.refresh_every, "egeria.refresh_every")
         _positive_int(self.lookahead, "egeria.lookahead", 0)
         _positive_int(self.worker_threads, "egeria.worker_threads")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
-            raise ConfigError(f"egeria.threshold must be a positive number, got {self.threshold!r}")
+        for name in ("threshold", "noise_limit"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"egeria.{name} must be a positive number, got {v!r}")
         if isinstance(self.overhead_budget, bool) or not isinstance(self.overhead_budget, (int, float)) or not (
             0 <= self.overhead_budget < 1
         ):
@@ -146,6 +150,46 @@ class EgeriaConfig:
             raise ConfigError(
                 f"egeria.unfreeze_on_lr_change must be 'all', 'last' or 'none', got {self.unfreeze_on_lr_change!r}"
             )
+
+
+@dataclass
+class CacheConfig:
+    """Caching the frozen prefix's outputs (its frontier) per sample, so that later epochs
+    skip its forward pass too. See ``docs/cache.md``.
+
+    - ``enabled``: off by default; needs sample ids (``fm.wrap_loader(loader)``);
+    - ``memory_budget_mb``: bytes kept in memory; the rest spills to ``directory`` (a new
+      temporary folder when None), checked for writability when the model is compiled;
+    - ``dtype``: ``float32`` (bitwise identical to not caching), ``float16`` or
+      ``bfloat16`` (half the memory);
+    - ``prefetch``: read the next batch's spilled entries on a background thread;
+    - ``verify_fraction``: share of cache hits recomputed and compared (0 = never);
+    - ``random_augmentation``: declare that the inputs are randomly augmented: a sample's
+      frontier then differs every epoch, so caching stays off (one warning says so).
+    """
+
+    enabled: bool = False
+    memory_budget_mb: float = 1024.0
+    directory: str | None = None
+    dtype: str = "float32"
+    prefetch: bool = True
+    verify_fraction: float = 0.0
+    random_augmentation: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "prefetch", "random_augmentation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"cache.{name} must be true or false, got {getattr(self, name)!r}")
+        m = self.memory_budget_mb
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0:
+            raise ConfigError(f"cache.memory_budget_mb must be a non-negative number, got {m!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"cache.dtype must be 'float32', 'float16' or 'bfloat16', got {self.dtype!r}")
+        v = self.verify_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ConfigError(f"cache.verify_fraction must be in [0, 1], got {v!r}")
+        if self.directory is not None and not isinstance(self.directory, str):
+            self.directory = str(self.directory)
 
 
 @dataclass
@@ -167,6 +211,7 @@ class FreezeConfig:
     manual: ManualConfig = field(default_factory=ManualConfig)
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
     egeria: EgeriaConfig = field(default_factory=EgeriaConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         from .runtime.policies import available_policies
@@ -190,6 +235,8 @@ class FreezeConfig:
             self.freezeout = _sub(FreezeOutConfig, self.freezeout, "freezeout")
         if isinstance(self.egeria, Mapping):
             self.egeria = _sub(EgeriaConfig, self.egeria, "egeria")
+        if isinstance(self.cache, Mapping):
+            self.cache = _sub(CacheConfig, self.cache, "cache")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,9 +14,11 @@ calls (``F.dropout(x, training=self.training)``) and ``torch.export`` specialise
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from typing import Any, Iterator
+from collections import deque
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -27,10 +29,12 @@ from ..api import Analysis, analyze
 from ..config import FreezeConfig, load_config
 from ..errors import FreezeError, ModelError
 from ..passes import CutBackward
+from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
+from ..passes.subgraph import extract
 from ..plan import HEAD, META_BLOCK, FreezePlan, block_of, param_uses, starts_from_plan
 from ..trace import Capture, capture, module_path_of, preserved_state
 
-__all__ = ["FreezableModule", "compile"]
+__all__ = ["FreezableModule", "SampleIdLoader", "compile"]
 
 logger = logging.getLogger("fxfreeze")
 _INF = 1 << 30
@@ -97,6 +101,9 @@ class FreezableModule(nn.Module):
         self.freezer: Any = None  # set by compile()
         #: called with (args, kwargs) on training-mode forwards (the Egeria probe batch)
         self._probe_hook: Any = None
+        self._cache: Any = None  # an ActivationCache when caching is on (set by compile)
+        self._cached_gm: fx.GraphModule | None = None
+        self._cache_k = 0
         ix = analysis.index
         proposal = starts_from_plan(ix, self.plan)
         uses, _ = param_uses(ix)
@@ -154,6 +161,10 @@ class FreezableModule(nn.Module):
         for name in list(self._parameters):
             self._model._parameters[name] = self._parameters[name]
         self._gms.clear()
+        self._cached_gm = None
+        self._cache_k = 0
+        if self._cache is not None:
+            self._cache.clear()
         self._named_params = dict(self._model.named_parameters())
         return self
 
@@ -163,6 +174,10 @@ class FreezableModule(nn.Module):
             self._probe_hook(args, kwargs)
         gm = self._graph_module(self.training)
         cap = self._captures[self.training]
+        if self.training and self._cache is not None and self._num_frozen > 0 and self._cache.enabled:
+            cgm = self._cache_graph()
+            if cgm is not None:
+                gm = cgm
         grad_mode = torch.is_grad_enabled()
         try:
             if cap.strategy == "export":
@@ -237,6 +252,83 @@ class FreezableModule(nn.Module):
         self._num_frozen = k
         for gm in self._gms.values():
             CutBackward(k)(gm)
+        self._cached_gm = None  # rebuilt for the new prefix on the next training forward
+
+    # -- the activation cache ---------------------------------------------------------------------
+    def _cache_graph(self) -> fx.GraphModule | None:
+        """The training graph with the frozen prefix replaced by a cache-load node (built
+        once per prefix); None when the prefix hands on nothing cacheable."""
+        k = self._num_frozen
+        if self._cached_gm is not None and self._cache_k == k:
+            return self._cached_gm
+        cap = self._capture_for(True)
+        base = self._graph_module(True)  # CutBackward(k) applied: inference flags in the prefix
+        root = cap.attributes(self._model)
+        graph = fx.Graph()
+        out = graph.graph_copy(base.graph, {})
+        graph.output(out)
+        gm = fx.GraphModule(root, graph, class_name=type(self._model).__name__ + "Cached")
+        res = CacheLoad(k)(gm, self._cache)
+        if not res.modified:
+            self._cached_gm, self._cache_k = None, k
+            self._cache.enabled = False
+            logger.warning("fxfreeze cache: the frozen prefix hands on no tensor to cache; caching is off")
+            return None
+        load = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is cache_load)
+        frontier: list[str] = load.meta[META_CACHE]
+        in_names = [a.name for a in load.args[1:]]
+        prefix = extract(base.graph, root, 0, k, outputs=frontier, class_name="FrozenPrefix")
+        order = [in_names.index(n) for n in prefix.inputs]
+
+        def runner(inputs: Any) -> Any:
+            return prefix.graph_module(*[inputs[i] for i in order])
+
+        refill = None
+        old_k, old_frontier = self._cache_k, getattr(self, "_cache_frontier", None)
+        if old_frontier and 0 < old_k < k:
+            refill = self._refill_fn(base.graph, root, old_k, k, old_frontier, frontier, in_names)
+        self._cache.set_prefix(k, runner, refill)
+        self._cached_gm, self._cache_k, self._cache_frontier = gm, k, frontier
+        return gm
+
+    @staticmethod
+    def _refill_fn(graph: fx.Graph, root: Any, old_k: int, k: int, old: list[str], new: list[str], in_names: list[str]) -> Any:
+        """New frontier from the old one: run blocks old_k..k-1 only (None when they read
+        anything else than the old frontier and the graph inputs)."""
+        try:
+            produced = [n for n in new if n not in old]
+            mid = extract(graph, root, old_k, k, outputs=produced, class_name="RefillBlocks")
+        except ValueError:
+            return None
+        if any(n not in old and n not in in_names for n in mid.inputs) or any(n not in old and n not in produced for n in new):
+            return None
+
+        def refill(inputs: Any, old_frontier: Any) -> Any:
+            env = dict(zip(in_names, inputs))
+            env.update(zip(old, old_frontier))
+            env.update(zip(mid.outputs, mid.graph_module(*[env[n] for n in mid.inputs])))
+            return tuple(env[n] for n in new)
+
+        return refill
+
+    @contextlib.contextmanager
+    def sample_ids(self, ids: Any) -> Iterator[None]:
+        """Declare the dataset indices of the batch the enclosed forward calls see (for the
+        activation cache); ``fm.wrap_loader`` does this for a DataLoader."""
+        if self._cache is None:
+            yield
+            return
+        prev = self._cache.ids
+        self._cache.ids = torch.as_tensor(ids).reshape(-1).cpu()
+        try:
+            yield
+        finally:
+            self._cache.ids = prev
+
+    def wrap_loader(self, loader: Any) -> "SampleIdLoader":
+        """Iterate ``loader`` (a ``torch.utils.data.DataLoader``, any sampler, shuffling or
+        ``DistributedSampler``) recording each batch's dataset indices for the cache."""
+        return SampleIdLoader(self, loader)
 
     def train(self, mode: bool = True) -> "FreezableModule":
         super().train(mode)
@@ -251,6 +343,84 @@ class FreezableModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), num_frozen={self._num_frozen}"
+
+
+class _RecordingBatchSampler:
+    """Wraps a batch sampler; remembers the index lists it hands out, in order."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.issued: deque[list[int]] = deque()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.inner:
+            batch = list(batch)
+            self.issued.append(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class SampleIdLoader:
+    """``fm.wrap_loader(loader)``: yields the loader's batches unchanged while telling the
+    activation cache each batch's dataset indices, and prefetches the next batch's spilled
+    entries. DataLoader workers return batches in sampler order, so the recorded index lists
+    line up with the batches."""
+
+    def __init__(self, module: FreezableModule, loader: Any) -> None:
+        from torch.utils.data import DataLoader
+
+        if not isinstance(loader, DataLoader):
+            raise FreezeError(
+                f"wrap_loader needs a torch.utils.data.DataLoader, got {type(loader).__name__}; "
+                "for other loops declare each batch's dataset indices with `with fm.sample_ids(ids):`"
+            )
+        if loader.batch_sampler is None:
+            raise FreezeError("wrap_loader needs a DataLoader with automatic batching (batch_size set)")
+        self.module = module
+        self.recorder = _RecordingBatchSampler(loader.batch_sampler)
+        kw: dict[str, Any] = dict(
+            batch_sampler=self.recorder, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+            persistent_workers=loader.persistent_workers,
+        )
+        if loader.num_workers > 0:
+            kw["prefetch_factor"] = loader.prefetch_factor
+        self.loader = DataLoader(loader.dataset, **kw)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        cache = self.module._cache
+        self.recorder.issued.clear()
+        it = iter(self.loader)
+        try:
+            nxt = next(it)
+        except StopIteration:
+            return
+        ids = self.recorder.issued.popleft()
+        try:
+            while True:
+                batch, batch_ids = nxt, ids
+                try:
+                    nxt = next(it)
+                    ids = self.recorder.issued.popleft()
+                    if cache is not None:
+                        cache.prefetch(ids)
+                    last = False
+                except StopIteration:
+                    last = True
+                if cache is not None:
+                    cache.ids = torch.tensor(batch_ids)
+                yield batch
+                if last:
+                    return
+        finally:
+            if cache is not None:
+                cache.ids = None
 
 
 def compile(
@@ -290,5 +460,16 @@ def compile(
             "cannot run: " + "; ".join(analysis.capture.reasons)
         )
     fm = FreezableModule(model, analysis)
+    if cfg.cache.enabled:
+        if cfg.cache.random_augmentation:
+            logger.warning(
+                "fxfreeze cache: caching stays off because the config declares random augmentation "
+                "(a sample's frozen-prefix output changes every epoch)"
+            )
+        else:
+            from .cache import ActivationCache
+
+            c = cfg.cache
+            fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch)
     fm.freezer = Freezer(fm, cfg, optimizer)
     return fm

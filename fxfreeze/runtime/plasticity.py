@@ -12,10 +12,13 @@ plasticity: the distance its function has travelled since the anchor.
 While a block learns, that distance keeps growing; once it has converged it levels off (SGD
 noise around the optimum plus the reference's quantization error, both bounded). The
 decision statistic :func:`flat_trend` fits a line through the last ``window`` values against
-the optimizer step and asks whether the change it predicts across the window, *including
-two standard errors*, is under ``threshold`` times the window's mean: a series that is
-still rising does not pass, and neither does one too noisy to tell. (Per-interval drift, the
-increments of this series, was tried first and measured too noisy to decide on: docs/egeria.md.)
+the optimizer step and turns its slope into an *elasticity*, ``d log p / d log age`` (age:
+steps since the anchor): about 1 for a block moving at a steady pace, however long ago the
+anchor was taken, and about 0 once the distance has levelled off. A window passes when the
+elasticity is under ``threshold`` and the slope's two standard errors, as a change across
+the window relative to its mean, are under ``noise_limit``: a series too noisy to tell does
+not pass. (Per-interval drift, the increments of this series, was tried first and measured
+too noisy to decide on: docs/egeria.md.)
 """
 
 from __future__ import annotations
@@ -52,21 +55,35 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Trend:
-    """The fitted trend of a window: its relative change (slope x (window-1) / mean) and
-    that change's bound at two standard errors."""
+    """The fitted trend of a window.
 
-    relative_change: float
-    bound: float
+    ``elasticity`` is ``d log p / d log age`` at the window's centre, ``age`` the steps since
+    the anchor: about 1 while the distance from the anchor grows linearly (the block moves
+    at a steady pace), about 0 once it has levelled off. ``noise`` is two standard errors of
+    the slope, expressed as a change across the window relative to its mean."""
+
+    elasticity: float
+    noise: float
     mean: float
 
-    def flat(self, threshold: float) -> bool:
-        return self.bound < threshold
+    def flat(self, threshold: float, noise_limit: float) -> bool:
+        return abs(self.elasticity) < threshold and self.noise < noise_limit
+
+    @property
+    def relative_change(self) -> float:  # kept for messages
+        return self.elasticity
 
 
-def flat_trend(values: Sequence[float], threshold: float, xs: Sequence[float] | None = None) -> tuple[bool, Trend | None]:
-    """Is the series flat? ``values`` is the window (oldest first) and ``xs`` where each was
-    measured (optimizer steps; default evenly spaced); needs 3 or more finite values with a
-    positive mean."""
+def flat_trend(
+    values: Sequence[float],
+    threshold: float,
+    xs: Sequence[float] | None = None,
+    origin: float | None = None,
+    noise_limit: float = 1.0,
+) -> tuple[bool, Trend | None]:
+    """Has the series levelled off? ``values`` is the window (oldest first), ``xs`` the
+    steps it was measured at (default 0, 1, ...) and ``origin`` the anchor's step (default:
+    one spacing before the window). Needs 3 or more finite values with a positive mean."""
     v = [float(x) for x in values]
     n = len(v)
     if n < 3 or not all(math.isfinite(x) for x in v):
@@ -81,14 +98,14 @@ def flat_trend(values: Sequence[float], threshold: float, xs: Sequence[float] | 
     sxx = sum((x - xm) ** 2 for x in xs)
     if sxx <= 0:
         return False, None
+    if origin is None:
+        origin = xs[0] - (xs[-1] - xs[0]) / (n - 1)
     slope = sum((x - xm) * (y - mean) for x, y in zip(xs, v)) / sxx
     resid = [y - (mean + slope * (x - xm)) for x, y in zip(xs, v)]
     se = math.sqrt(sum(r * r for r in resid) / (n - 2) / sxx)
-    span = xs[-1] - xs[0]
-    rel = slope * span / mean
-    bound = (abs(slope) + 2.0 * se) * span / mean
-    t = Trend(rel, bound, mean)
-    return t.flat(threshold), t
+    age = max(xm - float(origin), 1e-12)
+    t = Trend(elasticity=slope * age / mean, noise=2.0 * se * (xs[-1] - xs[0]) / mean, mean=mean)
+    return t.flat(threshold, noise_limit), t
 
 
 @dataclass
@@ -97,15 +114,17 @@ class PlasticityTracker:
 
     window: int
     threshold: float
+    noise_limit: float = 1.0
     series: dict[int, list[float]] = field(default_factory=dict)
+    origin: dict[int, float] = field(default_factory=dict)
     steps: dict[int, list[float]] = field(default_factory=dict)
     first: dict[int, float] = field(default_factory=dict)
     flat_count: dict[int, int] = field(default_factory=dict)
     last_trend: dict[int, Trend | None] = field(default_factory=dict)
 
-    def add(self, block: int, value: float, step: float | None = None) -> None:
-        """Record one plasticity value measured at ``step``; a non-finite value resets the
-        block's evidence."""
+    def add(self, block: int, value: float, step: float | None = None, origin: float | None = None) -> None:
+        """Record one plasticity value measured at ``step`` against an anchor taken at step
+        ``origin``; a non-finite value resets the block's evidence."""
         if not math.isfinite(value) or value < 0:
             self.reset([block])
             return
@@ -118,7 +137,13 @@ class PlasticityTracker:
             del xs[: len(xs) - self.window]
         if block not in self.first and value > 0:
             self.first[block] = value
-        ok, trend = flat_trend(s, self.threshold, xs) if len(s) == self.window else (False, None)
+        if origin is not None:
+            self.origin[block] = float(origin)
+        ok, trend = (
+            flat_trend(s, self.threshold, xs, self.origin.get(block), self.noise_limit)
+            if len(s) == self.window
+            else (False, None)
+        )
         self.last_trend[block] = trend
         self.flat_count[block] = self.flat_count.get(block, 0) + 1 if ok else 0
 
@@ -136,6 +161,7 @@ class PlasticityTracker:
         for b in keys:
             self.series.pop(b, None)
             self.steps.pop(b, None)
+            self.origin.pop(b, None)
             self.flat_count.pop(b, None)
             self.last_trend.pop(b, None)
             self.first.pop(b, None)
@@ -144,6 +170,7 @@ class PlasticityTracker:
         return {
             "series": {int(k): list(v) for k, v in self.series.items()},
             "steps": {int(k): list(v) for k, v in self.steps.items()},
+            "origin": {int(k): float(v) for k, v in self.origin.items()},
             "first": {int(k): float(v) for k, v in self.first.items()},
             "flat_count": {int(k): int(v) for k, v in self.flat_count.items()},
         }
@@ -151,6 +178,7 @@ class PlasticityTracker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.series = {int(k): [float(x) for x in v] for k, v in state.get("series", {}).items()}
         self.steps = {int(k): [float(x) for x in v] for k, v in state.get("steps", {}).items()}
+        self.origin = {int(k): float(v) for k, v in state.get("origin", {}).items()}
         self.first = {int(k): float(v) for k, v in state.get("first", {}).items()}
         self.flat_count = {int(k): int(v) for k, v in state.get("flat_count", {}).items()}
         self.last_trend = {}

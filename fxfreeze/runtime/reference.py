@@ -74,7 +74,7 @@ class ReferenceWorker:
         self._results: queue.Queue[JobResult] = queue.Queue()
         self._ids = itertools.count()
         self._pending: set[int] = set()
-        self._running: int | None = None
+        self._running: tuple[int, Any] | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -94,7 +94,7 @@ class ReferenceWorker:
                 return
             job_id, tag, fn = item
             with self._lock:
-                self._running = job_id
+                self._running = (job_id, tag)
             t0 = time.perf_counter()
             try:
                 value = fn()
@@ -122,11 +122,11 @@ class ReferenceWorker:
             lost = self._running
             self._running = None
             if lost is not None:
-                self._pending.discard(lost)
-        reason = f"reference worker thread died (job {lost})" if lost is not None else "reference worker thread died"
+                self._pending.discard(lost[0])
+        reason = f"reference worker thread died (job {lost[0]})" if lost is not None else "reference worker thread died"
         self.failures.append(reason)
         if lost is not None:
-            self._results.put(JobResult(lost, None, error=reason))
+            self._results.put(JobResult(lost[0], lost[1], error=reason))
         if self.restarts >= self.max_restarts:
             self.disabled = True
             logger.warning("%s; restarted %d times already, giving up: freezing decisions stop, training goes on", reason, self.restarts)

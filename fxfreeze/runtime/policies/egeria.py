@@ -52,7 +52,9 @@ class EgeriaPolicy(Policy):
         super().__init__(config, plan)
         self.cfg = config.egeria
         self.hi = plan.max_frozen
-        self.tracker = PlasticityTracker(window=self.cfg.window, threshold=float(self.cfg.threshold))
+        self.tracker = PlasticityTracker(
+            window=self.cfg.window, threshold=float(self.cfg.threshold), noise_limit=float(self.cfg.noise_limit)
+        )
         self.timeline: list[dict[str, Any]] = []
         self.worker: ReferenceWorker | None = None
         self.probe: ActivationProbe | None = None
@@ -66,8 +68,8 @@ class EgeriaPolicy(Policy):
         self._step_seconds: float | None = None
         self._last_worker_seconds = 0.0
         self._contention = 1.0
-        # block -> (anchor id, evaluation it was taken at); ids never repeat
-        self._anchor: dict[int, tuple[int, int]] = {}
+        # block -> (anchor id, evaluation and step it was taken at); ids never repeat
+        self._anchor: dict[int, tuple[int, int, int]] = {}
         self._anchor_ids = 0
         # worker-side state (touched only by jobs on the worker thread)
         self._refs: dict[int, tuple[BuiltReference, int]] = {}
@@ -130,7 +132,7 @@ class EgeriaPolicy(Policy):
         if self.cfg.freeze and self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
             self._fresh = False
             t = self.tracker.last_trend.get(k)
-            detail = f"change across window {t.relative_change:+.3f}, bound {t.bound:.3f}" if t else "flat"
+            detail = f"elasticity {t.elasticity:+.3f}, noise {t.noise:.3f}" if t else "flat"
             return Decision(k + 1, f"Egeria: block {k} plasticity flat at {self.cfg.patience} evaluations ({detail})")
         return None
 
@@ -178,7 +180,7 @@ class EgeriaPolicy(Policy):
                     one_time += time.perf_counter() - tb
                 state = {k: v.detach().to("cpu", copy=True) for k, v in sub.graph_module.state_dict().items()}
                 self._anchor_ids += 1
-                anchor = (self._anchor_ids, self.evaluations)
+                anchor = (self._anchor_ids, self.evaluations, s.step)
                 self._anchor[j] = anchor
                 self.tracker.reset([j])
             jobs.append((j, anchor[0], inputs, train, state))
@@ -194,7 +196,7 @@ class EgeriaPolicy(Policy):
         """Keep an old anchor while its block is close to passing: a refresh would throw the
         evidence away just before the decision."""
         t = self.tracker.last_trend.get(j)
-        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.bound < 2 * float(self.cfg.threshold))
+        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and abs(t.elasticity) < 2 * float(self.cfg.threshold))
 
     def _schedule(self, s: Signals, main_cost: float) -> None:
         gap = int(self.cfg.eval_interval)
@@ -208,7 +210,7 @@ class EgeriaPolicy(Policy):
         """On the worker thread: build due anchors, then each block's plasticity."""
         for j in [j for j in self._refs if j < k]:
             del self._refs[j]  # frozen since: its anchor is no longer needed
-        out: dict[str, Any] = {"plasticity": {}, "backend": {}}
+        out: dict[str, Any] = {"plasticity": {}, "backend": {}, "missing": []}
         for j, anchor_id, inputs, train, state in jobs:
             if state is not None:
                 built = self._builders[j].build(state, inputs)
@@ -219,7 +221,8 @@ class EgeriaPolicy(Policy):
                 self._refs[j] = (built, anchor_id)
             ref = self._refs.get(j)
             if ref is None or ref[1] != anchor_id:
-                continue  # its anchor failed to build
+                out["missing"].append(j)  # its anchor was never built (a failed job)
+                continue
             pred = ref[0](inputs)
             pred = pred if isinstance(pred, (tuple, list)) else (pred,)
             out["plasticity"][j] = (anchor_id, _block_sp(train, pred))
@@ -239,19 +242,24 @@ class EgeriaPolicy(Policy):
             if res.error is not None:
                 logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
                 self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
+                self._anchor = {}  # anchors it was to build may be missing: take new ones
+                self.tracker.reset()
                 continue
             rec: dict[str, Any] = {"step": step, "evaluation": eval_no, "num_frozen": s.num_frozen, "plasticity": {},
                                    "normalized": {}, "trend": {}, "backend": dict(res.value["backend"]),
                                    "worker_seconds": round(res.seconds, 4)}
+            for j in res.value["missing"]:
+                self._anchor.pop(j, None)
+                self.tracker.reset([j])
             for j, (anchor_id, p) in sorted(res.value["plasticity"].items()):
                 anchor = self._anchor.get(j)
                 if j < s.num_frozen or anchor is None or anchor[0] != anchor_id:
                     continue  # frozen since, or measured against an anchor replaced since
-                self.tracker.add(j, p, step)
+                self.tracker.add(j, p, step, origin=anchor[2])
                 rec["plasticity"][j] = p
                 rec["normalized"][j] = self.tracker.normalized(j)
                 t = self.tracker.last_trend.get(j)
-                rec["trend"][j] = None if t is None else round(t.bound, 4)
+                rec["trend"][j] = None if t is None else [round(t.elasticity, 4), round(t.noise, 4)]
                 if j == s.num_frozen:
                     self._fresh = True
             self.timeline.append(rec)

@@ -1,0 +1,127 @@
+"""Replace a frozen prefix by a cache-load node.
+
+With ``k`` blocks frozen (and their outputs cacheable), :class:`CacheLoad` rewrites a graph
+so that the prefix no longer runs: one ``cache_load`` node, fed the cache object (a
+``get_attr``) and the graph inputs the prefix reads, returns the prefix's *frontier* (the
+tensors it hands to later blocks, see :func:`cache_frontier`), and ``getitem`` nodes replace
+every later use of them. The prefix's nodes are then dead and removed. What the cache does on
+a miss (run the prefix, store, return) is runtime state and lives in
+:mod:`fxfreeze.runtime.cache`; this pass only builds the graph.
+
+Values crossing the cut that are not tensors (sizes, shapes from ``torch.export``'s symbolic
+integers) are not cached: the nodes computing them stay in the graph when anything still
+reads them, so they are recomputed from the inputs as before.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch.fx as fx
+
+from ..analysis import META_TENSOR
+from ..plan import HEAD, META_BLOCK
+from .base import PassResult
+from .cut_backward import META_INSERTED, _undo
+
+__all__ = ["CacheLoad", "cache_frontier", "cache_load", "CACHE_ATTR", "META_CACHE"]
+
+CACHE_ATTR = "fxfreeze_cache"
+META_CACHE = "fxfreeze.cache_load"
+_COMPUTE = ("call_function", "call_method", "call_module")
+
+
+def cache_load(cache: Any, *inputs: Any) -> tuple[Any, ...]:
+    """Graph node: the frontier of the current batch, from ``cache`` (computing it from
+    ``inputs`` on a miss)."""
+    return cache.load(inputs)
+
+
+def _in_prefix(n: fx.Node, k: int) -> bool:
+    b = n.meta.get(META_BLOCK)
+    return n.op in _COMPUTE and b is not None and b != HEAD and int(b) < k
+
+
+def _is_tensor(n: fx.Node) -> bool:
+    flag = n.meta.get(META_TENSOR)
+    if flag is not None:
+        return bool(flag)
+    val = n.meta.get("val", n.meta.get("example_value"))
+    if val is not None:
+        return hasattr(val, "shape") and hasattr(val, "dtype")
+    return True  # unknown: assume a tensor; the runtime checks what the prefix returns
+
+
+def cache_frontier(graph: fx.Graph, k: int) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The prefix nodes read after blocks ``0..k-1``, split into (cached tensors, other
+    values), in graph order. Nodes a CutBackward pass inserted are not counted."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    prefix = [n for n in graph.nodes if _in_prefix(n, k) and not n.meta.get(META_INSERTED)]
+    if not prefix:
+        return [], []
+    last = order[prefix[-1]]
+    pset = set(prefix)
+    cached: list[fx.Node] = []
+    other: list[fx.Node] = []
+    for n in prefix:
+        users = list(n.users)
+        while any(u.meta.get(META_INSERTED) for u in users):  # look through detach nodes
+            users = [uu for u in users for uu in (u.users if u.meta.get(META_INSERTED) else [u])]
+        if any(u not in pset and order[u] > last for u in users):
+            (cached if _is_tensor(n) else other).append(n)
+    return cached, other
+
+
+class CacheLoad:
+    """Replace blocks ``0..k-1`` of an annotated graph by one ``cache_load`` node."""
+
+    def __init__(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"CacheLoad needs a positive int, got {k!r}")
+        self.k = k
+
+    def __call__(self, gm: fx.GraphModule, cache: Any = None) -> PassResult:
+        """Rewrite ``gm`` in place (give it a copy); ``cache`` becomes its ``fxfreeze_cache``
+        attribute. The result's ``frontier`` attribute names the cached nodes in order."""
+        graph = gm.graph
+        _undo(graph)  # a CutBackward cut is meaningless once the prefix is gone
+        cached, _ = cache_frontier(graph, self.k)
+        if not cached:
+            return PassResult(gm, False)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        prefix = [n for n in graph.nodes if _in_prefix(n, self.k)]
+        pset = set(prefix)
+        last = prefix[-1]
+        inputs = _prefix_inputs(prefix, pset)
+        setattr(gm, CACHE_ATTR, cache)
+        with graph.inserting_after(last):
+            # create_node: get_attr() warns when the attribute is not a module, parameter or buffer
+            handle = graph.create_node("get_attr", CACHE_ATTR)
+        with graph.inserting_after(handle):
+            load = graph.call_function(cache_load, (handle, *inputs))
+        load.meta[META_CACHE] = [n.name for n in cached]
+        anchor = load
+        for i, n in enumerate(cached):
+            with graph.inserting_after(anchor):
+                g = graph.call_function(operator.getitem, (load, i))
+            g.meta.update({key: v for key, v in n.meta.items() if key != META_BLOCK})
+            for u in list(n.users):
+                if u not in pset and order.get(u, len(order)) > order[last] and u is not load:
+                    u.replace_input_with(n, g)
+            anchor = g
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        gm.meta_frontier = [n.name for n in cached]  # type: ignore[attr-defined]
+        return PassResult(gm, True)
+
+
+def _prefix_inputs(prefix: Sequence[fx.Node], pset: set[fx.Node]) -> list[fx.Node]:
+    """Graph inputs (placeholders) the prefix reads, in first-use order."""
+    seen: list[fx.Node] = []
+    for n in prefix:
+        for a in n.all_input_nodes:
+            if a.op == "placeholder" and a not in seen:
+                seen.append(a)
+    return seen

@@ -1,0 +1,318 @@
+"""The activation cache of a frozen prefix: per-sample frontier tensors by sample id.
+
+Egeria and AutoFreeze cache the outputs of frozen layers so that later epochs skip their
+forward pass as well. :class:`ActivationCache` stores, for each sample id (its index in the
+dataset), the frontier tensors the frozen prefix produced for it:
+
+- in memory up to ``memory_budget_mb``; beyond that, entries spill to files in ``directory``
+  (a fresh temporary folder by default), one file per sample: a small header (shapes and
+  dtypes), the raw bytes, and a CRC-32 of them. A file that is truncated or whose checksum
+  fails is detected, deleted and recomputed, never used. Files are plain data, no pickle;
+- optionally in float16 (half the memory, no longer bitwise);
+- invalidated whenever the frozen prefix changes. When it grows from ``k`` to ``k' > k``
+  and every sample of a batch still has its ``k`` entry, the new frontier is computed from
+  the old one by running blocks ``k..k'-1`` only (the prefix does not run again).
+
+On a miss the prefix runs under ``no_grad`` on the whole batch (its modules are in eval mode
+and deterministic, so a sample's frontier does not depend on its batch) and the batch's
+entries are stored. A batch without sample ids (the loop did not go through
+``fm.wrap_loader``) is computed, not cached, with one warning. ``verify_fraction`` of the
+hits are recomputed and compared; a mismatch (say, random augmentation the config did not
+declare) drops the cache, turns caching off and warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import struct
+import tempfile
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError, FreezeError
+
+__all__ = ["ActivationCache", "CacheStats"]
+
+logger = logging.getLogger("fxfreeze")
+
+_MAGIC = b"FXFC"
+_VERSION = 1
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8]
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+
+
+class CacheStats(dict):  # a dict so that it prints and serialises plainly
+    pass
+
+
+def _encode(tensors: Sequence[torch.Tensor], store_dtype: torch.dtype | None) -> bytes:
+    head = bytearray(_MAGIC + struct.pack("<BB", _VERSION, len(tensors)))
+    body = bytearray()
+    for t in tensors:
+        orig = t.dtype
+        if store_dtype is not None and t.is_floating_point():
+            t = t.to(store_dtype)
+        t = t.contiguous()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        head += struct.pack("<BBB", _CODE[orig], _CODE[t.dtype], t.dim()) + struct.pack(f"<{t.dim()}I", *t.shape)
+        head += struct.pack("<Q", len(raw))
+        body += raw
+    payload = bytes(head) + bytes(body)
+    return payload + struct.pack("<I", zlib.crc32(payload))
+
+
+def _decode(data: bytes) -> list[torch.Tensor]:
+    """Raises ValueError on anything malformed."""
+    if len(data) < 10 or data[:4] != _MAGIC:
+        raise ValueError("bad magic or too short")
+    payload, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
+    if zlib.crc32(payload) != crc:
+        raise ValueError("checksum mismatch")
+    version, n = struct.unpack("<BB", payload[4:6])
+    if version != _VERSION:
+        raise ValueError(f"unknown version {version}")
+    pos = 6
+    specs = []
+    for _ in range(n):
+        orig, stored, ndim = struct.unpack("<BBB", payload[pos : pos + 3])
+        pos += 3
+        shape = struct.unpack(f"<{ndim}I", payload[pos : pos + 4 * ndim])
+        pos += 4 * ndim
+        (nbytes,) = struct.unpack("<Q", payload[pos : pos + 8])
+        pos += 8
+        specs.append((_DTYPES[orig], _DTYPES[stored], shape, nbytes))
+    out = []
+    for orig, stored, shape, nbytes in specs:
+        raw = payload[pos : pos + nbytes]
+        if len(raw) != nbytes:
+            raise ValueError("truncated")
+        pos += nbytes
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(stored).reshape(shape) if nbytes else torch.empty(shape, dtype=stored)
+        out.append(t.to(orig))
+    return out
+
+
+class ActivationCache:
+    """Frontier tensors of the frozen prefix, per sample id. See the module docstring."""
+
+    def __init__(
+        self,
+        memory_budget_mb: float = 1024.0,
+        directory: str | os.PathLike[str] | None = None,
+        dtype: str = "float32",
+        verify_fraction: float = 0.0,
+        prefetch: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.budget = int(memory_budget_mb * 2**20)
+        self.store_dtype = None if dtype == "float32" else {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        self.verify_fraction = float(verify_fraction)
+        self._own_dir = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="fxfreeze-cache-")) if directory is None else Path(directory)
+        _check_writable(self.directory)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._mem: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._disk: set[int] = set()
+        self._bytes = 0
+        self._k = 0
+        self._old: tuple[int, dict[int, tuple[torch.Tensor, ...]]] | None = None
+        self.runner: Callable[[Sequence[Any]], tuple[Any, ...]] | None = None
+        self.refill: Callable[[Sequence[Any], Sequence[Any]], tuple[Any, ...]] | None = None
+        self.ids: torch.Tensor | None = None
+        self.enabled = True
+        self._warned_no_ids = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
+        self._prefetched: dict[int, Future[Any]] = {}
+        self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, verified=0, uncached_batches=0)
+
+    # -- prefix changes ----------------------------------------------------------------------------
+    def set_prefix(self, k: int, runner: Any, refill: Any = None) -> None:
+        """The prefix is now ``k`` blocks, computed by ``runner(inputs)``; drop what was
+        stored for another prefix (keeping the in-memory entries of a shallower one for
+        ``refill(inputs, old_frontier)`` when given)."""
+        if k == self._k and runner is self.runner:
+            return
+        keep = None
+        if refill is not None and 0 < self._k < k and self._mem:
+            keep = (self._k, self._mem)
+            self._mem = {}
+        self.clear()
+        self._old = keep
+        self._k = k
+        self.runner = runner
+        self.refill = refill
+
+    def clear(self) -> None:
+        with self._lock:
+            self._mem = {}
+            self._bytes = 0
+            self._old = None
+            for i in list(self._disk):
+                try:
+                    self._path(i).unlink()
+                except OSError:
+                    pass
+            self._disk = set()
+            self._prefetched = {}
+
+    def close(self) -> None:
+        self.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # -- the graph's entry point ---------------------------------------------------------------------
+    def load(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        assert self.runner is not None
+        ids = self.ids
+        if ids is None or not self.enabled:
+            if ids is None and self.enabled and not self._warned_no_ids:
+                logger.warning(
+                    "fxfreeze cache: a training batch came without sample ids, so the frozen prefix ran "
+                    "uncached; iterate `fm.wrap_loader(loader)` or use `with fm.sample_ids(ids):`"
+                )
+                self._warned_no_ids = True
+            self.stats["uncached_batches"] += 1
+            with torch.no_grad():
+                return tuple(self.runner(inputs))
+        keys = [int(i) for i in ids.tolist()]
+        entries = [self._get(i) for i in keys]
+        if all(e is not None for e in entries):
+            out = tuple(torch.stack([e[j] for e in entries]) for j in range(len(entries[0])))  # type: ignore[index]
+            self.stats["hits"] += len(keys)
+            if self.verify_fraction > 0 and self._rng.random() < self.verify_fraction:
+                self._verify(inputs, out)
+            return out
+        out = None
+        if self._old is not None and self.refill is not None:
+            old_k, old = self._old
+            prev = [old.get(i) for i in keys]
+            if all(p is not None for p in prev):
+                old_frontier = tuple(torch.stack([p[j] for p in prev]) for j in range(len(prev[0])))  # type: ignore[index]
+                with torch.no_grad():
+                    out = tuple(self.refill(inputs, old_frontier))
+                self.stats["refills"] += len(keys)
+                for i in keys:
+                    old.pop(i, None)
+        if out is None:
+            with torch.no_grad():
+                out = tuple(self.runner(inputs))
+        self._check_batch(out, len(keys))
+        self.stats["misses"] += sum(1 for e in entries if e is None)
+        for row, (i, e) in enumerate(zip(keys, entries)):
+            if e is None:
+                self._put(i, tuple(t[row] for t in out))
+        return out
+
+    def _check_batch(self, out: tuple[Any, ...], n: int) -> None:
+        for t in out:
+            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
+                self.enabled = False
+                self.clear()
+                raise FreezeError(
+                    f"the frozen prefix hands on a value that is not per-sample (got "
+                    f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else tuple(t.shape)} for a batch of {n}); "
+                    "it cannot be cached: turn caching off for this model"
+                )
+
+    def _verify(self, inputs: Sequence[Any], cached: tuple[torch.Tensor, ...]) -> None:
+        with torch.no_grad():
+            fresh = tuple(self.runner(inputs))  # type: ignore[misc]
+        self.stats["verified"] += 1
+        tol = 0 if self.store_dtype is None else 1e-2
+        for a, b in zip(cached, fresh):
+            if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=tol, atol=tol):
+                diff = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
+                logger.warning(
+                    "fxfreeze cache: a cached frontier differs from a fresh computation (max difference %.3g): "
+                    "the frozen prefix's input is not deterministic per sample (random augmentation?). "
+                    "Caching is now off; declare augmentation with cache.random_augmentation=True", diff)
+                self.enabled = False
+                self.clear()
+                return
+
+    # -- storage ---------------------------------------------------------------------------------------
+    def _path(self, i: int) -> Path:
+        return self.directory / f"k{self._k}" / f"{i}.fxfc"
+
+    def _get(self, i: int) -> tuple[torch.Tensor, ...] | None:
+        e = self._mem.get(i)
+        if e is not None:
+            return self._restore(e)
+        if i not in self._disk:
+            return None
+        fut = self._prefetched.pop(i, None)
+        try:
+            data = fut.result() if fut is not None else self._path(i).read_bytes()
+            return tuple(_decode(data))
+        except (OSError, ValueError) as err:
+            self.stats["corrupt"] += 1
+            logger.warning("fxfreeze cache: entry %s is unreadable (%s); recomputing it", self._path(i), err)
+            self._disk.discard(i)
+            try:
+                self._path(i).unlink()
+            except OSError:
+                pass
+            return None
+
+    def _restore(self, e: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.store_dtype is None:
+            return e
+        return tuple(t.to(torch.float32) if t.dtype == self.store_dtype else t for t in e)
+
+    def _put(self, i: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        stored = tuple(
+            (t.to(self.store_dtype) if self.store_dtype is not None and t.is_floating_point() else t).detach().clone()
+            for t in tensors
+        )
+        size = sum(t.numel() * t.element_size() for t in stored)
+        if self._bytes + size <= self.budget:
+            self._mem[i] = stored
+            self._bytes += size
+            return
+        path = self._path(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(_encode([t.cpu() for t in tensors], self.store_dtype))
+        os.replace(tmp, path)
+        self._disk.add(i)
+        self.stats["spilled"] += 1
+
+    def prefetch(self, ids: Sequence[int] | torch.Tensor) -> None:
+        """Start reading the disk entries of an upcoming batch on a background thread."""
+        if self._pool is None or not self._disk:
+            return
+        for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
+            i = int(i)
+            if i in self._disk and i not in self._prefetched:
+                self._prefetched[i] = self._pool.submit(self._path(i).read_bytes)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._mem) + len(self._disk)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".fxfreeze-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cache.directory {str(directory)!r} is not writable ({e.strerror or e}); choose another folder "
+            "or turn caching off"
+        ) from e

@@ -1,0 +1,207 @@
+"""The activation cache: bitwise identity with an uncached frozen run, spilling, integrity,
+refill on a deeper prefix, sample ids, verification, and configuration errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.config import FreezeConfig
+from fxfreeze.passes.cache_load import CacheLoad, cache_frontier, cache_load
+from fxfreeze.runtime.cache import ActivationCache, _decode, _encode
+
+
+def _data(n=96):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _run(cache: dict | None, schedule=None, epochs=4, model_fn=None, bs=16, wrap=True):
+    torch.manual_seed(0)
+    model = (model_fn or (lambda: zoo.resnet_cifar(depth=8, width=8, in_channels=1)))()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = {"policy": "manual", "manual": {"schedule": schedule or {6: 2, 18: 3}, "unit": "step"}}
+    if cache is not None:
+        cfg["cache"] = {"enabled": True, **cache}
+    ds = _data()
+    fm = fxfreeze.compile(model, (ds.tensors[0][:2],), optimizer=opt, config=cfg)
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(3))
+    it = fm.wrap_loader(loader) if (cache is not None and wrap) else loader
+    losses = []
+    for _ in range(epochs):
+        for x, y in it:
+            loss = nn.functional.cross_entropy(fm(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return fm, losses
+
+
+def test_cached_run_is_bitwise_identical_to_uncached():
+    ref, ref_losses = _run(None)
+    fm, losses = _run({})
+    assert losses == ref_losses  # bitwise, over 4 shuffled epochs with two freezes
+    for (n, a), (_, b) in zip(ref.state_dict().items(), fm.state_dict().items()):
+        assert torch.equal(a, b), n
+    st = fm._cache.stats
+    assert st["hits"] > 0 and st["misses"] > 0 and st["refills"] > 0  # 2 -> 3 refilled from the old frontier
+
+
+def test_cache_graph_structure_and_lint():
+    fm, _ = _run({}, epochs=2)
+    gm = fm._cached_gm
+    gm.graph.lint()
+    loads = [n for n in gm.graph.nodes if n.target is cache_load]
+    assert len(loads) == 1
+    blocks = {n.meta.get("fxfreeze.block") for n in gm.graph.nodes if n.op.startswith("call") and n.target is not cache_load}
+    assert not any(isinstance(b, int) and 0 <= b < fm.num_frozen for b in blocks)  # the prefix is gone
+    with pytest.raises(ValueError):
+        CacheLoad(0)
+
+
+def test_tiny_budget_spills_to_disk_and_stays_identical(tmp_path):
+    ref, ref_losses = _run(None)
+    fm, losses = _run({"memory_budget_mb": 0.01, "directory": str(tmp_path)})
+    assert losses == ref_losses
+    assert fm._cache.stats["spilled"] > 0 and fm._cache.memory_bytes <= 0.01 * 2**20
+    assert list(Path(tmp_path).rglob("*.fxfc"))
+
+
+def test_corrupted_cache_file_is_detected_and_recomputed(tmp_path, caplog):
+    cache = ActivationCache(memory_budget_mb=0, directory=tmp_path, prefetch=False)
+    calls = []
+
+    def runner(inputs):
+        calls.append(1)
+        return (inputs[0] * 2,)
+
+    cache.set_prefix(1, runner)
+    x = torch.arange(12.0).reshape(4, 3)
+    cache.ids = torch.arange(4)
+    first = cache.load((x,))
+    assert len(calls) == 1 and cache.stats["spilled"] == 4
+    victim = next(Path(tmp_path).rglob("2.fxfc"))
+    data = bytearray(victim.read_bytes())
+    data[-6] ^= 0xFF  # flip payload bits
+    victim.write_bytes(bytes(data))
+    trunc = next(Path(tmp_path).rglob("3.fxfc"))
+    trunc.write_bytes(trunc.read_bytes()[:10])
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        again = cache.load((x,))
+    assert cache.stats["corrupt"] == 2 and len(calls) == 2  # recomputed, not used
+    assert torch.equal(again[0], first[0])
+    assert "unreadable" in caplog.text
+    cache.close()
+
+
+def test_encode_decode_round_trip_and_rejects_garbage():
+    ts = [torch.randn(3, 4), torch.arange(5), torch.randn(2).to(torch.bfloat16)]
+    back = _decode(_encode(ts, None))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ts, back))
+    half = _decode(_encode(ts, torch.float16))
+    assert half[0].dtype == torch.float32 and torch.allclose(half[0], ts[0], atol=1e-2)
+    for bad in (b"", b"NOPE" * 10, _encode(ts, None)[:-1]):
+        with pytest.raises(ValueError):
+            _decode(bad)
+
+
+def test_unwritable_directory_is_a_clear_error_at_compile(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # running as root: permissions do not bind; use a file as the folder
+        ro = tmp_path / "file"
+        ro.write_text("x")
+    with pytest.raises(fxfreeze.ConfigError, match="not writable"):
+        fxfreeze.compile(zoo.resnet20(), config={"policy": "manual", "cache": {"enabled": True, "directory": str(ro)}})
+
+
+def test_random_augmentation_keeps_caching_off(caplog):
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        fm = fxfreeze.compile(zoo.resnet20(), config={"policy": "manual", "cache": {"enabled": True, "random_augmentation": True}})
+    assert fm._cache is None and "random augmentation" in caplog.text
+
+
+def test_batches_without_ids_run_uncached_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        ref, ref_losses = _run(None, epochs=2)
+        fm, losses = _run({}, epochs=2, wrap=False)
+    assert losses == ref_losses
+    assert caplog.text.count("without sample ids") == 1 and fm._cache.stats["uncached_batches"] > 0
+
+
+def test_verification_catches_nondeterministic_inputs(caplog):
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), config={"policy": "manual", "cache": {"enabled": True, "verify_fraction": 1.0}})
+    fm.freeze_prefix(2)
+    fm.train()
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        for _ in range(2):  # the "same" samples, randomly augmented each time
+            with fm.sample_ids(torch.arange(4)):
+                fm(torch.randn(4, 1, 16, 16))
+    assert not fm._cache.enabled and "not deterministic" in caplog.text
+
+
+def test_cache_with_bert_style_kwargs_model():
+    """Keyword inputs and a mask handed to every layer: both cross the cut and are cached."""
+    torch.manual_seed(0)
+    model = zoo.bert_style()
+    inputs = zoo.example_inputs("bert_style", 8)
+    fm = fxfreeze.compile(model, inputs, config={"policy": "manual", "cache": {"enabled": True}})
+    fm.freeze_prefix(2)
+    fm.train()
+    with torch.no_grad():
+        plain = fm.graph_module(True)
+        from fxfreeze.analysis import placeholder_values
+
+        torch.manual_seed(5)  # the same dropout masks in the trainable layers
+        ref = plain(*placeholder_values(plain, model, (), inputs))
+        with fm.sample_ids(torch.arange(8)):
+            torch.manual_seed(5)
+            miss = fm(**inputs)
+            torch.manual_seed(5)
+            hit = fm(**inputs)
+    key = "logits" if isinstance(ref, dict) else None
+    r = ref[key] if key else ref
+    torch.testing.assert_close(miss[key] if key else miss, r, rtol=0, atol=0)
+    torch.testing.assert_close(hit[key] if key else hit, r, rtol=0, atol=0)
+    cached, _ = cache_frontier(fm.graph_module(True).graph, 2)
+    assert len(cached) >= 1
+
+
+def test_cache_config_validation():
+    for bad, match in (({"dtype": "int8"}, "cache.dtype"), ({"memory_budget_mb": -1}, "memory_budget_mb"),
+                       ({"verify_fraction": 2}, "verify_fraction"), ({"enabled": "yes"}, "cache.enabled")):
+        with pytest.raises(fxfreeze.ConfigError, match=match):
+            FreezeConfig.from_dict({"cache": bad})
+    with pytest.raises(fxfreeze.FreezeError, match="DataLoader"):
+        fxfreeze.compile(zoo.resnet20(), config={"policy": "manual"}).wrap_loader([1, 2, 3])
+
+
+def test_wrap_loader_with_distributed_sampler_records_global_indices():
+    from torch.utils.data.distributed import DistributedSampler
+
+    ds = _data(40)
+    fm = fxfreeze.compile(zoo.resnet_cifar(depth=8, width=8, in_channels=1), (ds.tensors[0][:2],),
+                          config={"policy": "manual", "cache": {"enabled": True}})
+    sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=0)
+    loader = DataLoader(ds, batch_size=8, sampler=sampler)
+    seen = []
+    for x, y in fm.wrap_loader(loader):
+        ids = fm._cache.ids
+        assert torch.equal(ds.tensors[0][ids], x)  # the ids are the batch's dataset indices
+        seen += ids.tolist()
+    assert sorted(seen) == sorted(list(sampler))
+    assert fm._cache.ids is None

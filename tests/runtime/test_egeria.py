@@ -1,0 +1,290 @@
+"""Egeria: SP loss, the decision rule on synthetic plasticity, the worker's failure
+handling, NaN safety, checkpointing, and the policy end to end on a small model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.config import FreezeConfig
+from fxfreeze.runtime.plasticity import PlasticityTracker, flat_trend, sp_loss
+from fxfreeze.runtime.policies import Signals
+from fxfreeze.runtime.policies.egeria import EgeriaPolicy
+from fxfreeze.runtime.reference import ReferenceWorker
+
+
+# -- SP loss ------------------------------------------------------------------------------------
+def test_sp_loss_zero_for_identical_and_scale_invariant():
+    a = torch.randn(8, 3, 4, 4)
+    assert sp_loss(a, a) == 0.0
+    b = torch.randn(8, 3, 4, 4)
+    base = sp_loss(a, b)
+    assert base > 0
+    assert math.isclose(sp_loss(3.7 * a, b), base, rel_tol=1e-6)  # fp32 rounding of the scaled input
+    assert math.isclose(sp_loss(a, 0.01 * b), base, rel_tol=1e-6)  # fp32 rounding of the scaled input
+    with pytest.raises(ValueError, match="same number of samples"):
+        sp_loss(a, b[:4])
+
+
+def test_sp_loss_hand_computed():
+    # A = [[1, 0], [0, 1]]: G = I, rows already unit. B = [[1, 0], [1, 0]]: G = [[1, 1], [1, 1]],
+    # rows normalised to 1/sqrt(2). Difference: diagonal 1 - 1/sqrt(2), off-diagonal -1/sqrt(2).
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    r = 1 / math.sqrt(2)
+    expected = (2 * (1 - r) ** 2 + 2 * r**2) / 4
+    assert math.isclose(sp_loss(a, b), expected, rel_tol=1e-12)
+
+
+# -- the trend statistic ---------------------------------------------------------------------------
+def test_flat_trend_on_synthetic_series():
+    steps = [100, 110, 120, 130, 140]
+    ok, t = flat_trend([5.0, 5.05, 4.98, 5.02, 5.0], 0.5, steps, origin=0)
+    assert ok and abs(t.elasticity) < 0.05
+    # distance growing linearly since the anchor: elasticity 1, however old the anchor
+    for origin in (0, -1000):
+        ok, t = flat_trend([0.1 * (x - origin) for x in steps], 0.5, steps, origin=origin)
+        assert not ok and t.elasticity == pytest.approx(1.0)
+    # growing like sqrt(age): elasticity 0.5, not under 0.5
+    ok, t = flat_trend([math.sqrt(x) for x in steps], 0.5, steps, origin=0)
+    assert not ok and t.elasticity == pytest.approx(0.5, abs=0.01)
+    ok, t = flat_trend([1.0, 3.0, 0.5, 2.8, 0.6], 0.5, steps, origin=0)  # too noisy to tell
+    assert not ok and t.noise > 1.0
+    assert flat_trend([1.0, float("nan"), 1.0, 1.0, 1.0], 0.5)[0] is False
+    assert flat_trend([0.0, 0.0, 0.0], 0.5)[0] is False
+
+
+def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
+    tr = PlasticityTracker(window=5, threshold=0.5)
+    for i, v in enumerate([1, 2, 3, 4, 5, 5.1, 5.0, 5.05, 4.95, 5.0]):
+        tr.add(0, float(v), step=10 * (i + 1), origin=0)
+    assert tr.flat_count[0] >= 2
+    tr.add(0, float("nan"), step=100)
+    assert tr.flat_count.get(0, 0) == 0 and 0 not in tr.series
+    state = tr.state_dict()
+    tr2 = PlasticityTracker(window=5, threshold=0.5)
+    tr2.load_state_dict(state)
+    assert tr2.series == tr.series
+
+
+class _Synthetic(EgeriaPolicy):
+    """EgeriaPolicy whose evaluation returns synthetic plasticity series (no model)."""
+
+    def __init__(self, config, plan, series):
+        super().__init__(config, plan)
+        self.series = series  # block -> f(eval_number) -> value
+        self.worker = object()  # truthy; never used
+        self.probe = object()
+
+    def _decide(self, s):  # the real rule, with evaluation replaced
+        if s.lr_changed:
+            self.evaluations = 0  # the synthetic series restart with the new anchors
+            self.origin = s.step
+            return self._on_lr_change(s)
+        if s.step >= self.next_eval and s.num_frozen < self.hi:
+            self.evaluations += 1
+            for j in range(s.num_frozen, self.hi):
+                self.tracker.add(j, self.series[j](self.evaluations), s.step, origin=self.origin)
+            self._fresh = True
+            self.next_eval = s.step + self.cfg.eval_interval
+        k = s.num_frozen
+        if self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
+            self._fresh = False
+            from fxfreeze.runtime.policies import Decision
+
+            return Decision(k + 1, "flat")
+        return None
+
+
+class _Plan:
+    def __init__(self, n):
+        self.max_frozen = n
+        self.blocks = list(range(n))
+
+
+def _drive(series, steps=400, lr_at=None, unfreeze="all"):
+    cfg = FreezeConfig(egeria={"eval_interval": 5, "unfreeze_on_lr_change": unfreeze})
+    pol = _Synthetic(cfg, _Plan(len(series)), series)
+    pol.origin = 0
+    k, trace = 0, []
+    for step in range(1, steps + 1):
+        d = pol.decide(Signals(step=step, epoch=0, loss=1.0, lr=0.1, lr_changed=step == lr_at, num_frozen=k, max_frozen=len(series)))
+        if d is not None:
+            k = d.num_frozen
+            trace.append((step, k))
+    return trace
+
+
+def _converging(rate):
+    return lambda e: 10.0 * (1 - math.exp(-e / rate)) + 0.01
+
+
+def test_decision_rule_freezes_converging_blocks_in_order():
+    trace = _drive({0: _converging(2), 1: _converging(5), 2: _converging(10)})
+    ks = [k for _, k in trace]
+    assert ks == [1, 2, 3]
+    steps = [s for s, _ in trace]
+    assert steps == sorted(steps) and len(set(steps)) == 3  # one block per evaluation, in order
+
+
+def test_decision_rule_leaves_moving_and_noisy_blocks_alone():
+    rng = random.Random(0)
+    moving = lambda e: 0.5 * e  # noqa: E731 - distance from the anchor still rising linearly
+    noisy = lambda e: max(0.01, 5.0 + rng.gauss(0, 3.0))  # noqa: E731
+    assert _drive({0: moving, 1: _converging(2)}) == []  # block 1 converges but is behind block 0
+    assert _drive({0: noisy, 1: _converging(2)}) == []
+
+
+def test_decision_rule_unfreezes_on_a_learning_rate_step():
+    series = {0: _converging(2), 1: _converging(3), 2: lambda e: 1.0 + e}
+    trace = _drive(series, steps=300, lr_at=200, unfreeze="all")
+    assert (200, 0) in trace
+    before = [k for s, k in trace if s < 200]
+    after = [k for s, k in trace if s > 200]
+    assert max(before) == 2 and after and max(after) >= 1  # tracking restarts and refreezes
+    trace = _drive(series, steps=300, lr_at=200, unfreeze="last")
+    assert (200, 1) in trace
+
+
+# -- the worker -----------------------------------------------------------------------------------
+def test_worker_runs_jobs_in_order_and_reports_errors():
+    w = ReferenceWorker(num_threads=1)
+    ids = [w.submit(lambda i=i: i * i, tag=i) for i in range(5)]
+    w.submit(lambda: 1 / 0, tag="bad")
+    assert w.wait(10)
+    res = w.poll()
+    assert [r.value for r in res[:5]] == [0, 1, 4, 9, 16] and [r.job_id for r in res[:5]] == ids
+    assert res[5].error.startswith("ZeroDivisionError")
+    w.close()
+    assert w.submit(lambda: 1) is None
+
+
+def test_worker_that_dies_is_restarted_then_disabled(caplog):
+    w = ReferenceWorker(num_threads=1, max_restarts=2)
+
+    def die():
+        raise SystemExit  # escapes `except Exception`: the thread ends
+
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        w.submit(die, tag="x")
+        time.sleep(0.2)
+        assert w.submit(lambda: "alive", tag="y") is not None  # restart 1
+        assert w.wait(10)
+        res = w.poll()
+        assert any(r.error and "died" in r.error for r in res) and any(r.value == "alive" for r in res)
+        assert w.restarts == 1
+        for _ in range(2):
+            w.submit(die)
+            time.sleep(0.2)
+            w.check()
+        assert w.disabled and w.submit(lambda: 1) is None
+    assert "restarting" in caplog.text and "giving up" in caplog.text
+
+
+# -- the policy on a real model ----------------------------------------------------------------------
+def _setup(cfg_extra=None, model=None):
+    torch.manual_seed(0)
+    model = model or zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    x = torch.randn(64, 1, 16, 16)
+    y = torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = {"egeria": {"eval_interval": 2, "overhead_budget": 0, "asynchronous": False, "probe_size": 16, **(cfg_extra or {})}}
+    fm = fxfreeze.compile(model, x[:2], optimizer=opt, config=cfg)
+    return fm, opt, x, y
+
+
+def _train(fm, opt, x, y, steps, poison=None):
+    for i in range(steps):
+        out = fm(x)
+        loss = nn.functional.cross_entropy(out, y)
+        if poison is not None and i >= poison:
+            loss = loss * float("nan")
+        fm.freezer.observe_loss(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_policy_measures_plasticity_and_freezes_a_prefix():
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})  # a loose rule: freezes early
+    _train(fm, opt, x, y, 40)
+    pol = fm.freezer.policy
+    recs = [r for r in pol.timeline if r.get("plasticity")]
+    assert recs and all(math.isfinite(v) and v >= 0 for r in recs for v in r["plasticity"].values())
+    assert set(pol.backends.values()) == {"int8_static"}
+    events = [e for e in fm.freezer.history if e["action"] == "freeze"]
+    assert events and [e["num_frozen"] for e in events] == sorted(e["num_frozen"] for e in events)
+    assert all("Egeria" in e["reason"] for e in events)
+    fm.freezer.detach()
+
+
+def test_observe_only_never_freezes():
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3, "freeze": False})
+    _train(fm, opt, x, y, 30)
+    assert fm.num_frozen == 0 and any(r.get("plasticity") for r in fm.freezer.policy.timeline)
+    fm.freezer.detach()
+
+
+def test_nan_loss_never_freezes_and_never_crashes():
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
+    _train(fm, opt, x, y, 30, poison=0)
+    assert fm.num_frozen == 0
+    assert any(r.get("skipped") for r in fm.freezer.policy.timeline)
+    fm.freezer.detach()
+
+
+def test_nan_activations_skip_the_evaluation():
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
+    with torch.no_grad():
+        next(fm.parameters()).fill_(float("nan"))
+    for _ in range(6):
+        fm.freezer.step()
+    fm(x)  # records the probe batch
+    for _ in range(6):
+        fm.freezer.step()
+    assert fm.num_frozen == 0
+    assert any(r.get("skipped") == "non-finite probe activation" for r in fm.freezer.policy.timeline)
+    fm.freezer.detach()
+
+
+def test_reference_failures_are_reported_and_training_goes_on(caplog, monkeypatch):
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
+    pol = fm.freezer.policy
+    calls = {"n": 0}
+    real = pol._reference_job
+
+    def flaky(jobs, k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise SystemExit  # kills the worker thread
+        if calls["n"] == 2:
+            raise RuntimeError("quantized kernel exploded")
+        return real(jobs, k)
+
+    monkeypatch.setattr(pol, "_reference_job", flaky)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        _train(fm, opt, x, y, 40)
+    assert pol.worker.restarts == 1
+    assert "died" in caplog.text and "quantized kernel exploded" in caplog.text
+    assert any(r.get("plasticity") for r in pol.timeline)  # later evaluations worked
+    fm.freezer.detach()
+
+
+def test_checkpoint_round_trip():
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
+    _train(fm, opt, x, y, 20)
+    state = fm.freezer.state_dict()
+    fm2, opt2, _, _ = _setup({"threshold": 5.0, "patience": 1, "window": 3})
+    fm2.freezer.load_state_dict(state)
+    assert fm2.num_frozen == fm.num_frozen
+    assert fm2.freezer.policy.next_eval == fm.freezer.policy.next_eval
+    fm.freezer.detach()
+    fm2.freezer.detach()
