@@ -110,6 +110,19 @@ class CacheLoad:
                 if u not in pset and order.get(u, len(order)) > order[last] and u is not load:
                     u.replace_input_with(n, g)
             anchor = g
+        # remove the prefix explicitly: dead-code elimination keeps random ops (ATen dropout
+        # is impure for fx), and with them the whole prefix feeding them
+        needed: set[fx.Node] = set()
+        stack = [n for n in graph.nodes if n not in pset]
+        while stack:
+            n = stack.pop()
+            for a in n.all_input_nodes:
+                if a in pset and a not in needed:
+                    needed.add(a)
+                    stack.append(a)
+        for n in reversed(prefix):
+            if n not in needed:
+                graph.erase_node(n)
         graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()

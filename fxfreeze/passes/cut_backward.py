@@ -11,7 +11,8 @@ autograd records nothing for blocks ``0..k-1``:
    even if a caller re-enables gradients;
 3. ops with a baked-in training flag inside the prefix (``F.dropout(..., training=True)``,
    ``F.batch_norm``, ATen dropout/batch-norm from ``torch.export``) are switched to
-   inference, matching the frozen blocks' ``eval()`` mode.
+   inference, and attention dropout probabilities (``scaled_dot_product_attention``'s
+   ``dropout_p``) to 0, matching the frozen blocks' ``eval()`` mode.
 
 The pass is idempotent and reversible: it first removes what an earlier run inserted and
 restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter flags
@@ -66,23 +67,26 @@ def _aten(name: str) -> Any:
         return None
 
 
-#: Functions whose behaviour depends on a training flag baked into the graph when it was
-#: traced: target -> (keyword name, positional index) of that flag.
-MODE_SENSITIVE: dict[Callable[..., Any], tuple[str, int]] = {
-    F.dropout: ("training", 2),
-    F.dropout1d: ("training", 2),
-    F.dropout2d: ("training", 2),
-    F.dropout3d: ("training", 2),
-    F.alpha_dropout: ("training", 2),
-    F.feature_alpha_dropout: ("training", 2),
-    F.batch_norm: ("training", 5),
+#: Functions whose behaviour depends on a training flag (or a dropout probability) baked into
+#: the graph when it was traced: target -> (keyword name, positional index, inference value).
+MODE_SENSITIVE: dict[Callable[..., Any], tuple[str, int, Any]] = {
+    F.dropout: ("training", 2, False),
+    F.dropout1d: ("training", 2, False),
+    F.dropout2d: ("training", 2, False),
+    F.dropout3d: ("training", 2, False),
+    F.alpha_dropout: ("training", 2, False),
+    F.feature_alpha_dropout: ("training", 2, False),
+    F.batch_norm: ("training", 5, False),
+    # attention dropout is a probability, not a flag: 0 in eval mode
+    F.scaled_dot_product_attention: ("dropout_p", 4, 0.0),
 }
 for _name, _flag in (
-    ("aten.dropout.default", ("train", 2)),
-    ("aten.native_dropout.default", ("train", 2)),
-    ("aten.feature_dropout.default", ("train", 2)),
-    ("aten.alpha_dropout.default", ("train", 2)),
-    ("aten.batch_norm.default", ("training", 5)),
+    ("aten.dropout.default", ("train", 2, False)),
+    ("aten.native_dropout.default", ("train", 2, False)),
+    ("aten.feature_dropout.default", ("train", 2, False)),
+    ("aten.alpha_dropout.default", ("train", 2, False)),
+    ("aten.batch_norm.default", ("training", 5, False)),
+    ("aten.scaled_dot_product_attention.default", ("dropout_p", 4, 0.0)),
 ):
     _op = _aten(_name)
     if _op is not None:
@@ -98,19 +102,19 @@ def _set_inference(n: fx.Node) -> bool:
     spec = MODE_SENSITIVE.get(n.target) if n.op == "call_function" else None
     if spec is None:
         return False
-    name, idx = spec
+    name, idx, value = spec
     n.meta[META_ORIG_ARGS] = (n.args, dict(n.kwargs))
     if name in n.kwargs:
         kw = dict(n.kwargs)
-        kw[name] = False
+        kw[name] = value
         n.kwargs = kw
     elif len(n.args) > idx:
         args = list(n.args)
-        args[idx] = False
+        args[idx] = value
         n.args = tuple(args)
     else:
         kw = dict(n.kwargs)
-        kw[name] = False
+        kw[name] = value
         n.kwargs = kw
     return True
 

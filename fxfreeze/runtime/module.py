@@ -30,6 +30,7 @@ from ..config import FreezeConfig, load_config
 from ..errors import FreezeError, ModelError
 from ..passes import CutBackward
 from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
+from ..passes.cut_backward import META_ORIG_ARGS
 from ..passes.subgraph import extract
 from ..plan import HEAD, META_BLOCK, FreezePlan, block_of, param_uses, starts_from_plan
 from ..trace import Capture, capture, module_path_of, preserved_state
@@ -265,8 +266,14 @@ class FreezableModule(nn.Module):
         base = self._graph_module(True)  # CutBackward(k) applied: inference flags in the prefix
         root = cap.attributes(self._model)
         graph = fx.Graph()
-        out = graph.graph_copy(base.graph, {})
+        graph._codegen = base.graph._codegen  # torch.export's pytree calling convention
+        val_map: dict[fx.Node, fx.Node] = {}
+        out = graph.graph_copy(base.graph, val_map)
         graph.output(out)
+        for n in graph.nodes:  # arguments CutBackward saved refer to the source graph's nodes
+            saved = n.meta.get(META_ORIG_ARGS)
+            if saved is not None:
+                n.meta[META_ORIG_ARGS] = tuple(fx.map_arg(a, lambda x: val_map[x]) for a in saved)
         gm = fx.GraphModule(root, graph, class_name=type(self._model).__name__ + "Cached")
         res = CacheLoad(k)(gm, self._cache)
         if not res.modified:

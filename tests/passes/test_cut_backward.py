@@ -90,3 +90,21 @@ def test_grad_mode_restored_after_exception_in_prefix():
     except RuntimeError:
         pass
     assert torch.is_grad_enabled()
+
+
+def test_attention_dropout_is_off_in_a_frozen_prefix():
+    """torch.export bakes attention dropout as a probability in scaled_dot_product_attention:
+    a frozen (eval-mode) block must not drop, a trainable one still must; undo restores it."""
+    model = zoo.transformer_classifier()
+    (tokens,) = zoo.example_inputs("transformer_classifier", 4)
+    fm = fxfreeze.compile(model, (tokens,), policy="manual")
+    gm = fm.graph_module(True)
+    sdpa = [n for n in gm.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert sdpa and all(n.args[4] > 0 for n in sdpa)
+    CutBackward(2)(gm)
+    gm.graph.lint()
+    for n in sdpa:
+        b = n.meta["fxfreeze.block"]
+        assert (n.args[4] == 0.0) == (0 <= b < 2)
+    CutBackward(0)(gm)
+    assert all(n.args[4] > 0 for n in sdpa)

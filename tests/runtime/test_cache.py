@@ -205,3 +205,27 @@ def test_wrap_loader_with_distributed_sampler_records_global_indices():
         seen += ids.tolist()
     assert sorted(seen) == sorted(list(sampler))
     assert fm._cache.ids is None
+
+
+def test_cache_on_an_export_captured_model_with_functional_dropout():
+    """torch.export graphs bake dropout as ATen calls whose training flag CutBackward
+    rewrites; the cache graph must carry those rewrites over correctly."""
+    torch.manual_seed(0)
+    model = zoo.transformer_classifier()
+    (tokens,) = zoo.example_inputs("transformer_classifier", 8)
+    fm = fxfreeze.compile(model, (tokens,), config={"policy": "manual", "cache": {"enabled": True}})
+    assert fm.strategy == "export"
+    fm.freeze_prefix(2)
+    fm.train()
+    with torch.no_grad():
+        plain = fm.graph_module(True)
+        torch.manual_seed(5)
+        ref = plain(tokens)
+        with fm.sample_ids(torch.arange(8)):
+            torch.manual_seed(5)
+            miss = fm(tokens)
+            torch.manual_seed(5)
+            hit = fm(tokens)
+    torch.testing.assert_close(miss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(hit, ref, rtol=0, atol=0)
+    fm._cached_gm.graph.lint()

