@@ -15,6 +15,7 @@ from .api import plan
 from .errors import (
     ConfigError,
     DataError,
+    DistributedError,
     ExampleInputError,
     FreezeError,
     FxFreezeError,
@@ -43,6 +44,7 @@ __all__ = [
     "FreezeError",
     "VizError",
     "DataError",
+    "DistributedError",
     "__version__",
 ]
 

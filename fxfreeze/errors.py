@@ -17,6 +17,7 @@ __all__ = [
     "FreezeError",
     "VizError",
     "DataError",
+    "DistributedError",
 ]
 
 
@@ -54,3 +55,7 @@ class VizError(FxFreezeError):
 
 class DataError(FxFreezeError, ValueError):
     """A data file or folder (benchmarks, examples) is missing or malformed."""
+
+
+class DistributedError(FxFreezeError, RuntimeError):
+    """Distributed training cannot go on: the process group did not form, or a rank left."""

@@ -46,6 +46,8 @@ class Freezer:
         self._last_log_ratio = 0.0
         self._loss: float | None = None
         self._hook = optimizer.register_step_post_hook(self._after_step) if optimizer is not None else None
+        #: set by fxfreeze.distributed.FreezeDDP: maps this rank's proposed prefix to the agreed one
+        self.agree: Any = None
         self.policy.attach(self)
 
     # -- signals ---------------------------------------------------------------------------
@@ -111,6 +113,11 @@ class Freezer:
             loss_nonfinite=nonfinite,
         )
         decision = self.policy.decide(signals)
+        if self.agree is not None:  # data-parallel: every rank applies rank 0's decision
+            proposed = decision.num_frozen if decision is not None else self.num_frozen
+            agreed = self.agree(proposed)
+            if agreed != proposed or decision is None:
+                decision = None if agreed == self.num_frozen else Decision(agreed, "decided on rank 0")
         if decision is not None and decision.num_frozen != self.num_frozen:
             self.freeze_prefix(decision.num_frozen, reason=decision.reason)
             return decision

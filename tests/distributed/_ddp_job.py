@@ -1,0 +1,116 @@
+"""A 2-process gloo job for tests/distributed/test_ddp.py (run as a script).
+
+    python _ddp_job.py MODE OUT_DIR [STEPS] [CKPT_AT]
+
+MODE: train (STEPS steps), part1 (steps up to CKPT_AT, then checkpoint), part2 (resume from
+the checkpoint, run to STEPS), crash (rank 1 dies after 3 steps), alone (one process of a
+world of 2: the rendezvous must fail with a clear error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.distributed import FreezeDDP, init_process_group
+
+WORLD = 2
+
+
+def _data(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(16, 1, 16, 16, generator=g)
+    y = (x[:, 0, :8].mean((1, 2)) > 0).long() + 2 * (x[:, 0, :, :8].mean((1, 2)) > 0).long()
+    return x, y
+
+
+def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int) -> None:
+    out_dir = Path(out)
+    init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD,
+                       timeout_s=3 if mode == "alone" else 30)
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # ranks propose different prefixes on purpose: rank 0's decision must win everywhere
+    schedule = {4: 2, 8: 4} if rank == 0 else {2: 5}
+    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), optimizer=opt,
+                          config={"policy": "manual", "manual": {"schedule": schedule}})
+    start = 0
+    if mode == "part2":
+        ck = torch.load(out_dir / f"ckpt{rank}.pt", weights_only=True)
+        fm.load_state_dict(ck["model"])
+        fm.freezer.load_state_dict(ck["freezer"])
+        opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+    ddp = FreezeDDP(fm)
+    comm = {"bytes": 0}
+
+    def counting(state, bucket):
+        state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+        fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0] / WORLD)
+
+    ddp.register_comm_hook(comm, counting)
+    log = []
+    end = ckpt_at if mode == "part1" else steps
+    try:
+        for step in range(start, end):
+            if mode == "crash" and rank == 1 and step == 3:
+                os._exit(3)
+            x, y = _data(rank, step)
+            before = comm["bytes"]
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            trainable = sum(p.numel() for p in fm.parameters() if p.requires_grad)
+            log.append({"step": step, "loss": loss.item(), "bytes": comm["bytes"] - before,
+                        "k": fm.num_frozen, "trainable": trainable})
+    except fxfreeze.FxFreezeError as e:
+        (out_dir / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        return
+    except RuntimeError as e:
+        (out_dir / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        return
+    if mode == "part1":
+        torch.save({"model": fm.state_dict(), "freezer": fm.freezer.state_dict(), "opt": opt.state_dict(), "step": end},
+                   out_dir / f"ckpt{rank}.pt")
+    flat = torch.cat([p.detach().reshape(-1) for p in fm.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    res = {"log": log, "max_rank_diff": float((gathered[0] - gathered[1]).abs().max()),
+           "total": sum(p.numel() for p in fm.parameters()), "rebuilds": ddp.rebuilds,
+           "params": flat.tolist() if rank == 0 else None,
+           "history": fm.freezer.history}
+    (out_dir / f"result{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 12
+    ckpt_at = int(sys.argv[4]) if len(sys.argv) > 4 else 6
+    torch.set_num_threads(1)
+    if mode == "alone":
+        try:
+            run(0, mode, out, steps, ckpt_at)
+        except fxfreeze.DistributedError as e:
+            (Path(out) / "error0.txt").write_text(f"{type(e).__name__}: {e}")
+        return
+    mp.spawn(run, args=(mode, out, steps, ckpt_at), nprocs=WORLD, join=mode != "crash")
+    if mode == "crash":
+        time.sleep(0)  # the spawn context joins below
+        
+
+if __name__ == "__main__":
+    main()

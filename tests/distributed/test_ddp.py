@@ -1,0 +1,81 @@
+"""Data-parallel training (2 processes, gloo, torch.multiprocessing): identical ranks after
+freeze events, agreed decisions, all-reduce bytes falling with the frozen share, resume,
+and clear errors for a crashed rank and an incomplete world."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+JOB = Path(__file__).with_name("_ddp_job.py")
+
+
+def _run(mode: str, out: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(JOB), mode, str(out), *extra], capture_output=True, text=True, timeout=timeout)
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads((out / f"result{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_ranks_stay_identical_and_communication_drops(tmp_path):
+    p = _run("train", tmp_path, "12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = _results(tmp_path)
+    assert r0["max_rank_diff"] == 0.0 and r1["max_rank_diff"] == 0.0
+    # rank 1's own schedule ({2: 5}) never applied: both follow rank 0 ({4: 2, 8: 4})
+    for r in (r0, r1):
+        assert [e["k"] for e in r["log"]] == [0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 4]
+    assert r0["rebuilds"] == 3  # initial, then after each freeze
+    # loss decreases
+    losses = [e["loss"] for e in r0["log"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    # bytes all-reduced per step are the trainable share of the parameters
+    full = r0["log"][0]["bytes"]
+    assert full == 4 * r0["total"]
+    # a step's all-reduce runs in its backward, before its optimizer step may freeze more:
+    # it carries the parameters trainable after the previous step
+    trainable = [r0["total"]] + [e["trainable"] for e in r0["log"][:-1]]
+    for e, n in zip(r0["log"], trainable):
+        assert e["bytes"] == 4 * n, (e, n)
+    assert r0["log"][-1]["bytes"] < 0.9 * full
+
+
+@pytest.mark.slow
+def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    full.mkdir()
+    part.mkdir()
+    assert _run("train", full, "12").returncode == 0
+    p1 = _run("part1", part, "12", "6")
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = _run("part2", part, "12", "6")
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    a, b = _results(full)[0], _results(part)[0]
+    assert a["params"] == b["params"]  # bitwise
+    # the resumed part continues the prefix and the losses of the uninterrupted run
+    assert [e["k"] for e in b["log"]] == [e["k"] for e in a["log"][6:]]
+    assert [e["loss"] for e in b["log"]] == [e["loss"] for e in a["log"][6:]]
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_is_a_clear_error_not_a_hang(tmp_path):
+    t = time.monotonic()
+    p = _run("crash", tmp_path, "12", timeout=120)
+    assert time.monotonic() - t < 90
+    err = (tmp_path / "error0.txt").read_text() if (tmp_path / "error0.txt").exists() else p.stderr
+    assert "rank" in err.lower() or "closed" in err.lower() or "peer" in err.lower(), err[-2000:]
+
+
+def test_an_incomplete_world_is_a_clear_error(tmp_path):
+    t = time.monotonic()
+    p = _run("alone", tmp_path, timeout=120)
+    assert time.monotonic() - t < 60
+    err = (tmp_path / "error0.txt").read_text()
+    assert err.startswith("DistributedError") and "did not form" in err and "world size" in err
