@@ -1,4 +1,4 @@
-"""Real task for the Egeria policy: ResNet-20 from scratch on MNIST-10k, baseline vs egeria.
+"""Real task for the adaptive policies: ResNet-20 from scratch on MNIST-10k, baseline vs egeria (and autofreeze).
 
 Same seed, data order, epochs and cosine schedule for both runs; writes a JSON record
 (accuracy and wall time per epoch, freeze events, the plasticity timeline) and, with
@@ -19,14 +19,15 @@ from fxfreeze.bench.runner import RunResult, train_run
 from fxfreeze.bench.workloads import mnist_resnet
 
 #: the short-run settings (the defaults target runs of thousands of steps; docs/egeria.md)
-SHORT_RUN = {"egeria": {"eval_interval": 10, "overhead_budget": 0, "asynchronous": False}}
+SHORT_RUN = {"egeria": {"eval_interval": 10, "overhead_budget": 0, "asynchronous": False},
+             "autofreeze": {"interval": 20}}
 
 
 def run(data: str | Path, *, epochs: int = 8, width: int = 8, config: dict[str, Any] | None = None,
-        seed: int = 0, progress: bool = False) -> dict[str, RunResult]:
+        seed: int = 0, progress: bool = False, policies: tuple[str, ...] = ("egeria",)) -> dict[str, RunResult]:
     w = mnist_resnet(data, width=width, seed=seed)
     out = {}
-    for name, policy in (("baseline", None), ("egeria", "egeria")):
+    for name, policy in [("baseline", None)] + [(p, p) for p in policies]:
         out[name] = train_run(
             name, w.model_fn, w.train_batches, w.test_batches, epochs=epochs,
             make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler,
@@ -44,7 +45,7 @@ def plot(results: dict[str, RunResult], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    r = results["egeria"]
+    r = results.get("egeria") or next(v for k, v in results.items() if k != "baseline")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     steps = [0] + [s for s, _ in r.frozen] + [r.steps]
     ks = [0] + [k for _, k in r.frozen] + [r.frozen[-1][1] if r.frozen else 0]
@@ -70,16 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--out", default="egeria-mnist")
+    p.add_argument("--policies", default="egeria", help="comma-separated: egeria, autofreeze, freezeout, ...")
     a = p.parse_args(argv)
-    res = run(a.data, epochs=a.epochs, width=a.width, progress=sys.stderr.isatty())
+    res = run(a.data, epochs=a.epochs, width=a.width, progress=sys.stderr.isatty(), policies=tuple(a.policies.split(",")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({k: v.to_dict() for k, v in res.items()}, indent=1))
     plotted = plot(res, out / "timeline.png")
-    b, e = res["baseline"], res["egeria"]
+    b = res["baseline"]
     print(f"baseline: {b.final_accuracy:.2f}% in {b.wall_seconds:.1f}s")
-    print(f"egeria:   {e.final_accuracy:.2f}% in {e.wall_seconds:.1f}s ({b.wall_seconds / e.wall_seconds:.2f}x), "
-          f"freezes {[(s, k) for s, k in e.frozen]}")
+    for name, e in res.items():
+        if name != "baseline":
+            print(f"{name}: {e.final_accuracy:.2f}% in {e.wall_seconds:.1f}s ({b.wall_seconds / e.wall_seconds:.2f}x), "
+                  f"freezes {[(s, k) for s, k in e.frozen]}")
     print(f"wrote {out / 'results.json'}" + (f" and {out / 'timeline.png'}" if plotted else ""))
     return 0
 

@@ -1,4 +1,4 @@
-"""The ``fxfreeze`` command line: ``fxfreeze plan`` and ``fxfreeze viz``.
+"""The ``fxfreeze`` command line: ``fxfreeze plan``, ``fxfreeze viz`` and ``fxfreeze bench``.
 
 Errors are printed as one line (``fxfreeze: error: ...``) with exit status 2 and no
 traceback; set ``FXFREEZE_DEBUG=1`` to see the traceback as well.
@@ -156,12 +156,41 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("viz", help="export the block-clustered graph as DOT, SVG, HTML or JSON")
     _common(v)
     v.add_argument("-o", "--output", required=True, metavar="OUT.{dot,svg,html,json}")
+    b = sub.add_parser("bench", help="train the baseline and every policy on real data; report time-to-accuracy")
+    b.add_argument("--mnist", metavar="DIR", default=None,
+                   help="folder with MNIST idx files (default: ../shared/data/mnist10k when it exists)")
+    b.add_argument("--policies", default="egeria,egeria+cache,freezeout,autofreeze,manual",
+                   help="comma-separated runs besides the baseline")
+    b.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
+    b.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, a narrow ResNet-20 (a few minutes)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
     return parser
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    from .bench.suite import run_suite
+
+    mnist = ns.mnist
+    if mnist is None and Path("../shared/data/mnist10k").is_dir():
+        mnist = "../shared/data/mnist10k"
+    if ns.epochs is not None and ns.epochs <= 0:
+        raise CliError(f"--epochs must be positive, got {ns.epochs}")
+    epochs = ns.epochs or (2 if ns.quick else 8)
+    policies = [p.strip() for p in ns.policies.split(",") if p.strip()]
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    run_suite(ns.output, mnist=mnist, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
+              progress=sys.stderr.isatty(), log=log)
+    print((Path(ns.output) / "results.md").read_text().rstrip())
+    print(f"\nwrote {Path(ns.output) / 'results.json'}")
+    return 0
 
 
 def _run(ns: argparse.Namespace) -> int:
     from .api import analyze
 
+    if ns.command == "bench":
+        return _bench(ns)
     if ns.command == "viz":
         from .viz import FORMATS
 

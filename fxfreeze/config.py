@@ -13,10 +13,10 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "CacheConfig", "load_config", "UNAVAILABLE_POLICIES"]
+__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "AutoFreezeConfig", "CacheConfig", "load_config", "UNAVAILABLE_POLICIES"]
 
 #: Policies that are designed but not shipped yet (their issues are open).
-UNAVAILABLE_POLICIES = ("smartfrz", "autofreeze")
+UNAVAILABLE_POLICIES = ("smartfrz",)
 
 
 def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
@@ -153,6 +153,22 @@ class EgeriaConfig:
 
 
 @dataclass
+class AutoFreezeConfig:
+    """AutoFreeze (Liu et al. 2021), a baseline: every ``interval`` steps, freeze the front
+    blocks whose gradient-norm change is under the ``percentile``-th percentile of the active
+    blocks' changes."""
+
+    interval: int = 100
+    percentile: float = 50.0
+
+    def __post_init__(self) -> None:
+        _positive_int(self.interval, "autofreeze.interval")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 100:
+            raise ConfigError(f"autofreeze.percentile must be in (0, 100), got {p!r}")
+
+
+@dataclass
 class CacheConfig:
     """Caching the frozen prefix's outputs (its frontier) per sample, so that later epochs
     skip its forward pass too. See ``docs/cache.md``.
@@ -196,7 +212,8 @@ class CacheConfig:
 class FreezeConfig:
     """Everything the freezing controller is configured by.
 
-    - ``policy``: which policy decides (``egeria``, the default; ``freezeout``; ``manual``);
+    - ``policy``: which policy decides (``egeria``, the default; ``autofreeze``;
+      ``freezeout``; ``manual``);
     - ``lr_change_factor``: a learning-rate change by more than this factor (either way) is
       reported to the policy as an LR step (Egeria unfreezes on it);
     - ``release_optimizer_state``: drop optimizer state (momentum, Adam moments) of frozen
@@ -211,6 +228,7 @@ class FreezeConfig:
     manual: ManualConfig = field(default_factory=ManualConfig)
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
     egeria: EgeriaConfig = field(default_factory=EgeriaConfig)
+    autofreeze: AutoFreezeConfig = field(default_factory=AutoFreezeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
@@ -235,6 +253,8 @@ class FreezeConfig:
             self.freezeout = _sub(FreezeOutConfig, self.freezeout, "freezeout")
         if isinstance(self.egeria, Mapping):
             self.egeria = _sub(EgeriaConfig, self.egeria, "egeria")
+        if isinstance(self.autofreeze, Mapping):
+            self.autofreeze = _sub(AutoFreezeConfig, self.autofreeze, "autofreeze")
         if isinstance(self.cache, Mapping):
             self.cache = _sub(CacheConfig, self.cache, "cache")
 

@@ -10,6 +10,7 @@ time-to-accuracy table and the freeze-timeline plot are made from.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -86,7 +87,8 @@ def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
     was = model.training
     model.eval()
     correct = total = 0
-    for inputs, y in batches:
+    for batch in batches:
+        inputs, y = batch[0], batch[1]
         pred = _logits(_call(model, inputs)).argmax(-1)
         correct += int((pred == y).sum())
         total += int(y.numel())
@@ -113,7 +115,8 @@ def train_run(
 ) -> RunResult:
     """Train ``model_fn()`` for ``epochs``; ``policy=None`` is plain PyTorch.
 
-    ``train_batches(epoch)`` yields ``(inputs, targets)``; it must be deterministic in
+    ``train_batches(epoch)`` yields ``(inputs, targets)`` or ``(inputs, targets,
+    sample_ids)`` (the ids let the activation cache work); it must be deterministic in
     ``epoch`` so that every run sees the same order. ``make_scheduler(opt, total_steps)``
     (needs ``steps_per_epoch``) builds a learning-rate scheduler stepped after every
     optimizer step, so that a smooth decay never looks like an LR step to a policy."""
@@ -157,8 +160,12 @@ def train_run(
     for epoch in range(epochs):
         net.train()
         t0 = time.perf_counter()
-        for inputs, y in train_batches(epoch):
-            out = _logits(_call(net, inputs))
+        for batch in train_batches(epoch):
+            inputs, y = batch[0], batch[1]
+            ids = batch[2] if len(batch) > 2 else None  # dataset indices, for the activation cache
+            ctx = fm.sample_ids(ids) if (fm is not None and ids is not None) else contextlib.nullcontext()
+            with ctx:
+                out = _logits(_call(net, inputs))
             loss = lossf(out, y)
             if fm is not None:
                 fm.freezer.observe_loss(loss)

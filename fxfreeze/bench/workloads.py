@@ -23,8 +23,8 @@ __all__ = ["Workload", "mnist_resnet"]
 class Workload:
     name: str
     model_fn: Callable[[], nn.Module]
-    train_batches: Callable[[int], Iterator[tuple[Any, torch.Tensor]]]
-    test_batches: Callable[[], Iterator[tuple[Any, torch.Tensor]]]
+    train_batches: Callable[[int], Iterator[tuple[Any, ...]]]  # (inputs, targets, sample ids)
+    test_batches: Callable[[], Iterator[tuple[Any, ...]]]
     example_inputs: Any
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     steps_per_epoch: int
@@ -32,14 +32,14 @@ class Workload:
     description: str = ""
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, bs: int, seed: int | None) -> Iterator[tuple[Any, torch.Tensor]]:
+def _batches(x: torch.Tensor, y: torch.Tensor, bs: int, seed: int | None) -> Iterator[tuple[Any, ...]]:
     n = x.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
     for i in range(0, n - (bs - 1 if seed is not None else 0), bs):  # drop the ragged last training batch
         idx = order[i : i + bs]
         if idx.numel() == 0:
             break
-        yield x[idx], y[idx]
+        yield x[idx], y[idx], idx
 
 
 def mnist_resnet(

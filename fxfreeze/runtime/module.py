@@ -30,7 +30,7 @@ from ..config import FreezeConfig, load_config
 from ..errors import FreezeError, ModelError
 from ..passes import CutBackward
 from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
-from ..passes.cut_backward import META_ORIG_ARGS
+from ..passes.cut_backward import META_INSERTED, META_ORIG_ARGS
 from ..passes.subgraph import extract
 from ..plan import HEAD, META_BLOCK, FreezePlan, block_of, param_uses, starts_from_plan
 from ..trace import Capture, capture, module_path_of, preserved_state
@@ -46,7 +46,8 @@ def _transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
     blocks of ``src``: by node name when the graphs match, else by owning module, keeping
     block indices non-decreasing in execution order."""
     comp = ("call_function", "call_method", "call_module")
-    s_nodes = [n for n in src.nodes if n.op in comp]
+    # src may carry a CutBackward cut (the graph is shared with its GraphModule): skip its nodes
+    s_nodes = [n for n in src.nodes if n.op in comp and not n.meta.get(META_INSERTED)]
     d_nodes = [n for n in dst.nodes if n.op in comp]
     if [n.name for n in s_nodes] == [n.name for n in d_nodes]:
         for a, b in zip(s_nodes, d_nodes):

@@ -26,7 +26,7 @@ def test_unknown_nested_key():
 
 
 def test_unknown_policy_lists_valid_names():
-    with pytest.raises(fxfreeze.ConfigError, match="valid names: egeria, freezeout, manual"):
+    with pytest.raises(fxfreeze.ConfigError, match="valid names: autofreeze, egeria, freezeout, manual"):
         fxfreeze.compile(zoo.resnet20(), policy="frezeout")
 
 

@@ -153,3 +153,25 @@ def test_history_and_logging(caplog):
     assert fm.freezer.history[-1]["blocks"] == ["stem", "layer1.0"]
     assert "freeze stem, layer1.0" in caplog.text
     assert logging.getLogger("fxfreeze").level == logging.NOTSET
+
+
+def test_eval_mode_first_used_after_a_freeze():
+    """The eval-mode graph is captured lazily; when that happens after a freeze, the training
+    graph carries the cut's extra nodes, which must not confuse the block transfer."""
+    import fxfreeze as _fx
+    from fxfreeze import zoo as _zoo
+
+    torch.manual_seed(0)
+    model = _zoo.resnet20()
+    x = torch.randn(4, 3, 32, 32)
+    fm = _fx.compile(model, (x,), policy="manual")
+    fm.train()
+    fm(x)
+    fm.freeze_prefix(3)
+    fm.eval()
+    out = fm(x)
+    model.eval()
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    blocks = [n.meta.get("fxfreeze.block") for n in fm.graph_module(False).graph.nodes
+              if n.op.startswith("call") and not n.meta.get("fxfreeze.inserted")]
+    assert None not in blocks

@@ -31,6 +31,7 @@ def make_policy(config: Any, plan: Any) -> Policy:
 
 
 def _register_builtin() -> None:
+    from .autofreeze import AutoFreezePolicy
     from .egeria import EgeriaPolicy
     from .freezeout import FreezeOutPolicy
     from .manual import ManualPolicy
@@ -38,6 +39,7 @@ def _register_builtin() -> None:
     register_policy("manual", ManualPolicy)
     register_policy("freezeout", FreezeOutPolicy)
     register_policy("egeria", EgeriaPolicy)
+    register_policy("autofreeze", AutoFreezePolicy)
 
 
 _register_builtin()

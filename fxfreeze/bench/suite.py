@@ -1,0 +1,192 @@
+"""``fxfreeze bench``: every policy against plain PyTorch, same machine, same run.
+
+For each workload the baseline (plain PyTorch) and each policy train back to back with the
+same seed, data order, schedule and epochs (:func:`fxfreeze.bench.runner.train_run`). The
+report gives, per run: final accuracy, time to reach the baseline's final accuracy minus 0.5
+point (TTA) and its speed-up, total training time, the share of backward FLOPs skipped, the
+growth of peak RSS, and the policy's own overhead. It is written as JSON, a markdown table
+and, with matplotlib, a freeze-timeline PNG per workload.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DataError
+from .runner import RunResult, train_run
+from .workloads import Workload, mnist_resnet
+
+__all__ = ["POLICIES", "run_suite", "markdown", "TTA_MARGIN"]
+
+#: how far below the baseline's final accuracy time-to-accuracy is measured (points)
+TTA_MARGIN = 0.5
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    name: str
+    policy: str | None
+    config: Callable[[Workload, int], dict[str, Any]]
+
+
+def _egeria(short: bool) -> dict[str, Any]:
+    return {"eval_interval": 10, "overhead_budget": 0, "asynchronous": False} if short else {}
+
+
+#: the runs, in order; configs depend on the workload's length (steps)
+POLICIES: dict[str, Callable[[bool], PolicyRun]] = {
+    "baseline": lambda short: PolicyRun("baseline", None, lambda w, steps: {}),
+    "egeria": lambda short: PolicyRun("egeria", "egeria", lambda w, steps: {"egeria": _egeria(short)}),
+    "egeria+cache": lambda short: PolicyRun(
+        "egeria+cache", "egeria", lambda w, steps: {"egeria": _egeria(short), "cache": {"enabled": True}}),
+    "freezeout": lambda short: PolicyRun(
+        "freezeout", "freezeout", lambda w, steps: {"freezeout": {"total_steps": steps, "t0": 0.5, "scaling": "cubic"}}),
+    "autofreeze": lambda short: PolicyRun(
+        "autofreeze", "autofreeze", lambda w, steps: {"autofreeze": {"interval": max(5, w.steps_per_epoch // 3)}}),
+    "manual": lambda short: PolicyRun(
+        "manual", "manual", lambda w, steps: {"manual": {"schedule": {steps // 2: -1}}}),
+}
+
+
+def _manual_schedule(cfg: dict[str, Any], max_frozen: int) -> dict[str, Any]:
+    # "-1" in the table above means: half of the freezable blocks
+    sched = cfg.get("manual", {}).get("schedule")
+    if sched:
+        cfg = dict(cfg)
+        cfg["manual"] = {"schedule": {k: (max_frozen // 2 if v == -1 else v) for k, v in sched.items()}}
+    return cfg
+
+
+def run_suite(
+    out_dir: str | Path,
+    *,
+    mnist: str | Path | None,
+    policies: list[str],
+    epochs: int = 8,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the workloads that have data, write ``results.json``, ``results.md`` and plots."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise DataError(f"unknown policy {unknown[0]!r} for bench; choose from {', '.join(POLICIES)}")
+    if "baseline" not in policies:
+        policies = ["baseline"] + policies
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workloads: list[Workload] = []
+    if mnist is not None:
+        w = mnist_resnet(mnist, width=8 if quick else 16, train_size=8000, seed=seed)
+        workloads.append(w)
+    if not workloads:
+        raise DataError("no workload has data: pass --mnist DIR (MNIST idx files)")
+    report: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "quick": quick, "epochs": epochs, "seed": seed, "workloads": {},
+    }
+    for w in workloads:
+        steps = epochs * w.steps_per_epoch
+        runs: dict[str, RunResult] = {}
+        for name in policies:
+            pr = POLICIES[name](True)
+            cfg = pr.config(w, steps)
+            if pr.policy == "manual":
+                import fxfreeze
+
+                cfg = _manual_schedule(cfg, fxfreeze.plan(w.model_fn(), w.example_inputs).max_frozen)
+            log(f"{w.name}: {name} ...")
+            t0 = time.perf_counter()
+            runs[name] = train_run(
+                name, w.model_fn, w.train_batches, w.test_batches, epochs=epochs,
+                make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler, steps_per_epoch=w.steps_per_epoch,
+                policy=pr.policy, config=cfg, example_inputs=w.example_inputs, seed=seed, progress=progress,
+            )
+            log(f"{w.name}: {name}: {runs[name].final_accuracy:.2f}% in {runs[name].wall_seconds:.1f}s "
+                f"({time.perf_counter() - t0:.0f}s with evaluation)")
+        report["workloads"][w.name] = _summarise(w, runs)
+        _plot(w.name, runs, out / f"timeline-{w.name}.png")
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "results.md").write_text(markdown(report))
+    return report
+
+
+def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
+    base = runs["baseline"]
+    target = base.final_accuracy - TTA_MARGIN
+    base_tta = base.time_to_accuracy(target)
+    rows = {}
+    for name, r in runs.items():
+        tta = r.time_to_accuracy(target)
+        rows[name] = {
+            "final_accuracy": r.final_accuracy,
+            "accuracy_delta": r.final_accuracy - base.final_accuracy,
+            "tta_seconds": tta,
+            "tta_speedup": (base_tta / tta) if (tta and base_tta) else None,
+            "wall_seconds": r.wall_seconds,
+            "backward_flops_skipped": r.backward_flops_skipped,
+            "peak_rss_mb": r.peak_rss_mb,
+            "controller_seconds": r.controller_seconds + float(r.extra.get("worker_seconds", 0.0)),
+            "final_num_frozen": r.epochs[-1]["num_frozen"] if r.epochs else 0,
+            "num_blocks": r.num_blocks,
+            "freezes": r.frozen,
+            "epochs": r.epochs,
+            "losses": r.losses,
+        }
+    return {"description": w.description, "target_accuracy": target, "runs": rows}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Machine: {report['machine']['processor']}, {report['machine']['threads']} threads, torch "
+             f"{report['machine']['torch']}; {report['epochs']} epochs, seed {report['seed']}"
+             + (" (quick mode)" if report["quick"] else "") + ".", ""]
+    for name, wl in report["workloads"].items():
+        lines += [f"### {name}", "", wl["description"] + f". TTA target: {wl['target_accuracy']:.2f}%.", "",
+                  "| run | final acc. | Δ vs baseline | TTA (s) | TTA speed-up | total (s) | backward FLOPs skipped | frozen at end | policy overhead (s) | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for run, r in wl["runs"].items():
+            tta = "not reached" if r["tta_seconds"] is None else f"{r['tta_seconds']:.1f}"
+            sp = "-" if r["tta_speedup"] is None else f"{r['tta_speedup']:.2f}x"
+            rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+            lines.append(f"| {run} | {r['final_accuracy']:.2f}% | {r['accuracy_delta']:+.2f} | {tta} | {sp} | "
+                         f"{r['wall_seconds']:.1f} | {100 * r['backward_flops_skipped']:.1f}% | "
+                         f"{r['final_num_frozen']}/{r['num_blocks'] or '-'} | {r['controller_seconds']:.2f} | {rss} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(name: str, runs: dict[str, RunResult], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    for rname, r in runs.items():
+        steps = [0] + [s for s, _ in r.frozen] + [r.steps]
+        ks = [0] + [k for _, k in r.frozen] + [r.frozen[-1][1] if r.frozen else 0]
+        axes[0].step(steps, ks, where="post", label=rname)
+        if r.losses:
+            axes[1].plot(*zip(*r.losses), lw=0.7, label=rname)
+        axes[2].plot([e["step"] for e in r.epochs], [e["accuracy"] for e in r.epochs], marker="o", label=rname)
+    axes[0].set_ylabel("frozen blocks")
+    axes[1].set_ylabel("training loss")
+    axes[1].set_yscale("log")
+    axes[2].set_ylabel("test accuracy (%)")
+    axes[2].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,100 @@
+"""``autofreeze``: AutoFreeze (Liu, Agarwal, Venkataraman 2021), a gradient-norm baseline.
+
+Every ``interval`` steps, each active block's gradient L1 norm, accumulated over the
+interval, is compared with the previous interval's: ``change = |n_t - n_{t-1}| / n_{t-1}``.
+The ``percentile``-th percentile of the changes over the active blocks is the cut-off; the
+front blocks whose change is below it, up to the first one at or above it, freeze (the prefix
+only grows, never the head). Non-finite gradients skip the interval.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ...errors import FreezeError
+from .base import Decision, Policy, Signals
+
+__all__ = ["AutoFreezePolicy", "autofreeze_cut"]
+
+
+def autofreeze_cut(changes: list[float], percentile: float) -> int:
+    """How many leading entries of ``changes`` fall below their ``percentile``-th percentile,
+    stopping at the first that does not."""
+    if not changes:
+        return 0
+    cut = float(torch.quantile(torch.tensor(changes, dtype=torch.float64), percentile / 100.0))
+    n = 0
+    for c in changes:
+        if c < cut:
+            n += 1
+        else:
+            break
+    return n
+
+
+class AutoFreezePolicy(Policy):
+    name = "autofreeze"
+
+    def __init__(self, config: Any, plan: Any) -> None:
+        super().__init__(config, plan)
+        self.cfg = config.autofreeze
+        self.hi = plan.max_frozen
+        self.module: Any = None
+        self._acc: dict[int, float] = {}
+        self._prev: dict[int, float] = {}
+        self._count = 0
+        self._bad = False
+        self.timeline: list[dict[str, Any]] = []
+        self._params: dict[int, list[torch.nn.Parameter]] = {}
+
+    def attach(self, freezer: Any) -> None:
+        self.module = freezer.module
+        named = self.module._named_params
+        for i, b in enumerate(self.plan.blocks[: self.hi]):
+            self._params[i] = [named[n] for n in b.params if n in named]
+
+    def decide(self, s: Signals) -> Decision | None:
+        if self.module is None:
+            return None
+        k = s.num_frozen
+        for i in range(k, self.hi):
+            tot = 0.0
+            for p in self._params.get(i, []):
+                if p.grad is not None:
+                    tot += float(p.grad.detach().abs().sum())
+            if not math.isfinite(tot):
+                self._bad = True
+            self._acc[i] = self._acc.get(i, 0.0) + tot
+        self._count += 1
+        if s.loss_nonfinite:
+            self._bad = True
+        if self._count < self.cfg.interval:
+            return None
+        acc, bad = self._acc, self._bad
+        self._acc, self._count, self._bad = {}, 0, False
+        if bad:
+            self._prev = {}
+            self.timeline.append({"step": s.step, "skipped": "non-finite gradients or loss"})
+            return None
+        changes = {i: abs(acc[i] - self._prev[i]) / self._prev[i] for i in acc if self._prev.get(i, 0) > 0}
+        self._prev = acc
+        active = [changes[i] for i in range(k, self.hi) if i in changes]
+        self.timeline.append({"step": s.step, "num_frozen": k, "changes": {i: changes[i] for i in sorted(changes)}})
+        if len(active) != self.hi - k or len(active) < 2:
+            return None
+        n = autofreeze_cut(active, float(self.cfg.percentile))
+        if n > 0:
+            return Decision(k + n, f"AutoFreeze: gradient-norm change of blocks {k}..{k + n - 1} under the "
+                                   f"{self.cfg.percentile:g}th percentile")
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": {int(i): float(v) for i, v in self._prev.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise FreezeError("autofreeze policy state must be a dict")
+        self._prev = {int(i): float(v) for i, v in state.get("prev", {}).items()}

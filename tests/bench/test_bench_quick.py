@@ -1,0 +1,42 @@
+"""`fxfreeze bench --quick`: the smoke run finishes and writes a complete, sane report
+(speed is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fxfreeze.cli import main
+
+RUNS = ["baseline", "egeria", "egeria+cache", "freezeout", "autofreeze", "manual"]
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
+    rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "-o", str(tmp_path)])
+    assert rc == 0
+    rep = json.loads((tmp_path / "results.json").read_text())
+    assert rep["quick"] is True and rep["machine"]["threads"] >= 1
+    (wl,) = rep["workloads"].values()
+    assert list(wl["runs"]) == RUNS
+    for name, r in wl["runs"].items():
+        assert 10.0 < r["final_accuracy"] <= 100.0, name
+        assert r["wall_seconds"] > 0 and math.isfinite(r["wall_seconds"])
+        assert 0.0 <= r["backward_flops_skipped"] <= 1.0
+        assert len(r["epochs"]) == 2 and r["losses"]
+        assert r["tta_seconds"] is None or r["tta_seconds"] <= r["wall_seconds"] + 1e-9
+    assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
+    assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
+    assert wl["runs"]["manual"]["final_num_frozen"] > 0  # its schedule freezes half at mid-run
+    md = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in md for name in RUNS)
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", "--policies", "egeria,warp", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "unknown policy 'warp'" in capsys.readouterr().err
