@@ -41,10 +41,14 @@ def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int) -> None:
     torch.manual_seed(0)
     model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    # ranks propose different prefixes on purpose: rank 0's decision must win everywhere
-    schedule = {4: 2, 8: 4} if rank == 0 else {2: 5}
-    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), optimizer=opt,
-                          config={"policy": "manual", "manual": {"schedule": schedule}})
+    # ranks propose different prefixes on purpose: rank 0's decision must win everywhere.
+    # Rank 1 runs Egeria (its own reference worker, a loose rule that wants to freeze early).
+    if rank == 0:
+        cfg = {"policy": "manual", "manual": {"schedule": {4: 2, 8: 4}}}
+    else:
+        cfg = {"policy": "egeria", "egeria": {"eval_interval": 1, "window": 3, "patience": 1, "threshold": 50.0,
+                                              "noise_limit": 50.0, "overhead_budget": 0, "asynchronous": False}}
+    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), optimizer=opt, config=cfg)
     start = 0
     if mode == "part2":
         ck = torch.load(out_dir / f"ckpt{rank}.pt", weights_only=True)
@@ -91,7 +95,8 @@ def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int) -> None:
     res = {"log": log, "max_rank_diff": float((gathered[0] - gathered[1]).abs().max()),
            "total": sum(p.numel() for p in fm.parameters()), "rebuilds": ddp.rebuilds,
            "params": flat.tolist() if rank == 0 else None,
-           "history": fm.freezer.history}
+           "history": fm.freezer.history,
+           "evaluations": getattr(fm.freezer.policy, "evaluations", None)}
     (out_dir / f"result{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
 

@@ -29,7 +29,9 @@ def test_ranks_stay_identical_and_communication_drops(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = _results(tmp_path)
     assert r0["max_rank_diff"] == 0.0 and r1["max_rank_diff"] == 0.0
-    # rank 1's own schedule ({2: 5}) never applied: both follow rank 0 ({4: 2, 8: 4})
+    # rank 1's own policy (Egeria, set to freeze early) never applies: both follow rank 0's
+    # schedule ({4: 2, 8: 4}); rank 1's Egeria did evaluate
+    assert r1["evaluations"] and r1["evaluations"] > 3
     for r in (r0, r1):
         assert [e["k"] for e in r["log"]] == [0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 4]
     assert r0["rebuilds"] == 3  # initial, then after each freeze

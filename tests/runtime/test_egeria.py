@@ -167,6 +167,7 @@ def test_worker_runs_jobs_in_order_and_reports_errors():
     assert w.submit(lambda: 1) is None
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the deliberate kills
 def test_worker_that_dies_is_restarted_then_disabled(caplog):
     w = ReferenceWorker(num_threads=1, max_restarts=2)
 
@@ -255,6 +256,7 @@ def test_nan_activations_skip_the_evaluation():
     fm.freezer.detach()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_reference_failures_are_reported_and_training_goes_on(caplog, monkeypatch):
     fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
     pol = fm.freezer.policy
@@ -288,3 +290,23 @@ def test_checkpoint_round_trip():
     assert fm2.freezer.policy.next_eval == fm.freezer.policy.next_eval
     fm.freezer.detach()
     fm2.freezer.detach()
+
+
+def test_a_block_that_cannot_be_quantized_falls_back_with_a_warning(caplog, monkeypatch):
+    from fxfreeze.passes import reference as ref_mod
+
+    class Broken(ref_mod.ReferenceBackend):
+        name = "int8_static"
+
+        def convert(self, snap, prepared, example_inputs):
+            raise RuntimeError("no kernel for this op")
+
+    monkeypatch.setitem(ref_mod._BACKENDS, "int8_static", Broken())
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        _train(fm, opt, x, y, 12)
+    pol = fm.freezer.policy
+    assert pol.backends and set(pol.backends.values()) == {"fp32"}  # ResNet blocks have no Linear: int8 dynamic fails too
+    assert "falls back to fp32" in caplog.text and "no kernel for this op" in caplog.text
+    assert any(r.get("plasticity") for r in pol.timeline)
+    fm.freezer.detach()
