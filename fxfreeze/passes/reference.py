@@ -1,10 +1,14 @@
 """Build the reference copy of a block for CPU execution: int8, bf16 or fp32.
 
 Egeria's reference model is a cheap, lower-precision snapshot of the training model run on
-the CPU. :func:`build_reference` takes one block as a standalone GraphModule (see
-:func:`fxfreeze.passes.subgraph.extract`), copies its weights (the snapshot) and converts it
-with the first backend of a precision *chain* that succeeds and whose output on the
-calibration inputs is finite:
+the CPU. A :class:`ReferenceBuilder` takes one block as a standalone GraphModule (see
+:func:`fxfreeze.passes.subgraph.extract`). On construction (training thread) it normalises a
+copy (:func:`normalize`: BatchNorm folded into convolutions, linear/conv calls lifted into
+modules) and *prepares* each backend of the precision's chain, which may trace; then
+:meth:`ReferenceBuilder.build` turns a state dict of the block's weights (a snapshot) into a
+reference with the first backend that converts without error and gives finite outputs on
+the calibration inputs. ``build`` never traces, so it runs on the reference worker thread.
+Backends:
 
 - ``int8_static``: post-training static quantization through FX graph mode
   (``torch.ao.quantization.quantize_fx``, x86 engine, min/max calibration on the given
@@ -20,7 +24,7 @@ falls back to the other int8 backend and finally to fp32; every fallback is repo
 its reason, never raised. Backends register by name (:func:`register_backend`), so a torchao
 pt2e backend can replace the deprecated ``torch.ao.quantization`` one without touching the
 callers. The deprecation warnings of ``torch.ao.quantization`` are filtered narrowly (by
-message) once, so that they do not reach the user on every refresh.
+message) whenever a backend runs, so that they do not reach the user on every refresh.
 """
 
 from __future__ import annotations
@@ -304,32 +308,6 @@ def lift_modules(gm: fx.GraphModule) -> PassResult:
 
 
 # -- building ----------------------------------------------------------------------------------
-@dataclass
-class BuiltReference:
-    """A reference block ready to run: ``module(*cast(inputs))``."""
-
-    module: nn.Module
-    backend: str
-    input_dtype: torch.dtype
-    fallbacks: list[str] = field(default_factory=list)
-
-    def cast(self, inputs: Sequence[Any]) -> list[Any]:
-        if self.input_dtype == torch.float32:
-            return [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
-        return [x.to(self.input_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
-
-    @torch.no_grad()
-    def __call__(self, inputs: Sequence[Any]) -> Any:
-        # .forward, not __call__: a GraphModule's call wrapper prints a traceback to stderr
-        # on any exception, and a failing backend is an expected event here
-        return self.module.forward(*self.cast(inputs))
-
-
-def _finite(out: Any) -> bool:
-    flat, _ = torch.utils._pytree.tree_flatten(out)
-    return all(bool(torch.isfinite(t).all()) for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point())
-
-
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     """A CPU fp32 copy of ``gm`` in eval mode that owns its weights (no autograd)."""
     with torch.no_grad():

@@ -30,6 +30,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -118,6 +119,8 @@ class ActivationCache:
         self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="fxfreeze-cache-")) if directory is None else Path(directory)
         _check_writable(self.directory)
+        if self._own_dir:  # a temporary folder of ours goes with the cache, closed or not
+            weakref.finalize(self, shutil.rmtree, str(self.directory), True)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._mem: dict[int, tuple[torch.Tensor, ...]] = {}
