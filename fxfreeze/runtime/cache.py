@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError, FreezeError
+from ..errors import ConfigError
 
 __all__ = ["ActivationCache", "CacheStats"]
 
@@ -210,23 +210,28 @@ class ActivationCache:
         if out is None:
             with torch.no_grad():
                 out = tuple(self.runner(inputs))
-        self._check_batch(out, len(keys))
+        if not self._check_batch(out, len(keys)):
+            return out
         self.stats["misses"] += sum(1 for e in entries if e is None)
         for row, (i, e) in enumerate(zip(keys, entries)):
             if e is None:
                 self._put(i, tuple(t[row] for t in out))
         return out
 
-    def _check_batch(self, out: tuple[Any, ...], n: int) -> None:
+    def _check_batch(self, out: tuple[Any, ...], n: int) -> bool:
+        """Does every frontier value have one row per sample id? If not, caching turns off
+        (with a warning) and this batch's values are used as computed."""
         for t in out:
             if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                logger.warning(
+                    "fxfreeze cache: the frozen prefix hands on a value without one row per sample id "
+                    "(%s for %d ids); caching is now off (check the sample ids, or the model keeps "
+                    "per-batch state across the cut)", shape, n)
                 self.enabled = False
                 self.clear()
-                raise FreezeError(
-                    f"the frozen prefix hands on a value that is not per-sample (got "
-                    f"{type(t).__name__}{'' if not isinstance(t, torch.Tensor) else tuple(t.shape)} for a batch of {n}); "
-                    "it cannot be cached: turn caching off for this model"
-                )
+                return False
+        return True
 
     def _verify(self, inputs: Sequence[Any], cached: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad():

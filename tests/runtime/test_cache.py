@@ -229,3 +229,15 @@ def test_cache_on_an_export_captured_model_with_functional_dropout():
     torch.testing.assert_close(miss, ref, rtol=0, atol=0)
     torch.testing.assert_close(hit, ref, rtol=0, atol=0)
     fm._cached_gm.graph.lint()
+
+
+def test_ids_that_do_not_match_the_batch_turn_caching_off_without_losing_the_step(caplog):
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), config={"policy": "manual", "cache": {"enabled": True}})
+    fm.freeze_prefix(2)
+    fm.train()
+    x = torch.randn(4, 1, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"), fm.sample_ids(torch.arange(3)):
+        out = fm(x)
+    assert out.shape[0] == 4 and not fm._cache.enabled and "one row per sample id" in caplog.text
