@@ -71,8 +71,9 @@ class EgeriaPolicy(Policy):
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
         self._anchor_ids = 0
-        # worker-side state (touched only by jobs on the worker thread)
+        # built references: touched only by jobs on the worker thread
         self._refs: dict[int, tuple[BuiltReference, int]] = {}
+        # per-block builders: created on the training thread (preparing traces), used by jobs
         self._builders: dict[int, ReferenceBuilder] = {}
         self.backends: dict[int, str] = {}
         self.fallbacks: dict[int, list[str]] = {}
