@@ -30,18 +30,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fxfreeze
 from fxfreeze import zoo
-
-
-class _Pooled(nn.Module):
-    def __init__(self, encoder: nn.Module, dim: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(dim, 2)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
+from fxfreeze.bench.workloads import MeanPooledClassifier
 
 
 class _Dict(Dataset):
@@ -72,7 +61,7 @@ def minilm_workload(data: str, samples: int) -> tuple[Callable[[], nn.Module], D
 
     def model_fn() -> nn.Module:
         enc_model = AutoModel.from_pretrained(path)
-        return _Pooled(enc_model, enc_model.config.hidden_size)
+        return MeanPooledClassifier(enc_model, enc_model.config.hidden_size)
 
     example = {"input_ids": enc["input_ids"][:2], "attention_mask": enc["attention_mask"][:2]}
     return model_fn, ds, example

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="train the baseline and every policy on real data; report time-to-accuracy")
     b.add_argument("--mnist", metavar="DIR", default=None,
                    help="folder with MNIST idx files (default: ../shared/data/mnist10k when it exists)")
+    b.add_argument("--text", metavar="DIR|FILE", default=None,
+                   help="sentence polarity folder (rt-polarity.pos/.neg) or a text<TAB>label file: MiniLM fine-tuning")
+    b.add_argument("--text-samples", type=int, default=None, help="use a random subset of this many sentences")
+    b.add_argument("--text-epochs", type=int, default=None, help="epochs of the text workload (default: --epochs)")
+    b.add_argument("--cifar", metavar="DIR", default=None, help="CIFAR-10 python batches: the ResNet on CIFAR-10")
     b.add_argument("--policies", default="egeria,egeria+cache,freezeout,autofreeze,manual",
                    help="comma-separated runs besides the baseline")
     b.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
@@ -179,7 +184,11 @@ def _bench(ns: argparse.Namespace) -> int:
     epochs = ns.epochs or (2 if ns.quick else 8)
     policies = [p.strip() for p in ns.policies.split(",") if p.strip()]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    run_suite(ns.output, mnist=mnist, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
+    for flag, v in (("--text-samples", ns.text_samples), ("--text-epochs", ns.text_epochs)):
+        if v is not None and v <= 0:
+            raise CliError(f"{flag} must be positive, got {v}")
+    run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
+              text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
               progress=sys.stderr.isatty(), log=log)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")

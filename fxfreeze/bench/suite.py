@@ -21,7 +21,7 @@ import torch
 
 from ..errors import DataError
 from .runner import RunResult, train_run
-from .workloads import Workload, mnist_resnet
+from .workloads import Workload, cifar_resnet, minilm_text, mnist_resnet
 
 __all__ = ["POLICIES", "run_suite", "markdown", "TTA_MARGIN"]
 
@@ -69,13 +69,21 @@ def run_suite(
     *,
     mnist: str | Path | None,
     policies: list[str],
+    text: str | Path | None = None,
+    cifar: str | Path | None = None,
+    text_samples: int | None = None,
+    text_epochs: int | None = None,
     epochs: int = 8,
     quick: bool = False,
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the workloads that have data, write ``results.json``, ``results.md`` and plots."""
+    """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
+
+    ``mnist``: a folder of MNIST idx files (workload 1); ``text``: sentence polarity files or
+    a TSV (workload 2, MiniLM fine-tuning, ``text_epochs`` epochs, default ``epochs``);
+    ``cifar``: CIFAR-10 python batches (the vision workload on CIFAR instead of MNIST)."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise DataError(f"unknown policy {unknown[0]!r} for bench; choose from {', '.join(POLICIES)}")
@@ -83,18 +91,22 @@ def run_suite(
         policies = ["baseline"] + policies
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workloads: list[Workload] = []
+    workloads: list[tuple[Workload, int]] = []
     if mnist is not None:
-        w = mnist_resnet(mnist, width=8 if quick else 16, train_size=8000, seed=seed)
-        workloads.append(w)
+        workloads.append((mnist_resnet(mnist, width=8 if quick else 16, train_size=8000, seed=seed), epochs))
+    if cifar is not None:
+        workloads.append((cifar_resnet(cifar, width=8 if quick else 16, train_size=5000 if quick else None, seed=seed), epochs))
+    if text is not None:
+        workloads.append((minilm_text(text, samples=text_samples if text_samples else (512 if quick else None), seed=seed),
+                          text_epochs or epochs))
     if not workloads:
-        raise DataError("no workload has data: pass --mnist DIR (MNIST idx files)")
+        raise DataError("no workload has data: pass --mnist DIR (MNIST idx files), --cifar DIR or --text DIR/FILE")
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "quick": quick, "epochs": epochs, "seed": seed, "workloads": {},
     }
-    for w in workloads:
+    for w, epochs in workloads:
         steps = epochs * w.steps_per_epoch
         runs: dict[str, RunResult] = {}
         for name in policies:
@@ -113,7 +125,7 @@ def run_suite(
             )
             log(f"{w.name}: {name}: {runs[name].final_accuracy:.2f}% in {runs[name].wall_seconds:.1f}s "
                 f"({time.perf_counter() - t0:.0f}s with evaluation)")
-        report["workloads"][w.name] = _summarise(w, runs)
+        report["workloads"][w.name] = {**_summarise(w, runs), "epochs": epochs}
         _plot(w.name, runs, out / f"timeline-{w.name}.png")
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "results.md").write_text(markdown(report))

