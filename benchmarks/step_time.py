@@ -117,7 +117,6 @@ def main() -> None:
     b = 32 if args.quick else 128
     x = torch.randn(b, 3, 32, 32)
     y = torch.randint(0, 10, (b,))
-    n = 27
     bench(f"ResNet-56, batch {b}, 32x32", zoo.resnet56(), x, y, F.cross_entropy, [7, 14, 21, 28], warmup, reps)
     bt = 16 if args.quick else 64
     toks = torch.randint(0, 1000, (bt, 64))

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", required=True, metavar="OUT.{dot,svg,html,json}")
     b = sub.add_parser("bench", help="train the baseline and every policy on real data; report time-to-accuracy")
     b.add_argument("--mnist", metavar="DIR", default=None,
-                   help="folder with MNIST idx files (default: ../shared/data/mnist10k when it exists)")
+                   help="folder with MNIST idx files (default, when no other workload is given: "
+                        "../shared/data/mnist10k if it exists)")
     b.add_argument("--text", metavar="DIR|FILE", default=None,
                    help="sentence polarity folder (rt-polarity.pos/.neg) or a text<TAB>label file: MiniLM fine-tuning")
     b.add_argument("--text-samples", type=int, default=None, help="use a random subset of this many sentences")
@@ -177,7 +178,7 @@ def _bench(ns: argparse.Namespace) -> int:
     from .bench.suite import run_suite
 
     mnist = ns.mnist
-    if mnist is None and Path("../shared/data/mnist10k").is_dir():
+    if mnist is None and ns.text is None and ns.cifar is None and Path("../shared/data/mnist10k").is_dir():
         mnist = "../shared/data/mnist10k"
     if ns.epochs is not None and ns.epochs <= 0:
         raise CliError(f"--epochs must be positive, got {ns.epochs}")

@@ -141,7 +141,8 @@ class EgeriaConfig:
         for name in ("asynchronous", "freeze"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"egeria.{name} must be true or false, got {getattr(self, name)!r}")
-        precisions = ("int8", "int8_static", "int8_dynamic", "bf16", "fp32")
+        from .passes.reference import PRECISIONS as precisions  # torch only; torch.ao loads lazily
+
         if self.reference_precision not in precisions:
             raise ConfigError(
                 f"egeria.reference_precision must be one of {', '.join(precisions)}, got {self.reference_precision!r}"

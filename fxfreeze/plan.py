@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 import torch.fx as fx
 
-from .analysis import META_BYTES, META_FLOPS, META_SHAPE, META_DTYPE, META_TENSOR
+from .analysis import META_BYTES, META_DTYPE, META_FLOPS, META_SHAPE
 from .errors import PlanError
 from .partition import GraphIndex, Proposal, top_modules
 

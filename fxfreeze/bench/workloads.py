@@ -37,14 +37,34 @@ class Workload:
     description: str = ""
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, bs: int, seed: int | None) -> Iterator[tuple[Any, ...]]:
-    n = x.shape[0]
+def _batches(n: int, bs: int, seed: int | None, take: Callable[[torch.Tensor], tuple[Any, Any]]) -> Iterator[tuple[Any, ...]]:
+    """``(inputs, targets, indices)`` batches over ``range(n)``: shuffled by ``seed`` with the
+    ragged last batch dropped (training), or in order and complete (``seed=None``, testing)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.arange(n)
-    for i in range(0, n - (bs - 1 if seed is not None else 0), bs):  # drop the ragged last training batch
+    stop = n - (bs - 1) if seed is not None else n
+    for i in range(0, max(stop, 0), bs):
         idx = order[i : i + bs]
-        if idx.numel() == 0:
-            break
-        yield x[idx], y[idx], idx
+        yield (*take(idx), idx)
+
+
+def _resnet(name: str, description: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor,
+            *, depth: int, width: int, batch_size: int, lr: float, seed: int) -> Workload:
+    """A CIFAR-style ResNet trained from scratch on image tensors, SGD with momentum and a
+    per-step cosine decay."""
+    from ..zoo import resnet_cifar
+
+    channels = int(xtr.shape[1])
+    return Workload(
+        name=name,
+        model_fn=lambda: resnet_cifar(depth=depth, num_classes=10, in_channels=channels, width=width),
+        train_batches=lambda epoch: _batches(len(xtr), batch_size, seed * 1000 + epoch, lambda i: (xtr[i], ytr[i])),
+        test_batches=lambda: _batches(len(xte), 500, None, lambda i: (xte[i], yte[i])),
+        example_inputs=(xtr[:2],),
+        make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4),
+        steps_per_epoch=xtr.shape[0] // batch_size,
+        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+        description=description,
+    )
 
 
 def mnist_resnet(
@@ -59,51 +79,31 @@ def mnist_resnet(
 ) -> Workload:
     """ResNet-``depth`` (width ``width``) on MNIST idx files: a fixed split of
     ``train_size`` training images, the rest for testing; SGD with momentum."""
-    from ..zoo import resnet_cifar
-
     x, y = load_mnist_idx(data_dir)
     x = (x - 0.1307) / 0.3081
     tr, te = split_indices(x.shape[0], train_size, seed=1234)  # the split never varies with the run seed
-    xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
-
-    def model_fn() -> nn.Module:
-        return resnet_cifar(depth=depth, num_classes=10, in_channels=1, width=width)
-
-    return Workload(
-        name=f"resnet{depth}-mnist",
-        model_fn=model_fn,
-        train_batches=lambda epoch: _batches(xtr, ytr, batch_size, seed * 1000 + epoch),
-        test_batches=lambda: _batches(xte, yte, 500, None),
-        example_inputs=(xtr[:2],),
-        make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4),
-        steps_per_epoch=xtr.shape[0] // batch_size,
-        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
-        description=f"ResNet-{depth} (width {width}) from scratch on MNIST ({train_size}/{x.shape[0] - train_size} split), batch {batch_size}, SGD lr {lr} with per-step cosine decay",
+    return _resnet(
+        f"resnet{depth}-mnist",
+        f"ResNet-{depth} (width {width}) from scratch on MNIST ({train_size}/{x.shape[0] - train_size} split), "
+        f"batch {batch_size}, SGD lr {lr} with per-step cosine decay",
+        x[tr], y[tr], x[te], y[te], depth=depth, width=width, batch_size=batch_size, lr=lr, seed=seed,
     )
 
 
 def cifar_resnet(data_dir: str | Path, *, depth: int = 20, width: int = 16, batch_size: int = 128,
                  lr: float = 0.05, seed: int = 0, train_size: int | None = None) -> Workload:
     """ResNet-``depth`` on CIFAR-10 python batches (``data_batch_1..5``, ``test_batch``)."""
-    from ..zoo import resnet_cifar
-
     xtr, ytr = load_cifar10(data_dir, train=True)
     xte, yte = load_cifar10(data_dir, train=False)
     if train_size is not None:
         xtr, ytr = xtr[:train_size], ytr[:train_size]
     mean = xtr.mean((0, 2, 3), keepdim=True)
     std = xtr.std((0, 2, 3), keepdim=True)
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    return Workload(
-        name=f"resnet{depth}-cifar10",
-        model_fn=lambda: resnet_cifar(depth=depth, num_classes=10, in_channels=3, width=width),
-        train_batches=lambda epoch: _batches(xtr, ytr, batch_size, seed * 1000 + epoch),
-        test_batches=lambda: _batches(xte, yte, 500, None),
-        example_inputs=(xtr[:2],),
-        make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4),
-        steps_per_epoch=xtr.shape[0] // batch_size,
-        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
-        description=f"ResNet-{depth} (width {width}) from scratch on CIFAR-10 ({xtr.shape[0]} train images), batch {batch_size}",
+    return _resnet(
+        f"resnet{depth}-cifar10",
+        f"ResNet-{depth} (width {width}) from scratch on CIFAR-10 ({xtr.shape[0]} train images), batch {batch_size}, "
+        f"SGD lr {lr} with per-step cosine decay",
+        (xtr - mean) / std, ytr, (xte - mean) / std, yte, depth=depth, width=width, batch_size=batch_size, lr=lr, seed=seed,
     )
 
 
@@ -156,12 +156,8 @@ def minilm_text(
     classes = int(y.max()) + 1
     tr, te = split_indices(len(order), 0.9, seed=1234)
 
-    def batches(idx_all: torch.Tensor, bs: int, shuffle_seed: int | None) -> Iterator[tuple[Any, ...]]:
-        sel = idx_all[torch.randperm(len(idx_all), generator=torch.Generator().manual_seed(shuffle_seed))] if shuffle_seed is not None else idx_all
-        stop = len(sel) - (bs - 1 if shuffle_seed is not None else 0)
-        for i in range(0, max(stop, 0), bs):
-            b = sel[i : i + bs]
-            yield {"input_ids": ids[b], "attention_mask": mask[b]}, y[b], b
+    def take(at: torch.Tensor) -> Callable[[torch.Tensor], tuple[Any, Any]]:
+        return lambda i: ({"input_ids": ids[at[i]], "attention_mask": mask[at[i]]}, y[at[i]])
 
     def model_fn() -> nn.Module:
         encoder = AutoModel.from_pretrained(path)
@@ -170,8 +166,9 @@ def minilm_text(
     return Workload(
         name="minilm-text",
         model_fn=model_fn,
-        train_batches=lambda epoch: batches(tr, batch_size, seed * 1000 + epoch),
-        test_batches=lambda: batches(te, 256, None),
+        # the third element is a position in the subset: a sample id for the cache
+        train_batches=lambda epoch: ((inp, t, tr[i]) for inp, t, i in _batches(len(tr), batch_size, seed * 1000 + epoch, take(tr))),
+        test_batches=lambda: _batches(len(te), 256, None, take(te)),
         example_inputs={"input_ids": ids[:2], "attention_mask": mask[:2]},
         make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
         steps_per_epoch=len(tr) // batch_size,

@@ -21,9 +21,11 @@ from typing import Any, Sequence
 import torch.fx as fx
 
 from ..analysis import META_TENSOR
-from ..plan import HEAD, META_BLOCK
+from ..plan import META_BLOCK
 from .base import PassResult
 from .cut_backward import META_INSERTED, _undo
+from .cut_backward import _in_prefix as _in_cut_prefix
+from .subgraph import real_users
 
 __all__ = ["CacheLoad", "cache_frontier", "cache_load", "CACHE_ATTR", "META_CACHE"]
 
@@ -39,8 +41,7 @@ def cache_load(cache: Any, *inputs: Any) -> tuple[Any, ...]:
 
 
 def _in_prefix(n: fx.Node, k: int) -> bool:
-    b = n.meta.get(META_BLOCK)
-    return n.op in _COMPUTE and b is not None and b != HEAD and int(b) < k
+    return n.op in _COMPUTE and _in_cut_prefix(n, k)
 
 
 def _is_tensor(n: fx.Node) -> bool:
@@ -65,10 +66,7 @@ def cache_frontier(graph: fx.Graph, k: int) -> tuple[list[fx.Node], list[fx.Node
     cached: list[fx.Node] = []
     other: list[fx.Node] = []
     for n in prefix:
-        users = list(n.users)
-        while any(u.meta.get(META_INSERTED) for u in users):  # look through detach nodes
-            users = [uu for u in users for uu in (u.users if u.meta.get(META_INSERTED) else [u])]
-        if any(u not in pset and order[u] > last for u in users):
+        if any(u not in pset and order[u] > last for u in real_users(n)):
             (cached if _is_tensor(n) else other).append(n)
     return cached, other
 

@@ -55,6 +55,7 @@ __all__ = [
     "lift_modules",
     "snapshot",
     "relative_error",
+    "all_finite",
     "PRECISIONS",
 ]
 
@@ -387,7 +388,8 @@ class BuiltReference:
         return self.module.forward(*self.cast(inputs))
 
 
-def _finite(out: Any) -> bool:
+def all_finite(out: Any) -> bool:
+    """Are all floating-point tensors in ``out`` (quantized ones dequantized) finite?"""
     flat, _ = torch.utils._pytree.tree_flatten(out)
     for t in flat:
         if isinstance(t, torch.Tensor):
@@ -437,7 +439,7 @@ class ReferenceBuilder:
             src = snap if i == len(self.candidates) - 1 else copy.deepcopy(snap)
             try:
                 built = BuiltReference(backend.convert(src, prepared, example_inputs), backend.name, backend.input_dtype, fallbacks)
-                if not _finite(built(example_inputs)):
+                if not all_finite(built(example_inputs)):
                     raise RuntimeError("its output on the calibration inputs is not finite")
                 return built
             except Exception as e:  # noqa: BLE001 - any failure means: try the next backend

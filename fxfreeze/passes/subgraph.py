@@ -21,7 +21,7 @@ from torch import nn
 from ..plan import HEAD, META_BLOCK
 from .cut_backward import META_INSERTED, detach_tree
 
-__all__ = ["Subgraph", "extract", "block_outputs"]
+__all__ = ["Subgraph", "extract", "block_outputs", "real_users"]
 
 _COMPUTE = ("call_function", "call_method", "call_module")
 
@@ -67,15 +67,19 @@ def block_outputs(graph: fx.Graph, lo: int = 0, hi: int | None = None) -> dict[i
         b = _block(n)
         if b is None or b < lo or (hi is not None and b >= hi):
             continue
-        users = [uu for u in n.users for uu in _resolve_user(u)]
+        users = real_users(n)
         if any(u.op == "output" or (_block(u) != b and order[u] > order[n]) for u in users):
             out.setdefault(b, []).append(n.name)
     return out
 
 
+def real_users(n: fx.Node) -> list[fx.Node]:
+    """The users of ``n``, looking through the ``detach_tree`` nodes a CutBackward pass
+    inserted; its autograd switches are not users."""
+    return [uu for u in n.users for uu in _resolve_user(u)]
+
+
 def _resolve_user(u: fx.Node) -> list[fx.Node]:
-    """The real users behind ``u`` (through inserted detach nodes); inserted autograd
-    switches are not users."""
     if not u.meta.get(META_INSERTED):
         return [u]
     if u.target is detach_tree:

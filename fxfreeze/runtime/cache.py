@@ -142,8 +142,6 @@ class ActivationCache:
         """The prefix is now ``k`` blocks, computed by ``runner(inputs)``; drop what was
         stored for another prefix (keeping the in-memory entries of a shallower one for
         ``refill(inputs, old_frontier)`` when given)."""
-        if k == self._k and runner is self.runner:
-            return
         keep = None
         if refill is not None and 0 < self._k < k and self._mem:
             keep = (self._k, self._mem)

@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import logging
 from collections import deque
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -106,6 +106,7 @@ class FreezableModule(nn.Module):
         self._cache: Any = None  # an ActivationCache when caching is on (set by compile)
         self._cached_gm: fx.GraphModule | None = None
         self._cache_k = 0
+        self._cache_frontier: list[str] | None = None  # for refilling a deeper prefix
         ix = analysis.index
         proposal = starts_from_plan(ix, self.plan)
         uses, _ = param_uses(ix)
@@ -292,7 +293,7 @@ class FreezableModule(nn.Module):
             return prefix.graph_module(*[inputs[i] for i in order])
 
         refill = None
-        old_k, old_frontier = self._cache_k, getattr(self, "_cache_frontier", None)
+        old_k, old_frontier = self._cache_k, self._cache_frontier
         if old_frontier and 0 < old_k < k:
             refill = self._refill_fn(base.graph, root, old_k, k, old_frontier, frontier, in_names)
         self._cache.set_prefix(k, runner, refill)

@@ -69,10 +69,6 @@ class Trend:
     def flat(self, threshold: float, noise_limit: float) -> bool:
         return abs(self.elasticity) < threshold and self.noise < noise_limit
 
-    @property
-    def relative_change(self) -> float:  # kept for messages
-        return self.elasticity
-
 
 def flat_trend(
     values: Sequence[float],

@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ..analysis import batch_size_of, placeholder_values
+from ..passes.reference import all_finite
 from ..passes.subgraph import Subgraph, extract
 from ..trace import preserved_state
 
-__all__ = ["ActivationProbe"]
+__all__ = ["ActivationProbe", "all_finite"]
 
 
 def _take(x: Any, bs: int | None, n: int) -> Any:
@@ -40,7 +41,7 @@ class ActivationProbe:
         self.hi = hi
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] = {}
-        self._full: Subgraph | None = None
+        self._ranges: dict[int, Subgraph] = {}  # blocks [0, hi) by hi
         self._blocks: dict[int, Subgraph] = {}
         self._key: Any = None
 
@@ -55,9 +56,12 @@ class ActivationProbe:
         self.kwargs = {k: _take(v, bs, self.size) for k, v in kwargs.items()}
 
     def offer(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Called by the module's forward in training mode; keeps the first batch only."""
+        """Called by the module's forward in training mode: keeps the first batch, then
+        unhooks itself so that later training steps pay nothing."""
         if self.args is None:
             self.set(*args, **kwargs)
+        if self.module._probe_hook == self.offer:
+            self.module._probe_hook = None
 
     # -- graphs --------------------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -66,9 +70,23 @@ class ActivationProbe:
         gm = self.module.graph_module(False)
         key = (id(cap), id(gm))
         if key != self._key:
-            self._full = extract(cap.graph, cap.attributes(self.module._model), 0, self.hi, class_name="ProbeBlocks")
+            self._ranges = {}
             self._blocks = {}
             self._key = key
+
+    def _range(self, hi: int) -> Subgraph:
+        """Blocks ``[0, hi)`` as one graph returning every block's outputs."""
+        self._refresh()
+        sub = self._ranges.get(hi)
+        if sub is None:
+            cap = self.module._capture_for(False)
+            sub = extract(cap.graph, cap.attributes(self.module._model), 0, hi, class_name="ProbeBlocks")
+            self._ranges[hi] = sub
+        return sub
+
+    @property
+    def _full(self) -> Subgraph:
+        return self._range(self.hi)
 
     def block(self, j: int) -> Subgraph:
         """Block ``j`` alone, its inputs named as in :meth:`values`."""
@@ -81,23 +99,19 @@ class ActivationProbe:
         return sub
 
     @torch.no_grad()
-    def values(self) -> dict[str, Any]:
-        """Inputs and outputs of every block in ``[0, hi)`` on the probe batch (CPU)."""
+    def values(self, hi: int | None = None) -> dict[str, Any]:
+        """Inputs and outputs of every block in ``[0, hi)`` (default: all that may freeze) on
+        the probe batch (CPU). Blocks past ``hi`` do not run."""
         if self.args is None:
             raise RuntimeError("no probe batch yet")
-        self._refresh()
-        assert self._full is not None
+        full = self._range(self.hi if hi is None else hi)
         gm = self.module.graph_module(False)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         model = self.module._model
         ph = dict(zip(names, placeholder_values(gm, model, self.args, self.kwargs, self.module._signature)))
         with preserved_state(model):
             model.eval()
-            outs = self._full.graph_module(*[ph[n] for n in self._full.inputs])
-        vals: dict[str, Any] = {**ph, **dict(zip(self._full.outputs, outs))}
+            outs = full.graph_module(*[ph[n] for n in full.inputs])
+        vals: dict[str, Any] = {**ph, **dict(zip(full.outputs, outs))}
         return {k: tree_map(lambda t: t.detach().to("cpu") if isinstance(t, torch.Tensor) else t, v) for k, v in vals.items()}
 
-
-def all_finite(values: Any) -> bool:
-    flat, _ = tree_flatten(values)
-    return all(bool(torch.isfinite(t).all()) for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point())

@@ -77,7 +77,7 @@ def test_a_crashed_rank_is_a_clear_error_not_a_hang(tmp_path):
 
 def test_an_incomplete_world_is_a_clear_error(tmp_path):
     t = time.monotonic()
-    p = _run("alone", tmp_path, timeout=120)
+    _run("alone", tmp_path, timeout=120)
     assert time.monotonic() - t < 60
     err = (tmp_path / "error0.txt").read_text()
     assert err.startswith("DistributedError") and "did not form" in err and "world size" in err

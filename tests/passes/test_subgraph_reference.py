@@ -4,7 +4,6 @@ eager, graph structure, lint; int8 agreement with fp32 and the fallbacks."""
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
@@ -142,8 +141,6 @@ def test_int8_reference_agrees_with_fp32_on_a_conv_net():
 
 def test_int8_dynamic_on_a_transformer_and_bf16():
     model, x, fm = _compiled("bert_style", batch=8)
-    gm = fm.graph_module(False)
-    args = [x["input_ids"], x["attention_mask"]]
     cap = fm._capture_for(False)
     sub = extract(cap.graph, cap.attributes(model), 1, 2)
     probe = ActivationProbe(fm, 8, fm.plan.max_frozen)
@@ -156,7 +153,6 @@ def test_int8_dynamic_on_a_transformer_and_bf16():
         ref = build_reference(sub.graph_module, inputs, precision)
         assert ref.backend == backend
         assert relative_error(ref(inputs), fp) <= bound + 1e-6
-    del gm, args
 
 
 def test_unquantizable_block_falls_back_to_fp32():

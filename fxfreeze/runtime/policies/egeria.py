@@ -67,7 +67,6 @@ class EgeriaPolicy(Policy):
         self._last_step_time: float | None = None
         self._step_seconds: float | None = None
         self._last_worker_seconds = 0.0
-        self._contention = 1.0
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
         self._anchor_ids = 0
@@ -86,9 +85,6 @@ class EgeriaPolicy(Policy):
         self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
         self.module._probe_hook = self.probe.offer
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads))
-        # the worker's busy time is charged to the budget in full, as if it were taken from
-        # training; measured here it mostly is not (docs/egeria.md), so this is conservative
-        self._contention = 1.0
 
     def close(self) -> None:
         if self.worker is not None:
@@ -156,7 +152,8 @@ class EgeriaPolicy(Policy):
     def _evaluate(self, s: Signals) -> None:
         assert self.worker is not None and self.probe is not None
         t0 = time.perf_counter()
-        values = self.probe.values()
+        tracked = range(s.num_frozen, min(self.hi, s.num_frozen + 1 + int(self.cfg.lookahead)))
+        values = self.probe.values(hi=tracked.stop)  # blocks deeper than the tracked ones need not run
         if not all_finite(values):
             self._reset(s)
             self.timeline.append({"step": s.step, "skipped": "non-finite probe activation"})
@@ -165,7 +162,7 @@ class EgeriaPolicy(Policy):
         self.evaluations += 1
         jobs = []
         one_time = 0.0
-        for j in range(s.num_frozen, min(self.hi, s.num_frozen + 1 + int(self.cfg.lookahead))):
+        for j in tracked:
             sub = self.probe.block(j)
             inputs = [values[n] for n in sub.inputs]
             train = [values[n] for n in sub.outputs]
@@ -203,7 +200,9 @@ class EgeriaPolicy(Policy):
         gap = int(self.cfg.eval_interval)
         budget = float(self.cfg.overhead_budget)
         if budget > 0 and self._step_seconds:
-            cost = main_cost + self._contention * self._last_worker_seconds
+            # the worker's busy time is charged in full, as if it were taken from training;
+            # measured here it mostly is not (docs/egeria.md), so this is conservative
+            cost = main_cost + self._last_worker_seconds
             gap = max(gap, int(math.ceil(cost / (budget * self._step_seconds))))
         self.next_eval = s.step + gap
 
