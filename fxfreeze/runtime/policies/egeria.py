@@ -3,7 +3,7 @@
 After Egeria (Wang et al., EuroSys 2023, arXiv 2201.06227). Every ``eval_interval`` steps
 (spaced out further when the measured cost would exceed ``overhead_budget``):
 
-1. the training side runs the not-yet-frozen blocks on the fixed probe batch
+1. the training side runs the model up to the last tracked block on the fixed probe batch
    (:class:`~fxfreeze.runtime.probe.ActivationProbe`); for the front block and
    ``lookahead`` blocks behind it, it hands each block's training inputs and outputs to the
    reference worker, with a copy of the block's weights when the block's anchor is due
