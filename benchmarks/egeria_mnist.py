@@ -1,10 +1,11 @@
-"""Real task for the adaptive policies: ResNet-20 from scratch on MNIST-10k, baseline vs egeria (and autofreeze).
+"""Real task for the adaptive policies: ResNet-20 from scratch on MNIST-10k, baseline vs egeria, autofreeze, smartfrz.
 
-Same seed, data order, epochs and cosine schedule for both runs; writes a JSON record
-(accuracy and wall time per epoch, freeze events, the plasticity timeline) and, with
-matplotlib installed, a freeze-timeline PNG.
+Same seed, data order, epochs and cosine schedule for every run; writes a JSON record
+(accuracy and wall time per epoch, freeze events, each policy's timeline) and, with
+matplotlib installed, Egeria's plasticity PNG.
 
-    python benchmarks/egeria_mnist.py --data ../shared/data/mnist10k --out /tmp/egeria-mnist
+    python benchmarks/egeria_mnist.py --data ../shared/data/mnist10k --out /tmp/egeria-mnist \
+        --policies egeria,autofreeze,smartfrz
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fxfreeze.bench.workloads import mnist_resnet
 
 #: the short-run settings (the defaults target runs of thousands of steps; docs/egeria.md)
 SHORT_RUN = {"egeria": {"eval_interval": 10, "overhead_budget": 0, "asynchronous": False},
-             "autofreeze": {"interval": 20}}
+             "autofreeze": {"interval": 62}}  # one epoch of the 8k-image split at batch 128
 
 
 def run(data: str | Path, *, epochs: int = 8, width: int = 8, config: dict[str, Any] | None = None,

@@ -21,6 +21,7 @@ from .errors import (
     FxFreezeError,
     ModelError,
     PlanError,
+    PredictorError,
     TraceError,
     VizError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "VizError",
     "DataError",
     "DistributedError",
+    "PredictorError",
     "__version__",
 ]
 

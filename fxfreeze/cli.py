@@ -1,4 +1,4 @@
-"""The ``fxfreeze`` command line: ``fxfreeze plan``, ``fxfreeze viz`` and ``fxfreeze bench``.
+"""The ``fxfreeze`` command line: ``fxfreeze plan``, ``viz``, ``bench`` and ``train-predictor``.
 
 Errors are printed as one line (``fxfreeze: error: ...``) with exit status 2 and no
 traceback; set ``FXFREEZE_DEBUG=1`` to see the traceback as well.
@@ -165,13 +165,65 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text-samples", type=int, default=None, help="use a random subset of this many sentences")
     b.add_argument("--text-epochs", type=int, default=None, help="epochs of the text workload (default: --epochs)")
     b.add_argument("--cifar", metavar="DIR", default=None, help="CIFAR-10 python batches: the ResNet on CIFAR-10")
-    b.add_argument("--policies", default="egeria,egeria+cache,freezeout,autofreeze,manual",
+    b.add_argument("--policies", default="egeria,egeria+cache,freezeout,autofreeze,smartfrz,manual",
                    help="comma-separated runs besides the baseline")
     b.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
     b.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, a narrow ResNet-20 (a few minutes)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
+    t = sub.add_parser("train-predictor", help="record training runs, train the SmartFRZ predictor, write its weights")
+    t.add_argument("--mnist", metavar="DIR", default=None,
+                   help="MNIST idx files (default: ../shared/data/mnist10k if it exists)")
+    t.add_argument("--polarity", metavar="DIR", default=None,
+                   help="rt-polarity.pos/.neg (default: ../shared/data/movie-review-polarity if it exists)")
+    t.add_argument("--out", metavar="FILE", default=None, help="weights file to write (default: the one the package ships)")
+    t.add_argument("--records", metavar="DIR", default=None,
+                   help="keep the recorded runs here and reuse those already there (retraining without re-recording)")
+    t.add_argument("--report", metavar="FILE.json", default=None, help="also write the report (runs, evaluation) as JSON")
+    t.add_argument("--quick", action="store_true", help="tiny runs and a short fit: a smoke test, not a usable predictor")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps of each predictor fit (default 600)")
+    t.add_argument("--label-level", type=float, default=None, help="CKA to the final model a freezable block reaches (0.98)")
+    t.add_argument("--label-window", type=int, default=None, help="snapshots the CKA must hold over (5)")
+    t.add_argument("--label-max-std", type=float, default=None, help="largest CKA standard deviation over the window (0.005)")
     return parser
+
+
+def _default_data(given: str | None, fallback: str) -> str | None:
+    if given is not None:
+        if not Path(given).exists():
+            raise CliError(f"no such file or folder: {given!r}")
+        return given
+    return fallback if Path(fallback).is_dir() else None
+
+
+def _train_predictor(ns: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .smartfrz import LabelRule, TrainSettings, train_predictor
+
+    if ns.steps is not None and ns.steps <= 0:
+        raise CliError(f"--steps must be positive, got {ns.steps}")
+    rule_args = {k: v for k, v in (("level", ns.label_level), ("window", ns.label_window), ("max_std", ns.label_max_std))
+                 if v is not None}
+    try:
+        rule = LabelRule(**rule_args)
+    except ValueError as e:
+        raise CliError(f"--label-*: {e}") from e
+    settings = TrainSettings(steps=60, min_history=3) if ns.quick else TrainSettings()
+    if ns.steps is not None:
+        settings = replace(settings, steps=ns.steps)
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    report = train_predictor(ns.out, mnist=_default_data(ns.mnist, "../shared/data/mnist10k"),
+                             polarity=_default_data(ns.polarity, "../shared/data/movie-review-polarity"),
+                             records_dir=ns.records, quick=ns.quick, rule=rule, settings=settings, log=log)
+    if ns.report:
+        Path(ns.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print("| held-out family | examples | freezable | precision | recall | F1 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fam, m in report["leave_one_out"].items():
+        print(f"| {fam} | {m['examples']} | {m['positives']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |")
+    print(f"\nwrote {report['weights']}" + (f" and {ns.report}" if ns.report else ""))
+    return 0
 
 
 def _bench(ns: argparse.Namespace) -> int:
@@ -201,6 +253,8 @@ def _run(ns: argparse.Namespace) -> int:
 
     if ns.command == "bench":
         return _bench(ns)
+    if ns.command == "train-predictor":
+        return _train_predictor(ns)
     if ns.command == "viz":
         from .viz import FORMATS
 

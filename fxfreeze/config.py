@@ -13,11 +13,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "AutoFreezeConfig", "CacheConfig", "load_config", "UNAVAILABLE_POLICIES"]
-
-#: Policies that are designed but not shipped yet (their issues are open).
-UNAVAILABLE_POLICIES = ("smartfrz",)
-
+__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "AutoFreezeConfig", "SmartFRZConfig", "CacheConfig", "load_config"]
 
 def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
     allowed = sorted(f.name for f in fields(cls))
@@ -170,6 +166,53 @@ class AutoFreezeConfig:
 
 
 @dataclass
+class SmartFRZConfig:
+    """SmartFRZ (Li et al., ICLR 2023): a learned predictor reads each active block's weight
+    history and says whether it may freeze. See ``docs/smartfrz.md``.
+
+    - ``weights``: the predictor weights file; None loads the one shipped in the package
+      (regenerate it with ``fxfreeze train-predictor``);
+    - ``record_interval``: optimizer steps between weight snapshots; None takes the interval
+      the predictor was trained with (from the weights file), which is what its judgement
+      is calibrated for;
+    - ``stage_interval``: snapshots between freezing stages (decisions);
+    - ``min_history``: snapshots a block needs before the predictor judges it;
+    - ``threshold``: P(freeze) at or above which a block counts as freezable;
+    - ``patience``: stages in a row at which the front block must be freezable;
+    - ``seed``: which weight positions are sampled (fixed per block name);
+    - ``contiguous``: freeze only a prefix (the only mode the controller implements: a frozen
+      block in the middle would still need its backward pass for the blocks before it).
+    """
+
+    weights: str | None = None
+    record_interval: int | None = None
+    stage_interval: int = 5
+    min_history: int = 10
+    threshold: float = 0.5
+    patience: int = 2
+    seed: int = 0
+    contiguous: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and not isinstance(self.weights, str):
+            self.weights = str(self.weights)
+        if self.record_interval is not None:
+            _positive_int(self.record_interval, "smartfrz.record_interval")
+        _positive_int(self.stage_interval, "smartfrz.stage_interval")
+        _positive_int(self.min_history, "smartfrz.min_history", 2)
+        _positive_int(self.patience, "smartfrz.patience")
+        _positive_int(self.seed, "smartfrz.seed", 0)
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise ConfigError(f"smartfrz.threshold must be in (0, 1), got {t!r}")
+        if self.contiguous is not True:
+            raise ConfigError(
+                "smartfrz.contiguous must be true: fxfreeze freezes a prefix of blocks (a frozen block behind an "
+                "active one still runs its backward pass for the blocks in front of it, so it would save little)"
+            )
+
+
+@dataclass
 class CacheConfig:
     """Caching the frozen prefix's outputs (its frontier) per sample, so that later epochs
     skip its forward pass too. See ``docs/cache.md``.
@@ -213,7 +256,7 @@ class CacheConfig:
 class FreezeConfig:
     """Everything the freezing controller is configured by.
 
-    - ``policy``: which policy decides (``egeria``, the default; ``autofreeze``;
+    - ``policy``: which policy decides (``egeria``, the default; ``smartfrz``; ``autofreeze``;
       ``freezeout``; ``manual``);
     - ``lr_change_factor``: a learning-rate change by more than this factor (either way) is
       reported to the policy as an LR step (Egeria unfreezes on it);
@@ -230,6 +273,7 @@ class FreezeConfig:
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
     egeria: EgeriaConfig = field(default_factory=EgeriaConfig)
     autofreeze: AutoFreezeConfig = field(default_factory=AutoFreezeConfig)
+    smartfrz: SmartFRZConfig = field(default_factory=SmartFRZConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
@@ -237,11 +281,6 @@ class FreezeConfig:
 
         if not isinstance(self.policy, str):
             raise ConfigError(f"policy must be a name, got {type(self.policy).__name__}")
-        if self.policy in UNAVAILABLE_POLICIES:
-            raise ConfigError(
-                f"policy {self.policy!r} is not available in this version of fxfreeze yet; "
-                f"available policies: {', '.join(available_policies())}"
-            )
         if self.policy not in available_policies():
             raise ConfigError(f"unknown policy {self.policy!r}; valid names: {', '.join(available_policies())}")
         if not float(self.lr_change_factor) > 1.0:
@@ -256,6 +295,8 @@ class FreezeConfig:
             self.egeria = _sub(EgeriaConfig, self.egeria, "egeria")
         if isinstance(self.autofreeze, Mapping):
             self.autofreeze = _sub(AutoFreezeConfig, self.autofreeze, "autofreeze")
+        if isinstance(self.smartfrz, Mapping):
+            self.smartfrz = _sub(SmartFRZConfig, self.smartfrz, "smartfrz")
         if isinstance(self.cache, Mapping):
             self.cache = _sub(CacheConfig, self.cache, "cache")
 

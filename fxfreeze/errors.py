@@ -18,6 +18,7 @@ __all__ = [
     "VizError",
     "DataError",
     "DistributedError",
+    "PredictorError",
 ]
 
 
@@ -59,3 +60,8 @@ class DataError(FxFreezeError, ValueError):
 
 class DistributedError(FxFreezeError, RuntimeError):
     """Distributed training cannot go on: the process group did not form, or a rank left."""
+
+
+class PredictorError(FxFreezeError, RuntimeError):
+    """The SmartFRZ predictor weights are missing, corrupt or do not fit (the message names
+    the file and the command that regenerates it)."""

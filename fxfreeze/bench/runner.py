@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["RunResult", "train_run"]
+__all__ = ["RunResult", "train_run", "accuracy", "call_model", "logits_of"]
 
 Batch = tuple[Any, torch.Tensor]  # (inputs: tensor, tuple of args or dict of kwargs; targets)
 
@@ -52,7 +52,8 @@ class RunResult:
         return None
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)``, ``model(*inputs)`` or ``model(inputs)``, by the type of ``inputs``."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, tuple):
@@ -60,7 +61,8 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def _logits(out: Any) -> torch.Tensor:
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor, a dict's ``logits``, a tuple's first item."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
@@ -89,7 +91,7 @@ def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
     correct = total = 0
     for batch in batches:
         inputs, y = batch[0], batch[1]
-        pred = _logits(_call(model, inputs)).argmax(-1)
+        pred = logits_of(call_model(model, inputs)).argmax(-1)
         correct += int((pred == y).sum())
         total += int(y.numel())
     model.train(was)
@@ -165,7 +167,7 @@ def train_run(
             ids = batch[2] if len(batch) > 2 else None  # dataset indices, for the activation cache
             ctx = fm.sample_ids(ids) if (fm is not None and ids is not None) else contextlib.nullcontext()
             with ctx:
-                out = _logits(_call(net, inputs))
+                out = logits_of(call_model(net, inputs))
             loss = lossf(out, y)
             if fm is not None:
                 fm.freezer.observe_loss(loss)

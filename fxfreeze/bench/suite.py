@@ -51,6 +51,7 @@ POLICIES: dict[str, PolicyRun] = {p.name: p for p in (
               lambda w, steps, n: {"freezeout": {"total_steps": steps, "t0": 0.5, "scaling": "cubic"}}),
     PolicyRun("autofreeze", "autofreeze",
               lambda w, steps, n: {"autofreeze": {"interval": max(5, w.steps_per_epoch // 3)}}),
+    PolicyRun("smartfrz", "smartfrz", lambda w, steps, n: {}),  # the shipped predictor, its defaults
     PolicyRun("manual", "manual", lambda w, steps, n: {"manual": {"schedule": {steps // 2: n // 2}}}),  # half at mid-run
 )}
 

@@ -27,11 +27,9 @@ import logging
 import os
 import random
 import shutil
-import struct
 import tempfile
 import threading
 import weakref
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,66 +37,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..tensorfile import decode_tensors as _decode
+from ..tensorfile import encode_tensors as _encode
 
 __all__ = ["ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
 
-_MAGIC = b"FXFC"
-_VERSION = 1
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8]
-_CODE = {d: i for i, d in enumerate(_DTYPES)}
-
-
 class CacheStats(dict):  # a dict so that it prints and serialises plainly
     pass
-
-
-def _encode(tensors: Sequence[torch.Tensor], store_dtype: torch.dtype | None) -> bytes:
-    head = bytearray(_MAGIC + struct.pack("<BB", _VERSION, len(tensors)))
-    body = bytearray()
-    for t in tensors:
-        orig = t.dtype
-        if store_dtype is not None and t.is_floating_point():
-            t = t.to(store_dtype)
-        t = t.contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        head += struct.pack("<BBB", _CODE[orig], _CODE[t.dtype], t.dim()) + struct.pack(f"<{t.dim()}I", *t.shape)
-        head += struct.pack("<Q", len(raw))
-        body += raw
-    payload = bytes(head) + bytes(body)
-    return payload + struct.pack("<I", zlib.crc32(payload))
-
-
-def _decode(data: bytes) -> list[torch.Tensor]:
-    """Raises ValueError on anything malformed."""
-    if len(data) < 10 or data[:4] != _MAGIC:
-        raise ValueError("bad magic or too short")
-    payload, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
-    if zlib.crc32(payload) != crc:
-        raise ValueError("checksum mismatch")
-    version, n = struct.unpack("<BB", payload[4:6])
-    if version != _VERSION:
-        raise ValueError(f"unknown version {version}")
-    pos = 6
-    specs = []
-    for _ in range(n):
-        orig, stored, ndim = struct.unpack("<BBB", payload[pos : pos + 3])
-        pos += 3
-        shape = struct.unpack(f"<{ndim}I", payload[pos : pos + 4 * ndim])
-        pos += 4 * ndim
-        (nbytes,) = struct.unpack("<Q", payload[pos : pos + 8])
-        pos += 8
-        specs.append((_DTYPES[orig], _DTYPES[stored], shape, nbytes))
-    out = []
-    for orig, stored, shape, nbytes in specs:
-        raw = payload[pos : pos + nbytes]
-        if len(raw) != nbytes:
-            raise ValueError("truncated")
-        pos += nbytes
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(stored).reshape(shape) if nbytes else torch.empty(shape, dtype=stored)
-        out.append(t.to(orig))
-    return out
 
 
 class ActivationCache:

@@ -2,7 +2,7 @@
 
 Each factory builds a randomly initialised model; :func:`example_inputs` gives inputs of the
 right shape for it. They cover the structures the partitioner must handle: residual stages
-(ResNet-56, ResNet-50 shape), inverted residuals (MobileNetV2), ``nn.TransformerEncoder``
+(ResNet-56, ResNet-50 shape), inverted residuals (MobileNetV2), a plain VGG-style CNN, ``nn.TransformerEncoder``
 and ``nn.Transformer`` (untraceable by fx inside), a BERT-style encoder with an attention
 mask and pooler, a U-Net with long skips, data-dependent control flow inside a submodule,
 and several inputs and a dict output. Use with the CLI as ``fxfreeze plan
@@ -24,6 +24,8 @@ __all__ = [
     "resnet56",
     "resnet50_like",
     "mobilenet_v2_like",
+    "VGGLike",
+    "vgg_like",
     "TransformerClassifier",
     "transformer_classifier",
     "Seq2SeqTransformer",
@@ -218,6 +220,32 @@ class MobileNetV2Like(nn.Module):
 
 def mobilenet_v2_like(num_classes: int = 10, width: float = 0.25) -> MobileNetV2Like:
     return MobileNetV2Like(num_classes, width)
+
+
+# -- plain CNN --------------------------------------------------------------------------------
+class VGGLike(nn.Module):
+    """A plain (no skip connections) VGG-style CNN: stages of 3x3 conv + BN + ReLU, max
+    pooling between stages, global average pooling and a linear classifier."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64), convs_per_stage: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, w in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(convs_per_stage):
+                layers.append(nn.Sequential(nn.Conv2d(cin, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)))
+                cin = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def vgg_like(num_classes: int = 10, in_channels: int = 3) -> VGGLike:
+    return VGGLike(num_classes, in_channels)
 
 
 # -- transformers -----------------------------------------------------------------------------
@@ -483,6 +511,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], Any]]] = {
     "resnet20": (resnet20, lambda b: (_rand(b, 3, 32, 32),)),
     "resnet50_like": (resnet50_like, lambda b: (_rand(b, 3, 224, 224),)),
     "mobilenet_v2_like": (mobilenet_v2_like, lambda b: (_rand(b, 3, 64, 64),)),
+    "vgg_like": (vgg_like, lambda b: (_rand(b, 3, 32, 32),)),
     "transformer_classifier": (transformer_classifier, lambda b: (_tokens(b, 16, 1000),)),
     "seq2seq_transformer": (seq2seq_transformer, lambda b: (_tokens(b, 12, 500), _tokens(b, 10, 500))),
     "bert_style": (bert_style, lambda b: {"input_ids": _tokens(b, 16, 1000), "attention_mask": torch.ones(b, 16, dtype=torch.long)}),

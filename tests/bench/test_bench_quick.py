@@ -10,7 +10,7 @@ import pytest
 
 from fxfreeze.cli import main
 
-RUNS = ["baseline", "egeria", "egeria+cache", "freezeout", "autofreeze", "manual"]
+RUNS = ["baseline", "egeria", "egeria+cache", "freezeout", "autofreeze", "smartfrz", "manual"]
 
 
 @pytest.mark.slow

@@ -35,11 +35,13 @@ def _register_builtin() -> None:
     from .egeria import EgeriaPolicy
     from .freezeout import FreezeOutPolicy
     from .manual import ManualPolicy
+    from .smartfrz import SmartFRZPolicy
 
     register_policy("manual", ManualPolicy)
     register_policy("freezeout", FreezeOutPolicy)
     register_policy("egeria", EgeriaPolicy)
     register_policy("autofreeze", AutoFreezePolicy)
+    register_policy("smartfrz", SmartFRZPolicy)
 
 
 _register_builtin()
