@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
     b.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, a narrow ResNet-20 (a few minutes)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--evals-per-epoch", type=int, default=1,
+                   help="test-accuracy measurements per epoch: time-to-accuracy is resolved to these points (default 1)")
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
     t = sub.add_parser("train-predictor", help="record training runs, train the SmartFRZ predictor, write its weights")
     t.add_argument("--mnist", metavar="DIR", default=None,
@@ -237,12 +239,13 @@ def _bench(ns: argparse.Namespace) -> int:
     epochs = ns.epochs or (2 if ns.quick else 8)
     policies = [p.strip() for p in ns.policies.split(",") if p.strip()]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    for flag, v in (("--text-samples", ns.text_samples), ("--text-epochs", ns.text_epochs)):
+    for flag, v in (("--text-samples", ns.text_samples), ("--text-epochs", ns.text_epochs),
+                    ("--evals-per-epoch", ns.evals_per_epoch)):
         if v is not None and v <= 0:
             raise CliError(f"{flag} must be positive, got {v}")
     run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
-              progress=sys.stderr.isatty(), log=log)
+              progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

@@ -45,7 +45,8 @@ class RunResult:
         return asdict(self)
 
     def time_to_accuracy(self, target: float) -> float | None:
-        """Training seconds until the end of the first epoch reaching ``target``."""
+        """Training seconds until the first evaluation (epoch end, or a point inside an epoch
+        with ``evals_per_epoch``) reaching ``target``."""
         for e in self.epochs:
             if e["accuracy"] >= target:
                 return e["wall"]
@@ -114,6 +115,7 @@ def train_run(
     seed: int = 0,
     progress: bool = False,
     loss_every: int = 5,
+    evals_per_epoch: int = 1,
 ) -> RunResult:
     """Train ``model_fn()`` for ``epochs``; ``policy=None`` is plain PyTorch.
 
@@ -121,7 +123,11 @@ def train_run(
     sample_ids)`` (the ids let the activation cache work); it must be deterministic in
     ``epoch`` so that every run sees the same order. ``make_scheduler(opt, total_steps)``
     (needs ``steps_per_epoch``) builds a learning-rate scheduler stepped after every
-    optimizer step, so that a smooth decay never looks like an LR step to a policy."""
+    optimizer step, so that a smooth decay never looks like an LR step to a policy.
+    ``evals_per_epoch > 1`` (needs ``steps_per_epoch``) also measures test accuracy at evenly
+    spaced points inside each epoch (off the clock), so that time-to-accuracy is resolved
+    finer than an epoch; ``RunResult.epochs`` then has one entry per evaluation, with a
+    fractional ``epoch``."""
     torch.manual_seed(seed)
     model = model_fn()
     opt = make_optimizer(model)
@@ -159,10 +165,22 @@ def train_run(
     skipped = 0.0
     last_k = 0
     torch.manual_seed(seed + 1)  # dropout etc. draw the same numbers in every run
+    marks: set[int] = set()
+    if evals_per_epoch > 1:
+        if not steps_per_epoch:
+            raise ValueError("evals_per_epoch > 1 needs steps_per_epoch")
+        marks = {round(steps_per_epoch * j / evals_per_epoch) for j in range(1, evals_per_epoch)}
+
+    def evaluate(epoch_pos: float) -> float:
+        acc = accuracy(net, test_batches())
+        res.epochs.append({"epoch": epoch_pos, "wall": wall, "accuracy": acc, "step": step,
+                           "num_frozen": fm.num_frozen if fm is not None else 0})
+        return acc
+
     for epoch in range(epochs):
         net.train()
         t0 = time.perf_counter()
-        for batch in train_batches(epoch):
+        for i, batch in enumerate(train_batches(epoch)):
             inputs, y = batch[0], batch[1]
             ids = batch[2] if len(batch) > 2 else None  # dataset indices, for the activation cache
             ctx = fm.sample_ids(ids) if (fm is not None and ids is not None) else contextlib.nullcontext()
@@ -186,10 +204,13 @@ def train_run(
                     skipped += sum(flops[:k]) / total
             if step % loss_every == 0:
                 res.losses.append((step, float(loss.detach())))
+            if i + 1 in marks and steps_per_epoch:
+                wall += time.perf_counter() - t0
+                evaluate(epoch + (i + 1) / steps_per_epoch)
+                net.train()
+                t0 = time.perf_counter()
         wall += time.perf_counter() - t0
-        acc = accuracy(net, test_batches())
-        res.epochs.append({"epoch": epoch + 1, "wall": wall, "accuracy": acc, "step": step,
-                           "num_frozen": fm.num_frozen if fm is not None else 0})
+        acc = evaluate(float(epoch + 1))
         if bar is not None:
             bar.set_postfix(acc=f"{acc:.2f}", frozen=fm.num_frozen if fm is not None else 0)
             bar.update(1)

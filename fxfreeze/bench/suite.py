@@ -50,7 +50,7 @@ POLICIES: dict[str, PolicyRun] = {p.name: p for p in (
     PolicyRun("freezeout", "freezeout",
               lambda w, steps, n: {"freezeout": {"total_steps": steps, "t0": 0.5, "scaling": "cubic"}}),
     PolicyRun("autofreeze", "autofreeze",
-              lambda w, steps, n: {"autofreeze": {"interval": max(5, w.steps_per_epoch // 3)}}),
+              lambda w, steps, n: {"autofreeze": {"interval": max(5, w.steps_per_epoch)}}),  # one epoch
     PolicyRun("smartfrz", "smartfrz", lambda w, steps, n: {}),  # the shipped predictor, its defaults
     PolicyRun("manual", "manual", lambda w, steps, n: {"manual": {"schedule": {steps // 2: n // 2}}}),  # half at mid-run
 )}
@@ -69,13 +69,15 @@ def run_suite(
     quick: bool = False,
     seed: int = 0,
     progress: bool = False,
+    evals_per_epoch: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
 
     ``mnist``: a folder of MNIST idx files (workload 1); ``text``: sentence polarity files or
     a TSV (workload 2, MiniLM fine-tuning, ``text_epochs`` epochs, default ``epochs``);
-    ``cifar``: CIFAR-10 python batches (the vision workload on CIFAR instead of MNIST)."""
+    ``cifar``: CIFAR-10 python batches (the vision workload on CIFAR instead of MNIST);
+    ``evals_per_epoch``: test-accuracy measurements per epoch (time-to-accuracy resolution)."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise DataError(f"unknown policy {unknown[0]!r} for bench; choose from {', '.join(POLICIES)}")
@@ -96,7 +98,7 @@ def run_suite(
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "quick": quick, "epochs": epochs, "seed": seed, "workloads": {},
+        "quick": quick, "epochs": epochs, "seed": seed, "evals_per_epoch": evals_per_epoch, "workloads": {},
     }
     for w, epochs in workloads:
         steps = epochs * w.steps_per_epoch
@@ -112,6 +114,7 @@ def run_suite(
                 name, w.model_fn, w.train_batches, w.test_batches, epochs=epochs,
                 make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler, steps_per_epoch=w.steps_per_epoch,
                 policy=pr.policy, config=cfg, example_inputs=w.example_inputs, seed=seed, progress=progress,
+                evals_per_epoch=evals_per_epoch,
             )
             log(f"{w.name}: {name}: {runs[name].final_accuracy:.2f}% in {runs[name].wall_seconds:.1f}s "
                 f"({time.perf_counter() - t0:.0f}s with evaluation)")

@@ -15,7 +15,7 @@ RUNS = ["baseline", "egeria", "egeria+cache", "freezeout", "autofreeze", "smartf
 
 @pytest.mark.slow
 def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
-    rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "-o", str(tmp_path)])
+    rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "--evals-per-epoch", "2", "-o", str(tmp_path)])
     assert rc == 0
     rep = json.loads((tmp_path / "results.json").read_text())
     assert rep["quick"] is True and rep["machine"]["threads"] >= 1
@@ -25,7 +25,9 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
         assert 10.0 < r["final_accuracy"] <= 100.0, name
         assert r["wall_seconds"] > 0 and math.isfinite(r["wall_seconds"])
         assert 0.0 <= r["backward_flops_skipped"] <= 1.0
-        assert len(r["epochs"]) == 2 and r["losses"]
+        assert [e["epoch"] for e in r["epochs"]] == [0.5, 1.0, 1.5, 2.0] and r["losses"]  # 2 epochs, 2 evaluations each
+        walls = [e["wall"] for e in r["epochs"]]
+        assert walls == sorted(walls) and walls[-1] == pytest.approx(r["wall_seconds"])
         assert r["tta_seconds"] is None or r["tta_seconds"] <= r["wall_seconds"] + 1e-9
     assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
     assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
@@ -40,3 +42,5 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", "--policies", "egeria,warp", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "unknown policy 'warp'" in capsys.readouterr().err
+    assert main(["bench", "--evals-per-epoch", "0", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "--evals-per-epoch must be positive" in capsys.readouterr().err

@@ -204,6 +204,10 @@ def test_policy_freezes_a_growing_prefix_from_predictions_and_resumes(tmp_path: 
     assert fm2.num_frozen == fm.num_frozen and pol2.records == pol.records
     for n in pol.names[fm.num_frozen :]:
         assert torch.equal(pol2.history.history(n), pol.history.history(n))
+    # unfrozen blocks start their histories over (the old ones end where they froze)
+    fm.freeze_prefix(0)
+    _train(fm, opt, 1)
+    assert all(pol.history.count(n) <= 1 for n in pol.names[:k]) and pol.streak == 0
 
 
 def test_policy_with_shipped_predictor_runs_and_records_probabilities():

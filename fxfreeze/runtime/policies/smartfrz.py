@@ -54,6 +54,7 @@ class SmartFRZPolicy(Policy):
         self.timeline: list[dict[str, Any]] = []
         #: training-thread seconds spent recording and predicting (the policy's overhead)
         self.main_seconds = 0.0
+        self._last_k = 0
 
     def attach(self, freezer: Any) -> None:
         named = freezer.module._named_params
@@ -62,6 +63,12 @@ class SmartFRZPolicy(Policy):
                                      seed=int(self.cfg.seed))
 
     def decide(self, s: Signals) -> Decision | None:
+        if self.history is not None and s.num_frozen < self._last_k:
+            # unfrozen (by hand, or a resume to an earlier prefix): their old histories end
+            # where they froze, so they start over
+            self.history.clear(self.names[s.num_frozen : self._last_k])
+            self.streak = 0
+        self._last_k = s.num_frozen
         if self.history is None or s.step % self.record_interval != 0 or s.num_frozen >= self.hi:
             return None
         t0 = time.perf_counter()
