@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "AutoFreezeConfig", "SmartFRZConfig", "CacheConfig", "load_config"]
+__all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "AutoFreezeConfig", "SmartFRZConfig",
+           "CacheConfig", "load_config"]
+
 
 def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
     allowed = sorted(f.name for f in fields(cls))
@@ -180,8 +182,9 @@ class SmartFRZConfig:
     - ``threshold``: P(freeze) at or above which a block counts as freezable;
     - ``patience``: stages in a row at which the front block must be freezable;
     - ``seed``: which weight positions are sampled (fixed per block name);
-    - ``contiguous``: freeze only a prefix (the only mode the controller implements: a frozen
-      block in the middle would still need its backward pass for the blocks before it).
+    - ``contiguous``: freeze only a prefix, the only mode the controller implements: a frozen
+      block that follows an active one must still pass gradients back through itself to the
+      active one, so freezing it would save only its weight gradients.
     """
 
     weights: str | None = None
@@ -207,8 +210,9 @@ class SmartFRZConfig:
             raise ConfigError(f"smartfrz.threshold must be in (0, 1), got {t!r}")
         if self.contiguous is not True:
             raise ConfigError(
-                "smartfrz.contiguous must be true: fxfreeze freezes a prefix of blocks (a frozen block behind an "
-                "active one still runs its backward pass for the blocks in front of it, so it would save little)"
+                "smartfrz.contiguous must be true: fxfreeze freezes a prefix of blocks (a frozen block that follows "
+                "an active one must still pass gradients back through itself, so freezing it would save only its "
+                "weight gradients)"
             )
 
 

@@ -135,8 +135,12 @@ def save_predictor(model: FreezePredictor, path: str | os.PathLike[str], meta: M
     """Write the weights (float16: the file stays small; inference runs in float32) with a
     header: format, version, architecture, and ``meta`` (training data, evaluation...)."""
     header = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config, **dict(meta or {})}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_tensor_file(path, model.state_dict(), header, store_dtype=torch.float16)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_tensor_file(path, model.state_dict(), header, store_dtype=torch.float16)
+    except OSError as e:
+        raise PredictorError(f"cannot write SmartFRZ predictor weights to {str(path)!r}: {e.strerror}; "
+                             f"choose a writable file with --out") from e
 
 
 def load_predictor(path: str | os.PathLike[str] | None = None) -> tuple[FreezePredictor, dict[str, Any]]:

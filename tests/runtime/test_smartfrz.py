@@ -123,6 +123,10 @@ def test_weights_round_trip_and_bad_files_are_clear_errors(tmp_path: Path):
     not_ours.write_text("hello")
     with pytest.raises(fxfreeze.PredictorError, match="other.fxtf"):
         load_predictor(not_ours)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(fxfreeze.PredictorError, match="cannot write.*--out"):
+        save_predictor(m, blocker / "w.fxtf")  # its folder would be a file
     # at compile time, through the config: nothing trains before the error
     with pytest.raises(fxfreeze.PredictorError, match=r"corrupt\.fxtf"):
         fxfreeze.compile(zoo.resnet20(), config={"policy": "smartfrz", "smartfrz": {"weights": str(bad)}})
