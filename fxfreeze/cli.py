@@ -200,9 +200,7 @@ def _default_data(given: str | None, fallback: str) -> str | None:
 
 
 def _train_predictor(ns: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from .smartfrz import LabelRule, TrainSettings, train_predictor
+    from .smartfrz import LabelRule, train_predictor
 
     if ns.steps is not None and ns.steps <= 0:
         raise CliError(f"--steps must be positive, got {ns.steps}")
@@ -212,13 +210,10 @@ def _train_predictor(ns: argparse.Namespace) -> int:
         rule = LabelRule(**rule_args)
     except ValueError as e:
         raise CliError(f"--label-*: {e}") from e
-    settings = TrainSettings(steps=60, min_history=3) if ns.quick else TrainSettings()
-    if ns.steps is not None:
-        settings = replace(settings, steps=ns.steps)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     report = train_predictor(ns.out, mnist=_default_data(ns.mnist, "../shared/data/mnist10k"),
                              polarity=_default_data(ns.polarity, "../shared/data/movie-review-polarity"),
-                             records_dir=ns.records, quick=ns.quick, rule=rule, settings=settings, log=log)
+                             records_dir=ns.records, quick=ns.quick, rule=rule, steps=ns.steps, log=log)
     if ns.report:
         Path(ns.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print("| held-out family | examples | freezable | precision | recall | F1 |")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,12 +78,16 @@ def train_predictor(
     rule: LabelRule | None = None,
     settings: TrainSettings | None = None,
     record_interval: int = 10,
+    steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Regenerate the predictor weights (default: the file the package ships) and return
-    the report (runs, label statistics, leave-one-architecture-out metrics)."""
+    the report (runs, label statistics, leave-one-architecture-out metrics). ``steps``
+    overrides the fit's optimizer steps of ``settings`` (default: short with ``quick``)."""
     rule = rule or LabelRule()
     s = settings or (TrainSettings(steps=60, min_history=3) if quick else TrainSettings())
+    if steps is not None:
+        s = replace(s, steps=steps)
     target = Path(out) if out is not None else default_weights_path()
     paths = {"mnist": Path(mnist) if mnist else None, "polarity": Path(polarity) if polarity else None}
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..bench.runner import call_model, logits_of
+from ..bench.runner import accuracy, call_model, logits_of
 from ..data import load_mnist_idx, load_polarity, split_indices
 from ..errors import DataError
 from ..tensorfile import read_tensor_file, write_tensor_file
@@ -226,19 +226,15 @@ def run_job(spec: JobSpec, data: Dataset, *, record_interval: int = 10, sample_s
                 record()
         if log is not None:
             log(f"  {spec.name}: epoch {epoch + 1}/{spec.epochs}, loss {float(loss.detach()):.3f}")
-    fm.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(data.test), 500):
-            idx = data.test[i : i + 500]
-            correct += int((logits_of(call_model(fm, data.take(idx))).argmax(-1) == data.targets[idx]).sum())
+    test = ((data.take(data.test[i : i + 500]), data.targets[data.test[i : i + 500]]) for i in range(0, len(data.test), 500))
+    acc = accuracy(fm, test)
     fm.freezer.detach()
     final = grams[-1]
     cka = torch.tensor([[cka_from_grams(gt[b].double(), final[b].double()) for b in range(len(blocks))] for gt in grams])
     return JobRecord(
         name=spec.name, family=spec.family, blocks=[b.name for b in blocks],
         history=torch.stack(snaps, 1), cka=cka.float(), record_interval=record_interval, steps=step,
-        accuracy=100.0 * correct / max(len(data.test), 1), seconds=time.perf_counter() - t_start,
+        accuracy=acc, seconds=time.perf_counter() - t_start,
         meta={"dataset": data.name, "optimizer": spec.optimizer, "lr": spec.lr, "schedule": spec.schedule,
               "epochs": spec.epochs, "batch_size": spec.batch_size, "seed": spec.seed},
     )
