@@ -88,7 +88,8 @@ class EgeriaConfig:
       anchor's age is under ``threshold`` (1 = still moving steadily, 0 = levelled off) and
       the fit's noise under ``noise_limit``, at ``patience`` evaluations in a row;
     - ``reference_precision``: ``int8`` (static for convolutional blocks, dynamic for
-      Linear ones, fp32 fallback), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
+      Linear ones; blocks with nothing to quantize run in fp32 with their outputs rounded to
+      int8), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
     - ``lookahead``: blocks tracked beyond the front one (the front block alone decides; the
       ones behind it are tracked so that their evidence is ready when they reach the front);
     - ``refresh_every``: re-take the reference snapshot every this many evaluations;

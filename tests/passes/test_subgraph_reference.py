@@ -17,6 +17,7 @@ from fxfreeze.passes.reference import (
     fold_batchnorm,
     lift_modules,
     relative_error,
+    round_to_int8,
     snapshot,
 )
 from fxfreeze.passes.subgraph import block_outputs, extract
@@ -155,15 +156,44 @@ def test_int8_dynamic_on_a_transformer_and_bf16():
         assert relative_error(ref(inputs), fp) <= bound + 1e-6
 
 
-def test_unquantizable_block_falls_back_to_fp32():
+def test_unquantizable_block_gets_int8_rounded_outputs():
+    """A block with nothing to quantize still has int8 resolution under an int8 precision
+    (its outputs are rounded), and is exact under fp32."""
+
     class Elementwise(nn.Module):
         def forward(self, x):
-            return torch.tanh(x) * 2 + 1
+            return torch.tanh(x) * 2 + 1, (x > 0)
 
     gm = torch.fx.symbolic_trace(Elementwise())
-    ref = build_reference(gm, (torch.randn(4, 8),), "int8")
-    assert ref.backend == "fp32"
+    x = torch.randn(64, 8)
+    exact = Elementwise()(x)
+    ref = build_reference(gm, (x,), "int8")
+    assert ref.backend == "int8_outputs"
     assert any("int8_static" in r for r in ref.fallbacks) and any("int8_dynamic" in r for r in ref.fallbacks)
+    out, mask = ref((x,))
+    assert torch.equal(mask, exact[1])  # non-floating outputs pass through
+    assert out.unique().numel() <= 256
+    scale = (float(exact[0].max()) - min(float(exact[0].min()), 0.0)) / 255
+    torch.testing.assert_close(out, exact[0], rtol=0, atol=scale / 2 + 1e-6)
+    assert not torch.equal(out, exact[0])
+    for precision in ("int8_static", "int8_dynamic"):
+        assert build_reference(gm, (x,), precision).backend == "int8_outputs"
+    fp = build_reference(gm, (x,), "fp32")
+    assert fp.backend == "fp32" and torch.equal(fp((x,))[0], exact[0])
+
+
+def test_round_to_int8_edge_cases():
+    assert round_to_int8(torch.tensor([])).numel() == 0
+    c = torch.full((3,), 2.5)
+    torch.testing.assert_close(round_to_int8(c), c, rtol=1e-6, atol=0)  # range [0, 2.5]: the ends are levels
+    z = torch.zeros(4)
+    assert torch.equal(round_to_int8(z), z)
+    i = torch.arange(4)
+    assert round_to_int8(i) is i
+    h = torch.randn(100, dtype=torch.float64)
+    r = round_to_int8(h)
+    assert r.dtype == torch.float64 and r.unique().numel() <= 256
+    assert float((r - h).abs().max()) <= (float(h.max()) - float(h.min())) / 255 / 2 + 1e-9
 
 
 def test_builder_refreshes_weights_without_tracing_again():

@@ -306,7 +306,32 @@ def test_a_block_that_cannot_be_quantized_falls_back_with_a_warning(caplog, monk
     with caplog.at_level(logging.WARNING, logger="fxfreeze"):
         _train(fm, opt, x, y, 12)
     pol = fm.freezer.policy
-    assert pol.backends and set(pol.backends.values()) == {"fp32"}  # ResNet blocks have no Linear: int8 dynamic fails too
-    assert "falls back to fp32" in caplog.text and "no kernel for this op" in caplog.text
+    # ResNet blocks have no Linear, so int8 dynamic fails too: fp32 with int8-rounded outputs
+    assert pol.backends and set(pol.backends.values()) == {"int8_outputs"}
+    assert "falls back to int8_outputs" in caplog.text and "no kernel for this op" in caplog.text
     assert any(r.get("plasticity") for r in pol.timeline)
+    fm.freezer.detach()
+
+
+def test_an_embedding_block_is_measured_at_int8_resolution():
+    """The embedding block of a BERT-style model has nothing an int8 backend quantizes; its
+    reference rounds its outputs to int8, so at the anchor (age 0) it shows a quantization
+    floor like its int8 neighbours instead of an exact zero (docs/egeria.md)."""
+    torch.manual_seed(0)
+    model = zoo.bert_style()
+    x = zoo.example_inputs("bert_style", batch=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cfg = {"egeria": {"eval_interval": 2, "overhead_budget": 0, "asynchronous": False, "probe_size": 16, "freeze": False}}
+    fm = fxfreeze.compile(model, zoo.example_inputs("bert_style"), optimizer=opt, config=cfg)
+    assert fm.plan.blocks[0].name == "stem"
+    for _ in range(4):
+        loss = fm(**x)["last_hidden_state"].pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pol = fm.freezer.policy
+    assert pol.backends[0] == "int8_outputs" and pol.backends[1] == "int8_dynamic"
+    first = next(r for r in pol.timeline if r.get("plasticity"))
+    floor0, floor1 = first["plasticity"][0], first["plasticity"][1]
+    assert floor0 > 0 and 0.01 < floor0 / floor1 < 100
     fm.freezer.detach()
