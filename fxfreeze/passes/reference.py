@@ -30,10 +30,11 @@ Backends:
 
 ``precision="int8"`` picks static for blocks with convolutions and dynamic otherwise, then
 falls back to the other int8 backend, then to ``int8_outputs`` and finally to fp32; every
-fallback is reported with its reason, never raised. Backends register by name (:func:`register_backend`), so a torchao
-pt2e backend can replace the deprecated ``torch.ao.quantization`` one without touching the
-callers. The deprecation warnings of ``torch.ao.quantization`` are filtered narrowly (by
-message) whenever a backend runs, so that they do not reach the user on every refresh.
+fallback is reported with its reason, never raised. Backends register by name
+(:func:`register_backend`), so a torchao pt2e backend can replace the deprecated
+``torch.ao.quantization`` one without touching the callers. The deprecation warnings of
+``torch.ao.quantization`` are filtered narrowly (by message) whenever a backend runs, so
+that they do not reach the user on every refresh.
 """
 
 from __future__ import annotations
@@ -136,8 +137,9 @@ class _Cast(ReferenceBackend):
 
 def round_to_int8(t: Any) -> Any:
     """``t`` rounded to the 256 levels of a per-tensor affine int8 quantization over its own
-    range (which always includes 0); anything but a non-empty floating-point tensor, and a
-    constant tensor, is returned as is."""
+    range (which always includes 0, so zeros stay exact); anything but a non-empty,
+    non-quantized floating-point tensor, and an all-zero or non-finite one, is returned as
+    is."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.is_quantized:
         return t
     lo = min(float(t.min()), 0.0)
