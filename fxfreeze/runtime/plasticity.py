@@ -65,8 +65,13 @@ class Trend:
     elasticity: float
     noise: float
     mean: float
+    #: False: the window's excess over the anchor's floor is not distinguishable from zero
+    #: (no motion the reference can resolve), which counts as flat
+    resolved: bool = True
 
     def flat(self, threshold: float, noise_limit: float) -> bool:
+        if not self.resolved:
+            return True
         return abs(self.elasticity) < threshold and self.noise < noise_limit
 
 
@@ -76,17 +81,24 @@ def flat_trend(
     xs: Sequence[float] | None = None,
     origin: float | None = None,
     noise_limit: float = 1.0,
+    floor: float | None = None,
 ) -> tuple[bool, Trend | None]:
     """Has the series levelled off? ``values`` is the window (oldest first), ``xs`` the
     steps it was measured at (default 0, 1, ...) and ``origin`` the anchor's step (default:
-    one spacing before the window). Needs 3 or more finite values with a positive mean."""
+    one spacing before the window). Needs 3 or more finite values.
+
+    ``floor``: the plasticity measured at the anchor itself (age 0: the same weights, so only
+    the reference's quantization error). The trend is then taken on the *excess* over it,
+    the block's own motion, which a large floor would otherwise flatten out; and a window
+    whose excess and slope are both within two standard errors of zero passes as settled
+    (``Trend.resolved`` False): no motion the reference can resolve."""
     v = [float(x) for x in values]
     n = len(v)
     if n < 3 or not all(math.isfinite(x) for x in v):
         return False, None
+    if floor is not None:
+        v = [x - float(floor) for x in v]
     mean = sum(v) / n
-    if mean <= 0:
-        return False, None
     xs = [float(x) for x in xs] if xs is not None else [float(i) for i in range(n)]
     if len(xs) != n:
         raise ValueError("flat_trend needs one x per value")
@@ -98,7 +110,13 @@ def flat_trend(
         origin = xs[0] - (xs[-1] - xs[0]) / (n - 1)
     slope = sum((x - xm) * (y - mean) for x, y in zip(xs, v)) / sxx
     resid = [y - (mean + slope * (x - xm)) for x, y in zip(xs, v)]
-    se = math.sqrt(sum(r * r for r in resid) / (n - 2) / sxx)
+    rss = sum(r * r for r in resid) / (n - 2)
+    se = math.sqrt(rss / sxx)
+    if floor is not None and mean <= 2.0 * math.sqrt(rss / n) and slope <= 2.0 * se:
+        t = Trend(elasticity=0.0, noise=0.0, mean=mean, resolved=False)
+        return True, t
+    if mean <= 0:
+        return False, None
     age = max(xm - float(origin), 1e-12)
     t = Trend(elasticity=slope * age / mean, noise=2.0 * se * (xs[-1] - xs[0]) / mean, mean=mean)
     return t.flat(threshold, noise_limit), t
@@ -115,6 +133,8 @@ class PlasticityTracker:
     origin: dict[int, float] = field(default_factory=dict)
     steps: dict[int, list[float]] = field(default_factory=dict)
     first: dict[int, float] = field(default_factory=dict)
+    #: block -> its plasticity at its anchor's own evaluation (the reference's floor)
+    floor: dict[int, float] = field(default_factory=dict)
     flat_count: dict[int, int] = field(default_factory=dict)
     last_trend: dict[int, Trend | None] = field(default_factory=dict)
 
@@ -123,6 +143,15 @@ class PlasticityTracker:
         ``origin``; a non-finite value resets the block's evidence."""
         if not math.isfinite(value) or value < 0:
             self.reset([block])
+            return
+        if step is not None and origin is not None and float(step) == float(origin):
+            # measured at the anchor itself: the floor the block's motion is judged above
+            self.reset([block])
+            self.floor[block] = value
+            self.origin[block] = float(origin)
+            if value > 0:
+                self.first[block] = value
+            self.last_trend[block] = None
             return
         s = self.series.setdefault(block, [])
         xs = self.steps.setdefault(block, [])
@@ -136,7 +165,7 @@ class PlasticityTracker:
         if origin is not None:
             self.origin[block] = float(origin)
         ok, trend = (
-            flat_trend(s, self.threshold, xs, self.origin.get(block), self.noise_limit)
+            flat_trend(s, self.threshold, xs, self.origin.get(block), self.noise_limit, self.floor.get(block))
             if len(s) == self.window
             else (False, None)
         )
@@ -161,6 +190,7 @@ class PlasticityTracker:
             self.flat_count.pop(b, None)
             self.last_trend.pop(b, None)
             self.first.pop(b, None)
+            self.floor.pop(b, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -168,6 +198,7 @@ class PlasticityTracker:
             "steps": {int(k): list(v) for k, v in self.steps.items()},
             "origin": {int(k): float(v) for k, v in self.origin.items()},
             "first": {int(k): float(v) for k, v in self.first.items()},
+            "floor": {int(k): float(v) for k, v in self.floor.items()},
             "flat_count": {int(k): int(v) for k, v in self.flat_count.items()},
         }
 
@@ -176,5 +207,6 @@ class PlasticityTracker:
         self.steps = {int(k): [float(x) for x in v] for k, v in state.get("steps", {}).items()}
         self.origin = {int(k): float(v) for k, v in state.get("origin", {}).items()}
         self.first = {int(k): float(v) for k, v in state.get("first", {}).items()}
+        self.floor = {int(k): float(v) for k, v in state.get("floor", {}).items()}
         self.flat_count = {int(k): int(v) for k, v in state.get("flat_count", {}).items()}
         self.last_trend = {}

@@ -62,6 +62,43 @@ def test_flat_trend_on_synthetic_series():
     assert flat_trend([0.0, 0.0, 0.0], 0.5)[0] is False
 
 
+def test_flat_trend_judges_the_excess_over_the_anchors_floor():
+    """A large quantization floor flattens a block's motion out of the raw series; the
+    excess over the floor (the value measured at the anchor itself) shows it."""
+    steps, origin = [100, 110, 120, 130, 140], 60
+    moving = [100.0 + 0.01 * (x - origin) for x in steps]  # floor 100, motion 0.4 .. 0.8
+    ok, t = flat_trend(moving, 0.5, steps, origin=origin)
+    assert ok and abs(t.elasticity) < 0.05  # the raw series looks flat
+    ok, t = flat_trend(moving, 0.5, steps, origin=origin, floor=100.0)
+    assert not ok and t.resolved and t.elasticity == pytest.approx(1.0)
+    # motion that has levelled off above the floor: settled, and resolved
+    ok, t = flat_trend([100.5, 100.51, 100.49, 100.5, 100.505], 0.5, steps, origin=origin, floor=100.0)
+    assert ok and t.resolved and abs(t.elasticity) < 0.1
+    # no motion the reference resolves: the excess is within the noise of zero
+    ok, t = flat_trend([100.02, 99.97, 100.01, 99.98, 100.015], 0.5, steps, origin=origin, floor=100.0)
+    assert ok and not t.resolved
+    # below the floor and falling is not motion either; growing out of the noise is
+    assert flat_trend([99.9, 99.8, 99.85, 99.7, 99.75], 0.5, steps, origin=origin, floor=100.0)[0]
+    ok, t = flat_trend([99.98, 100.0, 100.03, 100.06, 100.08], 0.5, steps, origin=origin, floor=100.0)
+    assert not ok and t.resolved
+
+
+def test_tracker_takes_the_floor_from_the_anchors_own_evaluation():
+    tr = PlasticityTracker(window=3, threshold=0.5)
+    tr.add(0, 5.0, step=10, origin=10)  # measured at the anchor: the floor
+    assert tr.floor[0] == 5.0 and not tr.series.get(0) and tr.normalized(0) is None
+    for step, v in ((20, 5.1), (30, 5.2), (40, 5.3)):
+        tr.add(0, v, step=step, origin=10)
+    t = tr.last_trend[0]
+    assert t.resolved and t.elasticity == pytest.approx(1.0, abs=0.05)  # 0.1, 0.2, 0.3 above the floor
+    assert tr.flat_count[0] == 0
+    tr2 = PlasticityTracker(window=3, threshold=0.5)
+    tr2.load_state_dict(tr.state_dict())
+    assert tr2.floor == {0: 5.0}
+    tr.add(0, 7.0, step=50, origin=50)  # a new anchor: new floor, evidence restarts
+    assert tr.floor[0] == 7.0 and not tr.series.get(0)
+
+
 def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
     tr = PlasticityTracker(window=5, threshold=0.5)
     for i, v in enumerate([1, 2, 3, 4, 5, 5.1, 5.0, 5.05, 4.95, 5.0]):

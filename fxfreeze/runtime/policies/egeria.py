@@ -129,7 +129,11 @@ class EgeriaPolicy(Policy):
         if self.cfg.freeze and self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
             self._fresh = False
             t = self.tracker.last_trend.get(k)
-            detail = f"elasticity {t.elasticity:+.3f}, noise {t.noise:.3f}" if t else "flat"
+            detail = (
+                "flat" if t is None
+                else "no motion above the reference's floor" if not t.resolved
+                else f"elasticity {t.elasticity:+.3f}, noise {t.noise:.3f}"
+            )
             return Decision(k + 1, f"Egeria: block {k} plasticity flat at {self.cfg.patience} evaluations ({detail})")
         return None
 
