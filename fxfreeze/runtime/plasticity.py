@@ -17,7 +17,9 @@ steps since the anchor): about 1 for a block moving at a steady pace, however lo
 anchor was taken, and about 0 once the distance has levelled off. A window passes when the
 elasticity is under ``threshold`` and the slope's two standard errors, as a change across
 the window relative to its mean, are under ``noise_limit``: a series too noisy to tell does
-not pass. (Per-interval drift, the increments of this series, was tried first and measured
+not pass. The value measured at the anchor's own evaluation (same weights: the reference's
+quantization error alone) is the block's *floor*; the trend is taken on the excess over it,
+and an excess within the noise of zero counts as settled (nothing the reference resolves). (Per-interval drift, the increments of this series, was tried first and measured
 too noisy to decide on: docs/egeria.md.)
 """
 
