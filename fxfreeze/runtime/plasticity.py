@@ -19,8 +19,9 @@ elasticity is under ``threshold`` and the slope's two standard errors, as a chan
 the window relative to its mean, are under ``noise_limit``: a series too noisy to tell does
 not pass. The value measured at the anchor's own evaluation (same weights: the reference's
 quantization error alone) is the block's *floor*; the trend is taken on the excess over it,
-and an excess within the noise of zero counts as settled (nothing the reference resolves). (Per-interval drift, the increments of this series, was tried first and measured
-too noisy to decide on: docs/egeria.md.)
+and an excess within the noise of zero counts as settled (nothing the reference resolves).
+(Per-interval drift, the increments of this series, was tried first and measured too noisy
+to decide on: docs/egeria.md.)
 """
 
 from __future__ import annotations
