@@ -226,8 +226,7 @@ def run_job(spec: JobSpec, data: Dataset, *, record_interval: int = 10, sample_s
                 record()
         if log is not None:
             log(f"  {spec.name}: epoch {epoch + 1}/{spec.epochs}, loss {float(loss.detach()):.3f}")
-    test = ((data.take(data.test[i : i + 500]), data.targets[data.test[i : i + 500]]) for i in range(0, len(data.test), 500))
-    acc = accuracy(fm, test)
+    acc = accuracy(fm, ((data.take(idx), data.targets[idx]) for idx in data.test.split(500)))
     fm.freezer.detach()
     final = grams[-1]
     cka = torch.tensor([[cka_from_grams(gt[b].double(), final[b].double()) for b in range(len(blocks))] for gt in grams])
