@@ -113,14 +113,14 @@ def bench(name: str, model_fn: Callable[[], nn.Module], ds: Dataset, example: An
             it = fm.wrap_loader(loader) if cached else loader
             fill = _epoch(fm, it, opt)
             t = _epoch(fm, it, opt)
-            st = dict(fm._cache.stats) if fm._cache is not None else {}
+            st = dict(fm.activation_cache.stats) if fm.activation_cache is not None else {}
             ideal = base * (1 - share) if cached else base * (1 - 2 * share / 3)
             rows.append({"workload": name, "k": k, "blocks": ", ".join(b.name for b in fm.plan.blocks[:k]),
                          "cached": cached, "epoch_s": t, "fill_s": fill, "ideal_s": ideal,
                          "share": share, "rss_mb": _rss_mb(), "stats": st})
             print(f"{name}: k={k} cached={cached} epoch {t:.1f}s (fill {fill:.1f}s), ideal {ideal:.1f}s", flush=True)
-            if fm._cache is not None:
-                fm._cache.close()
+            if fm.activation_cache is not None:
+                fm.activation_cache.close()
             fm.freezer.detach()
     return rows
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .api import plan
 from .errors import (
+    CallError,
     ConfigError,
     DataError,
     DistributedError,
@@ -40,6 +41,7 @@ __all__ = [
     "ModelError",
     "TraceError",
     "ExampleInputError",
+    "CallError",
     "PlanError",
     "ConfigError",
     "FreezeError",

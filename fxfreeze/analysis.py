@@ -52,17 +52,25 @@ def placeholder_values(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     signature: inspect.Signature | None = None,
+    in_spec: Any = None,
 ) -> list[Any]:
     """The value of every placeholder of ``gm`` for the call ``model(*args, **kwargs)``.
 
     ``signature`` is ``inspect.signature(model.forward)``; callers on the training step
-    pass it precomputed."""
+    pass it precomputed. ``in_spec`` is an exported graph's input spec: the call is
+    flattened by it (keyword arguments in the graph's order)."""
     codegen = gm.graph._codegen
     if type(codegen).__name__ == "_PyTreeCodeGen" and getattr(codegen, "pytree_info", None):
         info = codegen.pytree_info
-        if info.in_spec is not None and info.in_spec.num_children == 2 and info.in_spec.type is tuple:
-            flat, _ = tree_flatten((args, kwargs))
-            return list(flat)
+        spec = in_spec if in_spec is not None else info.in_spec
+        if spec is not None and spec.num_children == 2 and spec.type is tuple:
+            from torch.fx._pytree import tree_flatten_spec
+
+            try:
+                return list(tree_flatten_spec((args, kwargs), spec))
+            except Exception:  # noqa: BLE001 - a structure the spec does not describe
+                flat, _ = tree_flatten((args, kwargs))
+                return list(flat)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         sig = signature if signature is not None else inspect.signature(model.forward)

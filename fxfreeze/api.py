@@ -12,7 +12,7 @@ from .analysis import batch_size_of, propagate
 from .errors import PlanError
 from .partition import GraphIndex, propose
 from .plan import FreezePlan, build_plan, starts_from_plan
-from .trace import Capture, capture, normalize_inputs
+from .trace import DEFAULT_TIMEOUT, Capture, capture
 
 __all__ = ["plan", "analyze", "Analysis"]
 
@@ -34,10 +34,11 @@ def analyze(
     *,
     plan: FreezePlan | str | None = None,
     strategy: str = "auto",
+    capture_timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Analysis:
     """Capture, annotate and partition ``model`` (see :func:`plan`)."""
-    cap = capture(model, example_inputs, strategy=strategy)
-    args, kwargs = normalize_inputs(example_inputs)
+    cap = capture(model, example_inputs, strategy=strategy, timeout=capture_timeout)
+    args, kwargs = cap.example_args, cap.example_kwargs
     if cap.executable:
         gm = cap.build(model)
         if args or kwargs:
@@ -79,6 +80,7 @@ def plan(
     *,
     plan: FreezePlan | str | None = None,
     strategy: str = "auto",
+    capture_timeout: float | None = DEFAULT_TIMEOUT,
 ) -> FreezePlan:
     """Find the freezable blocks of ``model``.
 
@@ -87,5 +89,14 @@ def plan(
     ``None``. With inputs, blocks carry FLOPs and per-sample frontier bytes, and models that
     ``torch.fx`` cannot trace are captured with ``torch.export``; without, only structure is
     known. ``plan`` re-derives an edited plan (or a path to one) on this model.
+    ``strategy`` forces a capture strategy (``fx``, ``export``, ``hooks``);
+    ``capture_timeout`` bounds each capture attempt in seconds (None: no bound), past
+    which fxfreeze falls back to the next strategy and says so in ``plan.notes``.
+
+    Example::
+
+        p = fxfreeze.plan(model, {"input_ids": ids, "attention_mask": mask})
+        print(p.table())
+        p.blocks[1].params      # exactly the parameters block 1 owns
     """
-    return analyze(model, example_inputs, plan=plan, strategy=strategy).plan
+    return analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout).plan

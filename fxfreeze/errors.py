@@ -12,6 +12,7 @@ __all__ = [
     "ModelError",
     "TraceError",
     "ExampleInputError",
+    "CallError",
     "PlanError",
     "ConfigError",
     "FreezeError",
@@ -36,6 +37,11 @@ class TraceError(FxFreezeError):
 
 class ExampleInputError(FxFreezeError, ValueError):
     """The example inputs do not fit the model (wrong shape, dtype or arity)."""
+
+
+class CallError(FxFreezeError, TypeError):
+    """A call of a compiled module does not fit the model's ``forward`` (the eager model
+    would raise ``TypeError`` too); the message names the arguments."""
 
 
 class PlanError(FxFreezeError, ValueError):

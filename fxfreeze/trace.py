@@ -25,6 +25,13 @@ Three strategies, tried in order until one gives a usable graph:
 
 The chosen strategy and the reasons for leaving the earlier ones are recorded in
 :class:`Capture` and, from there, in the freeze plan.
+
+Every attempt runs under a time bound (:mod:`fxfreeze.timebound`, ``timeout`` seconds,
+:data:`DEFAULT_TIMEOUT` by default): past it, export with dynamic shapes falls back to
+static shapes, then to the fx graph with leaves, then to hooks, and the notes say so.
+Capturing leaves no trace on the model: buffers, training flags and the random number
+generators are restored, and autocast is off while capturing (a graph captured in full
+precision runs under the caller's autocast like the eager model).
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .capture_export import export_graph, resolve, unknown_outputs
 from .errors import ExampleInputError, ModelError, TraceError
+from .timebound import CaptureTimeout, time_bound
 
 __all__ = [
     "Capture",
@@ -48,7 +57,12 @@ __all__ = [
     "normalize_inputs",
     "module_path_of",
     "preserved_state",
+    "canonical_call",
+    "capture_call",
+    "describe_call",
+    "forward_signature",
     "STRATEGIES",
+    "DEFAULT_TIMEOUT",
 ]
 
 logger = logging.getLogger("fxfreeze")
@@ -59,6 +73,8 @@ STRATEGIES = ("auto", "fx", "export", "hooks")
 #: parametrised children probably hides repeated blocks; then export is tried as well.
 _HIDDEN_STRUCTURE_SHARE = 0.25
 _MAX_ESCALATIONS = 256
+#: Seconds one capture attempt may take before fxfreeze falls back to the next strategy.
+DEFAULT_TIMEOUT = 180.0
 
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -113,13 +129,16 @@ def module_path_of(node: fx.Node) -> str:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run code on ``model`` without leaving a trace: buffers (BatchNorm running stats,
-    counters) and every module's training flag are restored afterwards."""
+    counters), every module's training flag and the random number generators (dropout in
+    a capture must not shift the user's random stream) are restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     buffers = {
         name: buf.detach().clone() for name, buf in model.named_buffers() if buf is not None
     }
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        yield
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
@@ -128,6 +147,38 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                     buf.copy_(saved)
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextlib.contextmanager
+def _full_precision() -> Iterator[None]:
+    """Autocast off: a capture records the model's own dtypes; the graph then runs under
+    whatever autocast the caller has, exactly like the eager model."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+def canonical_call(
+    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One form for equivalent calls: ``m(x, mask=y)`` and ``m(input=x, mask=y)`` both
+    become ``(x,), {"mask": y}`` (arguments that can be positional are positional until
+    the first one left out; keyword arguments follow in the signature's order). Raises
+    ``TypeError`` (the model's own complaint) when the call does not fit ``signature``."""
+    if signature is None:
+        return args, kwargs
+    bound = signature.bind(*args, **kwargs)
+    return bound.args, bound.kwargs
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """``inspect.signature(model.forward)``, or None when it cannot be read."""
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -148,6 +199,23 @@ class Capture:
     extra_attrs: dict[str, Any] = field(default_factory=dict)
     example_args: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: export only: checks a call's flattened inputs against the graph's shape guards
+    guard: Any = None
+    in_spec: Any = None
+
+    def accepts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Does the call ``(args, kwargs)`` (canonical, same structure as the example)
+        satisfy this graph's guards? fx graphs are shape-generic: always True."""
+        if self.guard is None or self.in_spec is None:
+            return True
+        from torch.fx._pytree import tree_flatten_spec
+
+        try:
+            flat = tree_flatten_spec((args, kwargs), self.in_spec)
+            self.guard(*flat)
+        except Exception:  # noqa: BLE001 - AssertionError from a guard, or a structure mismatch
+            return False
+        return True
 
     def attributes(self, model: nn.Module) -> dict[str, Any]:
         """Every ``get_attr`` / ``call_module`` target of the graph, resolved on ``model``
@@ -160,7 +228,7 @@ class Capture:
                     root[target] = self.extra_attrs[target]
                     continue
                 try:
-                    root[target] = _resolve(model, target)
+                    root[target] = resolve(model, target)
                 except AttributeError as e:
                     raise TraceError(
                         f"graph node {node.name!r} refers to {target!r}, which the model "
@@ -179,13 +247,6 @@ class Capture:
         root = self.attributes(model)
         gm = fx.GraphModule(root, self.graph, class_name=type(model).__name__ + "Graph")
         return gm
-
-
-def _resolve(model: nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _LeafTracer(fx.Tracer):
@@ -269,57 +330,6 @@ def _hides_structure(model: nn.Module, leaves: Mapping[str, str]) -> str | None:
     return None
 
 
-def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    from torch.export import Dim
-
-    def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())}
-        if isinstance(x, (list, tuple)):
-            return type(x)(spec(v) for v in x)
-        if isinstance(x, dict):
-            return {k: spec(v) for k, v in x.items()}
-        return None
-
-    return spec(args), spec(kwargs)
-
-
-def _trace_export(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[fx.Graph, dict[str, Any]]:
-    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
-    dynamic: Any
-    if kwargs and not args:
-        dynamic = dyn_kwargs
-    elif args and not kwargs:
-        dynamic = dyn_args
-    else:
-        dynamic = None
-    with preserved_state(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
-        except Exception:  # noqa: BLE001 - dynamic shapes are a nicety, retry static
-            ep = torch.export.export(model, args, kwargs, strict=False)
-    unlifted = ep.module()
-    graph = unlifted.graph
-    extra: dict[str, Any] = {}
-    for node in list(graph.nodes):
-        if node.op in ("get_attr", "call_module"):
-            target = str(node.target)
-            try:
-                _resolve(model, target)
-            except AttributeError:
-                extra[target] = _resolve(unlifted, target)
-    # Shape guards are checked by the ops themselves; a guard module would pin the
-    # batch size. Drop it (it has no users).
-    for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target) == "_guards_fn" and not node.users:
-            graph.erase_node(node)
-            extra.pop("_guards_fn", None)
-    return graph, extra
-
-
 def _trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Graph:
     """Record leaf-module execution order with forward hooks (planning only)."""
     graph = fx.Graph()
@@ -387,28 +397,46 @@ def _check_model(model: Any) -> nn.Module:
     return model
 
 
-def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Check that the example inputs fit the model before any capture is attempted."""
+def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Check that the example inputs fit the model before any capture is attempted; return
+    the output (what a graph of this call must return)."""
     try:
         with preserved_state(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model(*args, **kwargs)
+            return model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported to the user as a bad input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExampleInputError(
-            f"{type(model).__name__} fails on the example inputs ({_describe(args, kwargs)}): "
+            f"{type(model).__name__} fails on the example inputs ({describe_call(args, kwargs)}): "
             f"{type(e).__name__}: {first}. Give inputs of the shape and dtype the model expects."
         ) from e
 
 
-def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def describe_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``"int64[2, 12], attention_mask=int64[2, 12]"``: a call's inputs in one line."""
+
     def d(x: Any) -> str:
         if isinstance(x, torch.Tensor):
             return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+        if x is None or isinstance(x, (bool, int, float)):
+            return repr(x)
         return type(x).__name__
 
     parts = [d(a) for a in args] + [f"{k}={d(v)}" for k, v in kwargs.items()]
     return ", ".join(parts) or "no inputs"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:300]
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise TraceError(f"capture_timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
 
 
 def capture(
@@ -416,27 +444,68 @@ def capture(
     example_inputs: Any = None,
     *,
     strategy: str = "auto",
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> Capture:
     """Capture ``model`` as an FX graph (see the module docstring for the strategies).
 
     ``strategy`` forces one of ``"fx"``, ``"export"`` or ``"hooks"``; ``"auto"`` tries fx,
     then export, then hooks, and prefers export over fx when fx had to hide a large
-    structured submodule in one leaf and export does not fail.
+    structured submodule in one leaf and export does not fail. ``timeout`` bounds each
+    attempt in seconds (None: no bound).
+
+    Example::
+
+        cap = capture(model, {"input_ids": ids, "attention_mask": mask})
+        cap.strategy, cap.reasons   # e.g. "export", ["fx cannot trace the root forward (...)"]
     """
+    args, kwargs = normalize_inputs(example_inputs)
+    return capture_call(model, args, kwargs, strategy=strategy, timeout=timeout)
+
+
+def capture_call(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    strategy: str = "auto",
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> Capture:
+    """:func:`capture` on the call ``model(*args, **kwargs)``."""
     model = _check_model(model)
     if strategy not in STRATEGIES:
         raise TraceError(f"unknown capture strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    args, kwargs = normalize_inputs(example_inputs)
+    timeout = _check_timeout(timeout)
+    try:
+        if args or kwargs:
+            args, kwargs = canonical_call(forward_signature(model), args, kwargs)
+    except TypeError as e:
+        raise ExampleInputError(
+            f"the example inputs ({describe_call(args, kwargs)}) do not fit {type(model).__name__}.forward: {e}"
+        ) from e
+    with _full_precision():
+        return _capture(model, args, kwargs, strategy, timeout)
+
+
+def _capture(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], strategy: str, timeout: float | None
+) -> Capture:
+    name = type(model).__name__
     have_inputs = bool(args or kwargs)
+    strip: list[str] = []
     if have_inputs:
-        _run_eager(model, args, kwargs)
+        strip = unknown_outputs(_run_eager(model, args, kwargs))
     reasons: list[str] = []
     common = dict(training=model.training, example_args=args, example_kwargs=kwargs)
+    bound = f"{timeout:g} s" if timeout else ""
 
     fx_graph: fx.Graph | None = None
     leaves: dict[str, str] = {}
     if strategy in ("auto", "fx"):
-        fx_graph, leaves, failure = _trace_fx(model, args, kwargs)
+        try:
+            with time_bound(timeout):
+                fx_graph, leaves, failure = _trace_fx(model, args, kwargs)
+        except CaptureTimeout:
+            fx_graph, failure = None, f"fx tracing took longer than {bound}"
         if fx_graph is not None:
             hidden = _hides_structure(model, leaves) if strategy == "auto" else None
             if hidden is None:
@@ -453,23 +522,43 @@ def capture(
         else:
             reasons.append(str(failure))
             if strategy == "fx":
-                raise TraceError(f"{type(model).__name__}: {failure}")
+                raise TraceError(f"{name}: {failure}")
 
     if strategy in ("auto", "export"):
         if not have_inputs:
             msg = "torch.export needs example inputs"
             if strategy == "export":
-                raise TraceError(f"{type(model).__name__}: {msg}; pass example_inputs")
+                raise TraceError(f"{name}: {msg}; pass example_inputs")
             reasons.append(msg)
         else:
-            try:
-                graph, extra = _trace_export(model, args, kwargs)
-                return Capture(graph, "export", reasons=reasons, extra_attrs=extra, **common)  # type: ignore[arg-type]
-            except Exception as e:  # noqa: BLE001
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                reasons.append(f"torch.export failed ({type(e).__name__}: {first[:300]})")
-                if strategy == "export":
-                    raise TraceError(f"{type(model).__name__}: {reasons[-1]}") from e
+            if strip:
+                reasons.append(
+                    "the model's output holds objects a graph cannot return: "
+                    + ", ".join(strip)
+                    + "; the compiled module returns None in their place (a key/value cache is an "
+                    "inference feature that training does not read; calls that need it can run the model itself)"
+                )
+            for dynamic in (True, False):
+                try:
+                    with preserved_state(model), time_bound(timeout):
+                        res = export_graph(model, args, kwargs, dynamic=dynamic, strip=bool(strip))
+                    if not dynamic:
+                        reasons.append("exported with static shapes: other shapes get their own capture")
+                    return Capture(
+                        res.graph, "export", reasons=reasons, extra_attrs=res.extra,
+                        guard=res.guard, in_spec=res.in_spec, **common,  # type: ignore[arg-type]
+                    )
+                except CaptureTimeout:
+                    shapes = "dynamic" if dynamic else "static"
+                    reasons.append(f"torch.export with {shapes} shapes took longer than {bound}")
+                    error: BaseException | None = None
+                except Exception as e:  # noqa: BLE001 - each failure is reported in the notes
+                    error = e
+                    if dynamic:
+                        continue  # dynamic shapes are a nicety: retry static
+                    reasons.append(f"torch.export failed ({type(e).__name__}: {_first_line(e)})")
+            if strategy == "export":
+                raise TraceError(f"{name}: {reasons[-1]}") from error
 
     if fx_graph is not None:
         reasons.append("falling back to the fx graph with leaves: " + ", ".join(leaves))
@@ -478,10 +567,14 @@ def capture(
     if strategy in ("auto", "hooks"):
         if not have_inputs:
             raise TraceError(
-                f"{type(model).__name__} cannot be traced symbolically ({'; '.join(reasons)}); "
+                f"{name} cannot be traced symbolically ({'; '.join(reasons)}); "
                 "pass example_inputs so fxfreeze can capture it with torch.export or hooks"
             )
-        graph = _trace_hooks(model, args, kwargs)
+        try:
+            with time_bound(timeout):
+                graph = _trace_hooks(model, args, kwargs)
+        except CaptureTimeout:
+            raise TraceError(f"{name}: every capture strategy took longer than {bound} ({'; '.join(reasons)})") from None
         reasons.append("captured module execution order with forward hooks (plan only)")
         return Capture(graph, "hooks", reasons=reasons, executable=False, **common)  # type: ignore[arg-type]
-    raise TraceError(f"{type(model).__name__}: " + "; ".join(reasons))
+    raise TraceError(f"{name}: " + "; ".join(reasons))

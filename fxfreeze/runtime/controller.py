@@ -134,7 +134,7 @@ class Freezer:
         self.module._set_prefix(k)
         newly = [n for n in self.module.frozen_parameter_names(k) if n not in before]
         if self.optimizer is not None and self.config.release_optimizer_state:
-            named = self.module._named_params
+            named = self.module.params_by_name
             for n in newly:
                 self.optimizer.state.pop(named[n], None)
         self._record("freeze" if k > old else "unfreeze", old, k, reason)
@@ -198,7 +198,7 @@ class Freezer:
         k = self.module.check_prefix(int(state["num_frozen"]))
         self.module._set_prefix(k)
         if self.optimizer is not None and self.config.release_optimizer_state:
-            named = self.module._named_params
+            named = self.module.params_by_name
             for n in self.module.frozen_parameter_names(k):
                 self.optimizer.state.pop(named[n], None)
         self.step_count = int(state["step"])

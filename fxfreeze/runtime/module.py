@@ -1,15 +1,24 @@
 """``fxfreeze.compile`` and the module it returns.
 
-:class:`FreezableModule` runs the captured graph instead of the model's Python ``forward``
-and shares every parameter, buffer and submodule with the original model: its
-``state_dict()`` keys are the original's, so checkpoints move freely between the two. Until
-a prefix is frozen it computes exactly what the model computes; with ``k`` blocks frozen the
+:class:`FreezableModule` runs captured graphs instead of the model's Python ``forward`` and
+shares every parameter, buffer and submodule with the original model: its ``state_dict()``
+keys are the original's, so checkpoints move freely between the two. Until a prefix is
+frozen it computes exactly what the model computes; with ``k`` blocks frozen the
 :class:`~fxfreeze.passes.CutBackward` pass keeps autograd out of those blocks, their
 parameters stop requiring gradients and their modules run in ``eval()`` mode (BatchNorm
 running statistics stop updating, dropout is off).
 
-A graph is captured per training mode, because tracing bakes the mode into functional
-calls (``F.dropout(x, training=self.training)``) and ``torch.export`` specialises on it.
+- **Any call.** Graphs are kept per kind of call (:mod:`fxfreeze.runtime.graphs`): another
+  keyword set, dtype or shape that a graph cannot take is captured again, up to
+  ``max_graphs``; beyond, or when a capture fails, the model's own forward runs.
+  ``inspect.signature(fm.forward)`` is the model's, so libraries that inspect it (the HF
+  Trainer drops dataset columns the signature does not name) see the model.
+- **One training mode.** The module and the model share one mode: ``fm.training`` *is*
+  ``model.training``, and ``train()``/``eval()`` on either object switch both. Frozen
+  modules stay in eval mode whoever calls ``train()``.
+- **In place.** :meth:`FreezableModule.install` routes calls of the original model to the
+  compiled module, for training loops that hold the model (the HF Trainer and Lightning
+  integrations use it).
 """
 
 from __future__ import annotations
@@ -17,70 +26,73 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections import deque
+import threading
+import types
+import weakref
 from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..analysis import placeholder_values
 from ..api import Analysis, analyze
 from ..config import FreezeConfig, load_config
-from ..errors import FreezeError, ModelError
+from ..errors import CallError, FreezeError, ModelError
 from ..passes import CutBackward
-from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
-from ..passes.cut_backward import META_INSERTED, META_ORIG_ARGS
-from ..passes.subgraph import extract
-from ..plan import HEAD, META_BLOCK, FreezePlan, block_of, param_uses, starts_from_plan
-from ..trace import Capture, capture, module_path_of, preserved_state
+from ..plan import HEAD, FreezePlan, block_of, param_uses, starts_from_plan
+from ..trace import DEFAULT_TIMEOUT, canonical_call, describe_call, forward_signature
+from .cached_graph import CachedGraph
+from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
+from .loader import SampleIdLoader
 
 __all__ = ["FreezableModule", "SampleIdLoader", "compile"]
 
 logger = logging.getLogger("fxfreeze")
 _INF = 1 << 30
+#: original model -> weak reference to the module compiled from it (a second compile takes over)
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[FreezableModule]]" = weakref.WeakKeyDictionary()
+#: per thread: ids of compiled modules whose installed route steps aside (captures, eager calls)
+_BYPASS = threading.local()
 
 
-def _transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
-    """Annotate ``dst`` (the same model captured in the other training mode) with the
-    blocks of ``src``: by node name when the graphs match, else by owning module, keeping
-    block indices non-decreasing in execution order."""
-    comp = ("call_function", "call_method", "call_module")
-    # src may carry a CutBackward cut (the graph is shared with its GraphModule): skip its nodes
-    s_nodes = [n for n in src.nodes if n.op in comp and not n.meta.get(META_INSERTED)]
-    d_nodes = [n for n in dst.nodes if n.op in comp]
-    if [n.name for n in s_nodes] == [n.name for n in d_nodes]:
-        for a, b in zip(s_nodes, d_nodes):
-            b.meta[META_BLOCK] = a.meta.get(META_BLOCK)
-    else:
-        by_owner: dict[str, list[int]] = {}
-        for n in s_nodes:
-            b = n.meta.get(META_BLOCK)
-            key = _INF if b == HEAD else int(b)
-            by_owner.setdefault(module_path_of(n), []).append(key)
-        prev = 0
-        for n in d_nodes:
-            owner = module_path_of(n)
-            cands: list[int] = []
-            while True:
-                cands = sorted(set(by_owner.get(owner, [])))
-                if cands or not owner:
-                    break
-                owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-            ok = [c for c in cands if c >= prev]
-            cur = ok[0] if ok else prev
-            prev = cur
-            n.meta[META_BLOCK] = HEAD if cur == _INF else cur
-    for n in dst.nodes:
-        if n.op == "get_attr":
-            bs = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
-            n.meta[META_BLOCK] = min(bs, key=lambda x: (x == HEAD, x)) if bs else None
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` of a frozen module: it stays in eval mode, whoever asks."""
+    return type(self).train(self, False)
+
+
+def _hold_eval(m: nn.Module) -> None:
+    m.__dict__["train"] = types.MethodType(_frozen_train, m)
+    m.train(False)
+
+
+def _release_eval(m: nn.Module, mode: bool) -> None:
+    m.__dict__.pop("train", None)
+    m.train(mode)
+
+
+def _forward_with(sig: inspect.Signature | None, run: Any) -> Any:
+    """A per-instance ``forward`` function whose signature is ``sig`` (plus ``self``)."""
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, args, kwargs)
+
+    if sig is not None:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
+    return forward
 
 
 class FreezableModule(nn.Module):
     """The compiled model. Use it exactly like the original; see :func:`compile`."""
 
-    def __init__(self, model: nn.Module, analysis: Analysis) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        analysis: Analysis,
+        *,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+        capture_timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
         super().__init__()
         # Share the original hierarchy under the same names: same state_dict keys, same
         # parameter objects, and .to()/.train() reach the original modules.
@@ -91,22 +103,22 @@ class FreezableModule(nn.Module):
         for name, b in model._buffers.items():
             self._buffers[name] = b
         self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
-        self.training = model.training
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_analysis", analysis)
         self.plan: FreezePlan = analysis.plan
-        self._captures: dict[bool, Capture] = {analysis.capture.training: analysis.capture}
-        self._gms: dict[bool, fx.GraphModule] = {}
+        self._installed: tuple[bool, Any] | None = None  # (had an instance forward, its value)
+        self._eager_forward = model.forward
+        self.graphs = GraphCache(
+            model, analysis.capture, max_graphs=max_graphs, timeout=capture_timeout, bypass=self._bypass
+        )
         self._num_frozen = 0
         self._saved_requires_grad: dict[str, bool] = {}
         self._eval_modules: list[nn.Module] = []
         self.freezer: Any = None  # set by compile()
-        #: called with (args, kwargs) on training-mode forwards (the Egeria probe batch)
-        self._probe_hook: Any = None
+        #: called with the canonical (args, kwargs) of training-mode forwards (Egeria's probe)
+        self.probe_hook: Any = None
         self._cache: Any = None  # an ActivationCache when caching is on (set by compile)
-        self._cached_gm: fx.GraphModule | None = None
-        self._cache_k = 0
-        self._cache_frontier: list[str] | None = None  # for refilling a deeper prefix
+        self._cached: CachedGraph | None = None
         ix = analysis.index
         proposal = starts_from_plan(ix, self.plan)
         uses, _ = param_uses(ix)
@@ -115,12 +127,21 @@ class FreezableModule(nn.Module):
             bs = [block_of(i, proposal.starts, proposal.head_start) for i in positions]
             self._param_last_block[name] = max(_INF if b == HEAD else b for b in bs)
         self._named_params = dict(model.named_parameters())
-        try:  # bound once: keyword calls map onto graph inputs every step
-            self._signature: inspect.Signature | None = inspect.signature(model.forward)
-        except (TypeError, ValueError):
-            self._signature = None
+        self.forward = types.MethodType(_forward_with(self.graphs.signature, FreezableModule._run), self)
 
-    # -- graph management ----------------------------------------------------------------
+    # -- one training mode with the model ------------------------------------------------------
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        model = self.__dict__.get("_model")
+        return True if model is None else model.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_model")
+        if model is not None:
+            model.training = mode
+
+    # -- public state ------------------------------------------------------------------------------
     @property
     def num_frozen(self) -> int:
         """How many leading blocks are frozen now."""
@@ -128,76 +149,157 @@ class FreezableModule(nn.Module):
 
     @property
     def strategy(self) -> str:
+        """How the model was captured: ``fx`` or ``export``."""
         return self._analysis.capture.strategy
 
-    def _capture_for(self, mode: bool) -> Capture:
-        cap = self._captures.get(mode)
-        if cap is None:
-            base = self._analysis.capture
-            model = self._model
-            inputs = base.example_kwargs if base.example_kwargs else base.example_args
-            with preserved_state(model):  # restores every module's training flag
-                model.train(mode)
-                cap = capture(model, inputs if (base.example_args or base.example_kwargs) else None, strategy=base.strategy)
-            _transfer_blocks(base.graph, cap.graph)
-            self._captures[mode] = cap
-        return cap
+    @property
+    def model(self) -> nn.Module:
+        """The original model (shares every parameter with this module)."""
+        return self._model
 
-    def _graph_module(self, mode: bool) -> fx.GraphModule:
-        gm = self._gms.get(mode)
+    @property
+    def params_by_name(self) -> dict[str, nn.Parameter]:
+        """The model's parameters by name (the names plans and policies use)."""
+        return self._named_params
+
+    @property
+    def activation_cache(self) -> Any:
+        """The :class:`~fxfreeze.runtime.cache.ActivationCache`, or None when caching is off."""
+        return self._cache
+
+    @property
+    def cached_graph_module(self) -> fx.GraphModule | None:
+        """The training graph whose frozen prefix reads the activation cache (None until a
+        cached training step ran)."""
+        return self._cached.gm if self._cached is not None else None
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def graph_module_of(self, entry: GraphEntry) -> fx.GraphModule:
+        """``entry``'s GraphModule on the model's current tensors, with the current cut."""
+        gm = entry.graph_module
         if gm is None:
-            gm = self._capture_for(mode).build(self._model)
+            gm = entry.capture.build(self._model)
             CutBackward(self._num_frozen)(gm)
-            self._gms[mode] = gm
+            entry.graph_module = gm
         return gm
 
     def graph_module(self, training: bool | None = None) -> fx.GraphModule:
-        """The graph module run in the given (default: current) training mode."""
-        return self._graph_module(self.training if training is None else training)
+        """The graph module of the example call's structure in the given (default:
+        current) training mode."""
+        mode = self.training if training is None else training
+        return self.graph_module_of(self.graphs.primary(mode))
+
+    @contextlib.contextmanager
+    def _bypass(self) -> Iterator[None]:
+        """Calls of the model inside go to its own forward (an installed route steps aside)."""
+        active = getattr(_BYPASS, "ids", None)
+        if active is None:
+            active = _BYPASS.ids = {}
+        active[id(self)] = active.get(id(self), 0) + 1
+        try:
+            yield
+        finally:
+            active[id(self)] -= 1
+            if not active[id(self)]:
+                del active[id(self)]
+
+    def _bypassed(self) -> bool:
+        return id(self) in getattr(_BYPASS, "ids", {})
 
     def _apply(self, fn: Any, recurse: bool = True) -> "FreezableModule":
         super()._apply(fn, recurse)
-        # buffers are new tensor objects after .to(); keep the original model in step and
-        # rebuild graph modules so that get_attr nodes see them
+        # root-level tensors are new objects after .to(): keep the original model in step;
+        # graphs may have baked in the old dtype or device: capture again on the next call
         for name in list(self._buffers):
             self._model._buffers[name] = self._buffers[name]
         for name in list(self._parameters):
             self._model._parameters[name] = self._parameters[name]
-        self._gms.clear()
-        self._cached_gm = None
-        self._cache_k = 0
-        if self._cache is not None:
-            self._cache.clear()
+        self.graphs.reset()
+        if self._cached is not None:
+            self._cached.reset()
         self._named_params = dict(self._model.named_parameters())
         return self
 
-    # -- forward ---------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._probe_hook is not None and self.training:
-            self._probe_hook(args, kwargs)
-        gm = self._graph_module(self.training)
-        cap = self._captures[self.training]
-        if self.training and self._cache is not None and self._num_frozen > 0 and self._cache.enabled:
-            cgm = self._cache_graph()
+    # -- forward -------------------------------------------------------------------------------------
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        model = self._model
+        training = model.training
+        try:
+            args, kwargs = canonical_call(self.graphs.signature, args, kwargs)
+        except TypeError as e:
+            raise CallError(
+                f"{type(model).__name__}.forward does not accept this call ({describe_call(args, kwargs)}): {e}"
+            ) from e
+        if training and self.probe_hook is not None:
+            self.probe_hook(args, kwargs)
+        entry = self.graphs.lookup(training, args, kwargs)
+        if entry is None:
+            return self._run_eager(args, kwargs)
+        gm = self.graph_module_of(entry)
+        if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled:
+            cgm = self._cached.graph_for(entry, gm, model, self._num_frozen)
             if cgm is not None:
                 gm = cgm
         grad_mode = torch.is_grad_enabled()
         try:
-            if cap.strategy == "export":
-                return gm(*args, **kwargs)
-            if not kwargs and len(args) == self._n_placeholders(gm):
-                return gm(*args)
-            return gm(*placeholder_values(gm, self._model, args, kwargs, self._signature))
+            return entry.run(gm, model, args, kwargs, self.graphs.signature)
         finally:
             torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
 
-    @staticmethod
-    def _n_placeholders(gm: fx.GraphModule) -> int:
-        n = gm.__dict__.get("_fxfreeze_nph")
-        if n is None:
-            n = sum(1 for x in gm.graph.nodes if x.op == "placeholder")
-            gm.__dict__["_fxfreeze_nph"] = n
-        return n
+    def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._installed is not None:  # model(...) would route back here: call its forward
+            with self._bypass():
+                return self._eager_forward(*args, **kwargs)
+        return self._model(*args, **kwargs)
+
+    # -- in place ------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Route calls of the original model (``model(...)``) to this module, so that a
+        training loop holding the model trains the compiled graphs. The model's
+        ``forward`` becomes an instance attribute with the same signature; wrappers added
+        later (accelerate's autocast) wrap it. :meth:`uninstall` restores the model."""
+        if self._installed is not None:
+            return
+        model = self._model
+        had = "forward" in model.__dict__
+        self._installed = (had, model.__dict__.get("forward"))
+        self._eager_forward = model.forward
+        route = weakref.ref(self)
+
+        def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            fm = route()
+            if fm is None or fm._bypassed():
+                return (fm._eager_forward if fm is not None else type(model_self).forward.__get__(model_self))(*args, **kwargs)
+            return fm._run(args, kwargs)
+
+        model.__dict__["forward"] = types.MethodType(_forward_with(self.graphs.signature, run), model)
+
+    def uninstall(self) -> None:
+        """Undo :meth:`install`: calls of the model run its own forward again."""
+        if self._installed is None:
+            return
+        had, previous = self._installed
+        if had:
+            self._model.__dict__["forward"] = previous
+        else:
+            self._model.__dict__.pop("forward", None)
+        self._installed = None
+        self._eager_forward = self._model.forward
+
+    @property
+    def installed(self) -> bool:
+        return self._installed is not None
+
+    def detach(self) -> None:
+        """Give the model back: unfreeze every block, stop the controller (optimizer hook,
+        background threads) and undo :meth:`install`. The module still runs, unfrozen."""
+        if self.freezer is not None:
+            self.freezer.detach()
+        self._set_prefix(0)
+        self.uninstall()
+        owner = _OWNERS.get(self._model)
+        if owner is not None and owner() is self:
+            del _OWNERS[self._model]
 
     # -- freezing mechanics (the controller decides; this applies) ------------------------
     def freeze_prefix(self, k: int) -> None:
@@ -208,6 +310,7 @@ class FreezableModule(nn.Module):
             self._set_prefix(k)
 
     def check_prefix(self, k: Any) -> int:
+        """``k`` if it is a valid number of frozen blocks for this plan, else FreezeError."""
         if isinstance(k, bool) or not isinstance(k, int):
             raise FreezeError(f"the number of frozen blocks must be an int, got {type(k).__name__} {k!r}")
         if k < 0:
@@ -246,80 +349,19 @@ class FreezableModule(nn.Module):
             self._saved_requires_grad[name] = p.requires_grad
             p.requires_grad_(False)
             p.grad = None
-        # modules: frozen ones run in eval mode
+        # modules: frozen ones run in eval mode, whatever train() calls follow
+        mode = self.training
         for m in self._eval_modules:
-            m.train(self.training)
+            _release_eval(m, mode)
         self._eval_modules = self._frozen_modules(k)
         for m in self._eval_modules:
-            m.eval()
+            _hold_eval(m)
         self._num_frozen = k
-        for gm in self._gms.values():
-            CutBackward(k)(gm)
-        self._cached_gm = None  # rebuilt for the new prefix on the next training forward
+        for e in self.graphs.entries():
+            if e.graph_module is not None:
+                CutBackward(k)(e.graph_module)
 
-    # -- the activation cache ---------------------------------------------------------------------
-    def _cache_graph(self) -> fx.GraphModule | None:
-        """The training graph with the frozen prefix replaced by a cache-load node (built
-        once per prefix); None when the prefix hands on nothing cacheable."""
-        k = self._num_frozen
-        if self._cached_gm is not None and self._cache_k == k:
-            return self._cached_gm
-        cap = self._capture_for(True)
-        base = self._graph_module(True)  # CutBackward(k) applied: inference flags in the prefix
-        root = cap.attributes(self._model)
-        graph = fx.Graph()
-        graph._codegen = base.graph._codegen  # torch.export's pytree calling convention
-        val_map: dict[fx.Node, fx.Node] = {}
-        out = graph.graph_copy(base.graph, val_map)
-        graph.output(out)
-        for n in graph.nodes:  # arguments CutBackward saved refer to the source graph's nodes
-            saved = n.meta.get(META_ORIG_ARGS)
-            if saved is not None:
-                n.meta[META_ORIG_ARGS] = tuple(fx.map_arg(a, lambda x: val_map[x]) for a in saved)
-        gm = fx.GraphModule(root, graph, class_name=type(self._model).__name__ + "Cached")
-        res = CacheLoad(k)(gm, self._cache)
-        if not res.modified:
-            self._cached_gm, self._cache_k = None, k
-            self._cache.enabled = False
-            logger.warning("fxfreeze cache: the frozen prefix hands on no tensor to cache; caching is off")
-            return None
-        load = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is cache_load)
-        frontier: list[str] = load.meta[META_CACHE]
-        in_names = [a.name for a in load.args[1:]]
-        prefix = extract(base.graph, root, 0, k, outputs=frontier, class_name="FrozenPrefix")
-        order = [in_names.index(n) for n in prefix.inputs]
-
-        def runner(inputs: Any) -> Any:
-            return prefix.graph_module(*[inputs[i] for i in order])
-
-        refill = None
-        old_k, old_frontier = self._cache_k, self._cache_frontier
-        if old_frontier and 0 < old_k < k:
-            refill = self._refill_fn(base.graph, root, old_k, k, old_frontier, frontier, in_names)
-        self._cache.set_prefix(k, runner, refill)
-        self._cached_gm, self._cache_k, self._cache_frontier = gm, k, frontier
-        return gm
-
-    @staticmethod
-    def _refill_fn(graph: fx.Graph, root: Any, old_k: int, k: int, old: list[str], new: list[str], in_names: list[str]) -> Any:
-        """New frontier from the old one: run blocks old_k..k-1 only (None when they read
-        anything else than the old frontier and the graph inputs)."""
-        try:
-            produced = [n for n in new if n not in old]
-            mid = extract(graph, root, old_k, k, outputs=produced, class_name="RefillBlocks")
-        except ValueError:
-            return None
-        if any(n not in old and n not in in_names for n in mid.inputs) or any(n not in old and n not in produced for n in new):
-            return None
-
-        def refill(inputs: Any, old_frontier: Any) -> Any:
-            env = dict(zip(in_names, inputs))
-            env.update(zip(old, old_frontier))
-            env.update(zip(mid.outputs, mid.graph_module(*[env[n] for n in mid.inputs])))
-            return tuple(env[n] for n in new)
-
-        return refill
-
+    # -- the activation cache ------------------------------------------------------------------
     @contextlib.contextmanager
     def sample_ids(self, ids: Any) -> Iterator[None]:
         """Declare the dataset indices of the batch the enclosed forward calls see (for the
@@ -334,102 +376,20 @@ class FreezableModule(nn.Module):
         finally:
             self._cache.ids = prev
 
-    def wrap_loader(self, loader: Any) -> "SampleIdLoader":
+    def wrap_loader(self, loader: Any) -> SampleIdLoader:
         """Iterate ``loader`` (a ``torch.utils.data.DataLoader``, any sampler, shuffling or
         ``DistributedSampler``) recording each batch's dataset indices for the cache."""
         return SampleIdLoader(self, loader)
-
-    def train(self, mode: bool = True) -> "FreezableModule":
-        super().train(mode)
-        self._model.training = mode
-        for m in self._eval_modules:
-            m.eval()
-        return self
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that currently require gradients."""
         return (p for p in self.parameters() if p.requires_grad)
 
     def extra_repr(self) -> str:
-        return f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), num_frozen={self._num_frozen}"
-
-
-class _RecordingBatchSampler:
-    """Wraps a batch sampler; remembers the index lists it hands out, in order."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.issued: deque[list[int]] = deque()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.inner:
-            batch = list(batch)
-            self.issued.append(batch)
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
-class SampleIdLoader:
-    """``fm.wrap_loader(loader)``: yields the loader's batches unchanged while telling the
-    activation cache each batch's dataset indices, and prefetches the next batch's spilled
-    entries. DataLoader workers return batches in sampler order, so the recorded index lists
-    line up with the batches."""
-
-    def __init__(self, module: FreezableModule, loader: Any) -> None:
-        from torch.utils.data import DataLoader
-
-        if not isinstance(loader, DataLoader):
-            raise FreezeError(
-                f"wrap_loader needs a torch.utils.data.DataLoader, got {type(loader).__name__}; "
-                "for other loops declare each batch's dataset indices with `with fm.sample_ids(ids):`"
-            )
-        if loader.batch_sampler is None:
-            raise FreezeError("wrap_loader needs a DataLoader with automatic batching (batch_size set)")
-        self.module = module
-        self.recorder = _RecordingBatchSampler(loader.batch_sampler)
-        kw: dict[str, Any] = dict(
-            batch_sampler=self.recorder, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-            persistent_workers=loader.persistent_workers,
+        return (
+            f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), "
+            f"num_frozen={self._num_frozen}, graphs={len(self.graphs)}"
         )
-        if loader.num_workers > 0:
-            kw["prefetch_factor"] = loader.prefetch_factor
-        self.loader = DataLoader(loader.dataset, **kw)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        cache = self.module._cache
-        self.recorder.issued.clear()
-        it = iter(self.loader)
-        try:
-            nxt = next(it)
-        except StopIteration:
-            return
-        ids = self.recorder.issued.popleft()
-        try:
-            while True:
-                batch, batch_ids = nxt, ids
-                try:
-                    nxt = next(it)
-                    ids = self.recorder.issued.popleft()
-                    if cache is not None:
-                        cache.prefetch(ids)
-                    last = False
-                except StopIteration:
-                    last = True
-                if cache is not None:
-                    cache.ids = torch.tensor(batch_ids)
-                yield batch
-                if last:
-                    return
-        finally:
-            if cache is not None:
-                cache.ids = None
 
 
 def compile(
@@ -441,17 +401,30 @@ def compile(
     config: FreezeConfig | dict[str, Any] | str | None = None,
     plan: FreezePlan | str | None = None,
     strategy: str = "auto",
+    max_graphs: int = DEFAULT_MAX_GRAPHS,
+    capture_timeout: float | None = DEFAULT_TIMEOUT,
 ) -> FreezableModule:
     """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
 
     - ``example_inputs``: as for :func:`fxfreeze.plan`; needed for models ``torch.fx``
-      cannot trace (captured with ``torch.export``) and for FLOP/byte figures.
+      cannot trace (captured with ``torch.export``) and for FLOP/byte figures. Later calls
+      may differ (other keyword arguments, shapes, the other training mode).
     - ``optimizer``: when given, the controller runs after every ``optimizer.step()``
       (``register_step_post_hook``) and releases optimizer state of frozen parameters;
       otherwise call ``fm.freezer.step()`` yourself.
     - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
       YAML path). The default policy is ``egeria``.
     - ``plan``: an edited plan to use instead of the proposed one.
+    - ``max_graphs``: graphs kept for different kinds of call before the rest run eagerly;
+      ``capture_timeout``: seconds one capture attempt may take (None: no bound).
+
+    Compiling a model that is already compiled detaches the earlier module (its
+    controller stops; see :meth:`FreezableModule.detach`).
+
+    Example::
+
+        fm = fxfreeze.compile(model, {"input_ids": ids, "attention_mask": mask}, optimizer=opt)
+        loss = fm(**batch, labels=labels).loss   # another keyword set: captured once more
     """
     from .controller import Freezer
 
@@ -461,14 +434,24 @@ def compile(
         raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ModelError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ModelError(f"max_graphs must be a positive int, got {max_graphs!r}")
     cfg = load_config(config, policy)
-    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy)
+    previous = _OWNERS.get(model)
+    previous = previous() if previous is not None else None
+    if previous is not None:
+        logger.warning(
+            "fxfreeze: %s was already compiled; the earlier compiled module is detached (its blocks unfrozen, "
+            "its controller stopped) and this one takes over", type(model).__name__,
+        )
+        previous.detach()
+    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout)
     if not analysis.capture.executable:
         raise ModelError(
             f"{type(model).__name__} could only be captured as module order (hooks strategy), which "
             "cannot run: " + "; ".join(analysis.capture.reasons)
         )
-    fm = FreezableModule(model, analysis)
+    fm = FreezableModule(model, analysis, max_graphs=max_graphs, capture_timeout=capture_timeout)
     if cfg.cache.enabled:
         if cfg.cache.random_augmentation:
             logger.warning(
@@ -480,5 +463,7 @@ def compile(
 
             c = cfg.cache
             fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch)
+            fm._cached = CachedGraph(fm._cache)
     fm.freezer = Freezer(fm, cfg, optimizer)
+    _OWNERS[model] = weakref.ref(fm)
     return fm

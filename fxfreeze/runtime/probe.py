@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from ..analysis import batch_size_of, placeholder_values
+from ..analysis import batch_size_of
 from ..passes.reference import all_finite
 from ..passes.subgraph import Subgraph, extract
 from ..trace import preserved_state
@@ -60,28 +60,33 @@ class ActivationProbe:
         unhooks itself so that later training steps pay nothing."""
         if self.args is None:
             self.set(*args, **kwargs)
-        if self.module._probe_hook == self.offer:
-            self.module._probe_hook = None
+        if self.module.probe_hook == self.offer:
+            self.module.probe_hook = None
 
     # -- graphs --------------------------------------------------------------------------------
-    def _refresh(self) -> None:
-        """(Re)build the extracted graphs when the module's graphs were rebuilt (.to())."""
-        cap = self.module._capture_for(False)
-        gm = self.module.graph_module(False)
-        key = (id(cap), id(gm))
-        if key != self._key:
+    def _entry(self) -> Any:
+        """The eval-mode graph for the probe call's structure (captured on first use)."""
+        graphs = self.module.graphs
+        entry = graphs.lookup(False, self.args or (), self.kwargs)
+        if entry is None:  # that kind of call runs eagerly: probe with the example call instead
+            entry = graphs.primary(False)
+            self.set(*entry.capture.example_args, **entry.capture.example_kwargs)
+        if entry is not self._key:
             self._ranges = {}
             self._blocks = {}
-            self._key = key
+            self._key = entry
+        return entry
+
+    def _extract(self, lo: int, hi: int, name: str) -> Subgraph:
+        entry = self._entry()
+        return extract(entry.capture.graph, entry.capture.attributes(self.module.model), lo, hi, class_name=name)
 
     def _range(self, hi: int) -> Subgraph:
         """Blocks ``[0, hi)`` as one graph returning every block's outputs."""
-        self._refresh()
+        self._entry()
         sub = self._ranges.get(hi)
         if sub is None:
-            cap = self.module._capture_for(False)
-            sub = extract(cap.graph, cap.attributes(self.module._model), 0, hi, class_name="ProbeBlocks")
-            self._ranges[hi] = sub
+            sub = self._ranges[hi] = self._extract(0, hi, "ProbeBlocks")
         return sub
 
     @property
@@ -90,12 +95,10 @@ class ActivationProbe:
 
     def block(self, j: int) -> Subgraph:
         """Block ``j`` alone, its inputs named as in :meth:`values`."""
-        self._refresh()
+        self._entry()
         sub = self._blocks.get(j)
         if sub is None:
-            cap = self.module._capture_for(False)
-            sub = extract(cap.graph, cap.attributes(self.module._model), j, j + 1, class_name=f"Block{j}")
-            self._blocks[j] = sub
+            sub = self._blocks[j] = self._extract(j, j + 1, f"Block{j}")
         return sub
 
     @torch.no_grad()
@@ -105,13 +108,14 @@ class ActivationProbe:
         if self.args is None:
             raise RuntimeError("no probe batch yet")
         full = self._range(self.hi if hi is None else hi)
-        gm = self.module.graph_module(False)
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        model = self.module._model
-        ph = dict(zip(names, placeholder_values(gm, model, self.args, self.kwargs, self.module._signature)))
+        entry = self._entry()
+        module = self.module
+        module.graph_module_of(entry)
+        model = module.model
+        ph = entry.placeholder_map(model, self.args or (), self.kwargs, module.graphs.signature)
         with preserved_state(model):
-            model.eval()
+            for m in model.modules():
+                m.training = False
             outs = full.graph_module(*[ph[n] for n in full.inputs])
         vals: dict[str, Any] = {**ph, **dict(zip(full.outputs, outs))}
         return {k: tree_map(lambda t: t.detach().to("cpu") if isinstance(t, torch.Tensor) else t, v) for k, v in vals.items()}
-

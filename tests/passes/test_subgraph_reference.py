@@ -63,7 +63,7 @@ def test_blocks_chain_to_the_model(name):
 
 def test_extract_structure_and_errors():
     model, x, fm = _compiled("resnet20")
-    cap = fm._capture_for(False)
+    cap = fm.graphs.primary(False).capture
     sub = extract(cap.graph, cap.attributes(model), 1, 3)
     blocks = {n.meta.get("fxfreeze.block") for n in sub.graph_module.graph.nodes if n.op.startswith("call")}
     assert blocks == {1, 2}
@@ -78,7 +78,7 @@ def test_extract_ignores_a_frozen_prefix_cut():
     """Extraction looks through the nodes CutBackward inserted."""
     model, x, fm = _compiled("resnet20")
     fm.freeze_prefix(3)
-    cap = fm._capture_for(False)
+    cap = fm.graphs.primary(False).capture
     sub = extract(cap.graph, cap.attributes(model), 0, 5)
     assert not any(n.meta.get("fxfreeze.inserted") for n in sub.graph_module.graph.nodes)
     sub.graph_module.graph.lint()
@@ -142,7 +142,7 @@ def test_int8_reference_agrees_with_fp32_on_a_conv_net():
 
 def test_int8_dynamic_on_a_transformer_and_bf16():
     model, x, fm = _compiled("bert_style", batch=8)
-    cap = fm._capture_for(False)
+    cap = fm.graphs.primary(False).capture
     sub = extract(cap.graph, cap.attributes(model), 1, 2)
     probe = ActivationProbe(fm, 8, fm.plan.max_frozen)
     probe.set(**x)

@@ -54,13 +54,13 @@ def test_cached_run_is_bitwise_identical_to_uncached():
     assert losses == ref_losses  # bitwise, over 4 shuffled epochs with two freezes
     for (n, a), (_, b) in zip(ref.state_dict().items(), fm.state_dict().items()):
         assert torch.equal(a, b), n
-    st = fm._cache.stats
+    st = fm.activation_cache.stats
     assert st["hits"] > 0 and st["misses"] > 0 and st["refills"] > 0  # 2 -> 3 refilled from the old frontier
 
 
 def test_cache_graph_structure_and_lint():
     fm, _ = _run({}, epochs=2)
-    gm = fm._cached_gm
+    gm = fm.cached_graph_module
     gm.graph.lint()
     loads = [n for n in gm.graph.nodes if n.target is cache_load]
     assert len(loads) == 1
@@ -74,7 +74,7 @@ def test_tiny_budget_spills_to_disk_and_stays_identical(tmp_path):
     ref, ref_losses = _run(None)
     fm, losses = _run({"memory_budget_mb": 0.01, "directory": str(tmp_path)})
     assert losses == ref_losses
-    assert fm._cache.stats["spilled"] > 0 and fm._cache.memory_bytes <= 0.01 * 2**20
+    assert fm.activation_cache.stats["spilled"] > 0 and fm.activation_cache.memory_bytes <= 0.01 * 2**20
     assert list(Path(tmp_path).rglob("*.fxfc"))
 
 
@@ -130,7 +130,7 @@ def test_unwritable_directory_is_a_clear_error_at_compile(tmp_path):
 def test_random_augmentation_keeps_caching_off(caplog):
     with caplog.at_level(logging.WARNING, logger="fxfreeze"):
         fm = fxfreeze.compile(zoo.resnet20(), config={"policy": "manual", "cache": {"enabled": True, "random_augmentation": True}})
-    assert fm._cache is None and "random augmentation" in caplog.text
+    assert fm.activation_cache is None and "random augmentation" in caplog.text
 
 
 def test_batches_without_ids_run_uncached_with_one_warning(caplog):
@@ -138,7 +138,7 @@ def test_batches_without_ids_run_uncached_with_one_warning(caplog):
         ref, ref_losses = _run(None, epochs=2)
         fm, losses = _run({}, epochs=2, wrap=False)
     assert losses == ref_losses
-    assert caplog.text.count("without sample ids") == 1 and fm._cache.stats["uncached_batches"] > 0
+    assert caplog.text.count("without sample ids") == 1 and fm.activation_cache.stats["uncached_batches"] > 0
 
 
 def test_verification_catches_nondeterministic_inputs(caplog):
@@ -151,7 +151,7 @@ def test_verification_catches_nondeterministic_inputs(caplog):
         for _ in range(2):  # the "same" samples, randomly augmented each time
             with fm.sample_ids(torch.arange(4)):
                 fm(torch.randn(4, 1, 16, 16))
-    assert not fm._cache.enabled and "not deterministic" in caplog.text
+    assert not fm.activation_cache.enabled and "not deterministic" in caplog.text
 
 
 def test_cache_with_bert_style_kwargs_model():
@@ -200,11 +200,11 @@ def test_wrap_loader_with_distributed_sampler_records_global_indices():
     loader = DataLoader(ds, batch_size=8, sampler=sampler)
     seen = []
     for x, y in fm.wrap_loader(loader):
-        ids = fm._cache.ids
+        ids = fm.activation_cache.ids
         assert torch.equal(ds.tensors[0][ids], x)  # the ids are the batch's dataset indices
         seen += ids.tolist()
     assert sorted(seen) == sorted(list(sampler))
-    assert fm._cache.ids is None
+    assert fm.activation_cache.ids is None
 
 
 def test_cache_on_an_export_captured_model_with_functional_dropout():
@@ -228,7 +228,7 @@ def test_cache_on_an_export_captured_model_with_functional_dropout():
             hit = fm(tokens)
     torch.testing.assert_close(miss, ref, rtol=0, atol=0)
     torch.testing.assert_close(hit, ref, rtol=0, atol=0)
-    fm._cached_gm.graph.lint()
+    fm.cached_graph_module.graph.lint()
 
 
 def test_ids_that_do_not_match_the_batch_turn_caching_off_without_losing_the_step(caplog):
@@ -240,4 +240,4 @@ def test_ids_that_do_not_match_the_batch_turn_caching_off_without_losing_the_ste
     x = torch.randn(4, 1, 16, 16)
     with caplog.at_level(logging.WARNING, logger="fxfreeze"), fm.sample_ids(torch.arange(3)):
         out = fm(x)
-    assert out.shape[0] == 4 and not fm._cache.enabled and "one row per sample id" in caplog.text
+    assert out.shape[0] == 4 and not fm.activation_cache.enabled and "one row per sample id" in caplog.text

@@ -32,7 +32,7 @@ def test_no_autograd_node_for_frozen_blocks():
     for k in range(0, fm.plan.max_frozen + 1, 3):
         fm.freeze_prefix(k)
         nodes = _autograd_nodes(fm(x).sum())
-        frozen = {id(fm._named_params[n]) for n in fm.frozen_parameter_names()}
+        frozen = {id(fm.params_by_name[n]) for n in fm.frozen_parameter_names()}
         leaves = [n for n in nodes if type(n).__name__ == "AccumulateGrad"]
         assert not any(id(n.variable) in frozen for n in leaves)
         counts.append(len(nodes))
@@ -60,8 +60,8 @@ def test_frozen_parameters_bitwise_unchanged_and_rest_learns(opt_name):
         opt.step()
     fm.freeze_prefix(4)
     frozen = fm.frozen_parameter_names()
-    assert frozen and all(not fm._named_params[n].requires_grad for n in frozen)
-    assert all(fm._named_params[n] not in opt.state for n in frozen)  # state released
+    assert frozen and all(not fm.params_by_name[n].requires_grad for n in frozen)
+    assert all(fm.params_by_name[n] not in opt.state for n in frozen)  # state released
     before = {n: p.detach().clone() for n, p in fm.named_parameters()}
     bn_before = {n: b.clone() for n, b in fm.named_buffers()}
     for _ in range(10):

@@ -52,7 +52,7 @@ class AutoFreezePolicy(Policy):
 
     def attach(self, freezer: Any) -> None:
         self.module = freezer.module
-        named = self.module._named_params
+        named = self.module.params_by_name
         for i, b in enumerate(self.plan.blocks[: self.hi]):
             self._params[i] = [named[n] for n in b.params if n in named]
 

@@ -83,14 +83,14 @@ class EgeriaPolicy(Policy):
         if self.hi == 0:
             return
         self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
-        self.module._probe_hook = self.probe.offer
+        self.module.probe_hook = self.probe.offer
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads))
 
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
-        if self.module is not None and getattr(self.module, "_probe_hook", None) is not None:
-            self.module._probe_hook = None
+        if self.module is not None and getattr(self.module, "probe_hook", None) is not None:
+            self.module.probe_hook = None
 
     # -- the decision ------------------------------------------------------------------------------
     def decide(self, s: Signals) -> Decision | None:

@@ -57,7 +57,7 @@ class SmartFRZPolicy(Policy):
         self._last_k = 0
 
     def attach(self, freezer: Any) -> None:
-        named = freezer.module._named_params
+        named = freezer.module.params_by_name
         blocks = {b.name: [named[n] for n in b.params if n in named] for b in self.plan.blocks[: self.hi]}
         self.history = WeightHistory(blocks, sample_size=self.predictor.sample_size, window=self.predictor.window,
                                      seed=int(self.cfg.seed))

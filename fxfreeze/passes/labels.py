@@ -1,0 +1,84 @@
+"""Carry block labels from one captured graph of a model to another.
+
+A model is captured more than once: per training mode (tracing bakes the mode in) and per
+kind of call (other keyword arguments, shapes that break a graph's guards). The plan's
+blocks are defined on the first graph; every later graph gets the same blocks through
+:func:`transfer_blocks`:
+
+- graphs with the same compute nodes (the usual case for the other training mode) are
+  labelled node by node;
+- otherwise by ownership: a node belongs to the block that holds every source node of
+  its innermost module known to the source graph (``model.h.3.attn`` -> block 4). Glue of
+  a module that spans several blocks (a model's root code, a stack's own code) and nodes of
+  modules the source never ran (a loss computed only when ``labels=`` is given) go to the
+  following block, as the partitioner puts glue; trailing ones go to the head. Labels are
+  then made non-decreasing in execution order, which :class:`CutBackward` relies on: a
+  prefix is a contiguous run of nodes.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..partition import COMPUTE_OPS
+from ..plan import HEAD, META_BLOCK
+from ..trace import module_path_of
+from .cut_backward import META_INSERTED
+
+__all__ = ["transfer_blocks"]
+
+_INF = 1 << 30
+
+
+def _rank(b: int) -> int:
+    return _INF if b == HEAD else int(b)
+
+
+def _ancestors(path: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'a.b', 'a', '']: innermost first."""
+    out = [path]
+    while path:
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+        out.append(path)
+    return out
+
+
+def transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
+    """Annotate ``dst``'s nodes with ``fxfreeze.block`` from ``src`` (see the module
+    docstring). ``src`` may carry a CutBackward cut: its inserted nodes are skipped."""
+    s_nodes = [n for n in src.nodes if n.op in COMPUTE_OPS and not n.meta.get(META_INSERTED)]
+    d_nodes = [n for n in dst.nodes if n.op in COMPUTE_OPS]
+    if [n.name for n in s_nodes] == [n.name for n in d_nodes]:
+        for a, b in zip(s_nodes, d_nodes):
+            b.meta[META_BLOCK] = a.meta.get(META_BLOCK)
+    else:
+        by_owner: dict[str, set[int]] = {}
+        for n in s_nodes:
+            b = n.meta.get(META_BLOCK)
+            if b is None:
+                continue
+            for a in _ancestors(module_path_of(n)):
+                by_owner.setdefault(a, set()).add(_rank(b))
+        ranks: list[int | None] = []
+        for n in d_nodes:
+            found: set[int] | None = None
+            for a in _ancestors(module_path_of(n)):
+                if a in by_owner:
+                    found = by_owner[a]
+                    break
+            ranks.append(next(iter(found)) if found is not None and len(found) == 1 else None)
+        following = _INF
+        for i in range(len(ranks) - 1, -1, -1):  # glue goes to the following block
+            r = ranks[i]
+            if r is None:
+                ranks[i] = following
+            else:
+                following = r
+        high = 0
+        for n, r in zip(d_nodes, ranks):
+            high = max(high, r if r is not None else _INF)
+            n.meta[META_BLOCK] = HEAD if high == _INF else high
+    for n in dst.nodes:
+        if n.op == "get_attr":
+            bs = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
+            n.meta[META_BLOCK] = min(bs, key=lambda x: (x == HEAD, x)) if bs else None

@@ -1,0 +1,110 @@
+"""The training graph with its frozen prefix served from the activation cache.
+
+With ``k`` blocks frozen and caching on, the training graph is copied and
+:class:`~fxfreeze.passes.cache_load.CacheLoad` replaces the prefix by one ``cache_load``
+node that returns the prefix's frontier from :class:`~fxfreeze.runtime.cache.ActivationCache`
+(computing and storing it on a miss). The copy is built once per prefix. When the prefix
+grows from ``k`` to ``k'`` and blocks ``k..k'-1`` read nothing but the old frontier and the
+graph inputs, the cache can *refill*: the new frontier is computed from the old cached one
+by running only those blocks.
+
+The cache holds one graph's frontier, so it is bound to the first training graph that runs
+with a frozen prefix; other kinds of training call (rare: another keyword set) run their own
+graph uncached.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
+from ..passes.cut_backward import META_ORIG_ARGS
+from ..passes.subgraph import extract
+from .graphs import GraphEntry
+
+__all__ = ["CachedGraph"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+class CachedGraph:
+    """Builds and keeps the cached variant of one training graph."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.entry: GraphEntry | None = None
+        self.gm: fx.GraphModule | None = None
+        self.k = 0
+        self.frontier: list[str] | None = None  # for refilling a deeper prefix
+
+    def reset(self) -> None:
+        """Forget the graph and the stored activations (the model moved: new buffers)."""
+        self.entry, self.gm, self.k, self.frontier = None, None, 0, None
+        self.cache.clear()
+
+    def graph_for(self, entry: GraphEntry, base: fx.GraphModule, model: nn.Module, k: int) -> fx.GraphModule | None:
+        """The cached variant of ``base`` (``entry``'s graph module with CutBackward(k)
+        applied); None when this entry is not the cached one or the prefix hands on
+        nothing cacheable."""
+        if self.entry is None:
+            self.entry = entry
+        elif entry is not self.entry:
+            return None
+        if self.gm is not None and self.k == k:
+            return self.gm
+        root = entry.capture.attributes(model)
+        graph = fx.Graph()
+        graph._codegen = base.graph._codegen  # torch.export's pytree calling convention
+        val_map: dict[fx.Node, fx.Node] = {}
+        out = graph.graph_copy(base.graph, val_map)
+        graph.output(out)
+        for n in graph.nodes:  # arguments CutBackward saved refer to the source graph's nodes
+            saved = n.meta.get(META_ORIG_ARGS)
+            if saved is not None:
+                n.meta[META_ORIG_ARGS] = tuple(fx.map_arg(a, lambda x: val_map[x]) for a in saved)
+        gm = fx.GraphModule(root, graph, class_name=type(model).__name__ + "Cached")
+        res = CacheLoad(k)(gm, self.cache)
+        if not res.modified:
+            self.gm, self.k = None, k
+            self.cache.enabled = False
+            logger.warning("fxfreeze cache: the frozen prefix hands on no tensor to cache; caching is off")
+            return None
+        load = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is cache_load)
+        frontier: list[str] = load.meta[META_CACHE]
+        in_names = [a.name for a in load.args[1:]]
+        prefix = extract(base.graph, root, 0, k, outputs=frontier, class_name="FrozenPrefix")
+        order = [in_names.index(n) for n in prefix.inputs]
+
+        def runner(inputs: Any) -> Any:
+            return prefix.graph_module(*[inputs[i] for i in order])
+
+        refill = None
+        if self.frontier and 0 < self.k < k:
+            refill = _refill_fn(base.graph, root, self.k, k, self.frontier, frontier, in_names)
+        self.cache.set_prefix(k, runner, refill)
+        self.gm, self.k, self.frontier = gm, k, frontier
+        return gm
+
+
+def _refill_fn(graph: fx.Graph, root: Any, old_k: int, k: int, old: list[str], new: list[str], in_names: list[str]) -> Any:
+    """New frontier from the old one: run blocks old_k..k-1 only (None when they read
+    anything else than the old frontier and the graph inputs)."""
+    try:
+        produced = [n for n in new if n not in old]
+        mid = extract(graph, root, old_k, k, outputs=produced, class_name="RefillBlocks")
+    except ValueError:
+        return None
+    if any(n not in old and n not in in_names for n in mid.inputs) or any(n not in old and n not in produced for n in new):
+        return None
+
+    def refill(inputs: Any, old_frontier: Any) -> Any:
+        env = dict(zip(in_names, inputs))
+        env.update(zip(old, old_frontier))
+        env.update(zip(mid.outputs, mid.graph_module(*[env[n] for n in mid.inputs])))
+        return tuple(env[n] for n in new)
+
+    return refill

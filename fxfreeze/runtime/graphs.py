@@ -1,0 +1,234 @@
+"""One graph per kind of call, like ``torch.compile``'s guarded cache.
+
+A compiled module must accept every call the eager model accepts: other keyword sets
+(``labels=``, ``return_dict=False``, ``output_hidden_states=True``), other batch sizes and
+sequence lengths, the other training mode. A graph, however, is specialised: fx bakes in
+the arguments the example call left out (``concrete_args``) and the training flags;
+``torch.export`` also bakes in non-tensor arguments, dtypes, and any dimension it could
+not keep dynamic. So :class:`GraphCache` keys graphs by the *structure* of a call:
+
+- the training mode;
+- for every argument, in canonical form (:func:`fxfreeze.trace.canonical_call`): a
+  tensor's dtype, rank and device (not its shape), a plain value itself (``True``,
+  ``None``, ``3``), containers recursively.
+
+Within a key, each export graph checks its shape guards (:meth:`Capture.accepts`); fx
+graphs are shape-generic. A call no graph accepts is captured anew, labelled with the
+plan's blocks (:func:`fxfreeze.passes.labels.transfer_blocks`), and runs on the same
+parameters with the same frozen prefix as every other graph. Dynamic dimensions mean that
+sequence lengths from ``padding="longest"`` do not capture again.
+
+At most ``max_graphs`` graphs are kept. Past the bound, and for a call whose capture
+fails, the module runs the model's own ``forward`` (eagerly: correct, frozen parameters
+still get no gradient, but no activation cache), with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import SUPPORTED_NODES
+
+from ..analysis import placeholder_values
+from ..errors import FxFreezeError
+from ..passes.labels import transfer_blocks
+from ..trace import Capture, capture_call, describe_call, forward_signature, preserved_state
+
+__all__ = ["GraphEntry", "GraphCache", "call_key", "DEFAULT_MAX_GRAPHS"]
+
+logger = logging.getLogger("fxfreeze")
+
+#: Graphs a compiled module keeps before further kinds of call run eagerly.
+DEFAULT_MAX_GRAPHS = 8
+
+
+def _describe(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (torch.Tensor, x.dtype, x.dim(), x.device)
+    if x is None or isinstance(x, (bool, int, str)):
+        return (type(x), x)
+    if isinstance(x, float):
+        return (float, repr(x))  # repr: NaN equals itself
+    if isinstance(x, (tuple, list)):
+        return (type(x), tuple(_describe(v) for v in x))
+    if isinstance(x, dict):
+        return (type(x), tuple((k, _describe(v)) for k, v in x.items()))
+    node = SUPPORTED_NODES.get(type(x))
+    if node is not None:
+        children, context = node.flatten_fn(x)
+        try:
+            hash(context)
+        except TypeError:
+            context = repr(context)
+        return (type(x), context, tuple(_describe(c) for c in children))
+    return (type(x),)
+
+
+def call_key(training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The structure of a canonical call (see the module docstring); hashable."""
+    return (bool(training), _describe(args), _describe(kwargs))
+
+
+class GraphEntry:
+    """One captured graph and the GraphModule built over it (lazily, on the model's
+    current parameters and buffers)."""
+
+    def __init__(self, key: tuple[Any, ...], capture: Capture) -> None:
+        self.key = key
+        self.capture = capture
+        self.graph_module: fx.GraphModule | None = None
+        self._n_placeholders: int | None = None
+
+    @property
+    def training(self) -> bool:
+        return bool(self.key[0])
+
+    def placeholder_map(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], signature: Any) -> dict[str, Any]:
+        """Values of the graph's placeholders for this call, by placeholder name."""
+        gm = self.graph_module
+        assert gm is not None, "build the graph module first"
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        return dict(zip(names, placeholder_values(gm, model, args, kwargs, signature, self.capture.in_spec)))
+
+    def run(self, gm: fx.GraphModule, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], signature: Any) -> Any:
+        """Run ``gm`` (this entry's graph module, or a rewritten copy) on the call."""
+        if self.capture.strategy == "export":
+            return gm(*args, **kwargs)  # the graph's own pytree calling convention
+        if self._n_placeholders is None:
+            self._n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        if not kwargs and len(args) == self._n_placeholders:
+            return gm(*args)
+        return gm(*placeholder_values(gm, model, args, kwargs, signature))
+
+
+class GraphCache:
+    """The graphs of one model, by call structure (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        primary: Capture,
+        *,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+        timeout: float | None = None,
+        bypass: Callable[[], Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.signature = forward_signature(model)
+        #: the graph that carries the plan's block labels; every other graph copies them
+        self.labels = primary.graph
+        self.strategy = primary.strategy
+        self.max_graphs = max_graphs
+        self.timeout = timeout
+        self._bypass = bypass
+        self.primary_call = (primary.example_args, primary.example_kwargs)
+        self._entries: dict[tuple[Any, ...], list[GraphEntry]] = {}
+        self._eager: dict[tuple[Any, ...], str] = {}
+        self._warned_bound = False
+        self._add(GraphEntry(call_key(primary.training, *self.primary_call), primary))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _add(self, entry: GraphEntry) -> GraphEntry:
+        self._entries.setdefault(entry.key, []).append(entry)
+        return entry
+
+    def entries(self) -> list[GraphEntry]:
+        return [e for es in self._entries.values() for e in es]
+
+    def __len__(self) -> int:
+        return sum(len(es) for es in self._entries.values())
+
+    @property
+    def eager_calls(self) -> dict[tuple[Any, ...], str]:
+        """Call structures that run eagerly, with the reason."""
+        return dict(self._eager)
+
+    def reset(self) -> None:
+        """Forget every graph (the model moved to another dtype or device: graphs may have
+        baked the old one in); the label source stays."""
+        self._entries.clear()
+        self._eager.clear()
+        self._warned_bound = False
+
+    # -- lookup ------------------------------------------------------------------------------
+    def lookup(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GraphEntry | None:
+        """The graph for this canonical call, captured if needed; None: run eagerly."""
+        key = call_key(training, args, kwargs)
+        for e in self._entries.get(key, ()):
+            if e.capture.accepts(args, kwargs):
+                return e
+        if key in self._eager:
+            return None
+        if len(self) >= self.max_graphs:
+            if not self._warned_bound:
+                self._warned_bound = True
+                logger.warning(
+                    "fxfreeze: %s has been called in %d different ways (last: %s, %s mode); past "
+                    "max_graphs=%d further kinds of call run the model's own forward (correct, but without "
+                    "the activation cache). Raise max_graphs in fxfreeze.compile if this is expected.",
+                    type(self.model).__name__, len(self) + 1, describe_call(args, kwargs),
+                    "training" if training else "eval", self.max_graphs,
+                )
+            return None
+        try:
+            cap = self._capture(training, args, kwargs)
+        except FxFreezeError as e:
+            self._eager[key] = str(e)
+            logger.warning(
+                "fxfreeze: a call of %s (%s, %s mode) cannot be captured, so calls like it run the model's own "
+                "forward: %s", type(self.model).__name__, describe_call(args, kwargs),
+                "training" if training else "eval", e,
+            )
+            return None
+        return self._add(GraphEntry(key, cap))
+
+    def primary(self, training: bool) -> GraphEntry:
+        """The graph for the example call's structure in the given mode (the probe and the
+        activation cache use it); captured on first use."""
+        args, kwargs = self.primary_call
+        args, kwargs = _to_model(self.model, args), _to_model(self.model, kwargs)
+        key = call_key(training, args, kwargs)
+        for e in self._entries.get(key, ()):
+            if e.capture.accepts(args, kwargs):
+                return e
+        return self._add(GraphEntry(key, self._capture(training, args, kwargs)))
+
+    def _capture(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
+        model = self.model
+        with preserved_state(model), (self._bypass() if self._bypass else contextlib.nullcontext()):
+            # every module in the capture's mode, frozen ones included: the graph must not
+            # bake in a frozen block's eval mode (CutBackward sets inference in the prefix)
+            for m in model.modules():
+                m.training = training
+            cap = capture_call(model, args, kwargs, strategy=self.strategy, timeout=self.timeout)
+        if not cap.executable:
+            raise FxFreezeError("only the module order could be captured: " + "; ".join(cap.reasons[-2:]))
+        transfer_blocks(self.labels, cap.graph)
+        logger.info(
+            "fxfreeze: captured %s again for a new kind of call (%s, %s mode; %d graphs)",
+            type(model).__name__, describe_call(args, kwargs), "training" if training else "eval", len(self) + 1,
+        )
+        return cap
+
+
+def _to_model(model: nn.Module, x: Any) -> Any:
+    """Example inputs moved to the model's device, floating ones to its dtype (after
+    ``.to()``); integer ones (token ids, masks) keep theirs."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return x
+    from torch.utils._pytree import tree_map
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point() and p.is_floating_point():
+            return t.to(device=p.device, dtype=p.dtype)
+        return t.to(device=p.device)
+
+    return tree_map(move, x)
