@@ -13,14 +13,23 @@ here knows any class name: blocks are found from structure alone.
    module types, each unit contiguous and holding parameters, and each unit depending on
    the previous one through the data flow (a chain, not parallel branches such as q/k/v).
 3. **Levels.** Runs are searched top-down. A run unit is refined into the runs found inside
-   it only when those cover at least 90% of its parameters and their internal cuts are no
-   wider (in tensors crossing) than the unit's own input cut: a ResNet stage splits into its
-   residual blocks, a residual block does not split at its skip connection, a transformer
-   layer does not split into its attention and MLP halves. Children outside any run are
-   searched for runs deeper down (``encoder.layer`` inside a BERT).
+   it only when they qualify. Inner units that are layers (modules with children) must
+   cover at least 90% of the unit's compute (FLOPs when example inputs gave them, else
+   parameters: an embedding table holds many parameters and no FLOPs) and no inner cut may
+   be crossed by a *skip*, a tensor that the unit's own code, not the inner units, uses
+   after the cut (a residual wrapper's identity branch). Inner units that are groups of
+   single ops (conv, norm, activation) must cover 90% of the parameters and keep every
+   inner cut no wider, in tensors crossing, than the unit's input cut. So a ResNet stage
+   splits into its residual blocks, a residual block does not split at its skip
+   connection, an encoder stack (T5's) splits into its layers although every layer reads
+   the same mask and position bias computed once (the inner units use those), a U-Net
+   down block keeps its two convolutions together, a transformer layer does not split into
+   its attention and MLP halves (not a run). Children outside any run are searched for
+   runs deeper down (``encoder.layer`` inside a BERT).
 4. **Stem and head.** Everything before the first unit is block 0, the stem (merged into the
-   first block when it holds no parameters); nodes between two units go to the following
-   block; everything after the last unit is the head, which is never frozen.
+   first block when it holds no parameters); nodes between two units go to the preceding
+   block (a block runs from its first node to the next block's first node); everything
+   after the last unit is the head, which is never frozen.
 5. **Fallback.** With no run anywhere, the contiguous parametrised children of the model
    (descending through wrappers that hold nearly all parameters) are the blocks, and the
    last of them is the head.
@@ -39,7 +48,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from .analysis import META_TENSOR
+from .analysis import META_FLOPS, META_TENSOR
 from .trace import module_path_of
 
 __all__ = [
@@ -92,6 +101,10 @@ class GraphIndex:
                     s[2] += 1
         self.spans = spans
         self._params: dict[str, int] = {}
+        self.has_flops = bool(self.compute) and all(META_FLOPS in n.meta for n in self.compute)
+        self._flops_acc = [0]
+        for n in self.compute:
+            self._flops_acc.append(self._flops_acc[-1] + int(n.meta.get(META_FLOPS, 0)))
         self.dg = nx.DiGraph()
         for n in self.nodes:
             self.dg.add_node(n.name)
@@ -191,6 +204,28 @@ class GraphIndex:
             acc += diff[c]
             out.append(acc)
         return out
+
+    def flops_in(self, lo: int, hi: int) -> int:
+        """Forward FLOPs of compute positions ``[lo, hi]`` (0 without example inputs)."""
+        return self._flops_acc[hi + 1] - self._flops_acc[lo]
+
+    def skips(self, lo: int, hi: int, inner: Sequence[tuple[int, int]]) -> bool:
+        """Is a cut between two of the ``inner`` ranges of ``[lo, hi]`` crossed by a tensor
+        that ``[lo, hi]``'s own code uses after the cut while no inner range after it does
+        (a skip connection around the inner ranges)?"""
+        covered = [False] * (hi - lo + 1)
+        for a, b in inner:
+            for i in range(a, b + 1):
+                covered[i - lo] = True
+        inputs = [n for n in self.nodes if n.op == "placeholder"]
+        for cut in (a for a, _ in inner[1:]):
+            for n in [*inputs, *self.compute[:cut]]:
+                if n.op != "placeholder" and not self._is_tensor(n):
+                    continue
+                later = [self.cidx[u] for u in n.users if u in self.cidx and cut <= self.cidx[u] <= hi]
+                if later and not any(covered[q - lo] for q in later):
+                    return True
+        return False
 
     def width(self, cut: int) -> int:
         """Tensors produced before compute position ``cut`` and used at or after it."""
@@ -322,6 +357,17 @@ class _Searcher:
         if len(sub) < 2:
             return [u]
         ix = self.ix
+        if all(len(s.paths) == 1 and ix.has_children(s.paths[0]) for s in sub):
+            # layers (modules of their own): compute coverage, and no skip around them
+            if ix.has_flops and ix.flops_in(u.lo, u.hi) > 0:
+                covered, total = sum(ix.flops_in(s.lo, s.hi) for s in sub), ix.flops_in(u.lo, u.hi)
+            else:
+                covered, total = sum(ix.params_of(p) for s in sub for p in s.paths), ix.params_of(u.paths[0])
+            if covered < _REFINE_COVERAGE * total or ix.skips(u.lo, u.hi, [(s.lo, s.hi) for s in sub]):
+                return [u]
+            return sub
+        # groups of single ops (conv, norm, activation): parameter coverage, and no inner
+        # cut wider than the unit's input cut (a residual block keeps its convolutions)
         covered = sum(ix.params_of(p) for s in sub for p in s.paths)
         if covered < _REFINE_COVERAGE * ix.params_of(u.paths[0]):
             return [u]

@@ -21,7 +21,7 @@ from .analysis import META_BYTES, META_DTYPE, META_FLOPS, META_SHAPE
 from .errors import PlanError
 from .partition import GraphIndex, Proposal, top_modules
 
-__all__ = ["Block", "Head", "FreezePlan", "build_plan", "param_uses", "block_of", "starts_from_plan", "PLAN_VERSION", "META_BLOCK", "HEAD"]
+__all__ = ["Block", "Head", "FreezePlan", "build_plan", "param_uses", "tensor_uses", "block_of", "starts_from_plan", "PLAN_VERSION", "META_BLOCK", "HEAD"]
 
 PLAN_VERSION = 1
 #: node.meta key holding the block index of a node (``HEAD`` for the head).
@@ -31,7 +31,14 @@ HEAD = -1
 
 @dataclass
 class Block:
-    """One freezable building block."""
+    """One freezable building block.
+
+    What it owns: ``modules`` are the top-most modules whose every graph node lies in the
+    block (a parent that spans several blocks, such as a model's root or a stack of layers,
+    is never listed: its own glue code belongs to the block it runs in, its children to
+    theirs); ``params`` and ``buffers`` are the tensors whose first use lies in the block
+    (a parameter used by a later block too is in the plan's ``shared_params`` and keeps
+    training until its last user freezes)."""
 
     index: int
     name: str
@@ -42,16 +49,19 @@ class Block:
     frontier_bytes: int | None = None
     frontier: list[str] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Head:
-    """What follows the last block; never frozen."""
+    """What follows the last block; never frozen. Ownership as for :class:`Block`."""
 
     start: str | None
     modules: list[str] = field(default_factory=list)
     num_params: int = 0
     flops: int | None = None
+    params: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -225,46 +235,54 @@ def _from(cls: type, data: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-def param_uses(ix: GraphIndex) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """For each parameter (canonical name): compute positions that use it; and numels."""
+def tensor_uses(ix: GraphIndex, buffers: bool = False) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """For each parameter (or buffer), by canonical name: the compute positions that use
+    it, directly (``get_attr``) or inside a leaf module; and its numel."""
     model = ix.model
+    named = (lambda **kw: model.named_buffers(**kw)) if buffers else (lambda **kw: model.named_parameters(**kw))
     canonical: dict[int, str] = {}
     numel: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        canonical[id(p)] = name
-        numel[name] = p.numel()
+    for name, t in named():
+        canonical[id(t)] = name
+        numel[name] = t.numel()
     alias: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        alias[name] = canonical[id(p)]
+    for name, t in named(remove_duplicate=False):
+        alias[name] = canonical[id(t)]
     uses: dict[str, list[int]] = {}
     for i, n in enumerate(ix.compute):
         if n.op == "call_module":
             m = ix.module(str(n.target))
             if m is not None:
-                for pname, _ in m.named_parameters(prefix=str(n.target), remove_duplicate=False):
-                    if pname in alias:
-                        uses.setdefault(alias[pname], []).append(i)
+                inner = m.named_buffers if buffers else m.named_parameters
+                for tname, _ in inner(prefix=str(n.target), remove_duplicate=False):
+                    if tname in alias:
+                        uses.setdefault(alias[tname], []).append(i)
         for a in n.all_input_nodes:
             if a.op == "get_attr" and str(a.target) in alias:
                 uses.setdefault(alias[str(a.target)], []).append(i)
     return uses, numel
 
 
-def _collapse(ix: GraphIndex, owners: Sequence[str], lo: int, hi: int) -> list[str]:
-    """Name each owner by its top-most ancestor module that lies wholly in [lo, hi)."""
+def param_uses(ix: GraphIndex) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """For each parameter (canonical name): compute positions that use it; and numels."""
+    return tensor_uses(ix)
+
+
+def _owned_modules(ix: GraphIndex, owners: Sequence[str], lo: int, hi: int) -> list[str]:
+    """The top-most modules whose every compute node lies in ``[lo, hi)``, found from the
+    owners of the nodes in that range; an owner whose own nodes spill out of the range
+    (glue of a module spanning several blocks) is not listed."""
     out: dict[str, None] = {}
     for o in owners:
         if not o:
             continue
         parts = o.split(".")
-        name = o
         for i in range(1, len(parts) + 1):
             a = ".".join(parts[:i])
             span = ix.spans.get(a)
             if span is not None and span[0] >= lo and span[1] < hi:
-                name = a
+                out[a] = None
                 break
-        out[name] = None
     return top_modules(out)
 
 
@@ -316,6 +334,23 @@ def starts_from_plan(ix: GraphIndex, plan: FreezePlan) -> Proposal:
     return Proposal(starts=starts, head_start=head_start, names=names, notes=list(plan.notes))
 
 
+def _first_users(
+    uses: dict[str, list[int]], starts: Sequence[int], head_start: int, n_blocks: int
+) -> tuple[list[list[str]], list[str], list[str]]:
+    """Tensors by the block of their first use (then the head's), and those used by more
+    than one block."""
+    per_block: list[list[str]] = [[] for _ in range(n_blocks)]
+    head: list[str] = []
+    shared: list[str] = []
+    for name in sorted(uses, key=lambda k: (min(uses[k]), k)):
+        bs = {block_of(i, starts, head_start) for i in uses[name]}
+        if len(bs) > 1:
+            shared.append(name)
+        first = block_of(min(uses[name]), starts, head_start)
+        (head if first == HEAD else per_block[first]).append(name)
+    return per_block, head, shared
+
+
 def build_plan(
     ix: GraphIndex,
     gm: fx.GraphModule,
@@ -349,18 +384,9 @@ def build_plan(
             blocks = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
             n.meta[META_BLOCK] = min(blocks, key=lambda x: (x == HEAD, x)) if blocks else None
     uses, numel = param_uses(ix)
-    block_params: list[list[str]] = [[] for _ in range(n_blocks)]
-    head_params = 0
-    shared: list[str] = []
-    for name in sorted(uses, key=lambda k: (min(uses[k]), k)):
-        bs = {block_of(i, starts, head_start) for i in uses[name]}
-        first = block_of(min(uses[name]), starts, head_start)
-        if len(bs) > 1:
-            shared.append(name)
-        if first == HEAD:
-            head_params += numel[name]
-        else:
-            block_params[first].append(name)
+    block_params, head_params, shared = _first_users(uses, starts, head_start, n_blocks)
+    buses, _ = tensor_uses(ix, buffers=True)
+    block_buffers, head_buffers, _ = _first_users(buses, starts, head_start, n_blocks)
     blocks = []
     for k in range(n_blocks):
         cut = starts[k + 1] if k + 1 < n_blocks else head_start
@@ -373,19 +399,22 @@ def build_plan(
                 index=k,
                 name=proposal.names[k],
                 start=ix.compute[starts[k]].name if starts[k] < ix.end else "",
-                modules=_collapse(ix, owners[k], starts[k], cut),
+                modules=_owned_modules(ix, owners[k], starts[k], cut),
                 num_params=sum(numel[p] for p in block_params[k]),
                 flops=flops[k] if have_meta else None,
                 frontier_bytes=fb,
                 frontier=[n.name for n in front],
                 params=block_params[k],
+                buffers=block_buffers[k],
             )
         )
     head = Head(
         start=ix.compute[head_start].name if head_start < ix.end else None,
-        modules=_collapse(ix, head_owners, head_start, ix.end),
-        num_params=head_params,
+        modules=_owned_modules(ix, head_owners, head_start, ix.end),
+        num_params=sum(numel[p] for p in head_params),
         flops=head_flops if have_meta else None,
+        params=head_params,
+        buffers=head_buffers,
     )
     total_params = sum(numel.values())
     return FreezePlan(

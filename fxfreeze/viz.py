@@ -50,6 +50,11 @@ def _edges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, bool]]:
     return out
 
 
+def _owns(modules: list[str]) -> str:
+    """The cluster label's second line: the modules the block owns (as in the plan)."""
+    return "\nowns: " + ", ".join(modules) if modules else ""
+
+
 def to_dot(graph: fx.Graph, plan: FreezePlan) -> str:
     """Graphviz source; one cluster per block, the head in grey, frontier edges in red."""
     q = lambda s: '"' + str(s).replace('"', '\\"') + '"'  # noqa: E731
@@ -69,10 +74,10 @@ def to_dot(graph: fx.Graph, plan: FreezePlan) -> str:
             members.setdefault(b, []).append(n)
     for b, nodes in sorted(members.items(), key=lambda kv: (kv[0] == HEAD, kv[0])):
         if b == HEAD:
-            title, color = "head (not frozen)", "#e5e7eb"
+            title, color = "head (not frozen)" + _owns(plan.head.modules), "#e5e7eb"
         else:
             blk = plan.blocks[b]
-            title, color = f"block {b}: {blk.name}", _PALETTE[b % len(_PALETTE)]
+            title, color = f"block {b}: {blk.name}" + _owns(blk.modules), _PALETTE[b % len(_PALETTE)]
         lines.append(f"  subgraph cluster_{'head' if b == HEAD else b} {{")
         lines.append(f"    label={q(title)}; style=filled; color={q(color)};")
         for n in nodes:
@@ -135,16 +140,19 @@ def export(graph: fx.Graph, plan: FreezePlan, path: str | Path, fmt: str | None 
     else:
         svg = _svg(to_dot(graph, plan))
         rows = "".join(
-            f"<tr><td>{b.index}</td><td>{html.escape(b.name)}</td><td>{b.num_params:,}</td>"
-            f"<td>{'' if b.frontier_bytes is None else b.frontier_bytes}</td></tr>"
+            f"<tr><td>{b.index}</td><td>{html.escape(b.name)}</td><td>{html.escape(', '.join(b.modules))}</td>"
+            f"<td>{b.num_params:,}</td><td>{'' if b.frontier_bytes is None else b.frontier_bytes}</td></tr>"
             for b in plan.blocks
+        ) + (
+            f"<tr><td>head</td><td>(not frozen)</td><td>{html.escape(', '.join(plan.head.modules))}</td>"
+            f"<td>{plan.head.num_params:,}</td><td></td></tr>"
         )
         text = (
             f"<!doctype html><html><head><meta charset='utf-8'><title>fxfreeze: {html.escape(plan.model)}</title>"
             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style></head><body>"
             f"<h1>{html.escape(plan.model)}</h1><p>{len(plan.blocks)} blocks, captured with {plan.strategy}. "
             "Red edges cross a block boundary (the cache frontier); the grey cluster is the head.</p>"
-            f"<table><tr><th>#</th><th>block</th><th>params</th><th>frontier bytes/sample</th></tr>{rows}</table>"
+            f"<table><tr><th>#</th><th>block</th><th>owns</th><th>params</th><th>frontier bytes/sample</th></tr>{rows}</table>"
             f"{svg}</body></html>"
         )
     try:

@@ -11,9 +11,9 @@ blocks are defined on the first graph; every later graph gets the same blocks th
   its innermost module known to the source graph (``model.h.3.attn`` -> block 4). Glue of
   a module that spans several blocks (a model's root code, a stack's own code) and nodes of
   modules the source never ran (a loss computed only when ``labels=`` is given) go to the
-  following block, as the partitioner puts glue; trailing ones go to the head. Labels are
-  then made non-decreasing in execution order, which :class:`CutBackward` relies on: a
-  prefix is a contiguous run of nodes.
+  preceding block, as the partitioner puts glue between two blocks; leading ones go to
+  block 0. Labels are then made non-decreasing in execution order, which
+  :class:`CutBackward` relies on: a prefix is a contiguous run of nodes.
 """
 
 from __future__ import annotations
@@ -67,16 +67,10 @@ def transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
                     found = by_owner[a]
                     break
             ranks.append(next(iter(found)) if found is not None and len(found) == 1 else None)
-        following = _INF
-        for i in range(len(ranks) - 1, -1, -1):  # glue goes to the following block
-            r = ranks[i]
-            if r is None:
-                ranks[i] = following
-            else:
-                following = r
-        high = 0
+        high = 0  # glue takes the preceding block; labels never decrease
         for n, r in zip(d_nodes, ranks):
-            high = max(high, r if r is not None else _INF)
+            if r is not None:
+                high = max(high, r)
             n.meta[META_BLOCK] = HEAD if high == _INF else high
     for n in dst.nodes:
         if n.op == "get_attr":
