@@ -278,7 +278,10 @@ class _LeafTracer(fx.Tracer):
 
 
 def _concrete_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Specialise forward arguments that the example call does not pass to their defaults."""
+    """Specialise forward arguments that the example call does not pass to their defaults,
+    and plain non-tensor ones it does pass (``both=True``, ``scale=2.0``) to their values:
+    a graph is kept per such value (:mod:`fxfreeze.runtime.graphs`), as ``torch.compile``
+    specialises on them."""
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -288,8 +291,11 @@ def _concrete_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     for i, p in enumerate(params):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        given = i < len(args) or p.name in kwargs
-        if not given and p.default is not inspect.Parameter.empty:
+        if i < len(args) or p.name in kwargs:
+            value = args[i] if i < len(args) else kwargs[p.name]
+            if value is None or isinstance(value, (bool, int, float, str)):
+                concrete[p.name] = value
+        elif p.default is not inspect.Parameter.empty:
             concrete[p.name] = p.default
     return concrete
 

@@ -163,6 +163,11 @@ class FreezableModule(nn.Module):
         return self._named_params
 
     @property
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules of the frozen blocks (held in eval mode)."""
+        return list(self._eval_modules)
+
+    @property
     def activation_cache(self) -> Any:
         """The :class:`~fxfreeze.runtime.cache.ActivationCache`, or None when caching is off."""
         return self._cache

@@ -1,0 +1,235 @@
+"""Any call the eager model accepts: graphs per kind of call, their bound, eager fallback,
+the model's own signature, one training mode, a second compile, bounded capture."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfreeze
+from fxfreeze import zoo
+from fxfreeze.timebound import CaptureTimeout, time_bound
+
+
+class _Net(nn.Module):
+    """Residual MLP with an optional scale and a flag that changes the output structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)) for _ in range(3))
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0, both: bool = False) -> torch.Tensor | tuple:
+        h = self.bn(self.inp(x))
+        for b in self.blocks:
+            h = h + b(h)
+        y = self.out(h) * scale
+        return (y, h) if both else y
+
+
+def test_other_keyword_sets_get_their_own_graph_and_match_eager():
+    torch.manual_seed(0)
+    model = _Net()
+    ref = copy.deepcopy(model)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual")
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fm(x), ref(x), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fm(x, scale=2.0), ref(x, scale=2.0), rtol=1e-6, atol=1e-7)
+    y, h = fm(x, both=True)
+    y2, h2 = ref(x, both=True)
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(h, h2, rtol=1e-6, atol=1e-7)
+    n = len(fm.graphs)
+    assert n == 3
+    fm(x, 2.0)  # the same call as scale=2.0, spelt positionally
+    fm(torch.randn(7, 8), scale=2.0)  # another batch size
+    assert len(fm.graphs) == n
+    # every graph carries the plan's blocks and follows the frozen prefix
+    fm.freeze_prefix(2)
+    for e in fm.graphs.entries():
+        gm = fm.graph_module_of(e)
+        gm.graph.lint()
+        assert any(node.meta.get("fxfreeze.inserted") for node in gm.graph.nodes)
+
+
+def test_signature_is_the_models():
+    model = _Net()
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual")
+    assert inspect.signature(fm.forward) == inspect.signature(model.forward)
+    assert list(inspect.signature(fm.forward).parameters) == ["x", "scale", "both"]
+
+
+def test_a_call_the_model_refuses_is_a_clear_error():
+    fm = fxfreeze.compile(_Net(), (torch.randn(4, 8),), policy="manual")
+    with pytest.raises(fxfreeze.CallError, match="labels"):
+        fm(torch.randn(2, 8), labels=torch.zeros(2))
+    with pytest.raises(TypeError):  # CallError is a TypeError, like the eager model's
+        fm()
+
+
+def test_past_max_graphs_calls_run_eagerly_with_one_warning(caplog):
+    torch.manual_seed(0)
+    model = _Net()
+    ref = copy.deepcopy(model)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual", max_graphs=2)
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        for s in (1.5, 2.5, 3.5, 4.5):
+            torch.testing.assert_close(fm(x, scale=s), ref(x, scale=s), rtol=1e-6, atol=1e-7)
+    assert len(fm.graphs) == 2
+    assert caplog.text.count("max_graphs=2") == 1
+    # eager calls still honour the frozen prefix: no gradient for frozen parameters
+    fm.freeze_prefix(2)
+    fm(x, scale=9.0).sum().backward()
+    for n in fm.frozen_parameter_names():
+        assert fm.params_by_name[n].grad is None
+
+
+class _Opaque(nn.Module):
+    """The example call captures; a call with ``mode="loop"`` does data-dependent Python
+    control flow that no graph can hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, mode: str = "plain") -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+            if mode == "loop":
+                while x.norm() > 1:  # data-dependent: fx and export both refuse it
+                    x = x / 2
+        return self.head(x)
+
+
+def test_a_call_that_cannot_be_captured_runs_eagerly(caplog):
+    torch.manual_seed(0)
+    model = _Opaque()
+    ref = copy.deepcopy(model)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual")
+    x = torch.randn(4, 8) * 10
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        torch.testing.assert_close(fm(x, mode="loop"), ref(x, mode="loop"))
+        torch.testing.assert_close(fm(x, mode="loop"), ref(x, mode="loop"))
+    assert caplog.text.count("cannot be captured") == 1
+    assert len(fm.graphs.eager_calls) == 1
+
+
+def test_one_training_mode_shared_with_the_model():
+    torch.manual_seed(0)
+    model = zoo.resnet20()
+    x = torch.randn(4, 3, 32, 32)
+    fm = fxfreeze.compile(model, (x,), policy="manual")
+    model.eval()
+    assert not fm.training
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x), model.forward(x))  # the eval graph runs
+    fm.train()
+    assert model.training
+    fm.freeze_prefix(3)
+    frozen = fm.frozen_modules
+    assert frozen and all(not m.training for m in frozen)
+    model.train()  # the model's own train() does not wake frozen blocks up
+    assert all(not m.training for m in frozen)
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running_mean" in n}
+    fm(x)
+    for n in stats:
+        if n.startswith(("bn1", "layer1.0", "layer1.1")):
+            assert torch.equal(stats[n], dict(model.named_buffers())[n]), n
+    fm.freeze_prefix(0)
+    assert all(m.training for m in frozen)
+
+
+def test_a_second_compile_takes_over_and_the_first_lets_go(caplog):
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, policy="manual")
+    first.freeze_prefix(2)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        second = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, policy="manual")
+    assert "already compiled" in caplog.text
+    assert first.num_frozen == 0 and second.num_frozen == 0
+    assert all(p.requires_grad for p in model.parameters())
+    steps = second.freezer.step_count
+    opt.zero_grad()
+    second(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert second.freezer.step_count == steps + 1
+    assert first.freezer.step_count == 0  # its optimizer hook is gone
+
+
+def test_install_routes_the_model_to_the_compiled_module():
+    torch.manual_seed(0)
+    model = _Net()
+    ref = copy.deepcopy(model)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual")
+    fm.install()
+    assert inspect.signature(model.forward) == inspect.signature(ref.forward)
+    fm.freeze_prefix(2)
+    x = torch.randn(4, 8)
+    model(x).sum().backward()  # through the graph: frozen blocks get no gradient
+    assert all(fm.params_by_name[n].grad is None for n in fm.frozen_parameter_names())
+    assert model.out.weight.grad is not None
+    fm.uninstall()
+    assert "forward" not in model.__dict__
+
+
+def test_moving_to_another_dtype_captures_again():
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(4, 8)
+    fm = fxfreeze.compile(model, (x,), policy="manual")
+    fm.to(torch.float64)
+    out = fm(x.double())
+    assert out.dtype == torch.float64
+    fm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fm(x.double()), model.forward(x.double()))
+    assert fm.graph_module(False) is not None  # the example call's graph, re-captured in float64
+
+
+def test_time_bound_interrupts_python_and_lets_fast_code_finish():
+    with time_bound(5.0):
+        s = sum(range(1000))
+    assert s == 499500
+    t = time.perf_counter()
+    with pytest.raises(CaptureTimeout):
+        with time_bound(0.2):
+            while True:
+                pass
+    assert time.perf_counter() - t < 60  # it did end (no timing claim beyond that)
+
+
+class _Hangs(nn.Module):
+    """Tracing never ends (as export on some models does inside sympy); eager is fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy) or torch.compiler.is_exporting() or torch._guards.detect_fake_mode(x) is not None:
+            while True:
+                pass
+        return self.head(self.blocks(x))
+
+
+def test_capture_that_hangs_falls_back_within_its_bound():
+    p = fxfreeze.plan(_Hangs(), (torch.randn(2, 4),), capture_timeout=0.5)
+    assert p.strategy == "hooks"
+    assert any("fx tracing took longer than 0.5 s" in n for n in p.notes), p.notes
+    assert any("dynamic shapes took longer" in n for n in p.notes)
+    assert any("static shapes took longer" in n for n in p.notes)
+    with pytest.raises(fxfreeze.TraceError):
+        fxfreeze.plan(_Net(), (torch.randn(2, 8),), capture_timeout=-1)

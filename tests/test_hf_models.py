@@ -1,0 +1,209 @@
+"""The models people fine-tune, with their default configs (KV cache on): causal LMs and
+encoder-decoders from Hugging Face transformers (small random configs, no download).
+
+For each: the plan has one block per layer plus the embeddings (encoder-decoders in
+execution order), the compiled module equals eager on the call a training loop makes
+(``labels=``: the loss and every gradient, tolerance 1e-6 relative, exact on CPU), other
+batch sizes and sequence lengths reuse the graph, other keyword sets get their own graph,
+and a frozen prefix trains: frozen parameters get no gradient and never change, the rest
+learn, and the compiled module still equals eager with the same blocks frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxfreeze
+
+transformers = pytest.importorskip("transformers")
+V = 100
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_positions=64))
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _bart():
+    cfg = transformers.BartConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )
+    return transformers.BartForConditionalGeneration(cfg)
+
+
+# name -> (factory, expected block names, expected head modules, encoder-decoder?)
+ARCHS = {
+    "gpt2": (_gpt2, ["stem", "transformer.h.0", "transformer.h.1", "transformer.h.2"], ["transformer.ln_f", "lm_head"], False),
+    "llama": (_llama, ["stem", "model.layers.0", "model.layers.1", "model.layers.2"], ["model.norm", "lm_head"], False),
+    "qwen2": (_qwen2, ["stem", "model.layers.0", "model.layers.1", "model.layers.2"], ["model.norm", "lm_head"], False),
+    "t5": (
+        _t5,
+        ["stem", "encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"],
+        ["decoder.final_layer_norm", "lm_head"],
+        True,
+    ),
+    "bart": (
+        _bart,
+        ["stem", "model.encoder.layers.0", "model.encoder.layers.1", "model.decoder.layers.0", "model.decoder.layers.1"],
+        ["lm_head"],
+        True,
+    ),
+}
+
+
+def _batch(seq2seq: bool, b: int, t: int) -> dict[str, torch.Tensor]:
+    x = {"input_ids": torch.randint(0, V, (b, t)), "attention_mask": torch.ones(b, t, dtype=torch.long)}
+    x["attention_mask"][0, -2:] = 0  # padding in one row
+    if seq2seq:
+        x["decoder_input_ids"] = torch.randint(0, V, (b, max(2, t - 3)))
+    return x
+
+
+def _labels(x: dict[str, torch.Tensor], seq2seq: bool) -> torch.Tensor:
+    return (x["decoder_input_ids"] if seq2seq else x["input_ids"]).clone()
+
+
+def _assert_same_step(fm, ref, x, labels, seed, shared=()):
+    torch.manual_seed(seed)
+    got = fm(**x, labels=labels)
+    torch.manual_seed(seed)
+    exp = ref(**x, labels=labels)
+    torch.testing.assert_close(got.loss, exp.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.logits, exp.logits, rtol=1e-6, atol=1e-7)
+    got.loss.backward()
+    exp.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in fm.named_parameters():
+        q = ref_params[n]
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None and n not in shared:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=f"gradient of {n}")
+    fm.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_default_config_plans_compiles_matches_eager_and_trains_frozen(name):
+    factory, blocks, head, seq2seq = ARCHS[name]
+    torch.manual_seed(0)
+    model = factory()
+    assert model.config.use_cache  # the default: the forward returns a KV cache object
+    ref = copy.deepcopy(model)
+    x = _batch(seq2seq, 4, 12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fm = fxfreeze.compile(model, x, optimizer=opt, policy="manual")
+
+    p = fm.plan
+    assert p.strategy == "export"
+    assert [b.name for b in p.blocks] == blocks
+    assert p.head.modules == head
+    assert any("cannot return" in n and "Cache" in n for n in p.notes), p.notes  # what was done about the cache
+    owned = [m for b in p.blocks for m in b.modules] + p.head.modules
+    assert len(owned) == len(set(owned))
+    for b in p.blocks:  # no block lists a parent of another block's module
+        assert not any(o != m and o.startswith(m + ".") for m in b.modules for o in owned), b.modules
+
+    # the training call: another keyword set than the example's; equal to eager
+    _assert_same_step(fm, ref, x, _labels(x, seq2seq), seed=1)
+    n_graphs = len(fm.graphs)
+    assert n_graphs == 2  # the example call's graph and the labels= one
+    # other batch sizes and sequence lengths (padding="longest") reuse that graph
+    for b, t in ((3, 9), (4, 20), (2, 7)):
+        y = _batch(seq2seq, b, t)
+        _assert_same_step(fm, ref, y, _labels(y, seq2seq), seed=2)
+    assert len(fm.graphs) == n_graphs
+
+    # freeze a prefix: the same step as eager with those blocks frozen (a parameter shared
+    # with a trainable block, tied embeddings, trains from its trainable uses only). Both in
+    # eval mode: a dropout module reused across blocks (T5's) cannot be off in the eager
+    # model's frozen part only, while the graph turns it off in the frozen prefix.
+    k = 2
+    fm.freeze_prefix(k)
+    frozen = set(fm.frozen_parameter_names())
+    assert frozen and all(not fm.params_by_name[n].requires_grad for n in frozen)
+    for n, q in ref.named_parameters():
+        if n in frozen:
+            q.requires_grad_(False)
+    for b in p.blocks[:k]:
+        for m in b.modules:
+            ref.get_submodule(m).eval()
+    fm.eval()
+    ref.eval()
+    _assert_same_step(fm, ref, x, _labels(x, seq2seq), seed=3, shared=set(p.shared_params))
+    fm.train()
+    assert model.training and all(not m.training for m in fm.frozen_modules)
+
+    before = {n: t.detach().clone() for n, t in fm.named_parameters()}
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        y = _batch(seq2seq, 4, 10 + step)
+        fm(**y, labels=_labels(y, seq2seq)).loss.backward()
+        for n in frozen:
+            assert fm.params_by_name[n].grad is None, n
+        opt.step()
+    for n, t in fm.named_parameters():
+        if n in frozen:
+            assert torch.equal(t, before[n]), f"frozen {n} changed"
+        elif t.requires_grad and n != "final_logits_bias":
+            assert not torch.equal(t, before[n]), f"{n} did not learn"
+    fm.graph_module(True).graph.lint()
+
+
+def test_encoder_decoder_freezes_in_execution_order():
+    """T5: embeddings, then encoder layers, then decoder layers; the embedding table shared
+    by encoder, decoder (and head) keeps training until its last user freezes."""
+    torch.manual_seed(0)
+    model = _t5()
+    fm = fxfreeze.compile(model, _batch(True, 2, 8), policy="manual")
+    shared = "shared.weight"
+    assert shared in fm.plan.shared_params
+    fm.freeze_prefix(3)  # stem, encoder.block.0, encoder.block.1
+    frozen = fm.frozen_parameter_names()
+    assert any(n.startswith("encoder.block.1.") for n in frozen)
+    assert not any(n.startswith("decoder.") for n in frozen)
+    assert shared not in frozen
+
+
+def test_other_keyword_sets_and_outputs():
+    torch.manual_seed(0)
+    model = _gpt2().eval()
+    ref = copy.deepcopy(model)
+    x = _batch(False, 2, 8)
+    fm = fxfreeze.compile(model, x, policy="manual")
+    out = fm(**x, return_dict=False)
+    exp = ref(**x, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], exp[0], rtol=1e-6, atol=1e-7)
+    hs = fm(**x, output_hidden_states=True).hidden_states
+    hs_ref = ref(**x, output_hidden_states=True).hidden_states
+    assert len(hs) == len(hs_ref) == 4
+    for a, b in zip(hs, hs_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # positional and keyword spellings of one call are one kind of call
+    n = len(fm.graphs)
+    torch.testing.assert_close(fm(x["input_ids"], attention_mask=x["attention_mask"]).logits, ref(**x).logits)
+    assert len(fm.graphs) == n
