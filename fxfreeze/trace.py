@@ -30,8 +30,9 @@ Every attempt runs under a time bound (:mod:`fxfreeze.timebound`, ``timeout`` se
 :data:`DEFAULT_TIMEOUT` by default): past it, export with dynamic shapes falls back to
 static shapes, then to the fx graph with leaves, then to hooks, and the notes say so.
 Capturing leaves no trace on the model: buffers, training flags and the random number
-generators are restored, and autocast is off while capturing (a graph captured in full
-precision runs under the caller's autocast like the eager model).
+generators are restored. A capture runs under the caller's autocast state, which an
+exported graph bakes in (its dtype checks expect the autocast dtypes), so the runtime keeps
+graphs per autocast state (:mod:`fxfreeze.runtime.graphs`).
 """
 
 from __future__ import annotations
@@ -147,17 +148,6 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                     buf.copy_(saved)
         for m, mode in modes.items():
             m.training = mode
-
-
-@contextlib.contextmanager
-def _full_precision() -> Iterator[None]:
-    """Autocast off: a capture records the model's own dtypes; the graph then runs under
-    whatever autocast the caller has, exactly like the eager model."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-        yield
 
 
 def canonical_call(
@@ -488,7 +478,7 @@ def capture_call(
         raise ExampleInputError(
             f"the example inputs ({describe_call(args, kwargs)}) do not fit {type(model).__name__}.forward: {e}"
         ) from e
-    with _full_precision():
+    with torch.enable_grad():  # a first call may come under no_grad
         return _capture(model, args, kwargs, strategy, timeout)
 
 

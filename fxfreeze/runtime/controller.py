@@ -45,10 +45,31 @@ class Freezer:
         self._last_lr: float | None = None
         self._last_log_ratio = 0.0
         self._loss: float | None = None
-        self._hook = optimizer.register_step_post_hook(self._after_step) if optimizer is not None else None
+        self._hook: Any = None
+        self.attach_optimizer(optimizer)
         #: set by fxfreeze.distributed.FreezeDDP: maps this rank's proposed prefix to the agreed one
         self.agree: Any = None
         self.policy.attach(self)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Run after every step of ``optimizer`` (instead of one attached before) and
+        release its state for frozen parameters. Wrappers that hold the real optimizer as
+        ``.optimizer`` (accelerate's, Lightning's) are unwrapped: their own ``step`` may skip
+        the real one (gradient accumulation, an overflowing fp16 step), and a skipped step
+        is not a step."""
+        while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise FreezeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.optimizer = optimizer
+        if optimizer is not None:
+            self._hook = optimizer.register_step_post_hook(self._after_step)
+        if optimizer is not None and self.config.release_optimizer_state and self.num_frozen:
+            for n in self.module.frozen_parameter_names():
+                optimizer.state.pop(self.module.params_by_name[n], None)
 
     # -- signals ---------------------------------------------------------------------------
     @property

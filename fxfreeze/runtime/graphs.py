@@ -7,7 +7,8 @@ the arguments the example call left out (``concrete_args``) and the training fla
 ``torch.export`` also bakes in non-tensor arguments, dtypes, and any dimension it could
 not keep dynamic. So :class:`GraphCache` keys graphs by the *structure* of a call:
 
-- the training mode;
+- the training mode and the autocast state (an exported graph bakes in the autocast
+  dtypes: its dtype checks fail under another state);
 - for every argument, in canonical form (:func:`fxfreeze.trace.canonical_call`): a
   tensor's dtype, rank and device (not its shape), a plain value itself (``True``,
   ``None``, ``3``), containers recursively.
@@ -69,9 +70,20 @@ def _describe(x: Any) -> Any:
     return (type(x),)
 
 
+_AMP_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def autocast_state() -> tuple[Any, ...]:
+    """Which autocast is on, per device type, and its dtype."""
+    return tuple(
+        (d, torch.get_autocast_dtype(d)) for d in _AMP_DEVICES if torch.is_autocast_enabled(d)
+    )
+
+
 def call_key(training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """The structure of a canonical call (see the module docstring); hashable."""
-    return (bool(training), _describe(args), _describe(kwargs))
+    """The structure of a canonical call under the current autocast state (see the module
+    docstring); hashable."""
+    return (bool(training), autocast_state(), _describe(args), _describe(kwargs))
 
 
 class GraphEntry:

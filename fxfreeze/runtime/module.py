@@ -70,6 +70,28 @@ def _release_eval(m: nn.Module, mode: bool) -> None:
     m.train(mode)
 
 
+@contextlib.contextmanager
+def plain_forward(model: nn.Module, previous: tuple[bool, Any] | None) -> Iterator[None]:
+    """Within the block, ``model.forward`` is what it was before a route was installed
+    (``previous``: had an instance forward, its value); nothing happens when None."""
+    if previous is None:
+        yield
+        return
+    had_now, now = "forward" in model.__dict__, model.__dict__.get("forward")
+    had, value = previous
+    if had:
+        model.__dict__["forward"] = value
+    else:
+        model.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if had_now:
+            model.__dict__["forward"] = now
+        else:
+            model.__dict__.pop("forward", None)
+
+
 def _forward_with(sig: inspect.Signature | None, run: Any) -> Any:
     """A per-instance ``forward`` function whose signature is ``sig`` (plus ``self``)."""
 
@@ -109,7 +131,7 @@ class FreezableModule(nn.Module):
         self._installed: tuple[bool, Any] | None = None  # (had an instance forward, its value)
         self._eager_forward = model.forward
         self.graphs = GraphCache(
-            model, analysis.capture, max_graphs=max_graphs, timeout=capture_timeout, bypass=self._bypass
+            model, analysis.capture, max_graphs=max_graphs, timeout=capture_timeout, bypass=self._capturing
         )
         self._num_frozen = 0
         self._saved_requires_grad: dict[str, bool] = {}
@@ -208,6 +230,14 @@ class FreezableModule(nn.Module):
             if not active[id(self)]:
                 del active[id(self)]
 
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[None]:
+        """A capture sees the plain model: calls reach its own forward, and an installed
+        route (with whatever wrapped it since, such as accelerate's autocast) is taken off
+        ``model.forward`` meanwhile."""
+        with self._bypass(), plain_forward(self._model, self._installed):
+            yield
+
     def _bypassed(self) -> bool:
         return id(self) in getattr(_BYPASS, "ids", {})
 
@@ -266,18 +296,31 @@ class FreezableModule(nn.Module):
         if self._installed is not None:
             return
         model = self._model
-        had = "forward" in model.__dict__
-        self._installed = (had, model.__dict__.get("forward"))
-        self._eager_forward = model.forward
-        route = weakref.ref(self)
+        self.adopt_route((("forward" in model.__dict__), model.__dict__.get("forward")), model.forward)
+        me = weakref.ref(self)
 
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            fm = route()
-            if fm is None or fm._bypassed():
-                return (fm._eager_forward if fm is not None else type(model_self).forward.__get__(model_self))(*args, **kwargs)
-            return fm._run(args, kwargs)
+            fm = me()
+            if fm is None:
+                return type(model_self).forward(model_self, *args, **kwargs)
+            return fm.route(args, kwargs)
 
         model.__dict__["forward"] = types.MethodType(_forward_with(self.graphs.signature, run), model)
+
+    def adopt_route(self, previous: tuple[bool, Any], eager_forward: Any) -> None:
+        """Record that ``model.forward`` routes to :meth:`route` (installed by
+        :meth:`install`, or by an integration that compiled on the first call):
+        ``previous`` is what :meth:`uninstall` restores (had an instance forward, its
+        value) and ``eager_forward`` what runs when a call must run eagerly."""
+        self._installed = previous
+        self._eager_forward = eager_forward
+
+    def route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What an installed ``model(...)`` runs: the compiled graphs, or the model's own
+        forward inside a capture or an eager call."""
+        if self._bypassed():
+            return self._eager_forward(*args, **kwargs)
+        return self._run(args, kwargs)
 
     def uninstall(self) -> None:
         """Undo :meth:`install`: calls of the model run its own forward again."""

@@ -1,0 +1,203 @@
+"""Compiling a model in place, on its first call.
+
+Training loops (the HF Trainer, Lightning) hold the model and call it; they build the
+optimizer themselves and feed batches whose exact keyword set (``labels=``, columns the
+collator added) only the first call reveals. :class:`LazyCompile` therefore routes the
+model's ``forward`` (an instance attribute with the model's own signature, installed
+before wrappers such as accelerate's autocast, which then wrap it) to a function that
+compiles the model with that first call as the example inputs, then hands every call to
+the compiled module (:meth:`FreezableModule.route`). The optimizer and a saved freezer
+state may arrive before or after that first call.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import logging
+import threading
+import types
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import FreezeError
+from ..trace import forward_signature
+
+__all__ = ["LazyCompile", "encode_state", "decode_state"]
+
+logger = logging.getLogger("fxfreeze")
+_PASS = threading.local()  # depth > 0: routes pass calls straight to the model (a capture runs)
+_BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, LazyCompile]" = weakref.WeakKeyDictionary()
+
+
+def encode_state(state: dict[str, Any]) -> str:
+    """A freezer state as text (JSON-safe), for checkpoints that are JSON (the Trainer's
+    ``trainer_state.json``). Plain data only: decoded with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_state(text: str) -> dict[str, Any]:
+    """Inverse of :func:`encode_state`; a clear error for anything else."""
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad checkpoint
+        raise FreezeError(f"the saved fxfreeze state in this checkpoint cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise FreezeError("the saved fxfreeze state in this checkpoint is not a freezer state")
+    return state
+
+
+def _passing() -> bool:
+    return getattr(_PASS, "depth", 0) > 0
+
+
+class _Passing:
+    def __enter__(self) -> None:
+        _PASS.depth = getattr(_PASS, "depth", 0) + 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _PASS.depth -= 1
+
+
+def _by_name(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The call as one dict of keyword arguments (positional ones named by the signature);
+    the positional tuple when a ``*args`` parameter takes some."""
+    sig = inspect.signature(forward)
+    bound = sig.bind(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return args
+            continue
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            return args
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+class LazyCompile:
+    """Routes ``model(...)`` to a :class:`FreezableModule` compiled on the first call.
+
+    ``compile_kwargs`` are :func:`fxfreeze.compile`'s keyword arguments (``policy``,
+    ``config``, ``plan``, ...). Use :meth:`install` once, :meth:`set_optimizer` when the
+    loop has built its optimizer, :meth:`load_state` to resume; ``module`` is the compiled
+    module once the model ran (None before).
+    """
+
+    def __init__(self, model: nn.Module, compile_kwargs: dict[str, Any]) -> None:
+        if not isinstance(model, nn.Module):
+            raise FreezeError(f"expected a torch.nn.Module to compile, got {type(model).__name__}")
+        self.model = model
+        self.compile_kwargs = dict(compile_kwargs)
+        self.module: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.pending_state: dict[str, Any] | None = None
+        self._previous: tuple[bool, Any] | None = None
+        self._original: Any = None
+        #: called with this object once the model is compiled
+        self.on_compiled: Any = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, compile_kwargs: dict[str, Any]) -> "LazyCompile":
+        """The installed LazyCompile of ``model``, or a new installed one: a callback that
+        is rebuilt (the Trainer re-creates restored callbacks) takes over the same route."""
+        lazy = _BY_MODEL.get(model)
+        if lazy is None or not lazy.installed:
+            lazy = cls(model, compile_kwargs)
+            lazy.install()
+            _BY_MODEL[model] = lazy
+        return lazy
+
+    @property
+    def installed(self) -> bool:
+        return self._previous is not None
+
+    def install(self) -> None:
+        """Route the model's calls through this object (idempotent)."""
+        if self._previous is not None:
+            return
+        model = self.model
+        self._previous = ("forward" in model.__dict__, model.__dict__.get("forward"))
+        self._original = model.forward
+        me = weakref.ref(self)
+
+        def forward(model_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            lazy = me()
+            if lazy is None or _passing():
+                original = lazy._original if lazy is not None else type(model_self).forward.__get__(model_self)
+                return original(*args, **kwargs)
+            if lazy.module is None:
+                lazy._compile(args, kwargs)
+            return lazy.module.route(args, kwargs)
+
+        sig = forward_signature(model)
+        if sig is not None:
+            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+            forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
+        model.__dict__["forward"] = types.MethodType(forward, model)
+
+    def uninstall(self) -> None:
+        """Stop routing: the model runs its own forward again (the compiled module, if
+        any, is detached: its blocks unfrozen, its controller stopped)."""
+        if self.module is not None:
+            self.module.detach()
+        if self._previous is not None:
+            had, value = self._previous
+            if had:
+                self.model.__dict__["forward"] = value
+            else:
+                self.model.__dict__.pop("forward", None)
+            self._previous = None
+
+    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        from ..runtime.module import compile as fx_compile
+        from ..runtime.module import plain_forward
+
+        example: Any = kwargs if not args else (args if not kwargs else None)
+        if example is None:  # positional and keyword: bind to names so one dict holds both
+            example = _by_name(self._original, args, kwargs)
+        with _Passing(), plain_forward(self.model, self._previous):  # capture the plain model
+            fm = fx_compile(self.model, example, optimizer=self.optimizer, **self.compile_kwargs)
+        fm.adopt_route(self._previous, self._original)  # type: ignore[arg-type]
+        self.module = fm
+        logger.info(
+            "fxfreeze: compiled %s on its first call: %d blocks (%s)",
+            type(self.model).__name__, len(fm.plan.blocks), ", ".join(fm.plan.names),
+        )
+        if self.pending_state is not None:
+            state, self.pending_state = self.pending_state, None
+            fm.freezer.load_state_dict(state)
+        if self.on_compiled is not None:
+            self.on_compiled(self)
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        """The optimizer whose steps drive the controller (wrappers are unwrapped)."""
+        self.optimizer = optimizer
+        if self.module is not None:
+            self.module.freezer.attach_optimizer(optimizer)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Resume: the freezer state applies now, or on the first call."""
+        if self.module is None:
+            self.pending_state = state
+        else:
+            self.module.freezer.load_state_dict(state)
+
+    def state(self) -> dict[str, Any] | None:
+        """The freezer state to checkpoint (None before the first call: nothing to save but
+        a state still waiting to be applied)."""
+        if self.module is not None:
+            return self.module.freezer.state_dict()
+        return self.pending_state

@@ -1,0 +1,143 @@
+"""fxfreeze for Lightning: add one callback, leave the LightningModule as it is.
+
+Example::
+
+    from fxfreeze.integrations.lightning import FxFreezeCallback
+
+    trainer = pl.Trainer(max_epochs=5, callbacks=[FxFreezeCallback(policy="egeria")])
+    trainer.fit(lit_module, train_loader, val_loader)             # ckpt_path=... resumes
+
+Which module is compiled: ``module="net"`` names the LightningModule's submodule to
+compile; by default the callback routes the LightningModule itself (when it defines
+``forward``) and each of its direct submodules that hold parameters, and compiles the
+first of them that the training step calls (the outermost call: ``self(x)`` compiles the
+LightningModule, ``self.net(x)`` the network). The others are then left alone.
+
+Works with the optimizer Lightning builds from ``configure_optimizers`` (the first one
+drives the controller), ``accumulate_grad_batches`` (one decision per optimizer step),
+``precision="bf16-mixed"`` (graphs are kept per autocast state), ``gradient_clip_val``,
+validation during training, ``ModelCheckpoint`` and ``trainer.fit(..., ckpt_path=...)``:
+the freezer state is the callback's checkpoint state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from ..errors import FreezeError
+from ._lazy import LazyCompile
+
+try:  # the package named in the issue first, the unified one otherwise
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover - depends on what is installed
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+
+__all__ = ["FxFreezeCallback"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+class FxFreezeCallback(pl.Callback):
+    """Freeze converged blocks of the LightningModule's network. Takes
+    :func:`fxfreeze.compile`'s keyword arguments (``policy=``, ``config=``, ``plan=``, ...)
+    and ``module=``, the attribute path of the submodule to compile (default: found, see
+    the module docstring). ``callback.module`` is the compiled module once training ran."""
+
+    def __init__(self, module: str | None = None, **compile_kwargs: Any) -> None:
+        super().__init__()
+        self.target = module
+        self.compile_kwargs = compile_kwargs
+        self._candidates: list[LazyCompile] = []
+        self._pending: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "FxFreezeCallback"
+
+    @property
+    def lazy(self) -> LazyCompile | None:
+        """The route that compiled (or the only candidate)."""
+        done = [c for c in self._candidates if c.module is not None]
+        if done:
+            return done[0]
+        return self._candidates[0] if len(self._candidates) == 1 else None
+
+    @property
+    def module(self) -> Any:
+        lazy = self.lazy
+        return lazy.module if lazy is not None else None
+
+    # -- choosing and routing the module --------------------------------------------------------
+    def _targets(self, pl_module: nn.Module) -> list[nn.Module]:
+        if self.target is not None:
+            try:
+                return [pl_module.get_submodule(self.target)]
+            except AttributeError as e:
+                raise FreezeError(
+                    f"FxFreezeCallback(module={self.target!r}): {type(pl_module).__name__} has no submodule "
+                    f"{self.target!r}; name one of: {', '.join(n for n, _ in pl_module.named_children())}"
+                ) from e
+        out: list[nn.Module] = []
+        if type(pl_module).forward is not pl.LightningModule.forward:
+            out.append(pl_module)
+        out.extend(m for _, m in pl_module.named_children() if any(True for _ in m.parameters()))
+        if not out:
+            raise FreezeError(f"{type(pl_module).__name__} has no submodule with parameters to compile")
+        return out
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self._candidates:
+            for m in self._targets(pl_module):
+                lazy = LazyCompile.for_model(m, self.compile_kwargs)
+                lazy.on_compiled = self._compiled  # type: ignore[attr-defined]
+                self._candidates.append(lazy)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is not None and len(trainer.optimizers) > 1:
+            logger.warning("fxfreeze: %d optimizers; the first one drives the freezing controller", len(trainer.optimizers))
+        for lazy in self._candidates:
+            if optimizer is not None:
+                lazy.set_optimizer(optimizer)
+            if self._pending is not None:
+                lazy.pending_state = self._pending
+
+    def _compiled(self, lazy: LazyCompile) -> None:
+        """The first route called wins; the others step aside."""
+        for other in self._candidates:
+            if other is not lazy:
+                other.uninstall()
+        self._candidates = [lazy]
+        self._pending = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.module is not None:
+            self.module.freezer.set_epoch(int(trainer.current_epoch))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.module is not None:
+            pl_module.log("fxfreeze/num_frozen", float(self.module.num_frozen), on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        for lazy in self._candidates:
+            if lazy.module is None:
+                lazy.uninstall()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        lazy = self.lazy
+        state = lazy.state() if lazy is not None else self._pending
+        return {"freezer": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("freezer") if isinstance(state_dict, dict) else None
+        if state is None:
+            return
+        lazy = self.lazy
+        if lazy is not None and lazy.module is not None:
+            lazy.load_state(state)
+        else:
+            self._pending = state
+            for c in self._candidates:
+                c.pending_state = state
