@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import types
 import warnings
 from typing import Any, Callable, Iterator
@@ -57,18 +58,49 @@ def _strip(out: Any) -> Any:
     return tree_unflatten([v if v is None or isinstance(v, _PLAIN) else None for v in leaves], spec)
 
 
+def _named_signature(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.Signature | None:
+    """For a forward that takes ``**kwargs`` (PEFT's ``forward(*args, **kwargs)``): a
+    signature naming every argument of this call, since torch.export keys dynamic shapes by
+    parameter name and cannot key them inside ``**kwargs``. None when the forward names
+    them all already (or the call cannot be named)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    params = sig.parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not var_kw or all(k in named for k in kwargs):
+        return None
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(positional):
+        return None  # taken by *args: no names to give
+    out = [inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in positional[: len(args)]]
+    out += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs]
+    return inspect.Signature(out)
+
+
 @contextlib.contextmanager
-def _stripping_forward(model: nn.Module) -> Iterator[None]:
-    """Make ``model.forward`` return None in place of unknown output objects, for the
-    duration of an export (an instance attribute, removed afterwards)."""
+def _export_forward(model: nn.Module, strip: bool, signature: inspect.Signature | None) -> Iterator[None]:
+    """For the duration of an export, ``model.forward`` (an instance attribute, removed
+    afterwards) returns None in place of unknown output objects (``strip``) and/or shows
+    ``signature``. Nothing changes when neither is asked for."""
+    if not strip and signature is None:
+        yield
+        return
     had = "forward" in model.__dict__
     previous = model.__dict__.get("forward")
     inner = model.forward
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _strip(inner(*args, **kwargs))
+        out = inner(*args, **kwargs)
+        return _strip(out) if strip else out
 
-    functools.update_wrapper(forward, type(model).forward)  # export binds by the signature
+    if signature is None:
+        functools.update_wrapper(forward, type(model).forward)  # export binds by the signature
+    else:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])  # type: ignore[attr-defined]
     model.__dict__["forward"] = types.MethodType(forward, model)
     try:
         yield
@@ -79,7 +111,9 @@ def _stripping_forward(model: nn.Module) -> Iterator[None]:
             model.__dict__.pop("forward", None)
 
 
-def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Every tensor dimension ``Dim.AUTO``, keyed as ``torch.export`` expects: by the
+    forward's parameter names (a ``**kwargs`` parameter holds its own dict)."""
     from torch.export import Dim
 
     def spec(x: Any) -> Any:
@@ -91,10 +125,21 @@ def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return {k: spec(v) for k, v in x.items()}
         return None
 
-    if kwargs and not args:
-        return spec(kwargs)  # by argument name
-    # positional specs, then keyword ones in the signature's order (calls are canonical)
-    return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(v) for v in value)
+        else:
+            out[name] = spec(value)
+    return out
 
 
 class ExportResult:
@@ -143,9 +188,9 @@ def _meta_guard(graph: fx.Graph, ranges: dict[Any, Any]) -> Callable[..., None]:
 def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool, strip: bool) -> ExportResult:
     """Export ``model`` on the example call and return its unlifted graph (see the module
     docstring). Raises whatever ``torch.export`` raises."""
-    dyn = _dynamic_shapes(args, kwargs) if dynamic else None
-    with warnings.catch_warnings(), (_stripping_forward(model) if strip else contextlib.nullcontext()):
+    with warnings.catch_warnings(), _export_forward(model, strip, _named_signature(model, args, kwargs)):
         warnings.simplefilter("ignore")
+        dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     unlifted = ep.module()
     graph = unlifted.graph
