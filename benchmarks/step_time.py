@@ -6,7 +6,12 @@ achieved/ideal saving. The backward time of a prefix is measured on the unfrozen
 a gradient hook on each block's frontier tensor records when backward reaches that cut;
 from then to the end of backward is the prefix's backward time.
 
-    .venv/bin/python benchmarks/step_time.py [--quick]
+    .venv/bin/python benchmarks/step_time.py [--quick] [--only resnet,transformer,lora]
+
+The LoRA section (needs transformers and peft) fine-tunes adapters on a small Llama
+configuration: the base weights are frozen from the start, so a frozen prefix saves the
+backward pass through its layers (the adapters' activation gradients), not weight
+gradients.
 """
 
 from __future__ import annotations
@@ -49,11 +54,11 @@ def instrument(fm: fxfreeze.runtime.FreezableModule) -> None:
     gm.recompile()
 
 
-def step_fn(fm, opt, x, y, loss_fn) -> Callable[[], float]:
+def step_fn(fm, opt, loss_of: Callable[[Any], torch.Tensor]) -> Callable[[], float]:
     def run() -> float:
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn(fm(x), y).backward()
+        loss_of(fm).backward()
         opt.step()
         return time.perf_counter() - t
 
@@ -66,13 +71,12 @@ def measure(run: Callable[[], float], warmup: int, reps: int) -> float:
     return statistics.median(run() for _ in range(reps))
 
 
-def prefix_backward_times(fm, x, y, loss_fn, reps: int) -> dict[int, float]:
+def prefix_backward_times(fm, loss_of: Callable[[Any], torch.Tensor], reps: int) -> dict[int, float]:
     instrument(fm)
     samples: dict[int, list[float]] = {}
     for i in range(reps + 1):
         _marks.clear()
-        out = fm(x)
-        loss = loss_fn(out, y)
+        loss = loss_of(fm)
         loss.backward()
         end = time.perf_counter()
         fm.zero_grad(set_to_none=True)
@@ -83,19 +87,21 @@ def prefix_backward_times(fm, x, y, loss_fn, reps: int) -> dict[int, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench(name: str, model, x, y, loss_fn, ks, warmup: int, reps: int) -> list[dict]:
-    fm = fxfreeze.compile(model, (x,))
-    opt = torch.optim.SGD(fm.parameters(), lr=0.01, momentum=0.9)
+def bench(name: str, model, example: Any, loss_of: Callable[[Any], torch.Tensor], ks, warmup: int, reps: int) -> list[dict]:
+    """``example``: the training call's inputs (compile captures that call); ``loss_of(m)``:
+    one training step's loss computed with module ``m``."""
+    fm = fxfreeze.compile(model, example, policy="manual")
+    opt = torch.optim.SGD([p for p in fm.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     fm.train()
-    base = measure(step_fn(fm, opt, x, y, loss_fn), warmup, reps)
+    base = measure(step_fn(fm, opt, loss_of), warmup, reps)
     rows = []
     for k in ks:
         fm.freeze_prefix(k)
         opt = torch.optim.SGD([p for p in fm.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-        t = measure(step_fn(fm, opt, x, y, loss_fn), warmup, reps)
+        t = measure(step_fn(fm, opt, loss_of), warmup, reps)
         rows.append({"k": k, "step": t})
     fm.freeze_prefix(0)
-    bwd = prefix_backward_times(fxfreeze.compile(model, (x,)), x, y, loss_fn, reps)
+    bwd = prefix_backward_times(fxfreeze.compile(model, example, policy="manual"), loss_of, reps)
     print(f"\n### {name} ({len(fm.plan.blocks)} blocks, captured with {fm.strategy}); baseline step {base * 1000:.0f} ms\n")
     print("| k frozen | step (ms) | ideal (ms) | saving (ms) | ideal saving (ms) | achieved/ideal |")
     print("|---|---|---|---|---|---|")
@@ -107,22 +113,46 @@ def bench(name: str, model, x, y, loss_fn, ks, warmup: int, reps: int) -> list[d
     return rows
 
 
+def lora_llama(layers: int, hidden: int, vocab: int) -> Any:
+    """A small Llama configuration with LoRA adapters (r=8) on every projection."""
+    import peft
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64), max_position_embeddings=512,
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=8, target_modules=targets, lora_dropout=0.0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small batches, few repetitions")
+    ap.add_argument("--only", default="resnet,transformer,lora", help="comma-separated sections to run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     torch.manual_seed(0)
     warmup, reps = (1, 3) if args.quick else (2, 7)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {reps} steps after {warmup} warm-up")
-    b = 32 if args.quick else 128
-    x = torch.randn(b, 3, 32, 32)
-    y = torch.randint(0, 10, (b,))
-    bench(f"ResNet-56, batch {b}, 32x32", zoo.resnet56(), x, y, F.cross_entropy, [7, 14, 21, 28], warmup, reps)
-    bt = 16 if args.quick else 64
-    toks = torch.randint(0, 1000, (bt, 64))
-    yt = torch.randint(0, 2, (bt,))
-    model = zoo.TransformerClassifier(d_model=256, nhead=8, layers=6, max_len=64)
-    bench(f"6-layer transformer encoder (d=256), batch {bt}, 64 tokens", model, toks, yt, F.cross_entropy, [2, 4, 6, 7], warmup, reps)
+    if "resnet" in only:
+        b = 32 if args.quick else 128
+        x = torch.randn(b, 3, 32, 32)
+        y = torch.randint(0, 10, (b,))
+        bench(f"ResNet-56, batch {b}, 32x32", zoo.resnet56(), (x,), lambda m: F.cross_entropy(m(x), y), [7, 14, 21, 28], warmup, reps)
+    if "transformer" in only:
+        bt = 16 if args.quick else 64
+        toks = torch.randint(0, 1000, (bt, 64))
+        yt = torch.randint(0, 2, (bt,))
+        model = zoo.TransformerClassifier(d_model=256, nhead=8, layers=6, max_len=64)
+        bench(f"6-layer transformer encoder (d=256), batch {bt}, 64 tokens", model, (toks,), lambda m: F.cross_entropy(m(toks), yt), [2, 4, 6, 7], warmup, reps)
+    if "lora" in only:
+        layers, hidden, bl, tl = (4, 128, 4, 64) if args.quick else (8, 256, 8, 128)
+        ids = torch.randint(0, 2000, (bl, tl))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        model = lora_llama(layers, hidden, 2000)
+        ks = [1 + layers // 4, 1 + layers // 2, 1 + 3 * layers // 4, layers]  # the stem, then layers
+        bench(f"LoRA (r=8, all projections) on a {layers}-layer Llama (d={hidden}), batch {bl}, {tl} tokens", model, batch, lambda m: m(**batch).loss, ks, warmup, reps)
 
 
 if __name__ == "__main__":

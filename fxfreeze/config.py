@@ -267,13 +267,17 @@ class FreezeConfig:
       reported to the policy as an LR step (Egeria unfreezes on it);
     - ``release_optimizer_state``: drop optimizer state (momentum, Adam moments) of frozen
       parameters, freeing memory; on unfreeze they start from fresh state;
-    - ``steps_per_epoch``: lets epoch-based schedules work without ``freezer.set_epoch``.
+    - ``steps_per_epoch``: lets epoch-based schedules work without ``freezer.set_epoch``;
+    - ``total_steps``: the planned length of training in optimizer steps, for policies that
+      schedule by it (FreezeOut, when its own ``freezeout.total_steps`` is not set). The
+      Trainer and Lightning integrations fill it from the trainer's plan.
     """
 
     policy: str = "egeria"
     lr_change_factor: float = 1.5
     release_optimizer_state: bool = True
     steps_per_epoch: int | None = None
+    total_steps: int | None = None
     manual: ManualConfig = field(default_factory=ManualConfig)
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
     egeria: EgeriaConfig = field(default_factory=EgeriaConfig)
@@ -292,6 +296,8 @@ class FreezeConfig:
             raise ConfigError(f"lr_change_factor must be > 1, got {self.lr_change_factor!r}")
         if self.steps_per_epoch is not None and int(self.steps_per_epoch) <= 0:
             raise ConfigError(f"steps_per_epoch must be a positive integer, got {self.steps_per_epoch!r}")
+        if self.total_steps is not None:
+            _positive_int(self.total_steps, "total_steps")
         if isinstance(self.manual, Mapping):
             self.manual = _sub(ManualConfig, self.manual, "manual")
         if isinstance(self.freezeout, Mapping):

@@ -17,6 +17,7 @@ import inspect
 import io
 import logging
 import threading
+import time
 import types
 import weakref
 from typing import Any
@@ -104,10 +105,17 @@ class LazyCompile:
         self.module: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.pending_state: dict[str, Any] | None = None
+        #: the trainer's planned number of optimizer steps, passed to compile
+        self.total_steps: int | None = None
         self._previous: tuple[bool, Any] | None = None
         self._original: Any = None
         #: called with this object once the model is compiled
         self.on_compiled: Any = None
+        #: seconds the first call spent compiling (capture, plan, controller)
+        self.compile_seconds = 0.0
+        #: (device type, dtype): run the graphs under this autocast (installed on top of a
+        #: forward that a mixed-precision wrapper already wrapped, which the route replaces)
+        self.autocast: tuple[str, torch.dtype] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, compile_kwargs: dict[str, Any]) -> "LazyCompile":
@@ -138,6 +146,11 @@ class LazyCompile:
             if lazy is None or _passing():
                 original = lazy._original if lazy is not None else type(model_self).forward.__get__(model_self)
                 return original(*args, **kwargs)
+            if lazy.autocast is not None:
+                with torch.autocast(lazy.autocast[0], dtype=lazy.autocast[1]):
+                    if lazy.module is None:
+                        lazy._compile(args, kwargs)
+                    return lazy.module.route(args, kwargs)
             if lazy.module is None:
                 lazy._compile(args, kwargs)
             return lazy.module.route(args, kwargs)
@@ -168,8 +181,13 @@ class LazyCompile:
         example: Any = kwargs if not args else (args if not kwargs else None)
         if example is None:  # positional and keyword: bind to names so one dict holds both
             example = _by_name(self._original, args, kwargs)
+        t0 = time.perf_counter()
         with _Passing(), plain_forward(self.model, self._previous):  # capture the plain model
-            fm = fx_compile(self.model, example, optimizer=self.optimizer, **self.compile_kwargs)
+            kwargs = dict(self.compile_kwargs)
+            if self.total_steps is not None and "total_steps" not in kwargs:
+                kwargs["total_steps"] = self.total_steps
+            fm = fx_compile(self.model, example, optimizer=self.optimizer, **kwargs)
+        self.compile_seconds = time.perf_counter() - t0
         fm.adopt_route(self._previous, self._original)  # type: ignore[arg-type]
         self.module = fm
         logger.info(

@@ -97,7 +97,10 @@ class FxFreezeCallback(pl.Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is not None and len(trainer.optimizers) > 1:
             logger.warning("fxfreeze: %d optimizers; the first one drives the freezing controller", len(trainer.optimizers))
+        total = getattr(trainer, "estimated_stepping_batches", None)
         for lazy in self._candidates:
+            if isinstance(total, (int, float)) and 0 < total < float("inf"):
+                lazy.total_steps = int(total)
             if optimizer is not None:
                 lazy.set_optimizer(optimizer)
             if self._pending is not None:

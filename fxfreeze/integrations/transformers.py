@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -92,11 +93,20 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
             self._install(model)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if model is not None:
-            self._install(model)  # added after the Trainer was built: route now
-        assert self.lazy is not None
+        if model is not None and (self.lazy is None or self.lazy.model is not model):
+            # added after the Trainer was built: route now. Mixed precision has already
+            # wrapped model.forward, which the route replaces: apply its autocast ourselves.
+            wrapped = "forward" in model.__dict__
+            self._install(model)
+            if wrapped and (args.bf16 or args.fp16):
+                device = "cuda" if str(getattr(args, "device", "cpu")).startswith("cuda") else "cpu"
+                self.lazy.autocast = (device, torch.bfloat16 if args.bf16 else torch.float16)
+        if self.lazy is None:
+            return
         if optimizer is not None:
             self.lazy.set_optimizer(optimizer)
+        if getattr(state, "max_steps", 0) and state.max_steps > 0:
+            self.lazy.total_steps = int(state.max_steps)
         saved = self._saved_state(state)
         if saved is not None and state.global_step > 0:
             self.lazy.load_state(decode_state(saved))

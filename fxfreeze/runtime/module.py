@@ -451,6 +451,7 @@ def compile(
     strategy: str = "auto",
     max_graphs: int = DEFAULT_MAX_GRAPHS,
     capture_timeout: float | None = DEFAULT_TIMEOUT,
+    total_steps: int | None = None,
 ) -> FreezableModule:
     """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
 
@@ -465,6 +466,8 @@ def compile(
     - ``plan``: an edited plan to use instead of the proposed one.
     - ``max_graphs``: graphs kept for different kinds of call before the rest run eagerly;
       ``capture_timeout``: seconds one capture attempt may take (None: no bound).
+    - ``total_steps``: the planned number of optimizer steps (sets the config's
+      ``total_steps``), for policies that schedule by the length of training.
 
     Compiling a model that is already compiled detaches the earlier module (its
     controller stops; see :meth:`FreezableModule.detach`).
@@ -485,6 +488,10 @@ def compile(
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ModelError(f"max_graphs must be a positive int, got {max_graphs!r}")
     cfg = load_config(config, policy)
+    if total_steps is not None:
+        d = cfg.to_dict()
+        d["total_steps"] = total_steps
+        cfg = FreezeConfig.from_dict(d)
     previous = _OWNERS.get(model)
     previous = previous() if previous is not None else None
     if previous is not None:

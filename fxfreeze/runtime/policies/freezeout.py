@@ -30,9 +30,13 @@ class FreezeOutPolicy(Policy):
     def __init__(self, config: Any, plan: Any) -> None:
         super().__init__(config, plan)
         fo = config.freezeout
-        if fo.total_steps is None:
-            raise ConfigError("policy 'freezeout' needs freezeout.total_steps (the length of training in optimizer steps)")
-        self.times = freeze_times(plan.max_frozen, float(fo.t0), fo.scaling, int(fo.total_steps))
+        total = fo.total_steps if fo.total_steps is not None else config.total_steps
+        if total is None:
+            raise ConfigError(
+                "policy 'freezeout' needs the length of training: set freezeout.total_steps (or total_steps, "
+                "or pass total_steps= to fxfreeze.compile; the Trainer and Lightning integrations set it)"
+            )
+        self.times = freeze_times(plan.max_frozen, float(fo.t0), fo.scaling, int(total))
 
     def decide(self, signals: Signals) -> Decision | None:
         k = sum(1 for t in self.times if t <= signals.step)

@@ -1,0 +1,104 @@
+"""The Hugging Face Trainer with one added callback: the optimizer and scheduler it builds,
+gradient accumulation, bf16 on the CPU, gradient clipping, evaluation during training, freeze
+events in its logs, checkpoints and an exact resume, and a saved model that loads into the
+plain model class."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from fxfreeze.integrations.transformers import FxFreezeCallback  # noqa: E402
+
+V = 100
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, V, (n, 12), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        # "source" is a column the model does not take: the Trainer drops it by the signature
+        return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": self.x[i], "source": "synthetic"}
+
+
+def _model():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_positions=64))
+
+
+def _trainer(model, out: Path, callbacks, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=12,
+        learning_rate=1e-3, logging_steps=2, save_steps=6, eval_strategy="steps", eval_steps=6, report_to="none",
+        use_cpu=True, gradient_accumulation_steps=2, bf16=True, max_grad_norm=1.0, disable_tqdm=True, seed=0, **kw,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(64, 0), eval_dataset=_Tokens(8, 1), callbacks=callbacks)
+
+
+def _callback():
+    return FxFreezeCallback(policy="manual", config={"manual": {"schedule": {4: 1, 8: 2}}})
+
+
+def test_trainer_freezes_logs_checkpoints_resumes_exactly_and_saves_a_plain_model(tmp_path):
+    model = _model()
+    cb = _callback()
+    trainer = _trainer(model, tmp_path, [cb])
+    trainer.train()
+    fm = cb.module
+    assert fm is not None and fm.model is model
+    assert [b.name for b in fm.plan.blocks] == ["stem", "transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    # one decision per optimizer step (gradient accumulation 2: 24 batches, 12 steps)
+    assert fm.freezer.step_count == trainer.state.global_step == 12
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(4, 1), (8, 2)]
+    events = [h for h in trainer.state.log_history if "fxfreeze/event" in h]
+    assert [(h["step"], h["fxfreeze/num_frozen"], h["fxfreeze/blocks"]) for h in events] == [
+        (4, 1, "stem"), (8, 2, "transformer.h.0")
+    ]
+    assert any("eval_loss" in h for h in trainer.state.log_history)  # evaluation ran (its own graph)
+    assert any(not e.training for e in fm.graphs.entries())
+    for n in fm.frozen_parameter_names():  # frozen blocks never changed after freezing
+        assert not fm.params_by_name[n].requires_grad
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["FxFreezeCallback"]["attributes"]["freezer_state"]
+
+    # resume from the checkpoint at step 6 (one block frozen): the same run
+    model2 = _model()
+    cb2 = _callback()
+    _trainer(model2, tmp_path, [cb2]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert [(e["step"], e["num_frozen"]) for e in cb2.module.freezer.history] == [(4, 1), (8, 2)]
+    for n, p in model2.named_parameters():
+        torch.testing.assert_close(p, final[n], rtol=0, atol=0, msg=f"{n} differs after the resume")
+
+    # save_model writes the model's own checkpoint: from_pretrained loads it into the plain class
+    trainer.save_model(str(tmp_path / "final"))
+    plain = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "final"))
+    for n, p in plain.named_parameters():
+        torch.testing.assert_close(p, final[n], rtol=0, atol=0)
+    assert "forward" not in plain.__dict__
+
+
+def test_callback_added_after_the_trainer_was_built_and_default_policy(tmp_path):
+    model = _model()
+    ref = copy.deepcopy(model)
+    trainer = _trainer(model, tmp_path, [], save_strategy="no")
+    cb = FxFreezeCallback()  # the default policy, added late: routes at train begin
+    trainer.add_callback(cb)
+    trainer.train()
+    assert cb.module is not None and cb.module.freezer.config.policy == "egeria"
+    assert cb.module.freezer.step_count == 12
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    # added late, over accelerate's bf16 wrapper: the graphs still run under bf16 autocast
+    assert any(e.key[1] for e in cb.module.graphs.entries())

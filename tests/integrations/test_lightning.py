@@ -1,0 +1,82 @@
+"""Lightning with one added callback, the LightningModule unchanged: accumulate_grad_batches,
+bf16-mixed, gradient clipping, validation, ModelCheckpoint and an exact ckpt_path resume."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from fxfreeze import zoo  # noqa: E402
+from fxfreeze.integrations.lightning import FxFreezeCallback  # noqa: E402
+
+
+class _Lit(pl.LightningModule):
+    """Calls its network directly in the steps (no forward of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = zoo.resnet20(num_classes=4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 4, (64,), generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=8)
+
+
+def _fit(tmp_path, cb, ckpt_path=None):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    lit = _Lit()
+    trainer = pl.Trainer(
+        max_steps=8, accumulate_grad_batches=2, precision="bf16-mixed", gradient_clip_val=1.0, accelerator="cpu",
+        callbacks=[cb, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, val_check_interval=4, limit_val_batches=2,
+        num_sanity_val_steps=1, deterministic=True,
+    )
+    trainer.fit(lit, _loader(), _loader(), ckpt_path=ckpt_path)
+    return lit
+
+
+def test_lightning_freezes_and_resumes_exactly(tmp_path):
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {2: 2, 5: 5}}})
+    lit = _fit(tmp_path, cb)
+    fm = cb.module
+    assert fm is not None and fm.model is lit.net  # the network the steps call, found without naming it
+    assert "forward" not in lit.__dict__  # the other candidate route was taken off
+    assert fm.freezer.step_count == 8  # accumulate_grad_batches=2: one decision per optimizer step
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(2, 2), (5, 5)]
+    assert any(e.key[1] for e in fm.graphs.entries())  # captured under bf16 autocast
+    final = {n: p.detach().clone() for n, p in lit.named_parameters()}
+    ckpt = next(p for p in tmp_path.iterdir() if "step=4" in p.name)
+    assert torch.load(ckpt, weights_only=False)["callbacks"]["FxFreezeCallback"]["freezer"]["num_frozen"] == 2
+
+    cb2 = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {2: 2, 5: 5}}})
+    lit2 = _fit(tmp_path / "again", cb2, ckpt_path=str(ckpt))
+    assert [(e["step"], e["num_frozen"]) for e in cb2.module.freezer.history] == [(2, 2), (5, 5)]
+    for n, p in lit2.named_parameters():
+        torch.testing.assert_close(p, final[n], rtol=0, atol=0, msg=f"{n} differs after the resume")
+
+
+def test_module_by_name_and_a_clear_error_for_a_wrong_one(tmp_path):
+    cb = FxFreezeCallback(module="nope", policy="manual")
+    with pytest.raises(Exception, match="no submodule 'nope'"):
+        _fit(tmp_path, cb)
