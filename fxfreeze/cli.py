@@ -131,6 +131,16 @@ def _example_inputs(args: argparse.Namespace) -> Any:
     return named if named else tuple(positional)
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODULE:CALLABLE", help="factory returning an nn.Module, e.g. fxfreeze.zoo:resnet56")
     p.add_argument(
@@ -143,6 +153,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--example-inputs", metavar="FILE.pt", help="example inputs saved with torch.save (a tensor, tuple or dict)")
     p.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the model factory, as a JSON object")
     p.add_argument("--strategy", default="auto", choices=("auto", "fx", "export", "hooks"), help="capture strategy (default: auto)")
+    p.add_argument("--capture-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="bound on each capture attempt, past which the next strategy is tried (default 180)")
     p.add_argument("--plan", metavar="FILE", help="an edited plan (YAML/JSON) to apply instead of proposing one")
 
 
@@ -249,6 +261,7 @@ def _bench(ns: argparse.Namespace) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     from .api import analyze
+    from .trace import DEFAULT_TIMEOUT
 
     if ns.command == "bench":
         return _bench(ns)
@@ -262,7 +275,8 @@ def _run(ns: argparse.Namespace) -> int:
             raise CliError(f"-o {ns.output!r}: unknown format {fmt!r}; use .dot, .svg, .html or .json")
     model = load_target(ns.model, ns.kwargs)
     inputs = _example_inputs(ns)
-    result = analyze(model, inputs, plan=ns.plan, strategy=ns.strategy)
+    timeout = DEFAULT_TIMEOUT if ns.capture_timeout is None else ns.capture_timeout
+    result = analyze(model, inputs, plan=ns.plan, strategy=ns.strategy, capture_timeout=timeout)
     if ns.command == "plan":
         fp = result.plan
         text = {"table": fp.table, "yaml": fp.to_yaml, "json": fp.to_json}[ns.format]()

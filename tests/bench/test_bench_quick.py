@@ -1,5 +1,7 @@
 """`fxfreeze bench --quick`: the smoke run finishes and writes a complete, sane report
-(speed is not asserted)."""
+(speed is not asserted). It runs the control, the cached default and a schedule; the
+other policies train on the real task in ``test_egeria_mnist.py`` and in the recorded
+benchmarks."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import pytest
 
 from fxfreeze.cli import main
 
-RUNS = ["baseline", "compiled", "egeria", "egeria+cache", "freezeout", "autofreeze", "smartfrz", "manual"]
+RUNS = ["baseline", "compiled", "egeria+cache", "manual"]
 
 
 @pytest.mark.slow
 def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
-    rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "--evals-per-epoch", "2", "-o", str(tmp_path)])
+    rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "--evals-per-epoch", "2",
+               "--policies", ",".join(RUNS[1:]), "-o", str(tmp_path)])
     assert rc == 0
     rep = json.loads((tmp_path / "results.json").read_text())
     assert rep["quick"] is True and rep["machine"]["threads"] >= 1

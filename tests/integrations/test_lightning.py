@@ -49,7 +49,7 @@ def _fit(tmp_path, cb, ckpt_path=None):
         max_steps=8, accumulate_grad_batches=2, precision="bf16-mixed", gradient_clip_val=1.0, accelerator="cpu",
         callbacks=[cb, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)], logger=False,
         enable_progress_bar=False, enable_model_summary=False, val_check_interval=4, limit_val_batches=2,
-        num_sanity_val_steps=1, deterministic=True,
+        num_sanity_val_steps=1,
     )
     trainer.fit(lit, _loader(), _loader(), ckpt_path=ckpt_path)
     return lit
