@@ -30,11 +30,12 @@ bench: $(VENV)/.dev-installed
 	$(PY) benchmarks/compile_time.py
 	$(PY) benchmarks/step_time.py
 
-# torchvision needs a different torch (2.14.1, a 5.5 GB build on this machine): own venv.
+# torchvision (and timm, which needs it) want a different torch (2.14.1, a 5.5 GB build on
+# this machine): own venv.
 torchvision-test:
 	$(PYTHON) -m venv .venv-tv
 	.venv-tv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	.venv-tv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	.venv-tv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" timm
 	.venv-tv/bin/python -m pytest -q -m torchvision
 
 clean:

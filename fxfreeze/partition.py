@@ -25,7 +25,9 @@ here knows any class name: blocks are found from structure alone.
    the same mask and position bias computed once (the inner units use those), a U-Net
    down block keeps its two convolutions together, a transformer layer does not split into
    its attention and MLP halves (not a run). Children outside any run are searched for
-   runs deeper down (``encoder.layer`` inside a BERT).
+   runs deeper down (``encoder.layer`` inside a BERT), except a lone module of a type that
+   is a run unit elsewhere: it is a block itself (an EfficientNet's last stage holds a
+   single inverted-residual block).
 4. **Stem and head.** Everything before the first unit is block 0, the stem (merged into the
    first block when it holds no parameters); nodes between two units go to the preceding
    block (a block runs from its first node to the next block's first node); everything
@@ -289,6 +291,9 @@ def _unit_name(paths: Sequence[str]) -> str:
 class _Searcher:
     def __init__(self, index: GraphIndex) -> None:
         self.ix = index
+        #: module types that are run units somewhere: a lone module of such a type (the
+        #: single block of a last stage) is a unit too, not a place to look deeper
+        self.unit_types: set[object] = set()
 
     def unit(self, paths: Sequence[str]) -> Unit:
         lo, hi = self.ix.group_range(paths)
@@ -347,7 +352,10 @@ class _Searcher:
                     units.extend(self.refine(u))
                 out.append((cover, units))
             elif kid not in in_run:
-                out.extend(self.decompose(kid))
+                if self.ix.type_of(kid) in self.unit_types and self.ix.params_of(kid) > 0 and self.ix.contiguous([kid], path):
+                    out.append((self.ix.params_of(kid), [self.unit([kid])]))
+                else:
+                    out.extend(self.decompose(kid))
         return out
 
     def refine(self, u: Unit) -> list[Unit]:
@@ -380,6 +388,10 @@ class _Searcher:
         found = self.decompose("")
         if not found:
             return []
+        types = {self.ix.type_of(u.paths[0]) for _, units in found for u in units if len(u.paths) == 1}
+        if types:  # again, knowing which types are blocks
+            self.unit_types = types
+            found = self.decompose("")
         best = max(c for c, _ in found)
         return [u for c, units in found if c >= _MIN_RELATIVE_COVERAGE * best for u in units]
 

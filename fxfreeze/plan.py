@@ -166,14 +166,12 @@ class FreezePlan:
     # -- display ---------------------------------------------------------------------------
     def table(self) -> str:
         """A torchinfo-style summary."""
-        rows = [("#", "block", "modules", "params", "GFLOPs", "cum FLOPs", "frontier/sample")]
+        rows = [("#", "block", "owns modules", "params", "GFLOPs", "cum FLOPs", "frontier/sample")]
         total = self.total_flops or 0
         cum = 0
         for b in self.blocks:
             cum += b.flops or 0
-            mods = ", ".join(b.modules)
-            if len(mods) > 40:
-                mods = mods[:37] + "..."
+            mods = ", ".join(b.modules)  # whole: the table shows what the block owns
             rows.append(
                 (
                     str(b.index),
@@ -190,7 +188,7 @@ class FreezePlan:
             (
                 "head",
                 "(not frozen)",
-                hm[:37] + "..." if len(hm) > 40 else hm,
+                hm,
                 f"{self.head.num_params:,}",
                 "-" if self.head.flops is None else f"{self.head.flops / 1e9:.4f}",
                 "100.0%" if total else "-",

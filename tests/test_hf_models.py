@@ -207,3 +207,30 @@ def test_other_keyword_sets_and_outputs():
     n = len(fm.graphs)
     torch.testing.assert_close(fm(x["input_ids"], attention_mask=x["attention_mask"]).logits, ref(**x).logits)
     assert len(fm.graphs) == n
+
+
+def test_what_a_block_owns_is_the_same_in_every_view(tmp_path):
+    """GPT-2's stem and head both run code of ``transformer`` (a parent spanning every
+    block): neither lists it; the table, YAML, JSON and the picture show the same ownership."""
+    from fxfreeze.api import analyze
+    from fxfreeze.viz import to_dot
+
+    torch.manual_seed(0)
+    a = analyze(_gpt2(), _batch(False, 2, 8))
+    p = a.plan
+    assert p.blocks[0].modules == ["transformer.wte", "transformer.wpe", "transformer.drop"]
+    assert p.head.modules == ["transformer.ln_f", "lm_head"]
+    assert "transformer" not in [m for b in p.blocks for m in b.modules] + p.head.modules
+    assert p.blocks[1].params and all(n.startswith("transformer.h.0.") for n in p.blocks[1].params)
+    assert sorted(p.head.params) == ["transformer.ln_f.bias", "transformer.ln_f.weight"]  # lm_head.weight is wte's (tied)
+    assert "transformer.wte.weight" in p.blocks[0].params and "transformer.wte.weight" in p.shared_params
+    owned_params = [n for b in p.blocks for n in b.params] + p.head.params
+    assert sorted(owned_params) == sorted(n for n, _ in _gpt2().named_parameters())
+    for again in (fxfreeze.FreezePlan.from_yaml(p.to_yaml()), fxfreeze.FreezePlan.from_json(p.to_json())):
+        assert [(b.modules, b.params, b.buffers) for b in again.blocks] == [(b.modules, b.params, b.buffers) for b in p.blocks]
+        assert (again.head.modules, again.head.params) == (p.head.modules, p.head.params)
+    table = p.table()
+    dot = to_dot(a.graph_module.graph, p)
+    for b in p.blocks:
+        assert ", ".join(b.modules) in table
+        assert "owns: " + ", ".join(b.modules) in dot
