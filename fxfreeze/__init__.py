@@ -55,7 +55,7 @@ __all__ = [
 
 def __getattr__(name: str):  # lazy: the runtime is only loaded when used
     if name == "compile":
-        from .runtime.module import compile as _compile
+        from .runtime.compile import compile as _compile
 
         return _compile
     if name == "FreezeConfig":

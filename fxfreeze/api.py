@@ -10,8 +10,10 @@ from torch import nn
 
 from .analysis import batch_size_of, propagate
 from .errors import PlanError
-from .partition import GraphIndex, propose
-from .plan import FreezePlan, build_plan, starts_from_plan
+from .graph_index import GraphIndex
+from .partition import propose
+from .plan import FreezePlan
+from .plan_build import build_plan, starts_from_plan
 from .trace import DEFAULT_TIMEOUT, Capture, capture
 
 __all__ = ["plan", "analyze", "Analysis"]

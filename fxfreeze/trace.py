@@ -37,20 +37,22 @@ graphs per autocast state (:mod:`fxfreeze.runtime.graphs`).
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .capture_export import export_graph, resolve, unknown_outputs
+from .capture_fx import hides_structure, trace_fx
+from .capture_hooks import trace_hooks
+from .calls import canonical_call, describe_call, forward_signature, normalize_inputs
 from .errors import ExampleInputError, ModelError, TraceError
 from .timebound import CaptureTimeout, time_bound
+from .trace_state import preserved_state
 
 __all__ = [
     "Capture",
@@ -70,41 +72,8 @@ logger = logging.getLogger("fxfreeze")
 
 STRATEGIES = ("auto", "fx", "export", "hooks")
 
-#: An escalated leaf that holds at least this share of the parameters and has several
-#: parametrised children probably hides repeated blocks; then export is tried as well.
-_HIDDEN_STRUCTURE_SHARE = 0.25
-_MAX_ESCALATIONS = 256
 #: Seconds one capture attempt may take before fxfreeze falls back to the next strategy.
 DEFAULT_TIMEOUT = 180.0
-
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def normalize_inputs(example_inputs: Any) -> Inputs:
-    """Split example inputs into ``(args, kwargs)``.
-
-    A tuple or list is positional, a dict is keyword (Hugging Face models are called as
-    ``model(input_ids=..., attention_mask=...)``), a single tensor is one positional
-    argument and ``None`` means no inputs.
-    """
-    if example_inputs is None:
-        return (), {}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        bad = [k for k in example_inputs if not isinstance(k, str)]
-        if bad:
-            raise ExampleInputError(
-                f"example_inputs dict keys must be argument names (str); got {bad[0]!r}"
-            )
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise ExampleInputError(
-        "example_inputs must be a tensor, a tuple of positional arguments or a dict of "
-        f"keyword arguments; got {type(example_inputs).__name__}"
-    )
 
 
 def module_path_of(node: fx.Node) -> str:
@@ -125,50 +94,6 @@ def module_path_of(node: fx.Node) -> str:
     if path.startswith("L['self']."):  # dynamo style
         path = path[len("L['self'].") :]
     return path
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Run code on ``model`` without leaving a trace: buffers (BatchNorm running stats,
-    counters), every module's training flag and the random number generators (dropout in
-    a capture must not shift the user's random stream) are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    buffers = {
-        name: buf.detach().clone() for name, buf in model.named_buffers() if buf is not None
-    }
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                saved = buffers.get(name)
-                if saved is not None and buf is not None and saved.shape == buf.shape:
-                    buf.copy_(saved)
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def canonical_call(
-    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """One form for equivalent calls: ``m(x, mask=y)`` and ``m(input=x, mask=y)`` both
-    become ``(x,), {"mask": y}`` (arguments that can be positional are positional until
-    the first one left out; keyword arguments follow in the signature's order). Raises
-    ``TypeError`` (the model's own complaint) when the call does not fit ``signature``."""
-    if signature is None:
-        return args, kwargs
-    bound = signature.bind(*args, **kwargs)
-    return bound.args, bound.kwargs
-
-
-def forward_signature(model: nn.Module) -> inspect.Signature | None:
-    """``inspect.signature(model.forward)``, or None when it cannot be read."""
-    try:
-        return inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return None
 
 
 @dataclass
@@ -239,148 +164,6 @@ class Capture:
         return gm
 
 
-class _LeafTracer(fx.Tracer):
-    """fx tracer whose leaves are childless modules plus escalated ones, and which
-    remembers which module was executing when tracing failed."""
-
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
-        self._leaves = leaves
-        self._stack: list[str] = []
-        self.failed_stack: list[str] | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self._leaves or len(m._modules) == 0
-
-    def call_module(
-        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        name = self.path_of_module(m)
-        self._stack.append(name)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_stack is None:
-                self.failed_stack = list(self._stack)
-            raise
-        finally:
-            self._stack.pop()
-
-
-def _concrete_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Specialise forward arguments that the example call does not pass to their defaults,
-    and plain non-tensor ones it does pass (``both=True``, ``scale=2.0``) to their values:
-    a graph is kept per such value (:mod:`fxfreeze.runtime.graphs`), as ``torch.compile``
-    specialises on them."""
-    try:
-        sig = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return {}
-    params = list(sig.parameters.values())
-    concrete: dict[str, Any] = {}
-    for i, p in enumerate(params):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if i < len(args) or p.name in kwargs:
-            value = args[i] if i < len(args) else kwargs[p.name]
-            if value is None or isinstance(value, (bool, int, float, str)):
-                concrete[p.name] = value
-        elif p.default is not inspect.Parameter.empty:
-            concrete[p.name] = p.default
-    return concrete
-
-
-def _trace_fx(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[fx.Graph | None, dict[str, str], str | None]:
-    """fx trace with leaf escalation. Returns (graph or None, escalated leaves, failure)."""
-    leaves: dict[str, str] = {}
-    concrete = _concrete_args(model, args, kwargs)
-    for _ in range(_MAX_ESCALATIONS):
-        tracer = _LeafTracer(set(leaves))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = tracer.trace(model, concrete_args=concrete or None)
-            return graph, leaves, None
-        except Exception as e:  # noqa: BLE001 - any tracing failure drives escalation
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            stack = [s for s in (tracer.failed_stack or []) if s]
-            culprit = stack[-1] if stack else None
-            if culprit is None or culprit in leaves:
-                return None, leaves, f"fx cannot trace the root forward ({msg})"
-            leaves[culprit] = msg
-            logger.debug("fx trace failed inside %r (%s); making it a leaf", culprit, msg)
-    return None, leaves, f"fx needed more than {_MAX_ESCALATIONS} leaf escalations"
-
-
-def _hides_structure(model: nn.Module, leaves: Mapping[str, str]) -> str | None:
-    """Name of an escalated leaf that probably hides several freezable blocks."""
-    total = sum(p.numel() for p in model.parameters()) or 1
-    for path in leaves:
-        sub = model.get_submodule(path)
-        share = sum(p.numel() for p in sub.parameters()) / total
-        owners = [m for m in sub.modules() if any(True for _ in m.parameters(recurse=False))]
-        if share >= _HIDDEN_STRUCTURE_SHARE and len(owners) >= 2:
-            return path
-    return None
-
-
-def _trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Graph:
-    """Record leaf-module execution order with forward hooks (planning only)."""
-    graph = fx.Graph()
-    produced: dict[int, fx.Node] = {}
-    placeholders: list[fx.Node] = []
-
-    def flat_tensors(x: Any) -> list[torch.Tensor]:
-        leaves_, _ = torch.utils._pytree.tree_flatten(x)
-        return [t for t in leaves_ if isinstance(t, torch.Tensor)]
-
-    for i, a in enumerate(args):
-        ph = graph.placeholder(f"arg{i}")
-        placeholders.append(ph)
-        for t in flat_tensors(a):
-            produced[id(t)] = ph
-    for k, v in kwargs.items():
-        ph = graph.placeholder(k)
-        placeholders.append(ph)
-        for t in flat_tensors(v):
-            produced[id(t)] = ph
-    names = {m: n for n, m in model.named_modules()}
-    last: list[fx.Node] = []
-    keep_alive: list[Any] = []
-
-    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
-        path = names.get(mod, "")
-        srcs = [produced[id(t)] for t in flat_tensors(inp) if id(t) in produced]
-        node = graph.create_node("call_module", path, tuple(dict.fromkeys(srcs)), {}, name=path.replace(".", "_") or "root")
-        stack = {}
-        parts = path.split(".")
-        for j in range(1, len(parts) + 1):
-            p = ".".join(parts[:j])
-            stack[p] = (p, type(model.get_submodule(p)).__qualname__)
-        node.meta["nn_module_stack"] = stack
-        keep_alive.append(out)
-        for t in flat_tensors(out):
-            produced[id(t)] = node
-        last[:] = [node]
-
-    handles = [
-        m.register_forward_hook(hook)
-        for n, m in model.named_modules()
-        if n and len(m._modules) == 0
-    ]
-    try:
-        with preserved_state(model), torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    outs = [produced[id(t)] for t in flat_tensors(out) if id(t) in produced]
-    graph.output(tuple(dict.fromkeys(outs)) if outs else (last[0] if last else None))
-    return graph
-
-
 def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(
@@ -406,20 +189,6 @@ def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             f"{type(model).__name__} fails on the example inputs ({describe_call(args, kwargs)}): "
             f"{type(e).__name__}: {first}. Give inputs of the shape and dtype the model expects."
         ) from e
-
-
-def describe_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """``"int64[2, 12], attention_mask=int64[2, 12]"``: a call's inputs in one line."""
-
-    def d(x: Any) -> str:
-        if isinstance(x, torch.Tensor):
-            return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
-        if x is None or isinstance(x, (bool, int, float)):
-            return repr(x)
-        return type(x).__name__
-
-    parts = [d(a) for a in args] + [f"{k}={d(v)}" for k, v in kwargs.items()]
-    return ", ".join(parts) or "no inputs"
 
 
 def _first_line(e: BaseException) -> str:
@@ -499,11 +268,11 @@ def _capture(
     if strategy in ("auto", "fx"):
         try:
             with time_bound(timeout):
-                fx_graph, leaves, failure = _trace_fx(model, args, kwargs)
+                fx_graph, leaves, failure = trace_fx(model, args, kwargs)
         except CaptureTimeout:
             fx_graph, failure = None, f"fx tracing took longer than {bound}"
         if fx_graph is not None:
-            hidden = _hides_structure(model, leaves) if strategy == "auto" else None
+            hidden = hides_structure(model, leaves) if strategy == "auto" else None
             if hidden is None:
                 if leaves:
                     reasons.append(
@@ -568,7 +337,7 @@ def _capture(
             )
         try:
             with time_bound(timeout):
-                graph = _trace_hooks(model, args, kwargs)
+                graph = trace_hooks(model, args, kwargs)
         except CaptureTimeout:
             raise TraceError(f"{name}: every capture strategy took longer than {bound} ({'; '.join(reasons)})") from None
         reasons.append("captured module execution order with forward hooks (plan only)")

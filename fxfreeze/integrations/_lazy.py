@@ -13,6 +13,7 @@ state may arrive before or after that first call.
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import io
 import logging
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import FreezeError
-from ..trace import forward_signature
+from ..calls import forward_signature
+from ..runtime.routing import forward_with
 
 __all__ = ["LazyCompile", "encode_state", "decode_state"]
 
@@ -141,25 +143,17 @@ class LazyCompile:
         self._original = model.forward
         me = weakref.ref(self)
 
-        def forward(model_self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             lazy = me()
             if lazy is None or _passing():
                 original = lazy._original if lazy is not None else type(model_self).forward.__get__(model_self)
                 return original(*args, **kwargs)
-            if lazy.autocast is not None:
-                with torch.autocast(lazy.autocast[0], dtype=lazy.autocast[1]):
-                    if lazy.module is None:
-                        lazy._compile(args, kwargs)
-                    return lazy.module.route(args, kwargs)
-            if lazy.module is None:
-                lazy._compile(args, kwargs)
-            return lazy.module.route(args, kwargs)
+            with torch.autocast(lazy.autocast[0], dtype=lazy.autocast[1]) if lazy.autocast else contextlib.nullcontext():
+                if lazy.module is None:
+                    lazy._compile(args, kwargs)
+                return lazy.module.route(args, kwargs)
 
-        sig = forward_signature(model)
-        if sig is not None:
-            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-            forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
-        model.__dict__["forward"] = types.MethodType(forward, model)
+        model.__dict__["forward"] = types.MethodType(forward_with(forward_signature(model), run), model)
 
     def uninstall(self) -> None:
         """Stop routing: the model runs its own forward again (the compiled module, if
@@ -175,8 +169,8 @@ class LazyCompile:
             self._previous = None
 
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        from ..runtime.module import compile as fx_compile
-        from ..runtime.module import plain_forward
+        from ..runtime.compile import compile as fx_compile
+        from ..runtime.routing import plain_forward
 
         example: Any = kwargs if not args else (args if not kwargs else None)
         if example is None:  # positional and keyword: bind to names so one dict holds both

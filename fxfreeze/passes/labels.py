@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..partition import COMPUTE_OPS
+from ..graph_index import COMPUTE_OPS
 from ..plan import HEAD, META_BLOCK
 from ..trace import module_path_of
 from .cut_backward import META_INSERTED

@@ -2,6 +2,7 @@
 May import :mod:`fxfreeze.passes`; never the reverse."""
 
 from .controller import Freezer
-from .module import FreezableModule, compile
+from .compile import compile
+from .module import FreezableModule
 
 __all__ = ["FreezableModule", "Freezer", "compile"]

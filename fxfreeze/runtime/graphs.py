@@ -38,7 +38,8 @@ from torch.utils._pytree import SUPPORTED_NODES
 from ..analysis import placeholder_values
 from ..errors import FxFreezeError
 from ..passes.labels import transfer_blocks
-from ..trace import Capture, capture_call, describe_call, forward_signature, preserved_state
+from ..calls import describe_call, forward_signature
+from ..trace import Capture, capture_call, preserved_state
 
 __all__ = ["GraphEntry", "GraphCache", "call_key", "DEFAULT_MAX_GRAPHS"]
 

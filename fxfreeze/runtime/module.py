@@ -24,9 +24,7 @@ running statistics stop updating, dropout is off).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import threading
 import types
 import weakref
 from typing import Any, Iterator
@@ -35,24 +33,34 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..api import Analysis, analyze
-from ..config import FreezeConfig, load_config
-from ..errors import CallError, FreezeError, ModelError
+from ..api import Analysis
+from ..errors import CallError, FreezeError
 from ..passes import CutBackward
-from ..plan import HEAD, FreezePlan, block_of, param_uses, starts_from_plan
-from ..trace import DEFAULT_TIMEOUT, canonical_call, describe_call, forward_signature
+from ..plan import HEAD, FreezePlan
+from ..plan_build import block_of, param_uses, starts_from_plan
+from ..calls import canonical_call, describe_call
+from ..trace import DEFAULT_TIMEOUT
 from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .loader import SampleIdLoader
+from .routing import Routing, forward_with
 
-__all__ = ["FreezableModule", "SampleIdLoader", "compile"]
+__all__ = ["FreezableModule", "SampleIdLoader", "register_owner", "owner_of"]
 
 logger = logging.getLogger("fxfreeze")
 _INF = 1 << 30
 #: original model -> weak reference to the module compiled from it (a second compile takes over)
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[FreezableModule]]" = weakref.WeakKeyDictionary()
-#: per thread: ids of compiled modules whose installed route steps aside (captures, eager calls)
-_BYPASS = threading.local()
+
+
+def owner_of(model: nn.Module) -> "FreezableModule | None":
+    """The compiled module currently driving ``model`` (None if none is alive)."""
+    ref = _OWNERS.get(model)
+    return ref() if ref is not None else None
+
+
+def register_owner(model: nn.Module, fm: "FreezableModule") -> None:
+    _OWNERS[model] = weakref.ref(fm)
 
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -70,41 +78,7 @@ def _release_eval(m: nn.Module, mode: bool) -> None:
     m.train(mode)
 
 
-@contextlib.contextmanager
-def plain_forward(model: nn.Module, previous: tuple[bool, Any] | None) -> Iterator[None]:
-    """Within the block, ``model.forward`` is what it was before a route was installed
-    (``previous``: had an instance forward, its value); nothing happens when None."""
-    if previous is None:
-        yield
-        return
-    had_now, now = "forward" in model.__dict__, model.__dict__.get("forward")
-    had, value = previous
-    if had:
-        model.__dict__["forward"] = value
-    else:
-        model.__dict__.pop("forward", None)
-    try:
-        yield
-    finally:
-        if had_now:
-            model.__dict__["forward"] = now
-        else:
-            model.__dict__.pop("forward", None)
-
-
-def _forward_with(sig: inspect.Signature | None, run: Any) -> Any:
-    """A per-instance ``forward`` function whose signature is ``sig`` (plus ``self``)."""
-
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return run(self, args, kwargs)
-
-    if sig is not None:
-        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-        forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
-    return forward
-
-
-class FreezableModule(nn.Module):
+class FreezableModule(Routing, nn.Module):
     """The compiled model. Use it exactly like the original; see :func:`compile`."""
 
     def __init__(
@@ -149,7 +123,7 @@ class FreezableModule(nn.Module):
             bs = [block_of(i, proposal.starts, proposal.head_start) for i in positions]
             self._param_last_block[name] = max(_INF if b == HEAD else b for b in bs)
         self._named_params = dict(model.named_parameters())
-        self.forward = types.MethodType(_forward_with(self.graphs.signature, FreezableModule._run), self)
+        self.forward = types.MethodType(forward_with(self.graphs.signature, FreezableModule._run), self)
 
     # -- one training mode with the model ------------------------------------------------------
     @property  # type: ignore[override]
@@ -216,31 +190,6 @@ class FreezableModule(nn.Module):
         mode = self.training if training is None else training
         return self.graph_module_of(self.graphs.primary(mode))
 
-    @contextlib.contextmanager
-    def _bypass(self) -> Iterator[None]:
-        """Calls of the model inside go to its own forward (an installed route steps aside)."""
-        active = getattr(_BYPASS, "ids", None)
-        if active is None:
-            active = _BYPASS.ids = {}
-        active[id(self)] = active.get(id(self), 0) + 1
-        try:
-            yield
-        finally:
-            active[id(self)] -= 1
-            if not active[id(self)]:
-                del active[id(self)]
-
-    @contextlib.contextmanager
-    def _capturing(self) -> Iterator[None]:
-        """A capture sees the plain model: calls reach its own forward, and an installed
-        route (with whatever wrapped it since, such as accelerate's autocast) is taken off
-        ``model.forward`` meanwhile."""
-        with self._bypass(), plain_forward(self._model, self._installed):
-            yield
-
-    def _bypassed(self) -> bool:
-        return id(self) in getattr(_BYPASS, "ids", {})
-
     def _apply(self, fn: Any, recurse: bool = True) -> "FreezableModule":
         super()._apply(fn, recurse)
         # root-level tensors are new objects after .to(): keep the original model in step;
@@ -286,57 +235,6 @@ class FreezableModule(nn.Module):
             with self._bypass():
                 return self._eager_forward(*args, **kwargs)
         return self._model(*args, **kwargs)
-
-    # -- in place ------------------------------------------------------------------------------------
-    def install(self) -> None:
-        """Route calls of the original model (``model(...)``) to this module, so that a
-        training loop holding the model trains the compiled graphs. The model's
-        ``forward`` becomes an instance attribute with the same signature; wrappers added
-        later (accelerate's autocast) wrap it. :meth:`uninstall` restores the model."""
-        if self._installed is not None:
-            return
-        model = self._model
-        self.adopt_route((("forward" in model.__dict__), model.__dict__.get("forward")), model.forward)
-        me = weakref.ref(self)
-
-        def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            fm = me()
-            if fm is None:
-                return type(model_self).forward(model_self, *args, **kwargs)
-            return fm.route(args, kwargs)
-
-        model.__dict__["forward"] = types.MethodType(_forward_with(self.graphs.signature, run), model)
-
-    def adopt_route(self, previous: tuple[bool, Any], eager_forward: Any) -> None:
-        """Record that ``model.forward`` routes to :meth:`route` (installed by
-        :meth:`install`, or by an integration that compiled on the first call):
-        ``previous`` is what :meth:`uninstall` restores (had an instance forward, its
-        value) and ``eager_forward`` what runs when a call must run eagerly."""
-        self._installed = previous
-        self._eager_forward = eager_forward
-
-    def route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """What an installed ``model(...)`` runs: the compiled graphs, or the model's own
-        forward inside a capture or an eager call."""
-        if self._bypassed():
-            return self._eager_forward(*args, **kwargs)
-        return self._run(args, kwargs)
-
-    def uninstall(self) -> None:
-        """Undo :meth:`install`: calls of the model run its own forward again."""
-        if self._installed is None:
-            return
-        had, previous = self._installed
-        if had:
-            self._model.__dict__["forward"] = previous
-        else:
-            self._model.__dict__.pop("forward", None)
-        self._installed = None
-        self._eager_forward = self._model.forward
-
-    @property
-    def installed(self) -> bool:
-        return self._installed is not None
 
     def detach(self) -> None:
         """Give the model back: unfreeze every block, stop the controller (optimizer hook,
@@ -438,87 +336,3 @@ class FreezableModule(nn.Module):
             f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), "
             f"num_frozen={self._num_frozen}, graphs={len(self.graphs)}"
         )
-
-
-def compile(
-    model: nn.Module,
-    example_inputs: Any = None,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    policy: str | None = None,
-    config: FreezeConfig | dict[str, Any] | str | None = None,
-    plan: FreezePlan | str | None = None,
-    strategy: str = "auto",
-    max_graphs: int = DEFAULT_MAX_GRAPHS,
-    capture_timeout: float | None = DEFAULT_TIMEOUT,
-    total_steps: int | None = None,
-) -> FreezableModule:
-    """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
-
-    - ``example_inputs``: as for :func:`fxfreeze.plan`; needed for models ``torch.fx``
-      cannot trace (captured with ``torch.export``) and for FLOP/byte figures. Later calls
-      may differ (other keyword arguments, shapes, the other training mode).
-    - ``optimizer``: when given, the controller runs after every ``optimizer.step()``
-      (``register_step_post_hook``) and releases optimizer state of frozen parameters;
-      otherwise call ``fm.freezer.step()`` yourself.
-    - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
-      YAML path). The default policy is ``egeria``.
-    - ``plan``: an edited plan to use instead of the proposed one.
-    - ``max_graphs``: graphs kept for different kinds of call before the rest run eagerly;
-      ``capture_timeout``: seconds one capture attempt may take (None: no bound).
-    - ``total_steps``: the planned number of optimizer steps (sets the config's
-      ``total_steps``), for policies that schedule by the length of training.
-
-    Compiling a model that is already compiled detaches the earlier module (its
-    controller stops; see :meth:`FreezableModule.detach`).
-
-    Example::
-
-        fm = fxfreeze.compile(model, {"input_ids": ids, "attention_mask": mask}, optimizer=opt)
-        loss = fm(**batch, labels=labels).loss   # another keyword set: captured once more
-    """
-    from .controller import Freezer
-
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
-    if isinstance(model, FreezableModule):
-        raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ModelError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-        raise ModelError(f"max_graphs must be a positive int, got {max_graphs!r}")
-    cfg = load_config(config, policy)
-    if total_steps is not None:
-        d = cfg.to_dict()
-        d["total_steps"] = total_steps
-        cfg = FreezeConfig.from_dict(d)
-    previous = _OWNERS.get(model)
-    previous = previous() if previous is not None else None
-    if previous is not None:
-        logger.warning(
-            "fxfreeze: %s was already compiled; the earlier compiled module is detached (its blocks unfrozen, "
-            "its controller stopped) and this one takes over", type(model).__name__,
-        )
-        previous.detach()
-    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout)
-    if not analysis.capture.executable:
-        raise ModelError(
-            f"{type(model).__name__} could only be captured as module order (hooks strategy), which "
-            "cannot run: " + "; ".join(analysis.capture.reasons)
-        )
-    fm = FreezableModule(model, analysis, max_graphs=max_graphs, capture_timeout=capture_timeout)
-    if cfg.cache.enabled:
-        if cfg.cache.random_augmentation:
-            logger.warning(
-                "fxfreeze cache: caching stays off because the config declares random augmentation "
-                "(a sample's frozen-prefix output changes every epoch)"
-            )
-        else:
-            from .cache import ActivationCache
-
-            c = cfg.cache
-            fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch)
-            fm._cached = CachedGraph(fm._cache)
-    fm.freezer = Freezer(fm, cfg, optimizer)
-    _OWNERS[model] = weakref.ref(fm)
-    return fm

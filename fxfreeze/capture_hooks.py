@@ -1,0 +1,70 @@
+"""The last-resort capture, for planning only: forward hooks record the execution order of
+leaf modules on the example inputs, and tensor identity links them into a graph. Such a
+graph can be partitioned and drawn but not executed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .trace_state import preserved_state
+
+__all__ = ["trace_hooks"]
+
+
+def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Graph:
+    """Record leaf-module execution order with forward hooks (planning only)."""
+    graph = fx.Graph()
+    produced: dict[int, fx.Node] = {}
+    placeholders: list[fx.Node] = []
+
+    def flat_tensors(x: Any) -> list[torch.Tensor]:
+        leaves_, _ = torch.utils._pytree.tree_flatten(x)
+        return [t for t in leaves_ if isinstance(t, torch.Tensor)]
+
+    for i, a in enumerate(args):
+        ph = graph.placeholder(f"arg{i}")
+        placeholders.append(ph)
+        for t in flat_tensors(a):
+            produced[id(t)] = ph
+    for k, v in kwargs.items():
+        ph = graph.placeholder(k)
+        placeholders.append(ph)
+        for t in flat_tensors(v):
+            produced[id(t)] = ph
+    names = {m: n for n, m in model.named_modules()}
+    last: list[fx.Node] = []
+    keep_alive: list[Any] = []
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        path = names.get(mod, "")
+        srcs = [produced[id(t)] for t in flat_tensors(inp) if id(t) in produced]
+        node = graph.create_node("call_module", path, tuple(dict.fromkeys(srcs)), {}, name=path.replace(".", "_") or "root")
+        stack = {}
+        parts = path.split(".")
+        for j in range(1, len(parts) + 1):
+            p = ".".join(parts[:j])
+            stack[p] = (p, type(model.get_submodule(p)).__qualname__)
+        node.meta["nn_module_stack"] = stack
+        keep_alive.append(out)
+        for t in flat_tensors(out):
+            produced[id(t)] = node
+        last[:] = [node]
+
+    handles = [
+        m.register_forward_hook(hook)
+        for n, m in model.named_modules()
+        if n and len(m._modules) == 0
+    ]
+    try:
+        with preserved_state(model), torch.no_grad():
+            out = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [produced[id(t)] for t in flat_tensors(out) if id(t) in produced]
+    graph.output(tuple(dict.fromkeys(outs)) if outs else (last[0] if last else None))
+    return graph

@@ -1,0 +1,105 @@
+"""``fxfreeze.compile``: capture, plan and wrap a model, and attach its controller."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import analyze
+from ..config import FreezeConfig, load_config
+from ..errors import ModelError
+from ..plan import FreezePlan
+from ..trace import DEFAULT_TIMEOUT
+from .cached_graph import CachedGraph
+from .graphs import DEFAULT_MAX_GRAPHS
+from .module import FreezableModule, owner_of, register_owner
+
+__all__ = ["compile"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    policy: str | None = None,
+    config: FreezeConfig | dict[str, Any] | str | None = None,
+    plan: FreezePlan | str | None = None,
+    strategy: str = "auto",
+    max_graphs: int = DEFAULT_MAX_GRAPHS,
+    capture_timeout: float | None = DEFAULT_TIMEOUT,
+    total_steps: int | None = None,
+) -> FreezableModule:
+    """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
+
+    - ``example_inputs``: as for :func:`fxfreeze.plan`; needed for models ``torch.fx``
+      cannot trace (captured with ``torch.export``) and for FLOP/byte figures. Later calls
+      may differ (other keyword arguments, shapes, the other training mode).
+    - ``optimizer``: when given, the controller runs after every ``optimizer.step()``
+      (``register_step_post_hook``) and releases optimizer state of frozen parameters;
+      otherwise call ``fm.freezer.step()`` yourself.
+    - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
+      YAML path). The default policy is ``egeria``.
+    - ``plan``: an edited plan to use instead of the proposed one.
+    - ``max_graphs``: graphs kept for different kinds of call before the rest run eagerly;
+      ``capture_timeout``: seconds one capture attempt may take (None: no bound).
+    - ``total_steps``: the planned number of optimizer steps (sets the config's
+      ``total_steps``), for policies that schedule by the length of training.
+
+    Compiling a model that is already compiled detaches the earlier module (its
+    controller stops; see :meth:`FreezableModule.detach`).
+
+    Example::
+
+        fm = fxfreeze.compile(model, {"input_ids": ids, "attention_mask": mask}, optimizer=opt)
+        loss = fm(**batch, labels=labels).loss   # another keyword set: captured once more
+    """
+    from .controller import Freezer
+
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    if isinstance(model, FreezableModule):
+        raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ModelError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ModelError(f"max_graphs must be a positive int, got {max_graphs!r}")
+    cfg = load_config(config, policy)
+    if total_steps is not None:
+        d = cfg.to_dict()
+        d["total_steps"] = total_steps
+        cfg = FreezeConfig.from_dict(d)
+    previous = owner_of(model)
+    if previous is not None:
+        logger.warning(
+            "fxfreeze: %s was already compiled; the earlier compiled module is detached (its blocks unfrozen, "
+            "its controller stopped) and this one takes over", type(model).__name__,
+        )
+        previous.detach()
+    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout)
+    if not analysis.capture.executable:
+        raise ModelError(
+            f"{type(model).__name__} could only be captured as module order (hooks strategy), which "
+            "cannot run: " + "; ".join(analysis.capture.reasons)
+        )
+    fm = FreezableModule(model, analysis, max_graphs=max_graphs, capture_timeout=capture_timeout)
+    if cfg.cache.enabled:
+        if cfg.cache.random_augmentation:
+            logger.warning(
+                "fxfreeze cache: caching stays off because the config declares random augmentation "
+                "(a sample's frozen-prefix output changes every epoch)"
+            )
+        else:
+            from .cache import ActivationCache
+
+            c = cfg.cache
+            fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch)
+            fm._cached = CachedGraph(fm._cache)
+    fm.freezer = Freezer(fm, cfg, optimizer)
+    register_owner(model, fm)
+    return fm

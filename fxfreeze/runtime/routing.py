@@ -1,0 +1,145 @@
+"""Routing a model's calls to its compiled module, and back.
+
+A training loop that holds the original model (the HF Trainer, Lightning) trains the
+compiled graphs once ``model.forward`` routes to the compiled module
+(:meth:`Routing.install`). The route is an instance attribute with the model's own
+signature, so wrappers added later (accelerate's autocast) wrap it and libraries that read
+the signature see the model's. Inside a capture, and for calls that run eagerly, the route
+steps aside: such calls must reach the model's own forward, not the graphs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import types
+import weakref
+from typing import Any, Iterator
+
+from torch import nn
+
+__all__ = ["Routing", "forward_with", "plain_forward"]
+
+#: per thread: ids of compiled modules whose installed route steps aside (captures, eager calls)
+_BYPASS = threading.local()
+
+
+@contextlib.contextmanager
+def plain_forward(model: nn.Module, previous: tuple[bool, Any] | None) -> Iterator[None]:
+    """Within the block, ``model.forward`` is what it was before a route was installed
+    (``previous``: had an instance forward, its value); nothing happens when None."""
+    if previous is None:
+        yield
+        return
+    had_now, now = "forward" in model.__dict__, model.__dict__.get("forward")
+    had, value = previous
+    if had:
+        model.__dict__["forward"] = value
+    else:
+        model.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if had_now:
+            model.__dict__["forward"] = now
+        else:
+            model.__dict__.pop("forward", None)
+
+
+def forward_with(sig: inspect.Signature | None, run: Any) -> Any:
+    """A per-instance ``forward`` function whose signature is ``sig`` (plus ``self``)."""
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return run(self, args, kwargs)
+
+    if sig is not None:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
+    return forward
+
+
+class Routing:
+    """The routing half of :class:`~fxfreeze.runtime.module.FreezableModule` (which
+    provides ``_model``, ``graphs`` and ``_run``)."""
+
+    _model: nn.Module
+    graphs: Any
+    _installed: tuple[bool, Any] | None
+    _eager_forward: Any
+
+    @contextlib.contextmanager
+    def _bypass(self) -> Iterator[None]:
+        """Calls of the model inside go to its own forward (an installed route steps aside)."""
+        active = getattr(_BYPASS, "ids", None)
+        if active is None:
+            active = _BYPASS.ids = {}
+        active[id(self)] = active.get(id(self), 0) + 1
+        try:
+            yield
+        finally:
+            active[id(self)] -= 1
+            if not active[id(self)]:
+                del active[id(self)]
+
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[None]:
+        """A capture sees the plain model: calls reach its own forward, and an installed
+        route (with whatever wrapped it since, such as accelerate's autocast) is taken off
+        ``model.forward`` meanwhile."""
+        with self._bypass(), plain_forward(self._model, self._installed):
+            yield
+
+    def _bypassed(self) -> bool:
+        return id(self) in getattr(_BYPASS, "ids", {})
+
+    # -- in place ------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Route calls of the original model (``model(...)``) to this module, so that a
+        training loop holding the model trains the compiled graphs. The model's
+        ``forward`` becomes an instance attribute with the same signature; wrappers added
+        later (accelerate's autocast) wrap it. :meth:`uninstall` restores the model."""
+        if self._installed is not None:
+            return
+        model = self._model
+        self.adopt_route((("forward" in model.__dict__), model.__dict__.get("forward")), model.forward)
+        me = weakref.ref(self)
+
+        def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            fm = me()
+            if fm is None:
+                return type(model_self).forward(model_self, *args, **kwargs)
+            return fm.route(args, kwargs)
+
+        model.__dict__["forward"] = types.MethodType(forward_with(self.graphs.signature, run), model)
+
+    def adopt_route(self, previous: tuple[bool, Any], eager_forward: Any) -> None:
+        """Record that ``model.forward`` routes to :meth:`route` (installed by
+        :meth:`install`, or by an integration that compiled on the first call):
+        ``previous`` is what :meth:`uninstall` restores (had an instance forward, its
+        value) and ``eager_forward`` what runs when a call must run eagerly."""
+        self._installed = previous
+        self._eager_forward = eager_forward
+
+    def route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What an installed ``model(...)`` runs: the compiled graphs, or the model's own
+        forward inside a capture or an eager call."""
+        if self._bypassed():
+            return self._eager_forward(*args, **kwargs)
+        return self._run(args, kwargs)
+
+    def uninstall(self) -> None:
+        """Undo :meth:`install`: calls of the model run its own forward again."""
+        if self._installed is None:
+            return
+        had, previous = self._installed
+        if had:
+            self._model.__dict__["forward"] = previous
+        else:
+            self._model.__dict__.pop("forward", None)
+        self._installed = None
+        self._eager_forward = self._model.forward
+
+    @property
+    def installed(self) -> bool:
+        return self._installed is not None
