@@ -20,9 +20,7 @@ Three things beyond calling ``torch.export.export``:
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
-import types
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -30,6 +28,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten, keystr
+
+from .calls import forward_signature
+from .forwards import bound, forward_with, temporary_forward
 
 __all__ = ["ExportResult", "export_graph", "unknown_outputs", "resolve"]
 
@@ -88,27 +89,15 @@ def _export_forward(model: nn.Module, strip: bool, signature: inspect.Signature 
     if not strip and signature is None:
         yield
         return
-    had = "forward" in model.__dict__
-    previous = model.__dict__.get("forward")
     inner = model.forward
 
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def run(self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = inner(*args, **kwargs)
         return _strip(out) if strip else out
 
-    if signature is None:
-        functools.update_wrapper(forward, type(model).forward)  # export binds by the signature
-    else:
-        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-        forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])  # type: ignore[attr-defined]
-    model.__dict__["forward"] = types.MethodType(forward, model)
-    try:
+    fn = forward_with(signature if signature is not None else forward_signature(model), run)
+    with temporary_forward(model, bound(model, fn)):
         yield
-    finally:
-        if had:
-            model.__dict__["forward"] = previous
-        else:
-            model.__dict__.pop("forward", None)
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import FreezeError
 from ..calls import forward_signature
-from ..runtime.routing import forward_with
+from ..errors import FreezeError
+from ..forwards import forward_with, restore_forward, saved_forward
 
 __all__ = ["LazyCompile", "encode_state", "decode_state"]
 
@@ -139,7 +139,7 @@ class LazyCompile:
         if self._previous is not None:
             return
         model = self.model
-        self._previous = ("forward" in model.__dict__, model.__dict__.get("forward"))
+        self._previous = saved_forward(model)
         self._original = model.forward
         me = weakref.ref(self)
 
@@ -161,22 +161,18 @@ class LazyCompile:
         if self.module is not None:
             self.module.detach()
         if self._previous is not None:
-            had, value = self._previous
-            if had:
-                self.model.__dict__["forward"] = value
-            else:
-                self.model.__dict__.pop("forward", None)
+            restore_forward(self.model, self._previous)
             self._previous = None
 
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         from ..runtime.compile import compile as fx_compile
-        from ..runtime.routing import plain_forward
+        from ..forwards import temporary_forward
 
         example: Any = kwargs if not args else (args if not kwargs else None)
         if example is None:  # positional and keyword: bind to names so one dict holds both
             example = _by_name(self._original, args, kwargs)
         t0 = time.perf_counter()
-        with _Passing(), plain_forward(self.model, self._previous):  # capture the plain model
+        with _Passing(), temporary_forward(self.model, self._previous):  # capture the plain model
             kwargs = dict(self.compile_kwargs)
             if self.total_steps is not None and "total_steps" not in kwargs:
                 kwargs["total_steps"] = self.total_steps

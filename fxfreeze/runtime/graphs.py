@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import SUPPORTED_NODES
 
 from ..analysis import placeholder_values
-from ..errors import FxFreezeError
+from ..errors import ExampleInputError, FxFreezeError
 from ..passes.labels import transfer_blocks
 from ..calls import describe_call, forward_signature
 from ..trace import Capture, capture_call, preserved_state
@@ -190,6 +190,10 @@ class GraphCache:
             return None
         try:
             cap = self._capture(training, args, kwargs)
+        except ExampleInputError as e:
+            # the model itself fails on this call (a wrong shape, say): its own error, and
+            # the next call of this kind is tried again
+            raise (e.__cause__ or e) from None
         except FxFreezeError as e:
             self._eager[key] = str(e)
             logger.warning(

@@ -34,16 +34,17 @@ import torch.fx as fx
 from torch import nn
 
 from ..api import Analysis
+from ..calls import canonical_call, describe_call
 from ..errors import CallError, FreezeError
+from ..forwards import forward_with
 from ..passes import CutBackward
 from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
-from ..calls import canonical_call, describe_call
 from ..trace import DEFAULT_TIMEOUT
 from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .loader import SampleIdLoader
-from .routing import Routing, forward_with
+from .routing import Routing
 
 __all__ = ["FreezableModule", "SampleIdLoader", "register_owner", "owner_of"]
 

@@ -11,7 +11,6 @@ steps aside: such calls must reach the model's own forward, not the graphs again
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 import types
 import weakref
@@ -19,44 +18,12 @@ from typing import Any, Iterator
 
 from torch import nn
 
-__all__ = ["Routing", "forward_with", "plain_forward"]
+from ..forwards import forward_with, restore_forward, saved_forward, temporary_forward
+
+__all__ = ["Routing"]
 
 #: per thread: ids of compiled modules whose installed route steps aside (captures, eager calls)
 _BYPASS = threading.local()
-
-
-@contextlib.contextmanager
-def plain_forward(model: nn.Module, previous: tuple[bool, Any] | None) -> Iterator[None]:
-    """Within the block, ``model.forward`` is what it was before a route was installed
-    (``previous``: had an instance forward, its value); nothing happens when None."""
-    if previous is None:
-        yield
-        return
-    had_now, now = "forward" in model.__dict__, model.__dict__.get("forward")
-    had, value = previous
-    if had:
-        model.__dict__["forward"] = value
-    else:
-        model.__dict__.pop("forward", None)
-    try:
-        yield
-    finally:
-        if had_now:
-            model.__dict__["forward"] = now
-        else:
-            model.__dict__.pop("forward", None)
-
-
-def forward_with(sig: inspect.Signature | None, run: Any) -> Any:
-    """A per-instance ``forward`` function whose signature is ``sig`` (plus ``self``)."""
-
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return run(self, args, kwargs)
-
-    if sig is not None:
-        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-        forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
-    return forward
 
 
 class Routing:
@@ -87,7 +54,7 @@ class Routing:
         """A capture sees the plain model: calls reach its own forward, and an installed
         route (with whatever wrapped it since, such as accelerate's autocast) is taken off
         ``model.forward`` meanwhile."""
-        with self._bypass(), plain_forward(self._model, self._installed):
+        with self._bypass(), temporary_forward(self._model, self._installed):
             yield
 
     def _bypassed(self) -> bool:
@@ -102,7 +69,7 @@ class Routing:
         if self._installed is not None:
             return
         model = self._model
-        self.adopt_route((("forward" in model.__dict__), model.__dict__.get("forward")), model.forward)
+        self.adopt_route(saved_forward(model), model.forward)
         me = weakref.ref(self)
 
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -132,11 +99,7 @@ class Routing:
         """Undo :meth:`install`: calls of the model run its own forward again."""
         if self._installed is None:
             return
-        had, previous = self._installed
-        if had:
-            self._model.__dict__["forward"] = previous
-        else:
-            self._model.__dict__.pop("forward", None)
+        restore_forward(self._model, self._installed)
         self._installed = None
         self._eager_forward = self._model.forward
 

@@ -233,3 +233,13 @@ def test_capture_that_hangs_falls_back_within_its_bound():
     assert any("static shapes took longer" in n for n in p.notes)
     with pytest.raises(fxfreeze.TraceError):
         fxfreeze.plan(_Net(), (torch.randn(2, 8),), capture_timeout=-1)
+
+
+def test_a_call_the_model_itself_fails_on_raises_its_own_error_and_is_retried():
+    torch.manual_seed(0)
+    model = _Net()
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fm(torch.randn(4, 5), scale=3.0)  # 5 features where the model takes 8
+    assert not fm.graphs.eager_calls
+    assert fm(torch.randn(4, 8), scale=3.0).shape == (4, 4)  # the same kind of call, now valid: a graph
