@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,12 +13,14 @@ from torch import nn
 from .analysis import batch_size_of, propagate
 from .errors import PlanError
 from .graph_index import GraphIndex
-from .partition import propose
+from .partition import Proposal, propose
 from .plan import FreezePlan
 from .plan_build import build_plan, starts_from_plan
 from .trace import DEFAULT_TIMEOUT, Capture, capture
 
 __all__ = ["plan", "analyze", "Analysis"]
+
+logger = logging.getLogger("fxfreeze")
 
 
 @dataclass
@@ -37,6 +41,7 @@ def analyze(
     plan: FreezePlan | str | None = None,
     strategy: str = "auto",
     capture_timeout: float | None = DEFAULT_TIMEOUT,
+    strict: bool = False,
 ) -> Analysis:
     """Capture, annotate and partition ``model`` (see :func:`plan`)."""
     cap = capture(model, example_inputs, strategy=strategy, timeout=capture_timeout)
@@ -49,11 +54,12 @@ def analyze(
         gm = _plain_graph_module(cap.graph)
     ix = GraphIndex(cap.graph, model)
     if plan is not None:
-        if isinstance(plan, str):
+        if isinstance(plan, (str, os.PathLike)):
             plan = FreezePlan.load(plan)
         if not isinstance(plan, FreezePlan):
             raise PlanError(f"plan= must be a FreezePlan or a path, got {type(plan).__name__}")
         proposal = starts_from_plan(ix, plan)
+        _compare_with_structure(ix, plan, proposal, type(model).__name__, strict)
     else:
         proposal = propose(ix)
     fp = build_plan(
@@ -66,6 +72,30 @@ def analyze(
         notes=cap.reasons,
     )
     return Analysis(cap, gm, ix, fp)
+
+
+def _compare_with_structure(ix: GraphIndex, plan: FreezePlan, given: Proposal, model_name: str, strict: bool) -> None:
+    """A plan applied to a model it does not describe must not merge blocks silently: say
+    which proposed blocks each given block now covers (an edited plan that deleted an entry
+    merges on purpose, and hears it too); ``strict`` refuses instead."""
+    auto = propose(ix)
+    bounds = [*given.starts[1:], given.head_start]
+    problems: list[str] = []
+    if plan.model != model_name:
+        problems.append(f"the plan was made for {plan.model!r}, this model is {model_name!r}")
+    for i, (lo, hi) in enumerate(zip(given.starts, bounds)):
+        inside = [auto.names[j] for j, s in enumerate(auto.starts) if lo <= max(s, 0) < hi]
+        if len(inside) > 1:
+            problems.append(f"block {i} {plan.blocks[i].name!r} covers {len(inside)} of this model's blocks ({', '.join(inside)})")
+    if not problems:
+        return
+    msg = (
+        f"the plan given ({len(plan.blocks)} blocks) does not match {model_name}'s structure "
+        f"({len(auto.starts)} blocks): " + "; ".join(problems)
+    )
+    if strict:
+        raise PlanError(msg + "; run `fxfreeze plan` on this model for a matching plan, or pass strict=False to merge")
+    logger.warning("fxfreeze: %s (merged as the plan says; strict=True refuses such a plan)", msg)
 
 
 def _plain_graph_module(graph: fx.Graph) -> fx.GraphModule:
@@ -83,6 +113,7 @@ def plan(
     plan: FreezePlan | str | None = None,
     strategy: str = "auto",
     capture_timeout: float | None = DEFAULT_TIMEOUT,
+    strict: bool = False,
 ) -> FreezePlan:
     """Find the freezable blocks of ``model``.
 
@@ -91,6 +122,9 @@ def plan(
     ``None``. With inputs, blocks carry FLOPs and per-sample frontier bytes, and models that
     ``torch.fx`` cannot trace are captured with ``torch.export``; without, only structure is
     known. ``plan`` re-derives an edited plan (or a path to one) on this model.
+    A given plan that merges blocks of this model's structure (a plan of another model, or
+    an edited one with an entry deleted) is applied with a warning naming the merged
+    blocks; ``strict=True`` raises :class:`PlanError` instead.
     ``strategy`` forces a capture strategy (``fx``, ``export``, ``hooks``);
     ``capture_timeout`` bounds each capture attempt in seconds (None: no bound), past
     which fxfreeze falls back to the next strategy and says so in ``plan.notes``.
@@ -101,4 +135,4 @@ def plan(
         print(p.table())
         p.blocks[1].params      # exactly the parameters block 1 owns
     """
-    return analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout).plan
+    return analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout, strict=strict).plan

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +26,10 @@ _DTYPES = {
     "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
     "bool": "bool", "uint8": "uint8",
 }
+
+
+#: an example input holds at most this many elements (a typo like 10000000 must not allocate GBs)
+_MAX_EXAMPLE_ELEMENTS = 1 << 28
 
 
 class CliError(Exception):
@@ -45,14 +51,20 @@ def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...], str]:
         if dt.strip().lower() not in _DTYPES:
             raise CliError(f"--input-shape {spec!r}: unknown dtype {dt!r}; use one of {', '.join(sorted(set(_DTYPES.values())))}")
         dtype = _DTYPES[dt.strip().lower()]
-    parts = [p.strip() for p in body.replace("x", ",").split(",") if p.strip()]
-    if not parts:
+    parts = [p.strip() for p in re.split(r"[,x]", body)]  # 1,3,224,224 or 1x3x224x224
+    if not body.strip():
         raise CliError(f"--input-shape {spec!r}: expected comma-separated sizes such as 1,3,224,224")
     dims = []
     for p in parts:
         if not p.isdigit() or int(p) <= 0:
             raise CliError(f"--input-shape {spec!r}: {p!r} is not a positive integer size")
         dims.append(int(p))
+    numel = math.prod(dims)
+    if numel > _MAX_EXAMPLE_ELEMENTS:
+        raise CliError(
+            f"--input-shape {spec!r}: {numel:,} elements is too large for an example input "
+            f"(at most {_MAX_EXAMPLE_ELEMENTS:,}); a batch of 2 is enough to plan"
+        )
     return name, tuple(dims), dtype
 
 
@@ -69,7 +81,9 @@ def load_target(target: str, kwargs_json: str | None) -> Any:
             raise CliError(f"--kwargs is not valid JSON: {e.msg} at column {e.colno}") from e
         if not isinstance(kwargs, dict):
             raise CliError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    sys.path.insert(0, os.getcwd())
+    cwd = os.getcwd()  # a model file in the current folder imports; installed modules win
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - any import failure is a bad argument
@@ -281,7 +295,10 @@ def _run(ns: argparse.Namespace) -> int:
         fp = result.plan
         text = {"table": fp.table, "yaml": fp.to_yaml, "json": fp.to_json}[ns.format]()
         if ns.output:
-            Path(ns.output).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+            try:
+                Path(ns.output).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+            except OSError as e:
+                raise CliError(f"cannot write -o {ns.output!r}: {e.strerror or e}") from e
         else:
             print(text.rstrip("\n"))
         return 0

@@ -7,6 +7,7 @@ adds no if/elif chain here. A config is accepted as an object, a dict or a YAML 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +18,36 @@ __all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "A
            "CacheConfig", "load_config"]
 
 
+def _number(value: Any, where: str) -> float:
+    """A real, finite number (not a bool, not a string): else a ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any, where: str) -> bool:
+    """true or false only: YAML's "no" is a string, not False."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _whole(value: Any, where: str) -> int:
+    """An integer, or a float with no fractional part (YAML may give ``3.0``); never a
+    bool, a string or ``1.7`` (which int() would silently truncate)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
 def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where} has a key that is not a name: {bad[0]!r}")
     allowed = sorted(f.name for f in fields(cls))
     unknown = sorted(set(data) - set(allowed))
     if unknown:
@@ -39,10 +69,10 @@ class ManualConfig:
             raise ConfigError("manual.schedule must be a mapping {step_or_epoch: num_frozen_blocks}")
         clean: dict[int, int] = {}
         for k, v in self.schedule.items():
-            try:
-                kk, vv = int(k), int(v)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"manual.schedule entry {k!r}: {v!r} must map an integer to an integer") from e
+            if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+                k = int(k)  # JSON object keys are strings
+            kk = _whole(k, f"manual.schedule key {k!r}")
+            vv = _whole(v, f"manual.schedule[{k!r}] (a number of blocks)")
             if kk < 0 or vv < 0:
                 raise ConfigError(f"manual.schedule entry {k!r}: {v!r} must be non-negative")
             clean[kk] = vv
@@ -60,12 +90,12 @@ class FreezeOutConfig:
     total_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if not (0.0 < float(self.t0) <= 1.0):
+        if not (0.0 < _number(self.t0, "freezeout.t0") <= 1.0):
             raise ConfigError(f"freezeout.t0 must be in (0, 1], got {self.t0!r}")
         if self.scaling not in ("linear", "squared", "cubic"):
             raise ConfigError(f"freezeout.scaling must be 'linear', 'squared' or 'cubic', got {self.scaling!r}")
-        if self.total_steps is not None and int(self.total_steps) <= 0:
-            raise ConfigError(f"freezeout.total_steps must be a positive integer, got {self.total_steps!r}")
+        if self.total_steps is not None:
+            _positive_int(self.total_steps, "freezeout.total_steps")
 
 
 def _positive_int(value: Any, where: str, minimum: int = 1) -> int:
@@ -130,16 +160,12 @@ class EgeriaConfig:
         _positive_int(self.lookahead, "egeria.lookahead", 0)
         _positive_int(self.worker_threads, "egeria.worker_threads")
         for name in ("threshold", "noise_limit"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"egeria.{name} must be a positive number, got {v!r}")
-        if isinstance(self.overhead_budget, bool) or not isinstance(self.overhead_budget, (int, float)) or not (
-            0 <= self.overhead_budget < 1
-        ):
+            if not _number(getattr(self, name), f"egeria.{name}") > 0:
+                raise ConfigError(f"egeria.{name} must be a positive number, got {getattr(self, name)!r}")
+        if not 0 <= _number(self.overhead_budget, "egeria.overhead_budget") < 1:
             raise ConfigError(f"egeria.overhead_budget must be in [0, 1), got {self.overhead_budget!r}")
         for name in ("asynchronous", "freeze"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"egeria.{name} must be true or false, got {getattr(self, name)!r}")
+            _flag(getattr(self, name), f"egeria.{name}")
         from .passes.reference import PRECISIONS as precisions  # torch only; torch.ao loads lazily
 
         if self.reference_precision not in precisions:
@@ -164,7 +190,7 @@ class AutoFreezeConfig:
     def __post_init__(self) -> None:
         _positive_int(self.interval, "autofreeze.interval")
         p = self.percentile
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 100:
+        if not 0 < _number(p, "autofreeze.percentile") < 100:
             raise ConfigError(f"autofreeze.percentile must be in (0, 100), got {p!r}")
 
 
@@ -207,8 +233,9 @@ class SmartFRZConfig:
         _positive_int(self.patience, "smartfrz.patience")
         _positive_int(self.seed, "smartfrz.seed", 0)
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+        if not 0 < _number(t, "smartfrz.threshold") < 1:
             raise ConfigError(f"smartfrz.threshold must be in (0, 1), got {t!r}")
+        _flag(self.contiguous, "smartfrz.contiguous")
         if self.contiguous is not True:
             raise ConfigError(
                 "smartfrz.contiguous must be true: fxfreeze freezes a prefix of blocks (a frozen block that follows "
@@ -243,15 +270,13 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         for name in ("enabled", "prefetch", "random_augmentation"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"cache.{name} must be true or false, got {getattr(self, name)!r}")
-        m = self.memory_budget_mb
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0:
-            raise ConfigError(f"cache.memory_budget_mb must be a non-negative number, got {m!r}")
+            _flag(getattr(self, name), f"cache.{name}")
+        if _number(self.memory_budget_mb, "cache.memory_budget_mb") < 0:
+            raise ConfigError(f"cache.memory_budget_mb must be a non-negative number, got {self.memory_budget_mb!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"cache.dtype must be 'float32', 'float16' or 'bfloat16', got {self.dtype!r}")
         v = self.verify_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        if not 0 <= _number(v, "cache.verify_fraction") <= 1:
             raise ConfigError(f"cache.verify_fraction must be in [0, 1], got {v!r}")
         if self.directory is not None and not isinstance(self.directory, str):
             self.directory = str(self.directory)
@@ -292,24 +317,21 @@ class FreezeConfig:
             raise ConfigError(f"policy must be a name, got {type(self.policy).__name__}")
         if self.policy not in available_policies():
             raise ConfigError(f"unknown policy {self.policy!r}; valid names: {', '.join(available_policies())}")
-        if not float(self.lr_change_factor) > 1.0:
+        if not _number(self.lr_change_factor, "lr_change_factor") > 1.0:
             raise ConfigError(f"lr_change_factor must be > 1, got {self.lr_change_factor!r}")
-        if self.steps_per_epoch is not None and int(self.steps_per_epoch) <= 0:
-            raise ConfigError(f"steps_per_epoch must be a positive integer, got {self.steps_per_epoch!r}")
+        _flag(self.release_optimizer_state, "release_optimizer_state")
+        if self.steps_per_epoch is not None:
+            _positive_int(self.steps_per_epoch, "steps_per_epoch")
         if self.total_steps is not None:
             _positive_int(self.total_steps, "total_steps")
-        if isinstance(self.manual, Mapping):
-            self.manual = _sub(ManualConfig, self.manual, "manual")
-        if isinstance(self.freezeout, Mapping):
-            self.freezeout = _sub(FreezeOutConfig, self.freezeout, "freezeout")
-        if isinstance(self.egeria, Mapping):
-            self.egeria = _sub(EgeriaConfig, self.egeria, "egeria")
-        if isinstance(self.autofreeze, Mapping):
-            self.autofreeze = _sub(AutoFreezeConfig, self.autofreeze, "autofreeze")
-        if isinstance(self.smartfrz, Mapping):
-            self.smartfrz = _sub(SmartFRZConfig, self.smartfrz, "smartfrz")
-        if isinstance(self.cache, Mapping):
-            self.cache = _sub(CacheConfig, self.cache, "cache")
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, _sub(cls, value, name))
+            elif not isinstance(value, cls):
+                raise ConfigError(
+                    f"config section {name!r} must be a mapping of its keys (or a {cls.__name__}), got {value!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -343,6 +365,16 @@ class FreezeConfig:
             return cls.from_dict(data)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from e
+
+
+_SECTIONS: dict[str, type] = {
+    "manual": ManualConfig,
+    "freezeout": FreezeOutConfig,
+    "egeria": EgeriaConfig,
+    "autofreeze": AutoFreezeConfig,
+    "smartfrz": SmartFRZConfig,
+    "cache": CacheConfig,
+}
 
 
 def _sub(cls: type, data: Mapping[str, Any], where: str) -> Any:

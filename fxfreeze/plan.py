@@ -107,6 +107,9 @@ class FreezePlan:
                 f"unsupported plan version {version!r} (key 'fxfreeze_plan'); this fxfreeze "
                 f"reads version {PLAN_VERSION}"
             )
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise PlanError(f"the plan has a key that is not a name: {bad[0]!r}")
         allowed = {f.name for f in fields(cls)} - {"version"}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -114,6 +117,7 @@ class FreezePlan:
         for key in ("model", "strategy", "blocks", "head"):
             if key not in data:
                 raise PlanError(f"plan is missing the key {key!r}")
+        _check_types({k: v for k, v in data.items() if k not in ("blocks", "head")}, "the plan", nullable=("total_flops", "batch_size"))
         if not isinstance(data["blocks"], list) or not data["blocks"]:
             raise PlanError("plan key 'blocks' must be a non-empty list")
         blocks = [_from(Block, b, f"blocks[{i}]") for i, b in enumerate(data["blocks"])]
@@ -158,6 +162,8 @@ class FreezePlan:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise PlanError(f"cannot read plan file {str(p)!r}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise PlanError(f"plan file {str(p)!r} is not UTF-8 text (a YAML or JSON plan): {e.reason} at byte {e.start}") from e
         return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
 
     # -- display ---------------------------------------------------------------------------
@@ -216,13 +222,39 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+#: the type each plan field must have (lists hold names)
+_FIELD_TYPES: dict[str, Any] = {
+    "index": int, "name": str, "start": str, "modules": list, "num_params": int, "flops": int,
+    "frontier_bytes": int, "frontier": list, "params": list, "buffers": list, "model": str, "strategy": str,
+    "total_params": int, "total_flops": int, "batch_size": int, "inputs": list, "shared_params": list, "notes": list,
+}
+
+
+def _check_types(data: Mapping[str, Any], where: str, nullable: tuple[str, ...] = ()) -> None:
+    """A hand-edited plan gets a PlanError naming the field, not a TypeError later."""
+    for key, value in data.items():
+        want = _FIELD_TYPES.get(key)
+        if want is None or (value is None and key in nullable):
+            continue
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if ok and want is list:
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            what = "a list of names" if want is list else want.__name__
+            raise PlanError(f"{where}: {key!r} must be {what}, got {value!r}")
+
+
 def _from(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise PlanError(f"plan entry {where} must be a mapping, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise PlanError(f"plan entry {where} has a key that is not a name: {bad[0]!r}")
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise PlanError(f"unknown key {unknown[0]!r} in plan entry {where}; allowed: {', '.join(sorted(allowed))}")
+    _check_types(data, f"plan entry {where}", nullable=("flops", "frontier_bytes") + (("start",) if cls is Head else ()))
     try:
         return cls(**data)
     except TypeError as e:

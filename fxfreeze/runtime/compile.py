@@ -26,7 +26,7 @@ def compile(
     model: nn.Module,
     example_inputs: Any = None,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
     policy: str | None = None,
     config: FreezeConfig | dict[str, Any] | str | None = None,
     plan: FreezePlan | str | None = None,
@@ -34,6 +34,7 @@ def compile(
     max_graphs: int = DEFAULT_MAX_GRAPHS,
     capture_timeout: float | None = DEFAULT_TIMEOUT,
     total_steps: int | None = None,
+    strict: bool = False,
 ) -> FreezableModule:
     """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
 
@@ -41,11 +42,14 @@ def compile(
       cannot trace (captured with ``torch.export``) and for FLOP/byte figures. Later calls
       may differ (other keyword arguments, shapes, the other training mode).
     - ``optimizer``: when given, the controller runs after every ``optimizer.step()``
-      (``register_step_post_hook``) and releases optimizer state of frozen parameters;
+      (``register_step_post_hook``) and releases optimizer state of frozen parameters; a
+      list of optimizers: the first one's steps are the clock, all are watched and released;
+      one that holds none of the model's parameters is refused (ConfigError);
       otherwise call ``fm.freezer.step()`` yourself.
     - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
       YAML path). The default policy is ``egeria``.
-    - ``plan``: an edited plan to use instead of the proposed one.
+    - ``plan``: an edited plan to use instead of the proposed one (``strict=True``: refuse
+      one that merges blocks of this model's structure, instead of warning).
     - ``max_graphs``: graphs kept for different kinds of call before the rest run eagerly;
       ``capture_timeout``: seconds one capture attempt may take (None: no bound).
     - ``total_steps``: the planned number of optimizer steps (sets the config's
@@ -65,8 +69,9 @@ def compile(
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
     if isinstance(model, FreezableModule):
         raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ModelError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    for o in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
+        if o is not None and not isinstance(o, torch.optim.Optimizer):
+            raise ModelError(f"optimizer must be a torch.optim.Optimizer (or a list of them), got {type(o).__name__}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ModelError(f"max_graphs must be a positive int, got {max_graphs!r}")
     cfg = load_config(config, policy)
@@ -81,7 +86,7 @@ def compile(
             "its controller stopped) and this one takes over", type(model).__name__,
         )
         previous.detach()
-    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout)
+    analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout, strict=strict)
     if not analysis.capture.executable:
         raise ModelError(
             f"{type(model).__name__} could only be captured as module order (hooks strategy), which "

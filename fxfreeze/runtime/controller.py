@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..config import FreezeConfig
-from ..errors import FreezeError
+from ..errors import ConfigError, FreezeError
 from .policies import Decision, Signals, make_policy
 
 __all__ = ["Freezer"]
@@ -33,17 +33,19 @@ _STATE_VERSION = 1
 class Freezer:
     """Controller of one :class:`~fxfreeze.runtime.module.FreezableModule`."""
 
-    def __init__(self, module: Any, config: FreezeConfig, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, module: Any, config: FreezeConfig, optimizer: Any = None) -> None:
         self.module = module
         self.config = config
         self.plan = module.plan
         self.policy = make_policy(config, self.plan)
-        self.optimizer = optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict[str, Any]] = []
         self.step_count = 0
         self._epoch = 0
-        self._last_lr: float | None = None
-        self._last_log_ratio = 0.0
+        self._epoch_set = False
+        self._last_lrs: list[float | None] = []
+        self._last_log_ratios: list[float] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
         self._loss: float | None = None
         self._hook: Any = None
         self.attach_optimizer(optimizer)
@@ -51,25 +53,58 @@ class Freezer:
         self.agree: Any = None
         self.policy.attach(self)
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def attach_optimizer(self, optimizer: Any) -> None:
         """Run after every step of ``optimizer`` (instead of one attached before) and
-        release its state for frozen parameters. Wrappers that hold the real optimizer as
-        ``.optimizer`` (accelerate's, Lightning's) are unwrapped: their own ``step`` may skip
-        the real one (gradient accumulation, an overflowing fp16 step), and a skipped step
-        is not a step."""
-        while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise FreezeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        release its state for frozen parameters. ``optimizer`` may be a list: the first one's
+        steps are the controller's clock, and every param group of every optimizer is
+        watched for learning-rate steps and has its frozen parameters' state released.
+        Wrappers that hold the real optimizer as ``.optimizer`` (accelerate's, Lightning's)
+        are unwrapped: their own ``step`` may skip the real one (gradient accumulation, an
+        overflowing fp16 step), and a skipped step is not a step."""
+        given = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        opts: list[torch.optim.Optimizer] = []
+        for o in given:
+            while isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer):
+                o = o.optimizer
+            if not isinstance(o, torch.optim.Optimizer):
+                raise FreezeError(f"optimizer must be a torch.optim.Optimizer, got {type(o).__name__}")
+            opts.append(o)
+        if opts:
+            self._check_holds(opts)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.optimizer = optimizer
-        if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(self._after_step)
-        if optimizer is not None and self.config.release_optimizer_state and self.num_frozen:
-            for n in self.module.frozen_parameter_names():
-                optimizer.state.pop(self.module.params_by_name[n], None)
+        self.optimizers = opts
+        self.optimizer = opts[0] if opts else None
+        if self.optimizer is not None:
+            self._hook = self.optimizer.register_step_post_hook(self._after_step)
+        if self.config.release_optimizer_state and self.num_frozen:
+            self._release(self.module.frozen_parameter_names())
+
+    def _check_holds(self, opts: list[torch.optim.Optimizer]) -> None:
+        """An optimizer that holds none of the model's trainable parameters would leave the
+        model untrained: refuse it; one that holds only some is named in a warning."""
+        held = {id(p) for o in opts for g in o.param_groups for p in g["params"]}
+        frozen = set(self.module.frozen_parameter_names())
+        trainable = [n for n, p in self.module.params_by_name.items() if p.requires_grad or n in frozen]
+        missing = [n for n in trainable if id(self.module.params_by_name[n]) not in held]
+        if trainable and len(missing) == len(trainable):
+            raise ConfigError(
+                f"the optimizer holds none of {self.plan.model}'s {len(trainable)} trainable parameters "
+                f"(e.g. {', '.join(missing[:3])}): build it from the model being compiled, "
+                "e.g. torch.optim.AdamW(model.parameters())"
+            )
+        if missing:
+            logger.warning(
+                "fxfreeze: the optimizer does not hold %d of %s's trainable parameters (%s%s); they will not train",
+                len(missing), self.plan.model, ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
+            )
+
+    def _release(self, names: list[str]) -> None:
+        """Drop optimizer state (momentum, Adam moments) of these parameters, everywhere."""
+        for o in self.optimizers:
+            for n in names:
+                o.state.pop(self.module.params_by_name[n], None)
 
     # -- signals ---------------------------------------------------------------------------
     @property
@@ -86,16 +121,40 @@ class Freezer:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise FreezeError(f"epoch must be a non-negative int, got {epoch!r}")
         self._epoch = epoch
+        self._epoch_set = True
 
     def observe_loss(self, loss: float | torch.Tensor) -> None:
         """Give the policy the latest training loss (optional)."""
         self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
-    def _lr(self) -> float | None:
-        if self.optimizer is None or not self.optimizer.param_groups:
-            return None
-        lr = self.optimizer.param_groups[0].get("lr")
-        return float(lr) if isinstance(lr, (int, float)) or torch.is_tensor(lr) else None
+    def _lrs(self) -> list[float | None]:
+        """The learning rate of every param group of every optimizer."""
+        out: list[float | None] = []
+        for o in self.optimizers:
+            for g in o.param_groups:
+                lr = g.get("lr")
+                out.append(float(lr) if isinstance(lr, (int, float)) or torch.is_tensor(lr) else None)
+        return out
+
+    def _lr_step(self, lrs: list[float | None]) -> tuple[bool, str]:
+        """Did a param group's learning rate just drop by a step? A *step*: a fall by
+        ``lr_change_factor`` right after a step at which the rate barely moved. A smooth
+        schedule changes by large ratios only near zero (the tail of a cosine), where the
+        ratio was already far from 1 the step before; a rising rate (warm-up) is no step."""
+        log_f = math.log(float(self.config.lr_change_factor))
+        if len(self._last_lrs) != len(lrs):
+            self._last_lrs, self._last_log_ratios = list(lrs), [0.0] * len(lrs)
+            return False, ""
+        changed, what = False, ""
+        for i, (lr, last) in enumerate(zip(lrs, self._last_lrs)):
+            if lr is None or last is None or lr <= 0 or last <= 0:
+                continue
+            log_r = math.log(last / lr)  # > 0: the rate fell
+            if log_r >= log_f and self._last_log_ratios[i] < log_f / 4 and not changed:
+                changed, what = True, f"learning rate {last:g} -> {lr:g}" + (f" (param group {i})" if len(lrs) > 1 else "")
+            self._last_log_ratios[i] = abs(log_r)
+        self._last_lrs = list(lrs)
+        return changed, what
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.step()
@@ -105,20 +164,11 @@ class Freezer:
         if loss is not None:
             self.observe_loss(loss)
         self.step_count += 1
-        lr = self._lr()
-        changed = False
-        if lr is not None and self._last_lr is not None and self._last_lr > 0 and lr > 0:
-            # a *step*: a jump by the factor right after a step at which the rate barely moved.
-            # A smooth schedule changes by large ratios only near zero (the tail of a cosine,
-            # the start of a warm-up), where the ratio was already far from 1 the step before.
-            log_r = abs(math.log(lr / self._last_lr))
-            log_f = math.log(float(self.config.lr_change_factor))
-            changed = log_r >= log_f and self._last_log_ratio < log_f / 4
-            self._last_log_ratio = log_r
+        lrs = self._lrs()
+        lr = lrs[0] if lrs else None
+        changed, what = self._lr_step(lrs)
         if changed:
-            self._record("lr_change", self.num_frozen, self.num_frozen, f"learning rate {self._last_lr:g} -> {lr:g}")
-        if lr is not None:
-            self._last_lr = lr
+            self._record("lr_change", self.num_frozen, self.num_frozen, what)
         loss_v = self._loss
         nonfinite = loss_v is not None and not math.isfinite(loss_v)
         if nonfinite:
@@ -132,6 +182,8 @@ class Freezer:
             num_frozen=self.num_frozen,
             max_frozen=self.plan.max_frozen,
             loss_nonfinite=nonfinite,
+            epoch_known=bool(self.config.steps_per_epoch) or self._epoch_set,
+            total_steps=self.config.total_steps,
         )
         decision = self.policy.decide(signals)
         if self.agree is not None:  # data-parallel: every rank applies rank 0's decision
@@ -154,10 +206,8 @@ class Freezer:
         before = set(self.module.frozen_parameter_names(old))
         self.module._set_prefix(k)
         newly = [n for n in self.module.frozen_parameter_names(k) if n not in before]
-        if self.optimizer is not None and self.config.release_optimizer_state:
-            named = self.module.params_by_name
-            for n in newly:
-                self.optimizer.state.pop(named[n], None)
+        if self.config.release_optimizer_state:
+            self._release(newly)
         self._record("freeze" if k > old else "unfreeze", old, k, reason)
 
     def _record(self, action: str, old: int, new: int, reason: str) -> None:
@@ -194,36 +244,62 @@ class Freezer:
             "num_frozen": self.num_frozen,
             "step": self.step_count,
             "epoch": self._epoch,
-            "last_lr": self._last_lr,
+            "epoch_set": self._epoch_set,
+            "last_lr": self._last_lrs[0] if self._last_lrs else None,
+            "last_lrs": list(self._last_lrs),
+            "last_log_ratios": list(self._last_log_ratios),
             "policy_name": self.config.policy,
             "policy": self.policy.state_dict(),
             "history": [dict(e) for e in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. Everything is checked first, and a state that
+        fails halfway is rolled back: on error nothing has changed."""
+        self._check_state(state)
+        before = self.state_dict()
+        try:
+            self._apply_state(state)
+        except Exception as e:  # noqa: BLE001 - roll back, then report one clear error
+            self._apply_state(before)
+            raise FreezeError(f"the controller state cannot be loaded ({type(e).__name__}: {e}); nothing was changed") from e
+
+    def _check_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise FreezeError("not an fxfreeze controller state (key 'version' missing or unsupported)")
         for key in ("blocks", "num_frozen", "step", "epoch", "policy", "history", "policy_name"):
             if key not in state:
                 raise FreezeError(f"controller state is missing the key {key!r}")
         names = [b.name for b in self.plan.blocks]
-        if list(state["blocks"]) != names:
+        if not isinstance(state["blocks"], (list, tuple)) or list(state["blocks"]) != names:
+            saved = state["blocks"]
             raise FreezeError(
                 "controller state was saved for a different plan "
-                f"({len(state['blocks'])} blocks vs {len(names)}); compile with the same plan before resuming"
+                f"({len(saved) if isinstance(saved, (list, tuple)) else '?'} blocks vs {len(names)}); "
+                "compile with the same plan before resuming"
             )
         if state["policy_name"] != self.config.policy:
             raise FreezeError(
                 f"controller state was saved with policy {state['policy_name']!r}, this controller uses {self.config.policy!r}"
             )
-        k = self.module.check_prefix(int(state["num_frozen"]))
+        for key in ("num_frozen", "step", "epoch"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise FreezeError(f"controller state key {key!r} must be a non-negative int, got {state[key]!r}")
+        self.module.check_prefix(state["num_frozen"])
+        if not isinstance(state["policy"], dict) or not isinstance(state["history"], list):
+            raise FreezeError("controller state keys 'policy' (a dict) and 'history' (a list) are malformed")
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(dict(state["policy"]))  # first: the likeliest to refuse
+        k = int(state["num_frozen"])
         self.module._set_prefix(k)
-        if self.optimizer is not None and self.config.release_optimizer_state:
-            named = self.module.params_by_name
-            for n in self.module.frozen_parameter_names(k):
-                self.optimizer.state.pop(named[n], None)
+        if self.config.release_optimizer_state:
+            self._release(self.module.frozen_parameter_names(k))
         self.step_count = int(state["step"])
         self._epoch = int(state["epoch"])
-        self._last_lr = state.get("last_lr")
-        self.policy.load_state_dict(dict(state["policy"]))
+        self._epoch_set = bool(state.get("epoch_set", False))
+        lrs = state.get("last_lrs")
+        self._last_lrs = list(lrs) if isinstance(lrs, list) else ([state["last_lr"]] if state.get("last_lr") is not None else [])
+        ratios = state.get("last_log_ratios")
+        self._last_log_ratios = list(ratios) if isinstance(ratios, list) and len(ratios) == len(self._last_lrs) else [0.0] * len(self._last_lrs)
         self.history = [dict(e) for e in state["history"]]

@@ -163,6 +163,12 @@ def load_predictor(path: str | os.PathLike[str] | None = None) -> tuple[FreezePr
             f"SmartFRZ predictor weights file {str(p)!r} has format version {meta.get('version')!r}, this fxfreeze "
             f"reads version {FORMAT_VERSION}; {fix}"
         )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PredictorError(
+            f"SmartFRZ predictor weights file {str(p)!r} holds NaN or infinite values (in {', '.join(bad[:3])}): "
+            f"such a predictor never says freeze; {fix}"
+        )
     try:
         cfg = {k: int(v) for k, v in dict(meta["config"]).items()}
         model = FreezePredictor(**cfg)

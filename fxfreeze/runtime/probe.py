@@ -41,26 +41,66 @@ class ActivationProbe:
         self.hi = hi
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] = {}
+        #: samples in the probe batch (plasticity compares samples: it needs at least 2)
+        self.samples = 0
+        self._filling = False
+        self._offers = 0
         self._ranges: dict[int, Subgraph] = {}  # blocks [0, hi) by hi
         self._blocks: dict[int, Subgraph] = {}
         self._key: Any = None
 
     @property
     def ready(self) -> bool:
-        return self.args is not None
+        """A probe batch of at least 2 samples is there, and complete (the same samples at
+        every evaluation): with one sample the SP loss (a comparison between samples) is
+        identically 0, which would read as converged."""
+        return self.args is not None and self.samples >= 2 and not self._filling
 
     def set(self, *args: Any, **kwargs: Any) -> None:
         """Use these inputs (a batch, sliced to ``size`` samples) as the probe batch."""
         bs = batch_size_of(args, kwargs)
         self.args = tuple(_take(a, bs, self.size) for a in args)
         self.kwargs = {k: _take(v, bs, self.size) for k, v in kwargs.items()}
+        self.samples = min(bs or 0, self.size)
+
+    def _append(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Add a later batch's samples (training with small batches): only when its
+        tensors match the probe's in everything but the batch dimension."""
+        assert self.args is not None
+        bs = batch_size_of(args, kwargs)
+        if not bs or len(args) != len(self.args) or set(kwargs) != set(self.kwargs):
+            return
+        take = min(bs, self.size - self.samples)
+
+        def join(old: Any, new: Any) -> Any:
+            if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+                if old.dim() == 0 or new.dim() != old.dim() or new.shape[0] != bs or new.shape[1:] != old.shape[1:]:
+                    raise ValueError("shapes differ")
+                return torch.cat([old, new.detach()[:take].to(old.device)])
+            return old
+
+        try:
+            joined_args = tuple(join(o, n) for o, n in zip(self.args, args))
+            joined_kwargs = {k: join(v, kwargs[k]) for k, v in self.kwargs.items()}
+        except ValueError:
+            return
+        self.args, self.kwargs, self.samples = joined_args, joined_kwargs, self.samples + take
 
     def offer(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Called by the module's forward in training mode: keeps the first batch, then
-        unhooks itself so that later training steps pay nothing."""
+        """Called by the module's forward in training mode: keeps the first batch (and
+        when that batch had a single sample, the samples of later ones up to ``size``), then unhooks
+        itself so that later training steps pay nothing."""
         if self.args is None:
             self.set(*args, **kwargs)
-        if self.module.probe_hook == self.offer:
+            self._filling = self.samples < 2  # batches of 1: fill the probe from later batches
+        elif self._filling:
+            self._append(args, kwargs)
+            self._offers += 1
+            # full, or enough tries (later batches of other shapes cannot join): use what is there
+            if self.samples >= self.size or self._offers >= 4 * self.size:
+                self._filling = False
+        done = not self._filling
+        if done and self.module.probe_hook == self.offer:
             self.module.probe_hook = None
 
     # -- graphs --------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ class Signals:
     max_frozen: int
     #: the latest observed loss was NaN or infinite (``loss`` is then None)
     loss_nonfinite: bool = False
+    #: the epoch is known (``steps_per_epoch`` configured or ``set_epoch`` called)
+    epoch_known: bool = True
+    #: the planned number of optimizer steps, when known
+    total_steps: int | None = None
 
 
 @dataclass(frozen=True)

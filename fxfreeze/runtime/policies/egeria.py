@@ -64,6 +64,7 @@ class EgeriaPolicy(Policy):
         self.main_seconds = 0.0
         self._fresh = False
         self._disabled_reported = False
+        self._small_probe_reported = False
         self._last_step_time: float | None = None
         self._step_seconds: float | None = None
         self._last_worker_seconds = 0.0
@@ -123,8 +124,16 @@ class EgeriaPolicy(Policy):
             self._reset(s)
             self.timeline.append({"step": s.step, "skipped": "non-finite loss"})
             return None
-        if s.step >= self.next_eval and self.probe.ready and s.num_frozen < self.hi:
-            self._evaluate(s)
+        if s.step >= self.next_eval and s.num_frozen < self.hi:
+            if self.probe.ready:
+                self._evaluate(s)
+            elif self.probe.args is not None and not self._small_probe_reported:
+                self._small_probe_reported = True
+                logger.warning(
+                    "egeria: the first training batch held %d sample(s): plasticity compares samples and needs at "
+                    "least 2, so the policy waits (never freezes) while later batches fill the probe to %d",
+                    1 if self.probe.samples else 0, self.probe.size,
+                )
         k = s.num_frozen
         if self.cfg.freeze and self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
             self._fresh = False
