@@ -133,7 +133,9 @@ class EgeriaConfig:
       ``False`` each evaluation waits for its result: slower, but the run is reproducible
       (with ``overhead_budget=0``, evaluations then happen at fixed steps);
     - ``unfreeze_on_lr_change``: on a learning-rate step, unfreeze ``all`` blocks, the
-      ``last`` frozen one, or ``none``; tracking restarts either way.
+      ``last`` frozen one, or ``none``; tracking restarts either way;
+    - ``reference_timeout``: seconds one reference job may run; past it (a hang) the policy
+      gives up on the reference with a warning and stops deciding, training goes on.
     """
 
     eval_interval: int = 50
@@ -150,8 +152,11 @@ class EgeriaConfig:
     unfreeze_on_lr_change: str = "all"
     asynchronous: bool = True
     freeze: bool = True
+    reference_timeout: float = 120.0
 
     def __post_init__(self) -> None:
+        if not _number(self.reference_timeout, "egeria.reference_timeout") > 0:
+            raise ConfigError(f"egeria.reference_timeout must be a positive number of seconds, got {self.reference_timeout!r}")
         _positive_int(self.eval_interval, "egeria.eval_interval")
         _positive_int(self.probe_size, "egeria.probe_size", 2)
         _positive_int(self.window, "egeria.window", 3)

@@ -225,3 +225,53 @@ def test_cli_does_not_put_the_working_directory_in_front_of_installed_modules(tm
     load_target("fxfreeze.zoo:resnet20", None)
     assert sys.path[: len(before)] == before[: len(sys.path)] or sys.path[0] == before[0]
     assert sys.path.count(str(tmp_path)) <= 1
+
+
+# -- faults that must not crash the loop ----------------------------------------------------------
+class _Locked(nn.Module):
+    """A leaf (no children) holding a lock: it cannot be deep-copied (Egeria copies blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16) / 4)
+        self.lock = __import__("threading").Lock()
+
+    def forward(self, x):
+        return torch.relu(F.linear(x, self.weight))
+
+
+def _egeria(model, **egeria):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = {"egeria": {"eval_interval": 1, "window": 3, "patience": 1, "asynchronous": False, "overhead_budget": 0.0, **egeria}}
+    return fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, config=cfg), opt
+
+
+def _steps(fm, opt, n):
+    for _ in range(n):
+        opt.zero_grad()
+        fm(torch.randn(8, 8)).pow(2).mean().backward()
+        opt.step()
+
+
+def test_egeria_with_a_block_that_cannot_be_copied_warns_and_training_goes_on(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), *[nn.Sequential(_Locked(), nn.Linear(16, 16)) for _ in range(3)], nn.Linear(16, 3))
+    fm, opt = _egeria(model)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        _steps(fm, opt, 5)
+    pol = fm.freezer.policy
+    assert pol.unmeasurable and "has no reference" in caplog.text
+    assert fm.num_frozen <= min(pol.unmeasurable)  # never past a block it cannot judge
+
+
+def test_a_reference_job_that_hangs_is_given_up_with_a_warning(caplog):
+    import time
+
+    torch.manual_seed(0)
+    fm, opt = _egeria(_mlp(), reference_timeout=0.5)
+    pol = fm.freezer.policy
+    pol._reference_job = lambda jobs, k: time.sleep(5)  # a job that does not come back in time
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        _steps(fm, opt, 4)
+    assert pol.worker.disabled and "has not returned" in caplog.text
+    assert fm.freezer.step_count == 4 and fm.num_frozen == 0

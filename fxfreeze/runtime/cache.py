@@ -9,6 +9,12 @@ dataset), the frontier tensors the frozen prefix produced for it:
   dtypes), the raw bytes, and a CRC-32 of them. A file that is truncated or whose checksum
   fails is detected, deleted and recomputed, never used. Files are plain data, no pickle;
 - optionally in float16 (half the memory, no longer bitwise);
+- bound to its run and to the exact frozen weights: spill files live in a folder of this
+  cache instance and start with a key over the plan, the prefix and a fingerprint of the
+  frozen parameters and buffers; a file whose key differs (another run sharing
+  ``directory``, stale weights) is never served, it is recomputed;
+- degrading, never failing: a spill folder that becomes unwritable mid-run turns spilling
+  off with one warning (entries beyond the memory budget are then recomputed);
 - invalidated whenever the frozen prefix changes. When it grows from ``k`` to ``k' > k``
   and every sample of a batch still has its ``k`` entry, the new frontier is computed from
   the old one by running blocks ``k..k'-1`` only (the prefix does not run again).
@@ -29,6 +35,7 @@ import random
 import shutil
 import tempfile
 import threading
+import uuid
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +50,7 @@ from ..tensorfile import encode_tensors as _encode
 __all__ = ["ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
+_KEY_BYTES = 32  # a sha256 digest
 
 class CacheStats(dict):  # a dict so that it prints and serialises plainly
     pass
@@ -68,6 +76,10 @@ class ActivationCache:
         _check_writable(self.directory)
         if self._own_dir:  # a temporary folder of ours goes with the cache, closed or not
             weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+        # this instance's own folder: runs that share `directory` never touch each other's files
+        self._run = f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._key = b"\0" * _KEY_BYTES
+        self._spill_ok = True
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._mem: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -82,13 +94,16 @@ class ActivationCache:
         self._warned_no_ids = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
         self._prefetched: dict[int, Future[Any]] = {}
-        self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, verified=0, uncached_batches=0)
+        self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
+                                uncached_batches=0, spill_failures=0)
 
     # -- prefix changes ----------------------------------------------------------------------------
-    def set_prefix(self, k: int, runner: Any, refill: Any = None) -> None:
+    def set_prefix(self, k: int, runner: Any, refill: Any = None, key: bytes | None = None) -> None:
         """The prefix is now ``k`` blocks, computed by ``runner(inputs)``; drop what was
         stored for another prefix (keeping the in-memory entries of a shallower one for
-        ``refill(inputs, old_frontier)`` when given)."""
+        ``refill(inputs, old_frontier)`` when given). ``key`` (32 bytes) identifies the plan,
+        the prefix and its frozen weights: spilled entries carry it and are served only
+        under it."""
         keep = None
         if refill is not None and 0 < self._k < k and self._mem:
             keep = (self._k, self._mem)
@@ -96,6 +111,7 @@ class ActivationCache:
         self.clear()
         self._old = keep
         self._k = k
+        self._key = (key or b"")[:_KEY_BYTES].ljust(_KEY_BYTES, b"\0")
         self.runner = runner
         self.refill = refill
 
@@ -118,6 +134,8 @@ class ActivationCache:
             self._pool.shutdown(wait=False)
         if self._own_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            shutil.rmtree(self.directory / self._run, ignore_errors=True)
 
     # -- the graph's entry point ---------------------------------------------------------------------
     def load(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
@@ -196,7 +214,7 @@ class ActivationCache:
 
     # -- storage ---------------------------------------------------------------------------------------
     def _path(self, i: int) -> Path:
-        return self.directory / f"k{self._k}" / f"{i}.fxfc"
+        return self.directory / self._run / f"k{self._k}" / f"{i}.fxfc"
 
     def _get(self, i: int) -> tuple[torch.Tensor, ...] | None:
         e = self._mem.get(i)
@@ -207,7 +225,10 @@ class ActivationCache:
         fut = self._prefetched.pop(i, None)
         try:
             data = fut.result() if fut is not None else self._path(i).read_bytes()
-            return tuple(_decode(data))
+            if data[:_KEY_BYTES] != self._key:
+                self.stats["foreign"] += 1
+                raise ValueError("written for another run, prefix or frozen weights")
+            return tuple(_decode(data[_KEY_BYTES:]))
         except (OSError, ValueError) as err:
             self.stats["corrupt"] += 1
             logger.warning("fxfreeze cache: entry %s is unreadable (%s); recomputing it", self._path(i), err)
@@ -233,11 +254,22 @@ class ActivationCache:
             self._mem[i] = stored
             self._bytes += size
             return
+        if not self._spill_ok:
+            return  # recomputed when needed
         path = self._path(i)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(_encode([t.cpu() for t in tensors], self.store_dtype))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(self._key + _encode([t.cpu() for t in tensors], self.store_dtype))
+            os.replace(tmp, path)
+        except OSError as e:
+            self._spill_ok = False
+            self.stats["spill_failures"] += 1
+            logger.warning(
+                "fxfreeze cache: cannot spill to %s (%s); spilling is off, entries beyond the memory budget "
+                "(%.0f MiB) are recomputed from now on", path.parent, e.strerror or e, self.budget / 2**20,
+            )
+            return
         self._disk.add(i)
         self.stats["spilled"] += 1
 

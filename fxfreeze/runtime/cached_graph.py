@@ -46,10 +46,11 @@ class CachedGraph:
         self.entry, self.gm, self.k, self.frontier = None, None, 0, None
         self.cache.clear()
 
-    def graph_for(self, entry: GraphEntry, base: fx.GraphModule, model: nn.Module, k: int) -> fx.GraphModule | None:
+    def graph_for(self, entry: GraphEntry, base: fx.GraphModule, model: nn.Module, k: int, key: Any) -> fx.GraphModule | None:
         """The cached variant of ``base`` (``entry``'s graph module with CutBackward(k)
         applied); None when this entry is not the cached one or the prefix hands on
-        nothing cacheable."""
+        nothing cacheable. ``key()`` gives the bytes that bind stored entries to this plan,
+        prefix and frozen weights (computed once per prefix)."""
         if self.entry is None:
             self.entry = entry
         elif entry is not self.entry:
@@ -85,7 +86,7 @@ class CachedGraph:
         refill = None
         if self.frontier and 0 < self.k < k:
             refill = _refill_fn(base.graph, root, self.k, k, self.frontier, frontier, in_names)
-        self.cache.set_prefix(k, runner, refill)
+        self.cache.set_prefix(k, runner, refill, key=key())
         self.gm, self.k, self.frontier = gm, k, frontier
         return gm
 

@@ -24,7 +24,9 @@ running statistics stop updating, dropout is off).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import struct
 import types
 import weakref
 from typing import Any, Iterator
@@ -222,7 +224,7 @@ class FreezableModule(Routing, nn.Module):
             return self._run_eager(args, kwargs)
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled:
-            cgm = self._cached.graph_for(entry, gm, model, self._num_frozen)
+            cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, lambda: self.prefix_key(self._num_frozen))
             if cgm is not None:
                 gm = cgm
         grad_mode = torch.is_grad_enabled()
@@ -274,6 +276,25 @@ class FreezableModule(Routing, nn.Module):
         (a parameter shared with a later block or the head keeps training)."""
         k = self._num_frozen if k is None else k
         return [n for n, last in self._param_last_block.items() if last < k]
+
+    def prefix_key(self, k: int) -> bytes:
+        """What the outputs of a frozen prefix of ``k`` blocks depend on, as a sha256 digest:
+        the plan's blocks, ``k``, and a fingerprint of the frozen parameters and buffers
+        (shape, dtype, sum, sum of squares and a strided sample of values of each). The
+        activation cache serves a stored entry only under the key it was written with."""
+        h = hashlib.sha256(repr(([b.name for b in self.plan.blocks], k)).encode())
+        buffers = dict(self._model.named_buffers())
+        tensors = [(n, self._named_params[n]) for n in self.frozen_parameter_names(k)]
+        tensors += [(n, buffers[n]) for b in self.plan.blocks[:k] for n in b.buffers if n in buffers]
+        with torch.no_grad():
+            for name, t in tensors:
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                if t.numel() and (t.is_floating_point() or not t.dtype.is_complex):
+                    v = t.detach().reshape(-1)
+                    d = v.double()
+                    h.update(struct.pack("<dd", float(d.sum()), float((d * d).sum())))
+                    h.update(v[:: max(1, v.numel() // 64)][:64].cpu().double().numpy().tobytes())
+        return h.digest()
 
     def _frozen_modules(self, k: int) -> list[nn.Module]:
         mods: list[nn.Module] = []

@@ -10,7 +10,9 @@ so a slow reference only delays decisions.
 Failures: a job that raises produces a result carrying the error. A worker thread that
 dies (something escaped the job, the interpreter killed it) is restarted on the next
 :meth:`submit` / :meth:`poll`, up to ``max_restarts`` times; after that the worker is
-*disabled*, which the caller reports, and training goes on without it.
+*disabled*, which the caller reports, and training goes on without it. A job that runs
+longer than ``job_timeout`` seconds (a hang) disables the worker too, with one warning: a
+thread cannot be killed, so it is left to finish (or not) on its own.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ def _close_all() -> None:
 class ReferenceWorker:
     """One background thread running submitted jobs in order."""
 
-    def __init__(self, num_threads: int = 1, max_restarts: int = 3, name: str = "fxfreeze-reference") -> None:
+    def __init__(self, num_threads: int = 1, max_restarts: int = 3, name: str = "fxfreeze-reference",
+                 job_timeout: float = 120.0) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
         self.num_threads = num_threads
         self.max_restarts = max_restarts
+        self.job_timeout = job_timeout
         self.name = name
         self.restarts = 0
         self.disabled = False
@@ -75,6 +79,7 @@ class ReferenceWorker:
         self._ids = itertools.count()
         self._pending: set[int] = set()
         self._running: tuple[int, Any] | None = None
+        self._running_since = 0.0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -95,6 +100,7 @@ class ReferenceWorker:
             job_id, tag, fn = item
             with self._lock:
                 self._running = (job_id, tag)
+                self._running_since = time.monotonic()
             t0 = time.perf_counter()
             try:
                 value = fn()
@@ -116,6 +122,16 @@ class ReferenceWorker:
             self._start()
             return True
         if self._thread.is_alive():
+            with self._lock:
+                running, since = self._running, self._running_since
+            if running is not None and time.monotonic() - since > self.job_timeout:
+                self.disabled = True
+                self.failures.append(f"job {running[0]} has not returned after {self.job_timeout:g} s")
+                logger.warning(
+                    "reference job %d has not returned after %.0f s (a hang?); giving up on the reference: freezing "
+                    "decisions stop, training goes on", running[0], self.job_timeout,
+                )
+                return False
             return True
         # the thread died: the job it was running is lost
         with self._lock:
@@ -171,9 +187,10 @@ class ReferenceWorker:
         with self._lock:
             return len(self._pending)
 
-    def wait(self, timeout: float = 60.0) -> bool:
-        """Block until the queue is empty (tests, benchmarks, shutdown); False on timeout."""
-        deadline = time.monotonic() + timeout
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the queue is empty; False when the worker is disabled meanwhile (a
+        job ran past ``job_timeout``) or ``timeout`` (default: ``job_timeout``) passes."""
+        deadline = time.monotonic() + (self.job_timeout if timeout is None else timeout)
         while self.pending:
             if not self.check():
                 return False

@@ -241,3 +241,65 @@ def test_ids_that_do_not_match_the_batch_turn_caching_off_without_losing_the_ste
     with caplog.at_level(logging.WARNING, logger="fxfreeze"), fm.sample_ids(torch.arange(3)):
         out = fm(x)
     assert out.shape[0] == 4 and not fm.activation_cache.enabled and "one row per sample id" in caplog.text
+
+
+def _pair(cache: dict | None, epochs: int = 3):
+    """Two models of one architecture (different weights) trained in turn, epoch by epoch,
+    each freezing 2 blocks at step 6: their losses."""
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        cfg = {"policy": "manual", "manual": {"schedule": {6: 2}}}
+        if cache is not None:
+            cfg["cache"] = {"enabled": True, **cache}
+        fm = fxfreeze.compile(model, (_data().tensors[0][:2],), optimizer=opt, config=cfg)
+        loader = DataLoader(_data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+        runs.append((fm, opt, fm.wrap_loader(loader) if cache is not None else loader, []))
+    for _ in range(epochs):
+        for fm, opt, it, losses in runs:  # in turn: the second overwrites what the first spilled
+            for x, y in it:
+                loss = nn.functional.cross_entropy(fm(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+    return [r[0] for r in runs], [r[3] for r in runs]
+
+
+def test_runs_sharing_a_cache_directory_never_read_each_others_entries(tmp_path):
+    """Two runs spill into one folder and train in turn: each stays bitwise equal to its
+    own uncached run (a file of the other run, or of stale weights, is never served)."""
+    _, ref = _pair(None)
+    fms, got = _pair({"memory_budget_mb": 0.0, "directory": str(tmp_path)})
+    assert got == ref
+    assert len({p.name for p in tmp_path.iterdir() if p.is_dir()}) == 2  # one folder per cache
+    cache = fms[1].activation_cache
+    victim = next(iter(cache._disk))
+    path = cache._path(victim)
+    path.write_bytes(b"\x01" * 32 + path.read_bytes()[32:])  # another key, an intact checksum
+    assert cache._get(victim) is None and cache.stats["foreign"] == 1
+
+
+def test_an_unwritable_spill_folder_mid_run_degrades_and_training_goes_on(tmp_path, caplog, monkeypatch):
+    """Spilling fails from the second spill on: one warning, the run continues and its
+    parameters equal an undisturbed run's (the cache is not math)."""
+    ref, ref_losses = _run(None)
+    real = Path.write_bytes
+    calls = {"n": 0}
+
+    def flaky(self, data):
+        if self.suffix == ".tmp":
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise PermissionError(13, "Permission denied")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", flaky)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        fm, losses = _run({"memory_budget_mb": 0.0, "directory": str(tmp_path)})
+    assert losses == ref_losses
+    for (n, a), (_, b) in zip(ref.state_dict().items(), fm.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert caplog.text.count("cannot spill") == 1 and fm.activation_cache.stats["spill_failures"] == 1

@@ -76,6 +76,8 @@ class EgeriaPolicy(Policy):
         # per-block builders: created on the training thread (preparing traces), used by jobs
         self._builders: dict[int, ReferenceBuilder] = {}
         self.backends: dict[int, str] = {}
+        #: blocks whose reference cannot be built (a module that cannot be copied), with why
+        self.unmeasurable: dict[int, str] = {}
         self.fallbacks: dict[int, list[str]] = {}
 
     # -- wiring ----------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ class EgeriaPolicy(Policy):
             return
         self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
         self.module.probe_hook = self.probe.offer
-        self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads))
+        self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout))
 
     def close(self) -> None:
         if self.worker is not None:
@@ -176,6 +178,8 @@ class EgeriaPolicy(Policy):
         jobs = []
         one_time = 0.0
         for j in tracked:
+            if j in self.unmeasurable:
+                continue
             sub = self.probe.block(j)
             inputs = [values[n] for n in sub.inputs]
             train = [values[n] for n in sub.outputs]
@@ -187,7 +191,16 @@ class EgeriaPolicy(Policy):
             if due:
                 if j not in self._builders:  # prepares (may trace): training thread only, once
                     tb = time.perf_counter()
-                    self._builders[j] = ReferenceBuilder(sub.graph_module, inputs, self.cfg.reference_precision)
+                    try:
+                        self._builders[j] = ReferenceBuilder(sub.graph_module, inputs, self.cfg.reference_precision)
+                    except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
+                        self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        logger.warning(
+                            "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
+                            "policy will not freeze it or anything after it; training goes on",
+                            j, self.plan.blocks[j].name, self.unmeasurable[j],
+                        )
+                        continue
                     one_time += time.perf_counter() - tb
                 state = {k: v.detach().to("cpu", copy=True) for k, v in sub.graph_module.state_dict().items()}
                 self._anchor_ids += 1
@@ -197,9 +210,10 @@ class EgeriaPolicy(Policy):
             jobs.append((j, anchor[0], inputs, train, state))
         tag = ("eval", self.evaluations, s.step)
         k = s.num_frozen
-        self.worker.submit(lambda: self._reference_job(jobs, k), tag=tag)
-        if not self.cfg.asynchronous:
-            self.worker.wait()
+        if jobs:
+            self.worker.submit(lambda: self._reference_job(jobs, k), tag=tag)
+        if jobs and not self.cfg.asynchronous:
+            self.worker.wait(timeout=self.worker.job_timeout)
             self._consume(s)
         self._schedule(s, time.perf_counter() - t0 - one_time)
 
