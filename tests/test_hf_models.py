@@ -234,3 +234,23 @@ def test_what_a_block_owns_is_the_same_in_every_view(tmp_path):
     for b in p.blocks:
         assert ", ".join(b.modules) in table
         assert "owns: " + ", ".join(b.modules) in dot
+
+
+def test_compiled_at_batch_one_then_other_batches_dtypes_and_a_bool_mask():
+    """Export specialises a batch of 1; the guard sends other batches to a new capture. A
+    bool mask is another dtype: its own graph. Moving the model to bfloat16 captures again."""
+    torch.manual_seed(0)
+    model = _gpt2().eval()
+    ref = copy.deepcopy(model)
+    fm = fxfreeze.compile(model, _batch(False, 1, 8), policy="manual")
+    for b in (1, 4):
+        x = _batch(False, b, 9)
+        torch.testing.assert_close(fm(**x).logits, ref(**x).logits, rtol=1e-6, atol=1e-7)
+    x = _batch(False, 3, 9)
+    x["attention_mask"] = x["attention_mask"].bool()
+    torch.testing.assert_close(fm(**x).logits, ref(**x).logits, rtol=1e-6, atol=1e-7)
+    fm.to(torch.bfloat16)
+    ref.to(torch.bfloat16)
+    with torch.no_grad():
+        y = _batch(False, 2, 8)
+        torch.testing.assert_close(fm(**y).logits, ref(**y).logits)

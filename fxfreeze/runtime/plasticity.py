@@ -203,6 +203,9 @@ class PlasticityTracker:
             "first": {int(k): float(v) for k, v in self.first.items()},
             "floor": {int(k): float(v) for k, v in self.floor.items()},
             "flat_count": {int(k): int(v) for k, v in self.flat_count.items()},
+            "last_trend": {
+                int(k): None if t is None else [t.elasticity, t.noise, t.mean, t.resolved] for k, t in self.last_trend.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -212,4 +215,7 @@ class PlasticityTracker:
         self.first = {int(k): float(v) for k, v in state.get("first", {}).items()}
         self.floor = {int(k): float(v) for k, v in state.get("floor", {}).items()}
         self.flat_count = {int(k): int(v) for k, v in state.get("flat_count", {}).items()}
-        self.last_trend = {}
+        self.last_trend = {
+            int(k): None if t is None else Trend(float(t[0]), float(t[1]), float(t[2]), bool(t[3]))
+            for k, t in state.get("last_trend", {}).items()
+        }

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -34,10 +35,13 @@ def _data(rank: int, step: int):
     return x, y
 
 
-def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int) -> None:
+def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int, rendezvous: str) -> None:
     out_dir = Path(out)
-    init_process_group("gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD,
-                       timeout_s=3 if mode == "alone" else 30)
+    # a rendezvous file of this job only: torch's FileStore must start from a missing file, and
+    # a file left by an earlier job in the same folder (part1 then part2) sends the new ranks
+    # to the old ranks' addresses ("Connection refused")
+    init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+                       timeout_s=3 if mode == "alone" else 60)
     torch.manual_seed(0)
     model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -106,13 +110,14 @@ def main() -> None:
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 12
     ckpt_at = int(sys.argv[4]) if len(sys.argv) > 4 else 6
     torch.set_num_threads(1)
+    rendezvous = str(Path(out) / f"rendezvous-{mode}-{uuid.uuid4().hex}")
     if mode == "alone":
         try:
-            run(0, mode, out, steps, ckpt_at)
+            run(0, mode, out, steps, ckpt_at, rendezvous)
         except fxfreeze.DistributedError as e:
             (Path(out) / "error0.txt").write_text(f"{type(e).__name__}: {e}")
         return
-    mp.spawn(run, args=(mode, out, steps, ckpt_at), nprocs=WORLD, join=mode != "crash")
+    mp.spawn(run, args=(mode, out, steps, ckpt_at, rendezvous), nprocs=WORLD, join=mode != "crash")
     if mode == "crash":
         time.sleep(0)  # the spawn context joins below
         

@@ -92,9 +92,19 @@ class AutoFreezePolicy(Policy):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev": {int(i): float(v) for i, v in self._prev.items()}}
+        """The previous interval's norms and the interval in progress (its accumulated norms
+        and step count): a resume inside an interval decides at the same step."""
+        return {
+            "prev": {int(i): float(v) for i, v in self._prev.items()},
+            "acc": {int(i): float(v) for i, v in self._acc.items()},
+            "count": self._count,
+            "bad": self._bad,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
             raise FreezeError("autofreeze policy state must be a dict")
         self._prev = {int(i): float(v) for i, v in state.get("prev", {}).items()}
+        self._acc = {int(i): float(v) for i, v in state.get("acc", {}).items()}
+        self._count = int(state.get("count", 0))
+        self._bad = bool(state.get("bad", False))

@@ -70,6 +70,9 @@ class EgeriaPolicy(Policy):
         self._last_worker_seconds = 0.0
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
+        # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the reference)
+        self._anchor_state: dict[int, dict[str, torch.Tensor]] = {}
+        self._rebuild: set[int] = set()
         self._anchor_ids = 0
         # built references: touched only by jobs on the worker thread
         self._refs: dict[int, tuple[BuiltReference, int]] = {}
@@ -159,7 +162,7 @@ class EgeriaPolicy(Policy):
     def _reset(self, s: Signals) -> None:
         """Forget the evidence and the anchors (results still in flight are dropped)."""
         self.tracker.reset()
-        self._anchor = {}
+        self._anchor, self._anchor_state, self._rebuild = {}, {}, set()
         self._fresh = False
         self.next_eval = s.step + int(self.cfg.eval_interval)
 
@@ -206,7 +209,13 @@ class EgeriaPolicy(Policy):
                 self._anchor_ids += 1
                 anchor = (self._anchor_ids, self.evaluations, s.step)
                 self._anchor[j] = anchor
+                self._anchor_state[j] = state
                 self.tracker.reset([j])
+            elif j in self._rebuild:  # resumed: rebuild the saved anchor's reference
+                if j not in self._builders:
+                    self._builders[j] = ReferenceBuilder(sub.graph_module, inputs, self.cfg.reference_precision)
+                state = self._anchor_state[j]
+            self._rebuild.discard(j)
             jobs.append((j, anchor[0], inputs, train, state))
         tag = ("eval", self.evaluations, s.step)
         k = s.num_frozen
@@ -269,7 +278,7 @@ class EgeriaPolicy(Policy):
             if res.error is not None:
                 logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
                 self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
-                self._anchor = {}  # anchors it was to build may be missing: take new ones
+                self._anchor, self._anchor_state, self._rebuild = {}, {}, set()  # anchors it was to build may be missing
                 self.tracker.reset()
                 continue
             rec: dict[str, Any] = {"step": step, "evaluation": eval_no, "num_frozen": s.num_frozen, "plasticity": {},
@@ -277,6 +286,7 @@ class EgeriaPolicy(Policy):
                                    "worker_seconds": round(res.seconds, 4)}
             for j in res.value["missing"]:
                 self._anchor.pop(j, None)
+                self._anchor_state.pop(j, None)
                 self.tracker.reset([j])
             for j, (anchor_id, p) in sorted(res.value["plasticity"].items()):
                 anchor = self._anchor.get(j)
@@ -293,9 +303,24 @@ class EgeriaPolicy(Policy):
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything the next decisions depend on: the schedule, the anchors (with the
+        block weights they were taken from, so that a resume rebuilds the same references),
+        the plasticity evidence and the probe batch. Plain data and tensors (``torch.load``
+        with ``weights_only=True``). In synchronous mode a resume continues exactly; in the
+        default asynchronous mode results arrive when the worker is done, which no run
+        reproduces."""
+        probe = self.probe
         return {
             "next_eval": self.next_eval,
             "evaluations": self.evaluations,
+            "fresh": self._fresh,
+            "anchor_ids": self._anchor_ids,
+            "anchor": {int(j): list(a) for j, a in self._anchor.items()},
+            "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
+            "tracker": self.tracker.state_dict(),
+            "probe": None if probe is None or probe.args is None else {
+                "args": list(probe.args), "kwargs": dict(probe.kwargs), "samples": probe.samples, "filling": probe._filling,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -303,10 +328,24 @@ class EgeriaPolicy(Policy):
             raise FreezeError("egeria policy state must be a dict")
         self.next_eval = int(state.get("next_eval", self.next_eval))
         self.evaluations = int(state.get("evaluations", 0))
-        # anchors are not checkpointed: new ones are taken at the next evaluation, and the
-        # evidence restarts with them
-        self._anchor = {}
+        self._fresh = bool(state.get("fresh", False))
+        self._anchor_ids = int(state.get("anchor_ids", self._anchor_ids))
+        self._anchor = {int(j): (int(a[0]), int(a[1]), int(a[2])) for j, a in state.get("anchor", {}).items()}
+        self._anchor_state = {int(j): dict(st) for j, st in state.get("anchor_state", {}).items()}
+        self._anchor = {j: a for j, a in self._anchor.items() if j in self._anchor_state}
+        self._rebuild = set(self._anchor)
+        self._refs = {}
         self.tracker.reset()
+        if "tracker" in state:
+            self.tracker.load_state_dict(dict(state["tracker"]))
+        probe = state.get("probe")
+        if probe is not None and self.probe is not None:
+            self.probe.args = tuple(probe["args"])
+            self.probe.kwargs = dict(probe["kwargs"])
+            self.probe.samples = int(probe["samples"])
+            self.probe._filling = bool(probe.get("filling", False))
+            if not self.probe._filling and self.module is not None and self.module.probe_hook == self.probe.offer:
+                self.module.probe_hook = None
 
 
 def _block_sp(train: list[Any], ref: Any) -> float:
