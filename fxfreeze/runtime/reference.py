@@ -55,9 +55,10 @@ _LIVE: "weakref.WeakSet[ReferenceWorker]" = weakref.WeakSet()
 @atexit.register
 def _close_all() -> None:
     # a daemon thread still inside a PyTorch kernel when the interpreter exits aborts the
-    # process ("terminate called without an active exception"): stop them first
+    # process ("terminate called without an active exception"): stop them first, dropping
+    # queued jobs so that only the running one has to finish
     for w in list(_LIVE):
-        w.close(timeout=10.0)
+        w.close(timeout=60.0, drop_queued=True)
 
 
 class ReferenceWorker:
@@ -152,11 +153,21 @@ class ReferenceWorker:
         self._start()
         return True
 
-    def close(self, timeout: float | None = 5.0) -> None:
-        """Stop after the queued jobs; pending results stay pollable."""
+    def close(self, timeout: float | None = 5.0, drop_queued: bool = False) -> None:
+        """Stop after the queued jobs (or, ``drop_queued``, after the running one only);
+        results already in stay pollable."""
         if self._closed:
             return
         self._closed = True
+        if drop_queued:
+            while True:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(item, _Stop):
+                    with self._lock:
+                        self._pending.discard(item[0])
         if self._thread is not None and self._thread.is_alive():
             self._jobs.put(_Stop())
             self._thread.join(timeout)

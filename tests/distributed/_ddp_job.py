@@ -102,6 +102,7 @@ def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int, rendezvous: st
            "history": fm.freezer.history,
            "evaluations": getattr(fm.freezer.policy, "evaluations", None)}
     (out_dir / f"result{rank}.json").write_text(json.dumps(res))
+    fm.freezer.detach()  # stops the policy's reference worker before the process exits
     dist.destroy_process_group()
 
 

@@ -94,7 +94,7 @@ class EgeriaPolicy(Policy):
 
     def close(self) -> None:
         if self.worker is not None:
-            self.worker.close()
+            self.worker.close(timeout=60.0, drop_queued=True)  # its results no longer matter
         if self.module is not None and getattr(self.module, "probe_hook", None) is not None:
             self.module.probe_hook = None
 
