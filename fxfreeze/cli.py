@@ -184,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", required=True, metavar="OUT.{dot,svg,html,json}")
     b = sub.add_parser("bench", help="train the baseline and every policy on real data; report time-to-accuracy")
     b.add_argument("--mnist", metavar="DIR", default=None,
-                   help="folder with MNIST idx files (default, when no other workload is given: "
-                        "../shared/data/mnist10k if it exists)")
+                   help="folder with MNIST idx files: the ResNet workload (give at least one workload)")
     b.add_argument("--text", metavar="DIR|FILE", default=None,
                    help="sentence polarity folder (rt-polarity.pos/.neg) or a text<TAB>label file: MiniLM fine-tuning")
     b.add_argument("--text-samples", type=int, default=None,
@@ -202,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
     t = sub.add_parser("train-predictor", help="record training runs, train the SmartFRZ predictor, write its weights")
     t.add_argument("--mnist", metavar="DIR", default=None,
-                   help="MNIST idx files (default: ../shared/data/mnist10k if it exists)")
+                   help="MNIST idx files: adds the MNIST runs (without it: digits, synthetic and the others)")
     t.add_argument("--polarity", metavar="DIR", default=None,
-                   help="rt-polarity.pos/.neg (default: ../shared/data/movie-review-polarity if it exists)")
+                   help="rt-polarity.pos/.neg folder: adds the text runs")
     t.add_argument("--out", metavar="FILE", default=None, help="weights file to write (default: the one the package ships)")
     t.add_argument("--records", metavar="DIR", default=None,
                    help="keep the recorded runs here and reuse those already there (retraining without re-recording)")
@@ -217,12 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_data(given: str | None, fallback: str) -> str | None:
-    if given is not None:
-        if not Path(given).exists():
-            raise CliError(f"no such file or folder: {given!r}")
-        return given
-    return fallback if Path(fallback).is_dir() else None
+def _data_path(given: str | None) -> str | None:
+    """A data path the user gave, checked; no default (a data path is the user's)."""
+    if given is not None and not Path(given).exists():
+        raise CliError(f"no such file or folder: {given!r}")
+    return given
 
 
 def _train_predictor(ns: argparse.Namespace) -> int:
@@ -237,8 +235,7 @@ def _train_predictor(ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--label-*: {e}") from e
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    report = train_predictor(ns.out, mnist=_default_data(ns.mnist, "../shared/data/mnist10k"),
-                             polarity=_default_data(ns.polarity, "../shared/data/movie-review-polarity"),
+    report = train_predictor(ns.out, mnist=_data_path(ns.mnist), polarity=_data_path(ns.polarity),
                              records_dir=ns.records, quick=ns.quick, rule=rule, steps=ns.steps, log=log)
     if ns.report:
         Path(ns.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -254,8 +251,12 @@ def _bench(ns: argparse.Namespace) -> int:
     from .bench.suite import run_suite
 
     mnist = ns.mnist
-    if mnist is None and ns.text is None and ns.cifar is None and Path("../shared/data/mnist10k").is_dir():
-        mnist = "../shared/data/mnist10k"
+    if mnist is None and ns.text is None and ns.cifar is None:
+        raise CliError(
+            "fxfreeze bench needs data to train on: --mnist DIR (MNIST idx files), --text DIR|FILE (rt-polarity "
+            "files or a text<TAB>label file) and/or --cifar DIR (CIFAR-10 python batches), "
+            "e.g. fxfreeze bench --mnist path/to/mnist --quick"
+        )
     if ns.epochs is not None and ns.epochs <= 0:
         raise CliError(f"--epochs must be positive, got {ns.epochs}")
     epochs = ns.epochs or (2 if ns.quick else 8)

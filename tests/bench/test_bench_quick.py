@@ -42,6 +42,8 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "-o", str(tmp_path / "o")]) == 2  # no default data path: the user's data
+    assert "needs data" in capsys.readouterr().err
     assert main(["bench", "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", "--policies", "egeria,warp", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
