@@ -27,6 +27,7 @@ from .errors import (
     VizError,
 )
 from .plan import Block, FreezePlan, Head
+from .registry import register_policy
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "Block",
     "Head",
     "FreezeConfig",
+    "register_policy",
     "FxFreezeError",
     "ModelError",
     "TraceError",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.config import FreezeConfig
+from fxfreeze.config_checks import positive_int
+from fxfreeze.runtime.policies import Decision, Policy
 from fxfreeze.runtime.policies.freezeout import freeze_times
 
 
@@ -110,3 +114,47 @@ def test_load_state_for_other_plan_is_rejected():
     b = fxfreeze.compile(zoo.resnet56())
     with pytest.raises(fxfreeze.FreezeError, match="different plan"):
         b.freezer.load_state_dict(a.freezer.state_dict())
+
+
+# -- a policy from outside the package: selected and configured like a built-in one ------------------
+@dataclass
+class _AtStepConfig:
+    at: int = 10
+    blocks: int = 1
+
+    def __post_init__(self) -> None:
+        positive_int(self.at, "at_step.at")
+        positive_int(self.blocks, "at_step.blocks")
+
+
+class _AtStepPolicy(Policy):
+    """Freezes ``blocks`` blocks once ``at`` steps have run."""
+
+    def decide(self, signals):
+        cfg = self.config.section("at_step")
+        if signals.step >= cfg.at and signals.num_frozen < cfg.blocks:
+            return Decision(cfg.blocks, f"at step {cfg.at}")
+        return None
+
+
+def test_a_policy_registered_from_outside_is_selected_and_configured_from_yaml(tmp_path):
+    fxfreeze.register_policy("at_step", _AtStepPolicy, _AtStepConfig, replace=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text("policy: at_step\nat_step:\n  at: 3\n  blocks: 2\n")
+    cfg = FreezeConfig.from_yaml(path)
+    assert cfg.section("at_step") == _AtStepConfig(at=3, blocks=2)
+    assert FreezeConfig.from_yaml(path).to_dict()["at_step"] == {"at": 3, "blocks": 2}  # round trip
+    model = zoo.resnet20()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = fxfreeze.compile(model, (torch.randn(2, 3, 16, 16),), optimizer=opt, config=str(path))
+    for _ in range(4):
+        opt.zero_grad()
+        fm(torch.randn(2, 3, 16, 16)).sum().backward()
+        opt.step()
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(3, 2)]
+    with pytest.raises(fxfreeze.ConfigError, match="unknown key 'bogus' in config section 'at_step'"):
+        FreezeConfig.from_dict({"policy": "at_step", "at_step": {"bogus": 1}})
+    with pytest.raises(fxfreeze.ConfigError, match="at_step.at"):
+        FreezeConfig.from_dict({"policy": "at_step", "at_step": {"at": "soon"}})
+    with pytest.raises(fxfreeze.ConfigError, match="already registered"):
+        fxfreeze.register_policy("at_step", _AtStepPolicy, _AtStepConfig)
