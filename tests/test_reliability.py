@@ -131,8 +131,8 @@ def test_predictor_weights_with_nans_are_refused(tmp_path):
 
 def test_every_param_group_of_every_optimizer_is_watched():
     model = _mlp()
-    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": list(model[1:].parameters())}], lr=0.1)
-    second = torch.optim.Adam(model[-1].parameters(), lr=1e-3)
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": list(model[2:].parameters())}], lr=0.1, momentum=0.9)
+    second = torch.optim.Adam(model[1].parameters(), lr=1e-3)  # the first block's parameters
     fm = fxfreeze.compile(model, (torch.randn(2, 8),), optimizer=[opt, second], policy="manual")
     x = torch.randn(4, 8)
 
@@ -153,9 +153,11 @@ def test_every_param_group_of_every_optimizer_is_watched():
         opt.param_groups[1]["lr"] = lr
         step()
     assert [e["action"] for e in fm.freezer.history] == ["lr_change"]
+    in_second = [n for n in fm.frozen_parameter_names(fm.plan.max_frozen - 1) if n.startswith("1.")]
+    assert in_second and all(fm.params_by_name[n] in second.state for n in in_second)  # Adam moments exist
     fm.freeze_prefix(fm.plan.max_frozen - 1)
     frozen = [fm.params_by_name[n] for n in fm.frozen_parameter_names()]
-    assert not any(p in opt.state for p in frozen)
+    assert not any(p in opt.state or p in second.state for p in frozen)  # released in both optimizers
 
 
 def test_a_freezer_state_from_another_plan_is_refused_before_anything_changes():
