@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from fxfreeze.integrations import comparison
     from fxfreeze.integrations.transformers import FxFreezeCallback
 
     hf_logging.disable_progress_bar()
@@ -120,18 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         plain_s, plain_acc = run(copy.deepcopy(base), train, test, out, [], **common)
         cb = FxFreezeCallback(**kw)
         frz_s, frz_acc = run(copy.deepcopy(base), train, test, out, [cb], **common)
-    fm = cb.module
-    print(f"\nplan: {len(fm.plan.blocks)} blocks ({', '.join(fm.plan.names)}), policy {fm.freezer.config.policy}")
-    events = [e for e in fm.freezer.history if e["action"] in ("freeze", "unfreeze")]
-    for e in events:
-        print(f"  step {e['step']:>4}: {e['action']} {', '.join(e['blocks'])} -> {e['num_frozen']} frozen ({e['reason']})")
-    if not events:
-        print("  nothing froze (the policy did not judge any block converged in this run)")
-    print(f"\n{'run':<22}{'train time (s)':>16}{'test accuracy':>16}")
-    print(f"{'Trainer':<22}{plain_s:>16.1f}{100 * plain_acc:>15.2f}%")
-    print(f"{'Trainer + fxfreeze':<22}{frz_s:>16.1f}{100 * frz_acc:>15.2f}%")
-    print(f"speed-up {plain_s / frz_s:.2f}x (each timed after {args.warmup_steps} warm-up steps in this process; evaluation "
-          f"not timed; fxfreeze's time includes {cb.lazy.compile_seconds:.1f} s capturing the model on its first call)")
+    note = (f"each timed after {args.warmup_steps} warm-up steps in this process; evaluation not timed; fxfreeze's "
+            f"time includes {cb.lazy.compile_seconds:.1f} s capturing the model on its first call")
+    print("\n" + comparison(cb.module, "Trainer", (plain_s, 100 * plain_acc), (frz_s, 100 * frz_acc), note))
     return 0
 
 

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # the library's own chatter only
 
+    from fxfreeze.integrations import comparison
     from fxfreeze.integrations.lightning import FxFreezeCallback
 
     xtr, ytr, xte, yte = load(args.mnist, args.samples or None)
@@ -129,18 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     frozen = copy.deepcopy(base)
     cb = FxFreezeCallback(**kw)
     frz_s = fit(frozen, loader(), [cb], epochs=args.epochs)
-    fm = cb.module
-    print(f"\nplan: {len(fm.plan.blocks)} blocks ({', '.join(fm.plan.names)}), policy {fm.freezer.config.policy}")
-    events = [e for e in fm.freezer.history if e["action"] in ("freeze", "unfreeze")]
-    for e in events:
-        print(f"  step {e['step']:>4} (epoch {e['epoch']}): {e['action']} {', '.join(e['blocks'])} -> {e['num_frozen']} frozen")
-    if not events:
-        print("  nothing froze (the policy did not judge any block converged in this run)")
-    print(f"\n{'run':<22}{'train time (s)':>16}{'test accuracy':>16}")
-    print(f"{'Lightning':<22}{plain_s:>16.1f}{accuracy(plain, xte, yte):>15.2f}%")
-    print(f"{'Lightning + fxfreeze':<22}{frz_s:>16.1f}{accuracy(frozen, xte, yte):>15.2f}%")
-    print(f"speed-up {plain_s / frz_s:.2f}x (each timed after {args.warmup_steps} warm-up steps in this process; "
-          f"fxfreeze's time includes {cb.lazy.compile_seconds:.1f} s capturing the model on its first call)")
+    note = (f"each timed after {args.warmup_steps} warm-up steps in this process; fxfreeze's time includes "
+            f"{cb.lazy.compile_seconds:.1f} s capturing the model on its first call")
+    plain_r, frozen_r = (plain_s, accuracy(plain, xte, yte)), (frz_s, accuracy(frozen, xte, yte))
+    print("\n" + comparison(cb.module, "Lightning", plain_r, frozen_r, note))
     return 0
 
 

@@ -12,6 +12,28 @@ imports neither library.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._lazy import LazyCompile, decode_state, encode_state
 
-__all__ = ["LazyCompile", "encode_state", "decode_state"]
+__all__ = ["LazyCompile", "encode_state", "decode_state", "comparison"]
+
+
+def comparison(module: Any, label: str, plain: tuple[float, float], frozen: tuple[float, float], note: str) -> str:
+    """What froze and when, and the timed comparison of a run without and with fxfreeze
+    (``(seconds, accuracy %)`` each), as the examples print it."""
+    plan, history = module.plan, module.freezer.history
+    lines = [f"plan: {len(plan.blocks)} blocks ({', '.join(plan.names)}), policy {module.freezer.config.policy}"]
+    events = [e for e in history if e["action"] in ("freeze", "unfreeze")]
+    lines += [
+        f"  step {e['step']:>4} (epoch {e['epoch']}): {e['action']} {', '.join(e['blocks'])} -> {e['num_frozen']} frozen ({e['reason']})"
+        for e in events
+    ] or ["  nothing froze (the policy did not judge any block converged in this run)"]
+    lines += [
+        "",
+        f"{'run':<24}{'train time (s)':>16}{'test accuracy':>16}",
+        f"{label:<24}{plain[0]:>16.1f}{plain[1]:>15.2f}%",
+        f"{label + ' + fxfreeze':<24}{frozen[0]:>16.1f}{frozen[1]:>15.2f}%",
+        f"speed-up {plain[0] / frozen[0]:.2f}x ({note})",
+    ]
+    return "\n".join(lines)
