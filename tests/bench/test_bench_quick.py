@@ -1,7 +1,7 @@
 """`fxfreeze bench --quick`: the smoke run finishes and writes a complete, sane report
-(speed is not asserted). It runs the control, the cached default and a schedule; the
-other policies train on the real task in ``test_egeria_mnist.py`` and in the recorded
-benchmarks."""
+(speed is not asserted). It runs the baseline, the cached default and a schedule; egeria
+and smartfrz train on the real task in ``test_egeria_mnist.py``, and every run (the
+compiled control included) is in the recorded benchmarks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from fxfreeze.cli import main
 
-RUNS = ["baseline", "compiled", "egeria+cache", "manual"]
+RUNS = ["baseline", "egeria+cache", "manual"]
 
 
 @pytest.mark.slow
@@ -35,7 +35,6 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
     assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
     assert wl["runs"]["manual"]["final_num_frozen"] > 0  # its schedule freezes half at mid-run
-    assert wl["runs"]["compiled"]["final_num_frozen"] == 0 and not wl["runs"]["compiled"]["freezes"]  # the control
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in RUNS)
     assert "results.json" in capsys.readouterr().out
