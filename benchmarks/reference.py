@@ -22,8 +22,8 @@ import torch
 
 import fxfreeze
 from fxfreeze import zoo
-from fxfreeze.passes.reference import ReferenceBuilder, relative_error, snapshot
-from fxfreeze.runtime.probe import ActivationProbe
+from fxfreeze.runtime.egeria.builder import ReferenceBuilder, relative_error, snapshot
+from fxfreeze.runtime.egeria.probe import ActivationProbe
 
 
 def _time(fn: Any, repeat: int) -> float:

@@ -23,6 +23,7 @@ from .errors import (
     ModelError,
     PlanError,
     PredictorError,
+    PassError,
     TraceError,
     VizError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "DataError",
     "DistributedError",
     "PredictorError",
+    "PassError",
     "__version__",
 ]
 

@@ -30,18 +30,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten, keystr
 
 from .calls import forward_signature
+from .graph_utils import resolve_attr
 from .forwards import bound, forward_with, temporary_forward
 
-__all__ = ["ExportResult", "export_graph", "unknown_outputs", "resolve"]
+__all__ = ["ExportResult", "export_graph", "unknown_outputs"]
 
 _PLAIN = (torch.Tensor, int, float, bool, str, torch.SymInt, torch.SymFloat, torch.SymBool)
-
-
-def resolve(obj: Any, target: str) -> Any:
-    """``getattr`` along a dotted path (``"layer.0.weight"``)."""
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def unknown_outputs(out: Any) -> list[str]:
@@ -193,9 +187,9 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
             try:
-                resolve(model, target)
+                resolve_attr(model, target)
             except AttributeError:
-                extra[target] = resolve(unlifted, target)
+                extra[target] = resolve_attr(unlifted, target)
     if guard is None:
         guard = _meta_guard(graph, dict(ep.range_constraints))
     return ExportResult(graph, extra, guard, getattr(unlifted, "_in_spec", None))

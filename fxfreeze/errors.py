@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "DistributedError",
     "PredictorError",
+    "PassError",
 ]
 
 
@@ -71,3 +72,19 @@ class DistributedError(FxFreezeError, RuntimeError):
 class PredictorError(FxFreezeError, RuntimeError):
     """The SmartFRZ predictor weights are missing, corrupt or do not fit (the message names
     the file and the command that regenerates it)."""
+
+
+class PassError(FxFreezeError, RuntimeError):
+    """A graph pass refused its input or failed (:func:`fxfreeze.passes.run_passes`). The
+    message names the pass, the passes that ran before it and what went wrong; the
+    original exception, if any, is its ``__cause__``."""
+
+    def __init__(self, pass_name: str, before: list[str] | tuple[str, ...], detail: str) -> None:
+        self.pass_name = pass_name
+        self.before = tuple(before)
+        after = f" (after {', '.join(self.before)})" if self.before else ""
+        self.detail = detail
+        super().__init__(f"graph pass {pass_name!r}{after}: {detail}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...], str]]:
+        return (type(self), (self.pass_name, self.before, self.detail))

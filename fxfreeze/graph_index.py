@@ -17,11 +17,11 @@ import torch.fx as fx
 from torch import nn
 
 from .analysis import META_FLOPS, META_TENSOR
+from .graph_utils import COMPUTE_OPS
 from .trace import module_path_of
 
 __all__ = ["GraphIndex", "COMPUTE_OPS", "within"]
 
-COMPUTE_OPS = ("call_function", "call_method", "call_module")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 

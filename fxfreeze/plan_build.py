@@ -15,6 +15,7 @@ import torch.fx as fx
 from .analysis import META_BYTES, META_DTYPE, META_FLOPS, META_SHAPE
 from .errors import PlanError
 from .graph_index import GraphIndex
+from .graph_utils import label_attributes
 from .partition import Proposal, top_modules
 from .plan import HEAD, META_BLOCK, Block, FreezePlan, Head
 
@@ -165,10 +166,7 @@ def build_plan(
         else:
             flops[b] += f
             owners[b].append(ix.owner[i])
-    for n in gm.graph.nodes:  # get_attr nodes follow their first user
-        if n.op == "get_attr":
-            blocks = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
-            n.meta[META_BLOCK] = min(blocks, key=lambda x: (x == HEAD, x)) if blocks else None
+    label_attributes(gm.graph)  # get_attr nodes follow their first user
     uses, numel = param_uses(ix)
     block_params, head_params, shared = _first_users(uses, starts, head_start, n_blocks)
     buses, _ = tensor_uses(ix, buffers=True)

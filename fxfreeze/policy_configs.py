@@ -127,7 +127,7 @@ class EgeriaConfig:
             raise ConfigError(f"egeria.overhead_budget must be in [0, 1), got {self.overhead_budget!r}")
         for name in ("asynchronous", "freeze"):
             flag(getattr(self, name), f"egeria.{name}")
-        from .passes.reference import PRECISIONS as precisions  # torch only; torch.ao loads lazily
+        from .runtime.egeria.backends import PRECISIONS as precisions  # torch only; torch.ao loads lazily
 
         if self.reference_precision not in precisions:
             raise ConfigError(

@@ -46,11 +46,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture_export import export_graph, resolve, unknown_outputs
+from .capture_export import export_graph, unknown_outputs
 from .capture_fx import hides_structure, trace_fx
 from .capture_hooks import trace_hooks
 from .calls import canonical_call, describe_call, forward_signature, normalize_inputs
 from .errors import ExampleInputError, ModelError, TraceError
+from .graph_utils import resolve_attr
 from .timebound import CaptureTimeout, time_bound
 from .trace_state import preserved_state
 
@@ -143,7 +144,7 @@ class Capture:
                     root[target] = self.extra_attrs[target]
                     continue
                 try:
-                    root[target] = resolve(model, target)
+                    root[target] = resolve_attr(model, target)
                 except AttributeError as e:
                     raise TraceError(
                         f"graph node {node.name!r} refers to {target!r}, which the model "

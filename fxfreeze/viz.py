@@ -16,17 +16,13 @@ from typing import Any
 import torch.fx as fx
 
 from .errors import VizError
-from .plan import HEAD, META_BLOCK, FreezePlan
+from .graph_utils import block_label
+from .plan import HEAD, FreezePlan
 
 __all__ = ["to_dot", "to_json", "export", "FORMATS"]
 
 FORMATS = ("dot", "svg", "html", "json")
 _PALETTE = ("#dbeafe", "#dcfce7", "#fef9c3", "#fce7f3", "#ede9fe", "#ffedd5", "#cffafe", "#f3f4f6")
-
-
-def _block(n: fx.Node) -> int | None:
-    b = n.meta.get(META_BLOCK)
-    return None if b is None else int(b)
 
 
 def _label(n: fx.Node) -> str:
@@ -44,7 +40,7 @@ def _edges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, bool]]:
         if n.op == "get_attr":
             continue
         for u in n.users:
-            bn, bu = _block(n), _block(u)
+            bn, bu = block_label(n), block_label(u)
             frontier = bn is not None and bn != HEAD and bn != bu
             out.append((n, u, frontier))
     return out
@@ -67,7 +63,7 @@ def to_dot(graph: fx.Graph, plan: FreezePlan) -> str:
     for n in graph.nodes:
         if n.op == "get_attr":
             continue
-        b = _block(n)
+        b = block_label(n)
         if b is None:
             loose.append(n)
         else:
@@ -98,7 +94,7 @@ def to_json(graph: fx.Graph, plan: FreezePlan) -> str:
     for n in graph.nodes:
         if n.op == "get_attr":
             continue
-        b = _block(n)
+        b = block_label(n)
         nodes.append(
             {
                 "name": n.name,

@@ -21,27 +21,22 @@ from typing import Any, Sequence
 import torch.fx as fx
 
 from ..analysis import META_TENSOR
+from ..graph_utils import in_prefix
 from ..plan import META_BLOCK
-from .base import PassResult
-from .cut_backward import META_INSERTED, _undo
-from .cut_backward import _in_prefix as _in_cut_prefix
+from .base import META_INSERTED, GraphPass, PassResult, unlabelled_nodes
+from .cut_backward import undo_cut
 from .subgraph import real_users
 
 __all__ = ["CacheLoad", "cache_frontier", "cache_load", "CACHE_ATTR", "META_CACHE"]
 
 CACHE_ATTR = "fxfreeze_cache"
 META_CACHE = "fxfreeze.cache_load"
-_COMPUTE = ("call_function", "call_method", "call_module")
 
 
 def cache_load(cache: Any, *inputs: Any) -> tuple[Any, ...]:
     """Graph node: the frontier of the current batch, from ``cache`` (computing it from
     ``inputs`` on a miss)."""
     return cache.load(inputs)
-
-
-def _in_prefix(n: fx.Node, k: int) -> bool:
-    return n.op in _COMPUTE and _in_cut_prefix(n, k)
 
 
 def _is_tensor(n: fx.Node) -> bool:
@@ -58,7 +53,7 @@ def cache_frontier(graph: fx.Graph, k: int) -> tuple[list[fx.Node], list[fx.Node
     """The prefix nodes read after blocks ``0..k-1``, split into (cached tensors, other
     values), in graph order. Nodes a CutBackward pass inserted are not counted."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    prefix = [n for n in graph.nodes if _in_prefix(n, k) and not n.meta.get(META_INSERTED)]
+    prefix = [n for n in graph.nodes if in_prefix(n, k) and not n.meta.get(META_INSERTED)]
     if not prefix:
         return [], []
     last = order[prefix[-1]]
@@ -71,28 +66,60 @@ def cache_frontier(graph: fx.Graph, k: int) -> tuple[list[fx.Node], list[fx.Node
     return cached, other
 
 
-class CacheLoad:
-    """Replace blocks ``0..k-1`` of an annotated graph by one ``cache_load`` node."""
+class CacheLoad(GraphPass):
+    """Replace blocks ``0..k-1`` of an annotated graph by one ``cache_load`` node reading
+    ``cache`` (any object with ``load(inputs) -> tuple``; it becomes the module's
+    ``fxfreeze_cache`` attribute). Rewrites the graph module in place (give it a copy).
+    Not modified when the prefix hands on no tensor. The cached node names, in order, are
+    the ``cache_load`` node's ``meta["fxfreeze.cache_load"]``.
 
-    def __init__(self, k: int) -> None:
+    Example::
+
+        >>> # res = CacheLoad(2, cache)(gm_copy); res.modified -> True when something is cached
+    """
+
+    name = "cache_load"
+
+    def __init__(self, k: int, cache: Any = None) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"CacheLoad needs a positive int, got {k!r}")
         self.k = k
+        self.cache = cache
 
-    def __call__(self, gm: fx.GraphModule, cache: Any = None) -> PassResult:
-        """Rewrite ``gm`` in place (give it a copy); ``cache`` becomes its ``fxfreeze_cache``
-        attribute. The result's ``frontier`` attribute names the cached nodes in order."""
+    def __repr__(self) -> str:
+        return f"CacheLoad({self.k})"
+
+    def requires(self, gm: Any) -> str | None:
+        missing = unlabelled_nodes(gm.graph)
+        if missing:
+            return f"compute nodes without a block label ({', '.join(missing)}): label the graph with the plan first"
+        return None
+
+    def ensures(self, gm: fx.GraphModule) -> str | None:
+        """Nothing after the prefix reads a tensor the prefix computes: the cache serves
+        them all."""
+        loads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is cache_load]
+        if len(loads) != 1:
+            return f"expected one cache_load node, found {len(loads)}"
+        for n in gm.graph.nodes:
+            if n.op == "output" or (n.op != "get_attr" and not in_prefix(n, self.k) and n is not loads[0]):
+                stray = [a.name for a in n.all_input_nodes if in_prefix(a, self.k) and _is_tensor(a)]
+                if stray:
+                    return f"node {n.name} still reads prefix tensor(s) {', '.join(stray[:3])}"
+        return None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
-        _undo(graph)  # a CutBackward cut is meaningless once the prefix is gone
+        undo_cut(graph)  # a CutBackward cut is meaningless once the prefix is gone
         cached, _ = cache_frontier(graph, self.k)
         if not cached:
             return PassResult(gm, False)
         order = {n: i for i, n in enumerate(graph.nodes)}
-        prefix = [n for n in graph.nodes if _in_prefix(n, self.k)]
+        prefix = [n for n in graph.nodes if in_prefix(n, self.k)]
         pset = set(prefix)
         last = prefix[-1]
         inputs = _prefix_inputs(prefix, pset)
-        setattr(gm, CACHE_ATTR, cache)
+        setattr(gm, CACHE_ATTR, self.cache)
         with graph.inserting_after(last):
             # create_node: get_attr() warns when the attribute is not a module, parameter or buffer
             handle = graph.create_node("get_attr", CACHE_ATTR)
@@ -122,9 +149,7 @@ class CacheLoad:
             if n not in needed:
                 graph.erase_node(n)
         graph.eliminate_dead_code()
-        graph.lint()
         gm.recompile()
-        gm.meta_frontier = [n.name for n in cached]  # type: ignore[attr-defined]
         return PassResult(gm, True)
 
 

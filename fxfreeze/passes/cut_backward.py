@@ -27,14 +27,23 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..plan import HEAD, META_BLOCK
-from .base import PassResult
+from ..graph_utils import COMPUTE_OPS, aten_op, block_of, in_prefix
+from ..plan import META_BLOCK
+from .base import META_INSERTED, GraphPass, PassResult, unlabelled_nodes
 
-__all__ = ["CutBackward", "grad_off", "grad_restore", "detach_tree", "MODE_SENSITIVE", "META_INSERTED", "META_ORIG_ARGS"]
+__all__ = [
+    "CutBackward",
+    "UndoCut",
+    "undo_cut",
+    "grad_off",
+    "grad_restore",
+    "detach_tree",
+    "MODE_SENSITIVE",
+    "META_INSERTED",
+    "META_ORIG_ARGS",
+]
 
-META_INSERTED = "fxfreeze.inserted"
 META_ORIG_ARGS = "fxfreeze.orig_args"
-_COMPUTE = ("call_function", "call_method", "call_module")
 
 
 def grad_off() -> bool:
@@ -59,14 +68,6 @@ def detach_tree(x: Any) -> Any:
     return x
 
 
-def _aten(name: str) -> Any:
-    try:
-        ns, op, overload = name.split(".")
-        return getattr(getattr(getattr(torch.ops, ns), op), overload)
-    except AttributeError:
-        return None
-
-
 #: Functions whose behaviour depends on a training flag (or a dropout probability) baked into
 #: the graph when it was traced: target -> (keyword name, positional index, inference value).
 MODE_SENSITIVE: dict[Callable[..., Any], tuple[str, int, Any]] = {
@@ -88,14 +89,9 @@ for _name, _flag in (
     ("aten.batch_norm.default", ("training", 5, False)),
     ("aten.scaled_dot_product_attention.default", ("dropout_p", 4, 0.0)),
 ):
-    _op = _aten(_name)
+    _op = aten_op(_name)
     if _op is not None:
         MODE_SENSITIVE[_op] = _flag
-
-
-def _in_prefix(n: fx.Node, k: int) -> bool:
-    b = n.meta.get(META_BLOCK)
-    return b is not None and b != HEAD and int(b) < k
 
 
 def _set_inference(n: fx.Node) -> bool:
@@ -119,7 +115,9 @@ def _set_inference(n: fx.Node) -> bool:
     return True
 
 
-def _undo(graph: fx.Graph) -> bool:
+def undo_cut(graph: fx.Graph) -> bool:
+    """Remove what :class:`CutBackward` inserted into ``graph`` and restore the arguments it
+    rewrote (in place; the caller recompiles). Returns whether anything changed."""
     changed = False
     for n in list(graph.nodes):
         if META_ORIG_ARGS in n.meta:
@@ -134,28 +132,76 @@ def _undo(graph: fx.Graph) -> bool:
     return changed
 
 
-class CutBackward:
-    """Freeze the first ``k`` blocks of an annotated graph (``k = 0`` removes any cut)."""
+class UndoCut(GraphPass):
+    """Remove any backward cut from a graph module (what ``CutBackward(0)`` does)."""
+
+    name = "undo_cut"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = undo_cut(gm.graph)
+        if modified:
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def ensures(self, gm: fx.GraphModule) -> str | None:
+        left = [n.name for n in gm.graph.nodes if n.meta.get(META_INSERTED) or META_ORIG_ARGS in n.meta]
+        return f"cut nodes remain: {', '.join(left[:3])}" if left else None
+
+
+class CutBackward(GraphPass):
+    """Freeze the first ``k`` blocks of an annotated graph (``k = 0`` removes any cut).
+
+    Example::
+
+        >>> import fxfreeze
+        >>> # gm: a graph module whose compute nodes carry ``fxfreeze.block`` labels
+        >>> # CutBackward(2)(gm).modified   -> True; blocks 0 and 1 get no gradient
+    """
+
+    name = "cut_backward"
 
     def __init__(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"CutBackward needs a non-negative int, got {k!r}")
         self.k = k
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def __repr__(self) -> str:
+        return f"CutBackward({self.k})"
+
+    def requires(self, gm: Any) -> str | None:
+        if self.k == 0:
+            return None
+        missing = unlabelled_nodes(gm.graph)
+        if missing:
+            return f"compute nodes without a block label ({', '.join(missing)}): label the graph with the plan first"
+        return None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
-        modified = _undo(graph)
+        modified = undo_cut(graph)
         if self.k > 0:
             modified |= self._cut(graph)
         if modified:
-            graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
 
+    def ensures(self, gm: fx.GraphModule) -> str | None:
+        """Only the prefix runs with autograd off: a node of a later block between the
+        switches would silently lose its gradients (labels out of execution order)."""
+        inside = False
+        for n in gm.graph.nodes:
+            if n.target is grad_off:
+                inside = True
+            elif n.target is grad_restore:
+                inside = False
+            elif inside and n.op in COMPUTE_OPS and not n.meta.get(META_INSERTED) and not in_prefix(n, self.k):
+                return (f"node {n.name} (block {block_of(n)}) lies inside the frozen prefix of {self.k} block(s): "
+                        "block labels are out of execution order")
+        return None
+
     def _cut(self, graph: fx.Graph) -> bool:
         nodes = list(graph.nodes)
-        compute = [n for n in nodes if n.op in _COMPUTE]
-        prefix = [n for n in compute if _in_prefix(n, self.k)]
+        prefix = [n for n in nodes if in_prefix(n, self.k)]
         if not prefix:
             return False
         prefix_set = set(prefix)

@@ -18,14 +18,16 @@ blocks are defined on the first graph; every later graph gets the same blocks th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
 
-from ..graph_index import COMPUTE_OPS
+from ..graph_utils import COMPUTE_OPS, block_label, label_attributes
 from ..plan import HEAD, META_BLOCK
 from ..trace import module_path_of
-from .cut_backward import META_INSERTED
+from .base import META_INSERTED, GraphPass, GraphSource, PassResult, unlabelled_nodes
 
-__all__ = ["transfer_blocks"]
+__all__ = ["TransferBlocks", "transfer_blocks"]
 
 _INF = 1 << 30
 
@@ -43,9 +45,51 @@ def _ancestors(path: str) -> list[str]:
     return out
 
 
+class TransferBlocks(GraphPass):
+    """Label a graph's compute nodes with the blocks of ``src`` (see the module docstring).
+    Works on a GraphModule or a :class:`~fxfreeze.passes.base.GraphSource` (in place)."""
+
+    name = "transfer_blocks"
+
+    def __init__(self, src: fx.Graph) -> None:
+        self.src = src
+
+    def requires(self, gm: Any) -> str | None:
+        missing = unlabelled_nodes(self.src)
+        return f"the source graph has compute nodes without a block label ({', '.join(missing)})" if missing else None
+
+    def ensures(self, gm: Any) -> str | None:
+        """Every compute node is labelled, and labels never decrease in execution order."""
+        missing = unlabelled_nodes(gm.graph)
+        if missing:
+            return f"compute nodes left without a block label: {', '.join(missing)}"
+        high = -1
+        for n in gm.graph.nodes:
+            if n.op in COMPUTE_OPS and not n.meta.get(META_INSERTED):
+                r = _rank(block_label(n))  # type: ignore[arg-type]
+                if r < high:
+                    return f"node {n.name} is labelled block {block_label(n)} after a later block"
+                high = r
+        return None
+
+    def call(self, gm: Any) -> PassResult:
+        _transfer(self.src, gm.graph)
+        return PassResult(gm, True)
+
+
 def transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
     """Annotate ``dst``'s nodes with ``fxfreeze.block`` from ``src`` (see the module
-    docstring). ``src`` may carry a CutBackward cut: its inserted nodes are skipped."""
+    docstring) through :class:`TransferBlocks`. ``src`` may carry a CutBackward cut: its
+    inserted nodes are skipped.
+
+    Example::
+
+        >>> # transfer_blocks(first_capture.graph, eval_capture.graph)
+    """
+    TransferBlocks(src)(GraphSource(dst, None))
+
+
+def _transfer(src: fx.Graph, dst: fx.Graph) -> None:
     s_nodes = [n for n in src.nodes if n.op in COMPUTE_OPS and not n.meta.get(META_INSERTED)]
     d_nodes = [n for n in dst.nodes if n.op in COMPUTE_OPS]
     if [n.name for n in s_nodes] == [n.name for n in d_nodes]:
@@ -72,7 +116,4 @@ def transfer_blocks(src: fx.Graph, dst: fx.Graph) -> None:
             if r is not None:
                 high = max(high, r)
             n.meta[META_BLOCK] = HEAD if high == _INF else high
-    for n in dst.nodes:
-        if n.op == "get_attr":
-            bs = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
-            n.meta[META_BLOCK] = min(bs, key=lambda x: (x == HEAD, x)) if bs else None
+    label_attributes(dst)

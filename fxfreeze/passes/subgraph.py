@@ -18,12 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch.fx as fx
 from torch import nn
 
-from ..plan import HEAD, META_BLOCK
-from .cut_backward import META_INSERTED, detach_tree
+from ..graph_utils import COMPUTE_OPS, block_of, resolve_attr
+from .base import META_INSERTED, GraphPass, GraphSource, PassResult, unlabelled_nodes
+from .cut_backward import detach_tree
 
-__all__ = ["Subgraph", "extract", "block_outputs", "real_users"]
-
-_COMPUTE = ("call_function", "call_method", "call_module")
+__all__ = ["Subgraph", "ExtractBlocks", "extract", "block_outputs", "real_users"]
 
 
 @dataclass
@@ -42,13 +41,6 @@ class Subgraph:
     block_outputs: dict[int, list[str]] = field(default_factory=dict)
 
 
-def _block(n: fx.Node) -> int | None:
-    b = n.meta.get(META_BLOCK)
-    if b is None or b == HEAD:
-        return None
-    return int(b)
-
-
 def _source(n: fx.Node) -> fx.Node:
     """Look through ``detach_tree`` nodes a CutBackward pass inserted."""
     while n.meta.get(META_INSERTED) and n.target is detach_tree:
@@ -62,13 +54,13 @@ def block_outputs(graph: fx.Graph, lo: int = 0, hi: int | None = None) -> dict[i
     order = {n: i for i, n in enumerate(graph.nodes)}
     out: dict[int, list[str]] = {}
     for n in graph.nodes:
-        if n.op not in _COMPUTE or n.meta.get(META_INSERTED):
+        if n.op not in COMPUTE_OPS or n.meta.get(META_INSERTED):
             continue
-        b = _block(n)
+        b = block_of(n)
         if b is None or b < lo or (hi is not None and b >= hi):
             continue
         users = real_users(n)
-        if any(u.op == "output" or (_block(u) != b and order[u] > order[n]) for u in users):
+        if any(u.op == "output" or (block_of(u) != b and order[u] > order[n]) for u in users):
             out.setdefault(b, []).append(n.name)
     return out
 
@@ -90,6 +82,97 @@ def _resolve_user(u: fx.Node) -> list[fx.Node]:
     return []
 
 
+class ExtractBlocks(GraphPass):
+    """Build blocks ``lo..hi-1`` of a graph as a new GraphModule (the source is not
+    modified). The pass reads a :class:`~fxfreeze.passes.base.GraphSource` (a graph and the
+    module or attribute dict its targets resolve on) or a GraphModule (its own attributes);
+    its result's module is the extracted one, and :attr:`subgraph` describes it."""
+
+    name = "extract_blocks"
+
+    def __init__(self, lo: int, hi: int, outputs: Sequence[str] | None = None, class_name: str = "BlockRange") -> None:
+        if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int) or lo < 0 or hi <= lo:
+            raise ValueError(f"extract needs integers 0 <= lo < hi, got lo={lo!r}, hi={hi!r}")
+        self.lo, self.hi = lo, hi
+        self.outputs = None if outputs is None else list(outputs)
+        self.class_name = class_name
+        self.subgraph: Subgraph | None = None
+
+    def __repr__(self) -> str:
+        return f"ExtractBlocks({self.lo}, {self.hi})"
+
+    def _nodes(self, graph: fx.Graph) -> list[fx.Node]:
+        return [
+            n for n in graph.nodes
+            if n.op in COMPUTE_OPS and not n.meta.get(META_INSERTED) and (b := block_of(n)) is not None and self.lo <= b < self.hi
+        ]
+
+    def requires(self, src: GraphSource | fx.GraphModule) -> str | None:
+        missing = unlabelled_nodes(src.graph)
+        if missing:
+            return f"compute nodes without a block label ({', '.join(missing)}): label the graph with the plan first"
+        nodes = self._nodes(src.graph)
+        if not nodes:
+            return f"no compute node belongs to blocks {self.lo}..{self.hi - 1}"
+        names = {n.name for n in nodes}
+        bad = [o for o in self.outputs or () if o not in names]
+        if bad:
+            return f"output {bad[0]!r} is not computed in blocks {self.lo}..{self.hi - 1}"
+        return None
+
+    def ensures(self, gm: fx.GraphModule) -> str | None:
+        sub = self.subgraph
+        if sub is None:
+            return "no subgraph was recorded"
+        got = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        return None if got == len(sub.inputs) else f"{got} placeholders for {len(sub.inputs)} inputs"
+
+    def call(self, src: GraphSource | fx.GraphModule) -> PassResult:
+        graph = src.graph
+        root = src.root if isinstance(src, GraphSource) else src
+        lo, hi = self.lo, self.hi
+        nodes = self._nodes(graph)
+        in_range = set(nodes)
+        bo = block_outputs(graph, lo, hi)
+        outputs = self.outputs if self.outputs is not None else [name for b in sorted(bo) for name in bo[b]]
+        by_name = {n.name: n for n in graph.nodes}
+
+        new = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        inputs: list[str] = []
+        attrs: dict[str, Any] = {}
+
+        def value_of(a: fx.Node) -> fx.Node:
+            a = _source(a)
+            if a in env:
+                return env[a]
+            if a.op == "get_attr":
+                env[a] = new.get_attr(str(a.target))
+                attrs[str(a.target)] = None
+            else:  # produced before the range, or a graph input: becomes an input
+                p = new.placeholder(a.name)
+                p.meta.update(a.meta)
+                env[a] = p
+                inputs.append(a.name)
+            return env[a]
+
+        # placeholders first, in source order, so that the signature is stable
+        for n in nodes:
+            for a in n.all_input_nodes:
+                a = _source(a)
+                if a not in in_range and a.op != "get_attr" and a not in env:
+                    value_of(a)
+        for n in nodes:
+            env[n] = new.node_copy(n, value_of)
+            if n.op == "call_module":
+                attrs[str(n.target)] = None
+        new.output(tuple(env[by_name[name]] for name in outputs))
+        owner = {target: resolve_attr(root, target) for target in attrs}
+        gm = fx.GraphModule(owner, new, class_name=self.class_name)
+        self.subgraph = Subgraph(gm, lo, hi, inputs, list(outputs), {b: v for b, v in bo.items()})
+        return PassResult(gm, True)
+
+
 def extract(
     graph: fx.Graph,
     root: Mapping[str, Any] | nn.Module,
@@ -100,72 +183,23 @@ def extract(
 ) -> Subgraph:
     """Blocks ``lo..hi-1`` of ``graph`` as a GraphModule over ``root``'s attributes.
 
-    ``outputs`` defaults to every block's outputs (:func:`block_outputs`); it may name any
-    node computed in the range. ``root`` resolves ``get_attr`` / ``call_module`` targets
-    (the model, or a dict of them)."""
-    if lo < 0 or hi <= lo:
-        raise ValueError(f"extract needs 0 <= lo < hi, got lo={lo}, hi={hi}")
-    nodes = [
-        n for n in graph.nodes
-        if n.op in _COMPUTE and not n.meta.get(META_INSERTED) and _block(n) is not None and lo <= _block(n) < hi  # type: ignore[operator]
-    ]
-    if not nodes:
-        raise ValueError(f"no compute node belongs to blocks {lo}..{hi - 1}")
-    in_range = set(nodes)
-    bo = block_outputs(graph, lo, hi)
-    if outputs is None:
-        outputs = [name for b in sorted(bo) for name in bo[b]]
-    by_name = {n.name: n for n in graph.nodes}
-    for name in outputs:
-        n = by_name.get(name)
-        if n is None or n not in in_range:
-            raise ValueError(f"output {name!r} is not computed in blocks {lo}..{hi - 1}")
+    Args:
+        graph: a graph whose compute nodes carry ``fxfreeze.block`` labels (a cut is
+            looked through).
+        root: what ``get_attr`` / ``call_module`` targets resolve on: the model, or a dict.
+        lo, hi: the block range, ``0 <= lo < hi``.
+        outputs: node names to return; default every block's outputs (:func:`block_outputs`).
+        class_name: the class name of the new module.
 
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    inputs: list[str] = []
-    attrs: dict[str, Any] = {}
+    Runs :class:`ExtractBlocks` through :func:`~fxfreeze.passes.run_passes` (a bad range or
+    output raises :class:`~fxfreeze.errors.PassError`).
 
-    def value_of(a: fx.Node) -> fx.Node:
-        a = _source(a)
-        if a in env:
-            return env[a]
-        if a.op == "get_attr":
-            env[a] = new.get_attr(str(a.target))
-            attrs[str(a.target)] = None
-        else:  # produced before the range, or a graph input: becomes an input
-            p = new.placeholder(a.name)
-            p.meta.update(a.meta)
-            env[a] = p
-            inputs.append(a.name)
-        return env[a]
+    Example::
 
-    # placeholders first, in source order, so that the signature is stable
-    for n in nodes:
-        for a in n.all_input_nodes:
-            a = _source(a)
-            if a not in in_range and a.op != "get_attr" and a not in env:
-                value_of(a)
-    for n in nodes:
-        env[n] = new.node_copy(n, value_of)
-        if n.op == "call_module":
-            attrs[str(n.target)] = None
-    new.output(tuple(env[by_name[name]] for name in outputs))
-
-    owner: dict[str, Any] = {}
-    for target in attrs:
-        owner[target] = _resolve(root, target)
-    gm = fx.GraphModule(owner, new, class_name=class_name)
-    new.lint()
-    return Subgraph(gm, lo, hi, inputs, list(outputs), {b: v for b, v in bo.items()})
-
-
-def _resolve(root: Mapping[str, Any] | nn.Module, target: str) -> Any:
-    if isinstance(root, Mapping):
-        if target in root:
-            return root[target]
-        raise ValueError(f"graph attribute {target!r} is not in the given attributes")
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+        >>> # sub = extract(capture.graph, capture.attributes(model), 1, 3)
+        >>> # sub.graph_module(*[values[n] for n in sub.inputs])  -> outputs of blocks 1 and 2
+    """
+    p = ExtractBlocks(lo, hi, outputs, class_name)
+    p(GraphSource(graph, root))
+    assert p.subgraph is not None  # set by a successful run
+    return p.subgraph

@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
+from ..errors import PassError
 from ..passes.cut_backward import META_ORIG_ARGS
 from ..passes.subgraph import extract
 from .graphs import GraphEntry
@@ -68,7 +69,7 @@ class CachedGraph:
             if saved is not None:
                 n.meta[META_ORIG_ARGS] = tuple(fx.map_arg(a, lambda x: val_map[x]) for a in saved)
         gm = fx.GraphModule(root, graph, class_name=type(model).__name__ + "Cached")
-        res = CacheLoad(k)(gm, self.cache)
+        res = CacheLoad(k, self.cache)(gm)
         if not res.modified:
             self.gm, self.k = None, k
             self.cache.enabled = False
@@ -97,7 +98,7 @@ def _refill_fn(graph: fx.Graph, root: Any, old_k: int, k: int, old: list[str], n
     try:
         produced = [n for n in new if n not in old]
         mid = extract(graph, root, old_k, k, outputs=produced, class_name="RefillBlocks")
-    except ValueError:
+    except PassError:  # nothing of those blocks hands on what the new frontier needs
         return None
     if any(n not in old and n not in in_names for n in mid.inputs) or any(n not in old and n not in produced for n in new):
         return None

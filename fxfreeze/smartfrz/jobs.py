@@ -174,7 +174,7 @@ def run_job(spec: JobSpec, data: Dataset, *, record_interval: int = 10, sample_s
     import fxfreeze
 
     from ..runtime.history import WeightHistory
-    from ..runtime.probe import ActivationProbe
+    from ..runtime.egeria.probe import ActivationProbe
 
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
+import pytest
 import torch
 
 import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.api import analyze
-from fxfreeze.passes import CutBackward, META_INSERTED
+from fxfreeze.passes import META_INSERTED, CutBackward, GraphPass, PassResult, UndoCut, run_passes
 from fxfreeze.passes.cut_backward import detach_tree, grad_off, grad_restore
 
 
@@ -82,13 +82,58 @@ def test_dropout_flag_switched_in_prefix_only():
 
 
 def test_grad_mode_restored_after_exception_in_prefix():
+    """The graph itself cannot restore autograd when its frozen prefix raises (grad_restore
+    is never reached); the compiled module's call does."""
     fm = fxfreeze.compile(zoo.resnet20(), (torch.randn(2, 3, 32, 32),))
     fm.freeze_prefix(3)
-    try:
-        fm(torch.randn(2, 5, 32, 32))
-    except RuntimeError:
-        pass
+    bad = torch.randn(2, 5, 32, 32)  # the first convolution (block 0) refuses 5 channels
+    assert fm.graphs.lookup(True, (bad,), {}) is not None  # the call runs the graph, not eager
     assert torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="channels"):
+        fm(bad)
+    assert torch.is_grad_enabled()
+
+
+def test_runner_names_the_failing_pass_and_the_ones_before():
+    model, x, gm = _gm()
+    with pytest.raises(fxfreeze.PassError, match=r"'cut_backward' \(after undo_cut\): precondition failed: compute nodes without a block label"):
+        unlabelled = _gm()[2]
+        for n in unlabelled.graph.nodes:
+            n.meta.pop("fxfreeze.block", None)
+        run_passes(unlabelled, [UndoCut(), CutBackward(2)])
+
+    class Broken(GraphPass):
+        name = "broken"
+
+        def call(self, gm):
+            gm.graph.erase_node(next(iter(gm.graph.nodes)))  # leaves users behind
+            return PassResult(gm, True)
+
+    with pytest.raises(fxfreeze.PassError, match=r"'broken' \(after cut_backward\)") as e:
+        run_passes(gm, [CutBackward(1), Broken()])
+    assert e.value.pass_name == "broken" and e.value.before == ("cut_backward",)
+    assert e.value.__cause__ is not None
+
+
+def test_postcondition_catches_labels_out_of_execution_order():
+    """A node of a later block inside the prefix would silently lose its gradients."""
+    model, x, gm = _gm()
+    compute = [n for n in gm.graph.nodes if n.op.startswith("call")]
+    compute[1].meta["fxfreeze.block"] = 5  # inside block 0, labelled as a later block
+    with pytest.raises(fxfreeze.PassError, match=f"postcondition failed: node {compute[1].name}"):
+        CutBackward(2)(gm)
+
+
+def test_undo_is_public_and_restores_the_graph():
+    model, x, gm = _gm()
+    code0 = gm.code
+    CutBackward(3)(gm)
+    assert gm.code != code0
+    res = UndoCut()(gm)
+    assert res.modified and gm.code == code0
+    gm.graph.lint()
+    assert not UndoCut()(gm).modified
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
 
 def test_attention_dropout_is_off_in_a_frozen_prefix():

@@ -4,15 +4,15 @@ After Egeria (Wang et al., EuroSys 2023, arXiv 2201.06227). Every ``eval_interva
 (spaced out further when the measured cost would exceed ``overhead_budget``):
 
 1. the training side runs the model up to the last tracked block on the fixed probe batch
-   (:class:`~fxfreeze.runtime.probe.ActivationProbe`); for the front block and
+   (:class:`~fxfreeze.runtime.egeria.probe.ActivationProbe`); for the front block and
    ``lookahead`` blocks behind it, it hands each block's training inputs and outputs to the
    reference worker, with a copy of the block's weights when the block's anchor is due
    (first evaluation, every ``refresh_every`` evaluations while the block is not already
    looking flat, after a reset);
-2. the reference worker (:class:`~fxfreeze.runtime.reference.ReferenceWorker`, a CPU
+2. the reference worker (:class:`~fxfreeze.runtime.egeria.worker.ReferenceWorker`, a CPU
    thread) builds due anchors in int8 (or the configured precision) and runs each block's
    anchor on the block's training inputs; the SP loss against the training outputs is the
-   block's plasticity (:mod:`fxfreeze.runtime.plasticity`);
+   block's plasticity (:mod:`fxfreeze.runtime.egeria.plasticity`);
 3. results are consumed on later steps, whenever they are ready; the front block freezes
    when its plasticity trend is flat at ``patience`` evaluations in a row. At most one block
    per evaluation, never the head.
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from ...errors import FreezeError
-from ...passes.reference import BuiltReference, ReferenceBuilder
-from ..plasticity import PlasticityTracker, sp_loss
-from ..probe import ActivationProbe, all_finite
-from ..reference import ReferenceWorker
+from ..egeria.builder import BuiltReference, ReferenceBuilder, all_finite
+from ..egeria.plasticity import PlasticityTracker, sp_loss
+from ..egeria.probe import ActivationProbe
+from ..egeria.worker import ReferenceWorker
 from .base import Decision, Policy, Signals
 
 __all__ = ["EgeriaPolicy"]

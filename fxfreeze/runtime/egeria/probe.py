@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from ..analysis import batch_size_of
-from ..passes.reference import all_finite
-from ..passes.subgraph import Subgraph, extract
-from ..trace import preserved_state
+from ...analysis import batch_size_of
+from ...passes.subgraph import Subgraph, extract
+from ...trace import preserved_state
+from .builder import all_finite
 
 __all__ = ["ActivationProbe", "all_finite"]
 

@@ -1,0 +1,88 @@
+"""Small helpers on fx graphs that the partitioner, the passes and the runtime share.
+
+One home for each: which node ops compute, how an ATen overload is looked up by name, which
+block a node belongs to and whether it lies in a frozen prefix, and how a ``get_attr`` /
+``call_module`` target is found on a module (or in a dict of attributes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from .plan import HEAD, META_BLOCK
+
+__all__ = ["COMPUTE_OPS", "aten_op", "aten_ops", "block_label", "block_of", "in_prefix", "label_attributes", "resolve_attr"]
+
+#: node ops that compute something (the rest are placeholders, attributes and the output)
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+
+def aten_op(name: str) -> Any:
+    """The operator overload ``torch.ops.<ns>.<op>.<overload>`` named ``"ns.op.overload"``,
+    or None where this build of torch lacks it.
+
+    Example::
+
+        >>> aten_op("aten.linear.default") is torch.ops.aten.linear.default
+        True
+    """
+    try:
+        ns, op, overload = name.split(".")
+        return getattr(getattr(getattr(torch.ops, ns), op), overload)
+    except (AttributeError, ValueError):
+        return None
+
+
+def aten_ops(*names: str) -> set[Any]:
+    """The overloads of ``names`` this build of torch has (see :func:`aten_op`)."""
+    return {op for op in map(aten_op, names) if op is not None}
+
+
+def block_label(n: fx.Node) -> int | None:
+    """The plan's label of ``n``: its block index, :data:`~fxfreeze.plan.HEAD` (-1) for the
+    head, None for a node no block owns."""
+    b = n.meta.get(META_BLOCK)
+    return None if b is None else int(b)
+
+
+def block_of(n: fx.Node) -> int | None:
+    """The freezable block ``n`` belongs to; None for the head and for unlabelled nodes."""
+    b = block_label(n)
+    return None if b is None or b == HEAD else b
+
+
+def in_prefix(n: fx.Node, k: int) -> bool:
+    """Is ``n`` a compute node of blocks ``0..k-1``?"""
+    b = block_of(n)
+    return n.op in COMPUTE_OPS and b is not None and b < k
+
+
+def label_attributes(graph: fx.Graph) -> None:
+    """Give each ``get_attr`` node the earliest block among its users (the head last), so
+    that a parameter read by a block is counted with that block; None when no user has one."""
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            bs = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]
+            n.meta[META_BLOCK] = min(bs, key=lambda x: (x == HEAD, x)) if bs else None
+
+
+def resolve_attr(root: Mapping[str, Any] | Any, target: str) -> Any:
+    """The object a ``get_attr`` / ``call_module`` target names: ``root[target]`` when
+    ``root`` is a dict of attributes, else ``getattr`` along the dotted path.
+
+    Example::
+
+        >>> resolve_attr(torch.nn.Sequential(torch.nn.Linear(2, 3)), "0.bias").shape
+        torch.Size([3])
+    """
+    if isinstance(root, Mapping):
+        if target in root:
+            return root[target]
+        raise KeyError(f"graph attribute {target!r} is not among the given attributes")
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

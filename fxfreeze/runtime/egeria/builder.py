@@ -1,0 +1,135 @@
+"""Build a block's reference copy from a snapshot of its weights.
+
+A :class:`ReferenceBuilder` takes one block as a standalone GraphModule (see
+:func:`fxfreeze.passes.subgraph.extract`). On construction (training thread) it normalises a
+copy (:func:`fxfreeze.passes.normalize.normalize`: BatchNorm folded into convolutions,
+linear/conv calls lifted into modules) and *prepares* each backend of the precision's chain
+(:mod:`.backends`), which may trace; then :meth:`ReferenceBuilder.build` turns a state dict
+of the block's weights (a snapshot) into a reference with the first backend that converts
+without error and gives finite outputs on the calibration inputs. ``build`` never traces,
+so it runs on the reference worker thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ...passes.normalize import normalize
+from .backends import PRECISIONS, ReferenceBackend, backend
+
+__all__ = ["BuiltReference", "ReferenceBuilder", "build_reference", "snapshot", "all_finite", "relative_error"]
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A CPU fp32 copy of ``gm`` in eval mode that owns its weights (no autograd)."""
+    with torch.no_grad():
+        snap = copy.deepcopy(gm)
+    snap = snap.to("cpu").float()
+    for p in snap.parameters():
+        p.requires_grad_(False)
+    return snap.eval()
+
+
+
+@dataclass
+class BuiltReference:
+    """A reference block ready to run: ``ref(inputs)``."""
+
+    module: nn.Module
+    backend: str
+    input_dtype: torch.dtype
+    fallbacks: list[str] = field(default_factory=list)
+
+    def cast(self, inputs: Sequence[Any]) -> list[Any]:
+        return [x.to(self.input_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+
+    @torch.no_grad()
+    def __call__(self, inputs: Sequence[Any]) -> Any:
+        # .forward, not __call__: a GraphModule's call wrapper prints a traceback to stderr
+        # on any exception, and a failing backend is an expected event here
+        return self.module.forward(*self.cast(inputs))
+
+
+def all_finite(out: Any) -> bool:
+    """Are all floating-point tensors in ``out`` (quantized ones dequantized) finite?"""
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            if t.is_quantized:
+                t = t.dequantize()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return False
+    return True
+
+
+def _reason(name: str, e: BaseException) -> str:
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{name}: {type(e).__name__}: {msg}"
+
+
+class ReferenceBuilder:
+    """Builds reference copies of one block, snapshot after snapshot.
+
+    Construct it on the training thread (it prepares every backend of the precision's chain
+    once, which may trace); call :meth:`build` with a state dict of the block's current
+    weights from any thread."""
+
+    def __init__(self, block: fx.GraphModule, example_inputs: Sequence[Any], precision: str = "int8") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown reference precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.raw = snapshot(block)
+        template = normalize(copy.deepcopy(self.raw))
+        self.fallbacks: list[str] = []
+        self.candidates: list[tuple[ReferenceBackend, Any]] = []
+        for name in PRECISIONS[precision](template):
+            impl = backend(name)
+            try:
+                self.candidates.append((impl, impl.prepare(copy.deepcopy(template), example_inputs)))
+            except Exception as e:  # noqa: BLE001 - any failure means: try the next backend
+                self.fallbacks.append(_reason(name, e))
+
+    def build(self, state: Mapping[str, torch.Tensor] | None, example_inputs: Sequence[Any]) -> BuiltReference:
+        """A reference with the weights in ``state`` (keys of the block's state dict; None
+        keeps the weights the block had at construction)."""
+        snap = copy.deepcopy(self.raw)
+        if state is not None:
+            snap.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        normalize(snap)
+        fallbacks = list(self.fallbacks)
+        for i, (impl, prepared) in enumerate(self.candidates):
+            src = snap if i == len(self.candidates) - 1 else copy.deepcopy(snap)
+            try:
+                built = BuiltReference(impl.convert(src, prepared, example_inputs), impl.name, impl.input_dtype, fallbacks)
+                if not all_finite(built(example_inputs)):
+                    raise RuntimeError("its output on the calibration inputs is not finite")
+                return built
+            except Exception as e:  # noqa: BLE001 - any failure means: try the next backend
+                fallbacks.append(_reason(impl.name, e))
+        raise RuntimeError("no reference backend works for this block: " + "; ".join(fallbacks))
+
+
+def build_reference(block: fx.GraphModule, example_inputs: Sequence[Any], precision: str = "int8") -> BuiltReference:
+    """One reference copy of ``block`` with its current weights (training thread only)."""
+    return ReferenceBuilder(block, example_inputs, precision).build(None, example_inputs)
+
+
+def relative_error(a: Any, b: Any) -> float:
+    """max over floating tensors of ‖a − b‖ / ‖b‖ (0 when ``b`` is all zeros and ``a == b``)."""
+    fa, _ = torch.utils._pytree.tree_flatten(a)
+    fb, _ = torch.utils._pytree.tree_flatten(b)
+    worst = 0.0
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point():
+            x, y = x.float(), y.float()
+            den = float(y.norm())
+            num = float((x - y).norm())
+            worst = max(worst, num / den if den > 0 else (0.0 if num == 0 else math.inf))
+    return worst
