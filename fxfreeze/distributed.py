@@ -88,7 +88,7 @@ class FreezeDDP(nn.Module):
         object.__setattr__(self, "ddp", None)
         self._k_built = -1
         freezer = module.freezer
-        freezer.agree = self._agree
+        freezer.set_agreement(self._agree)
         self._rebuild()
 
     # -- agreement ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -49,9 +49,22 @@ class Freezer:
         self._loss: float | None = None
         self._hook: Any = None
         self.attach_optimizer(optimizer)
-        #: set by fxfreeze.distributed.FreezeDDP: maps this rank's proposed prefix to the agreed one
-        self.agree: Any = None
+        self._agree: Callable[[int], int] | None = None
         self.policy.attach(self)
+
+    def set_agreement(self, hook: Callable[[int], int] | None) -> None:
+        """Route every decision through ``hook``: after each optimizer step it gets the prefix
+        this process proposes (the policy's decision, or the current prefix) and returns the
+        prefix to apply, the same on every process (:class:`fxfreeze.distributed.FreezeDDP`
+        broadcasts rank 0's). None removes it.
+
+        Example::
+
+            >>> # fm.freezer.set_agreement(lambda proposed: broadcast_from_rank0(proposed))
+        """
+        if hook is not None and not callable(hook):
+            raise FreezeError(f"the agreement hook must be callable, got {type(hook).__name__}")
+        self._agree = hook
 
     def attach_optimizer(self, optimizer: Any) -> None:
         """Run after every step of ``optimizer`` (instead of one attached before) and
@@ -186,9 +199,9 @@ class Freezer:
             total_steps=self.config.total_steps,
         )
         decision = self.policy.decide(signals)
-        if self.agree is not None:  # data-parallel: every rank applies rank 0's decision
+        if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
-            agreed = self.agree(proposed)
+            agreed = self._agree(proposed)
             if agreed != proposed or decision is None:
                 decision = None if agreed == self.num_frozen else Decision(agreed, "decided on rank 0")
         if decision is not None and decision.num_frozen != self.num_frozen:

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxfreeze
 from fxfreeze import zoo
-from fxfreeze.runtime.policies.autofreeze import autofreeze_cut
+from fxfreeze.runtime.policies.rules import autofreeze_cut
 
 
 def test_cut_rule():

@@ -16,8 +16,7 @@ import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.config import FreezeConfig
 from fxfreeze.runtime.egeria.plasticity import PlasticityTracker, flat_trend, sp_loss
-from fxfreeze.runtime.policies import Signals
-from fxfreeze.runtime.policies.egeria import EgeriaPolicy
+from fxfreeze.runtime.policies.rules import egeria_rule, lr_step_rule
 from fxfreeze.runtime.egeria.worker import ReferenceWorker
 
 
@@ -112,50 +111,31 @@ def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
     assert tr2.series == tr.series
 
 
-class _Synthetic(EgeriaPolicy):
-    """EgeriaPolicy whose evaluation returns synthetic plasticity series (no model)."""
-
-    def __init__(self, config, plan, series):
-        super().__init__(config, plan)
-        self.series = series  # block -> f(eval_number) -> value
-        self.worker = object()  # truthy; never used
-        self.probe = object()
-
-    def _decide(self, s):  # the real rule, with evaluation replaced
-        if s.lr_changed:
-            self.evaluations = 0  # the synthetic series restart with the new anchors
-            self.origin = s.step
-            return self._on_lr_change(s)
-        if s.step >= self.next_eval and s.num_frozen < self.hi:
-            self.evaluations += 1
-            for j in range(s.num_frozen, self.hi):
-                self.tracker.add(j, self.series[j](self.evaluations), s.step, origin=self.origin)
-            self._fresh = True
-            self.next_eval = s.step + self.cfg.eval_interval
-        k = s.num_frozen
-        if self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
-            self._fresh = False
-            from fxfreeze.runtime.policies import Decision
-
-            return Decision(k + 1, "flat")
-        return None
-
-
-class _Plan:
-    def __init__(self, n):
-        self.max_frozen = n
-        self.blocks = list(range(n))
-
-
 def _drive(series, steps=400, lr_at=None, unfreeze="all"):
-    cfg = FreezeConfig(egeria={"eval_interval": 5, "unfreeze_on_lr_change": unfreeze})
-    pol = _Synthetic(cfg, _Plan(len(series)), series)
-    pol.origin = 0
-    k, trace = 0, []
+    """Egeria's real tracker and decision rules (the functions EgeriaPolicy calls) on
+    synthetic plasticity series: ``series[j](e)`` is block j's plasticity at the e-th
+    evaluation since its anchor, one evaluation every ``eval_interval`` steps."""
+    cfg = FreezeConfig(egeria={"eval_interval": 5, "unfreeze_on_lr_change": unfreeze}).egeria
+    hi = len(series)
+    tracker = PlasticityTracker(window=cfg.window, threshold=float(cfg.threshold), noise_limit=float(cfg.noise_limit))
+    k, trace, origin, evaluations = 0, [], 0, 0
     for step in range(1, steps + 1):
-        d = pol.decide(Signals(step=step, epoch=0, loss=1.0, lr=0.1, lr_changed=step == lr_at, num_frozen=k, max_frozen=len(series)))
-        if d is not None:
-            k = d.num_frozen
+        if step == lr_at:
+            tracker.reset()
+            origin, evaluations = step, 0  # fresh anchors: the series restart
+            new = lr_step_rule(cfg.unfreeze_on_lr_change, k)
+            if new is not None:
+                k = new
+                trace.append((step, k))
+            continue
+        if step % cfg.eval_interval or k >= hi:
+            continue
+        evaluations += 1
+        for j in range(k, hi):
+            tracker.add(j, series[j](evaluations), step, origin=origin)
+        new = egeria_rule(tracker.flat_count, k, hi, int(cfg.patience))
+        if new is not None:
+            k = new
             trace.append((step, k))
     return trace
 

@@ -12,7 +12,8 @@ from torch import nn
 import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.runtime.history import WeightHistory, sample_positions
-from fxfreeze.runtime.policies.smartfrz import SmartFRZPolicy, leading_run
+from fxfreeze.runtime.policies.rules import leading_run
+from fxfreeze.runtime.policies.smartfrz import SmartFRZPolicy
 from fxfreeze.runtime.predictor import (
     FreezePredictor,
     batch_histories,

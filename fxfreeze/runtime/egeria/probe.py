@@ -86,6 +86,26 @@ class ActivationProbe:
             return
         self.args, self.kwargs, self.samples = joined_args, joined_kwargs, self.samples + take
 
+    @property
+    def filling(self) -> bool:
+        """Still collecting samples from later batches (the first one had fewer than 2)."""
+        return self._filling
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The probe batch (tensors and plain values), or None before the first batch."""
+        if self.args is None:
+            return None
+        return {"args": list(self.args), "kwargs": dict(self.kwargs), "samples": self.samples, "filling": self._filling}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Use a saved probe batch; once it is complete, stop listening to training calls."""
+        self.args = tuple(state["args"])
+        self.kwargs = dict(state["kwargs"])
+        self.samples = int(state["samples"])
+        self._filling = bool(state.get("filling", False))
+        if not self._filling and self.module is not None and self.module.probe_hook == self.offer:
+            self.module.probe_hook = None
+
     def offer(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Called by the module's forward in training mode: keeps the first batch (and
         when that batch had a single sample, the samples of later ones up to ``size``), then unhooks

@@ -16,23 +16,9 @@ import torch
 
 from ...errors import FreezeError
 from .base import Decision, Policy, Signals
+from .rules import autofreeze_changes, autofreeze_rule
 
-__all__ = ["AutoFreezePolicy", "autofreeze_cut"]
-
-
-def autofreeze_cut(changes: list[float], percentile: float) -> int:
-    """How many leading entries of ``changes`` fall below their ``percentile``-th percentile,
-    stopping at the first that does not."""
-    if not changes:
-        return 0
-    cut = float(torch.quantile(torch.tensor(changes, dtype=torch.float64), percentile / 100.0))
-    n = 0
-    for c in changes:
-        if c < cut:
-            n += 1
-        else:
-            break
-    return n
+__all__ = ["AutoFreezePolicy"]
 
 
 class AutoFreezePolicy(Policy):
@@ -79,17 +65,14 @@ class AutoFreezePolicy(Policy):
             self._prev = {}
             self.timeline.append({"step": s.step, "skipped": "non-finite gradients or loss"})
             return None
-        changes = {i: abs(acc[i] - self._prev[i]) / self._prev[i] for i in acc if self._prev.get(i, 0) > 0}
+        changes = autofreeze_changes(acc, self._prev)
         self._prev = acc
-        active = [changes[i] for i in range(k, self.hi) if i in changes]
         self.timeline.append({"step": s.step, "num_frozen": k, "changes": {i: changes[i] for i in sorted(changes)}})
-        if len(active) != self.hi - k or len(active) < 2:
+        new = autofreeze_rule(changes, k, self.hi, float(self.cfg.percentile))
+        if new is None:
             return None
-        n = autofreeze_cut(active, float(self.cfg.percentile))
-        if n > 0:
-            return Decision(k + n, f"AutoFreeze: gradient-norm change of blocks {k}..{k + n - 1} under the "
-                                   f"{self.cfg.percentile:g}th percentile")
-        return None
+        return Decision(new, f"AutoFreeze: gradient-norm change of blocks {k}..{new - 1} under the "
+                             f"{self.cfg.percentile:g}th percentile")
 
     def state_dict(self) -> dict[str, Any]:
         """The previous interval's norms and the interval in progress (its accumulated norms

@@ -27,7 +27,6 @@ too many failures the policy stops deciding while training continues.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ from ..egeria.plasticity import PlasticityTracker, sp_loss
 from ..egeria.probe import ActivationProbe
 from ..egeria.worker import ReferenceWorker
 from .base import Decision, Policy, Signals
+from .rules import egeria_rule, evaluation_gap, lr_step_rule
 
 __all__ = ["EgeriaPolicy"]
 
@@ -140,7 +140,8 @@ class EgeriaPolicy(Policy):
                     1 if self.probe.samples else 0, self.probe.size,
                 )
         k = s.num_frozen
-        if self.cfg.freeze and self._fresh and k < self.hi and self.tracker.flat_count.get(k, 0) >= self.cfg.patience:
+        new = egeria_rule(self.tracker.flat_count, k, self.hi, int(self.cfg.patience)) if self._fresh else None
+        if self.cfg.freeze and new is not None:
             self._fresh = False
             t = self.tracker.last_trend.get(k)
             detail = (
@@ -148,16 +149,14 @@ class EgeriaPolicy(Policy):
                 else "no motion above the reference's floor" if not t.resolved
                 else f"elasticity {t.elasticity:+.3f}, noise {t.noise:.3f}"
             )
-            return Decision(k + 1, f"Egeria: block {k} plasticity flat at {self.cfg.patience} evaluations ({detail})")
+            return Decision(new, f"Egeria: block {k} plasticity flat at {self.cfg.patience} evaluations ({detail})")
         return None
 
     def _on_lr_change(self, s: Signals) -> Decision | None:
         mode = self.cfg.unfreeze_on_lr_change
         self._reset(s)
-        if mode == "none" or s.num_frozen == 0:
-            return None
-        k = 0 if mode == "all" else s.num_frozen - 1
-        return Decision(k, f"Egeria: learning rate changed, unfreezing ({mode})")
+        k = lr_step_rule(mode, s.num_frozen)
+        return None if k is None else Decision(k, f"Egeria: learning rate changed, unfreezing ({mode})")
 
     def _reset(self, s: Signals) -> None:
         """Forget the evidence and the anchors (results still in flight are dropped)."""
@@ -233,14 +232,10 @@ class EgeriaPolicy(Policy):
         return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and abs(t.elasticity) < 2 * float(self.cfg.threshold))
 
     def _schedule(self, s: Signals, main_cost: float) -> None:
-        gap = int(self.cfg.eval_interval)
-        budget = float(self.cfg.overhead_budget)
-        if budget > 0 and self._step_seconds:
-            # the worker's busy time is charged in full, as if it were taken from training;
-            # measured here it mostly is not (docs/egeria.md), so this is conservative
-            cost = main_cost + self._last_worker_seconds
-            gap = max(gap, int(math.ceil(cost / (budget * self._step_seconds))))
-        self.next_eval = s.step + gap
+        # the worker's busy time is charged in full, as if it were taken from training;
+        # measured here it mostly is not (docs/egeria.md), so this is conservative
+        cost = main_cost + self._last_worker_seconds
+        self.next_eval = s.step + evaluation_gap(int(self.cfg.eval_interval), float(self.cfg.overhead_budget), cost, self._step_seconds)
 
     def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
         """On the worker thread: build due anchors, then each block's plasticity."""
@@ -309,7 +304,6 @@ class EgeriaPolicy(Policy):
         with ``weights_only=True``). In synchronous mode a resume continues exactly; in the
         default asynchronous mode results arrive when the worker is done, which no run
         reproduces."""
-        probe = self.probe
         return {
             "next_eval": self.next_eval,
             "evaluations": self.evaluations,
@@ -318,9 +312,7 @@ class EgeriaPolicy(Policy):
             "anchor": {int(j): list(a) for j, a in self._anchor.items()},
             "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
             "tracker": self.tracker.state_dict(),
-            "probe": None if probe is None or probe.args is None else {
-                "args": list(probe.args), "kwargs": dict(probe.kwargs), "samples": probe.samples, "filling": probe._filling,
-            },
+            "probe": None if self.probe is None else self.probe.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -340,12 +332,7 @@ class EgeriaPolicy(Policy):
             self.tracker.load_state_dict(dict(state["tracker"]))
         probe = state.get("probe")
         if probe is not None and self.probe is not None:
-            self.probe.args = tuple(probe["args"])
-            self.probe.kwargs = dict(probe["kwargs"])
-            self.probe.samples = int(probe["samples"])
-            self.probe._filling = bool(probe.get("filling", False))
-            if not self.probe._filling and self.module is not None and self.module.probe_hook == self.probe.offer:
-                self.module.probe_hook = None
+            self.probe.load_state_dict(probe)
 
 
 def _block_sp(train: list[Any], ref: Any) -> float:

@@ -23,19 +23,9 @@ from ...errors import FreezeError
 from ..history import WeightHistory
 from ..predictor import load_predictor, relative_depth
 from .base import Decision, Policy, Signals
+from .rules import smartfrz_rule
 
-__all__ = ["SmartFRZPolicy", "leading_run"]
-
-
-def leading_run(probs: list[float], threshold: float) -> int:
-    """How many leading entries of ``probs`` are at or above ``threshold``."""
-    n = 0
-    for p in probs:
-        if p >= threshold:  # NaN never passes
-            n += 1
-        else:
-            break
-    return n
+__all__ = ["SmartFRZPolicy"]
 
 
 class SmartFRZPolicy(Policy):
@@ -104,16 +94,12 @@ class SmartFRZPolicy(Policy):
         self.timeline.append({"step": s.step, "num_frozen": k,
                               "p_freeze": {k + i: (p if math.isfinite(p) else None) for i, p in enumerate(probs)}})
         thr = float(self.cfg.threshold)
-        n = leading_run(probs, thr)
-        if n == 0:
-            self.streak = 0
+        new, self.streak = smartfrz_rule(probs, k, thr, self.streak, int(self.cfg.patience))
+        if new is None:
             return None
-        self.streak += 1
-        if self.streak < int(self.cfg.patience):
-            return None
-        self.streak = 0
-        return Decision(k + n, f"SmartFRZ: P(freeze) >= {thr:g} for blocks {k}..{k + n - 1} "
-                               f"({', '.join(f'{p:.2f}' for p in probs[:n])})")
+        n = new - k
+        return Decision(new, f"SmartFRZ: P(freeze) >= {thr:g} for blocks {k}..{new - 1} "
+                             f"({', '.join(f'{p:.2f}' for p in probs[:n])})")
 
     # -- resume -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
