@@ -43,7 +43,28 @@ def analyze(
     capture_timeout: float | None = DEFAULT_TIMEOUT,
     strict: bool = False,
 ) -> Analysis:
-    """Capture, annotate and partition ``model`` (see :func:`plan`)."""
+    """Capture, annotate and partition ``model``: everything :func:`plan` does, keeping the
+    capture and the annotated graph (an :class:`Analysis`) for the compiler, the CLI and viz.
+
+    Args:
+        model: the ``nn.Module`` to analyse (it is not modified).
+        example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword
+            arguments, as the model's forward takes them; None for models whose inputs can be
+            made up (see :func:`plan`).
+        plan: a :class:`FreezePlan` (or its YAML/JSON path) to apply instead of partitioning.
+        strategy: ``"auto"``, ``"export"``, ``"fx"`` or ``"hooks"``: how to capture.
+        capture_timeout: seconds each capture attempt may take (None: no bound).
+        strict: refuse (``PlanError``) a plan whose blocks had to be merged, instead of warning.
+
+    Example::
+
+        >>> import torch
+        >>> from fxfreeze import zoo
+        >>> from fxfreeze.api import analyze
+        >>> a = analyze(zoo.resnet20(), (torch.randn(2, 3, 32, 32),))
+        >>> len(a.plan.blocks) > 3
+        True
+    """
     cap = capture(model, example_inputs, strategy=strategy, timeout=capture_timeout)
     args, kwargs = cap.example_args, cap.example_kwargs
     if cap.executable:

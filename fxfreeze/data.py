@@ -61,7 +61,14 @@ def _idx(raw: bytes, path: Path, ndim: int) -> np.ndarray:
 
 
 def load_mnist_idx(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 ``(N, 1, 28, 28)`` in [0, 1] and labels as int64 ``(N,)``."""
+    """MNIST from its idx files in ``folder`` (``*-images-idx3-ubyte[.gz]`` and
+    ``*-labels-idx1-ubyte[.gz]``): images as float32 ``(N, 1, 28, 28)`` in [0, 1], labels as
+    int64 ``(N,)``. ``DataError`` names the file that is missing or malformed.
+
+    Example::
+
+        >>> # x, y = load_mnist_idx("../shared/data/mnist10k"); x.shape -> (10000, 1, 28, 28)
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"MNIST folder {str(folder)!r} does not exist")
@@ -77,8 +84,13 @@ def load_mnist_idx(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_polarity(folder: str | Path) -> tuple[list[str], list[int]]:
-    """Sentences and labels (1 = positive) from ``rt-polarity.pos`` / ``rt-polarity.neg``.
-    Undecodable bytes (the files hold a few) are replaced, not fatal."""
+    """Sentences and labels (1 = positive) from ``rt-polarity.pos`` / ``rt-polarity.neg`` in
+    ``folder``. Undecodable bytes (the files hold a few) are replaced, not fatal.
+
+    Example::
+
+        >>> # texts, labels = load_polarity("../shared/data/movie-review-polarity"); len(texts) -> 10662
+    """
     folder = Path(folder)
     texts: list[str] = []
     labels: list[int] = []
@@ -95,7 +107,17 @@ def load_polarity(folder: str | Path) -> tuple[list[str], list[int]]:
 
 
 def load_tsv(path: str | Path) -> tuple[list[str], list[int]]:
-    """``text<TAB>label`` lines (integer labels); blank lines are skipped."""
+    """``text<TAB>label`` lines of ``path`` (integer labels); blank lines are skipped, any other
+    malformed line is a ``DataError`` naming its line number.
+
+    Example::
+
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "d.tsv"
+        >>> _ = p.write_text("good film\\t1\\n\\nbad film\\t0\\n")
+        >>> load_tsv(p)
+        (['good film', 'bad film'], [1, 0])
+    """
     p = Path(path)
     texts: list[str] = []
     labels: list[int] = []
@@ -116,7 +138,15 @@ def load_tsv(path: str | Path) -> tuple[list[str], list[int]]:
 
 
 def load_cifar10(folder: str | Path, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 python batches as float32 ``(N, 3, 32, 32)`` in [0, 1] and int64 labels."""
+    """CIFAR-10 "python version" batches in ``folder`` (``data_batch_*`` when ``train``, else
+    ``test_batch``) as float32 ``(N, 3, 32, 32)`` in [0, 1] and int64 labels. The batches are
+    pickles: they are read with a restricted unpickler that builds only plain containers and
+    numpy arrays.
+
+    Example::
+
+        >>> # x, y = load_cifar10("cifar-10-batches-py", train=False); x.shape -> (10000, 3, 32, 32)
+    """
     import pickle
 
     class _Restricted(pickle.Unpickler):
@@ -146,7 +176,15 @@ def load_cifar10(folder: str | Path, train: bool = True) -> tuple[torch.Tensor, 
 
 
 def split_indices(n: int, first: int | float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random split of ``range(n)``: ``first`` items (or that fraction) and the rest."""
+    """A fixed random split of ``range(n)``: ``first`` items (an int, or a float fraction) and
+    the rest, drawn with ``seed``.
+
+    Example::
+
+        >>> a, b = split_indices(10, 0.8, seed=0)
+        >>> len(a), len(b), sorted(a.tolist() + b.tolist()) == list(range(10))
+        (8, 2, True)
+    """
     k = int(round(first * n)) if isinstance(first, float) else int(first)
     if not 0 < k < n:
         raise DataError(f"cannot split {n} items into {k} and {n - k}")

@@ -49,8 +49,17 @@ logger = logging.getLogger("fxfreeze")
 def init_process_group(backend: str = "gloo", *, timeout_s: float = 60.0, **kwargs: Any) -> None:
     """``torch.distributed.init_process_group`` with a timeout and a clear error.
 
-    Pass what ``torchrun`` does not set (``init_method``, ``rank``, ``world_size``) as
-    keyword arguments. Under ``torchrun`` the environment carries them."""
+    Args:
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (CUDA).
+        timeout_s: seconds to wait for every rank before giving up with ``DistributedError``.
+        kwargs: what ``torchrun`` does not set (``init_method``, ``rank``, ``world_size``);
+            under ``torchrun`` the environment carries them.
+
+    Example::
+
+        >>> # init_process_group("gloo", init_method="file:///tmp/rdzv", rank=0, world_size=2)
+        >>> # ddp = FreezeDDP(fxfreeze.compile(model, x, optimizer=opt))
+    """
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     except (RuntimeError, ValueError, TimeoutError) as e:

@@ -37,32 +37,69 @@ def aten_op(name: str) -> Any:
 
 
 def aten_ops(*names: str) -> set[Any]:
-    """The overloads of ``names`` this build of torch has (see :func:`aten_op`)."""
+    """The overloads of ``names`` this build of torch has (see :func:`aten_op`).
+
+    Example::
+
+        >>> aten_ops("aten.relu.default", "aten.no_such_op.default") == {torch.ops.aten.relu.default}
+        True
+    """
     return {op for op in map(aten_op, names) if op is not None}
 
 
 def block_label(n: fx.Node) -> int | None:
     """The plan's label of ``n``: its block index, :data:`~fxfreeze.plan.HEAD` (-1) for the
-    head, None for a node no block owns."""
+    head, None for a node no block owns.
+
+    Example::
+
+        >>> import torch.fx as fx
+        >>> n = list(fx.symbolic_trace(torch.nn.ReLU()).graph.nodes)[1]
+        >>> block_label(n) is None
+        True
+        >>> n.meta["fxfreeze.block"] = -1; block_label(n), block_of(n)
+        (-1, None)
+    """
     b = n.meta.get(META_BLOCK)
     return None if b is None else int(b)
 
 
 def block_of(n: fx.Node) -> int | None:
-    """The freezable block ``n`` belongs to; None for the head and for unlabelled nodes."""
+    """The freezable block ``n`` belongs to; None for the head and for unlabelled nodes.
+
+    Example::
+
+        >>> import torch.fx as fx
+        >>> n = list(fx.symbolic_trace(torch.nn.ReLU()).graph.nodes)[1]
+        >>> n.meta["fxfreeze.block"] = 2; block_of(n), in_prefix(n, 2), in_prefix(n, 3)
+        (2, False, True)
+    """
     b = block_label(n)
     return None if b is None or b == HEAD else b
 
 
 def in_prefix(n: fx.Node, k: int) -> bool:
-    """Is ``n`` a compute node of blocks ``0..k-1``?"""
+    """Is ``n`` a compute node of blocks ``0..k-1`` (the frozen prefix of ``k`` blocks)?
+
+    Example::
+
+        >>> import torch.fx as fx
+        >>> n = list(fx.symbolic_trace(torch.nn.ReLU()).graph.nodes)[1]
+        >>> n.meta["fxfreeze.block"] = 1; in_prefix(n, 1), in_prefix(n, 2)
+        (False, True)
+    """
     b = block_of(n)
     return n.op in COMPUTE_OPS and b is not None and b < k
 
 
 def label_attributes(graph: fx.Graph) -> None:
-    """Give each ``get_attr`` node the earliest block among its users (the head last), so
-    that a parameter read by a block is counted with that block; None when no user has one."""
+    """Give each ``get_attr`` node the earliest block among its users (the head last), so that
+    a parameter read by a block is counted with that block; None when no user has one.
+
+    Example::
+
+        >>> # plan_build labels the compute nodes, then: label_attributes(gm.graph)
+    """
     for n in graph.nodes:
         if n.op == "get_attr":
             bs = [u.meta.get(META_BLOCK) for u in n.users if u.meta.get(META_BLOCK) is not None]

@@ -48,8 +48,28 @@ _POLICIES: dict[str, PolicyEntry] = {}
 
 
 def register_policy(name: str, policy_cls: Any, config_cls: type | None = None, *, replace: bool = False) -> None:
-    """Make ``policy=name`` build ``policy_cls(config, plan)``; ``config_cls`` validates the
-    config section ``name``. Registering a taken name raises unless ``replace=True``."""
+    """Make ``policy=name`` build ``policy_cls(config, plan)``.
+
+    Args:
+        name: the policy's name; also the name of its config section (an identifier).
+        policy_cls: a :class:`~fxfreeze.runtime.policies.Policy` subclass, or its import path
+            ``"package.module:Class"`` (imported when first used).
+        config_cls: a dataclass validating the section ``name`` (``from_dict``/``to_dict``, as
+            the built-in sections in :mod:`fxfreeze.policy_configs`); None: no options.
+        replace: allow replacing a registered name (otherwise ``ConfigError``).
+
+    Example::
+
+        >>> import fxfreeze
+        >>> from fxfreeze.runtime.policies import Policy
+        >>> class Never(Policy):
+        ...     name = "never"
+        ...     def decide(self, signals):
+        ...         return None
+        >>> fxfreeze.register_policy("never", Never, replace=True)
+        >>> fxfreeze.FreezeConfig(policy="never").policy
+        'never'
+    """
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"a policy name must be an identifier (it names a config section), got {name!r}")
     if name in _POLICIES and not replace:
@@ -60,10 +80,25 @@ def register_policy(name: str, policy_cls: Any, config_cls: type | None = None, 
 
 
 def policy_names() -> list[str]:
+    """The registered policy names, sorted.
+
+    Example::
+
+        >>> "egeria" in policy_names()
+        True
+    """
     return sorted(_POLICIES)
 
 
 def policy_entry(name: str) -> PolicyEntry:
+    """The registry entry of ``name`` (its policy class or import path and its config class);
+    ``ConfigError`` listing the valid names when there is none.
+
+    Example::
+
+        >>> policy_entry("manual").name
+        'manual'
+    """
     try:
         return _POLICIES[name]
     except (KeyError, TypeError):
@@ -71,7 +106,13 @@ def policy_entry(name: str) -> PolicyEntry:
 
 
 def policy_factory(name: str) -> Callable[[Any, Any], Any]:
-    """The policy class of ``name`` (imported now if it was registered by path)."""
+    """The policy class of ``name``, imported now if it was registered by path.
+
+    Example::
+
+        >>> policy_factory("manual").__name__
+        'ManualPolicy'
+    """
     entry = policy_entry(name)
     policy = entry.policy
     if isinstance(policy, str):

@@ -52,7 +52,13 @@ def _owns(modules: list[str]) -> str:
 
 
 def to_dot(graph: fx.Graph, plan: FreezePlan) -> str:
-    """Graphviz source; one cluster per block, the head in grey, frontier edges in red."""
+    """Graphviz source of ``graph``: one cluster per block of ``plan``, the head in grey, the
+    edges that cross a cut (the frontier a cache would hold) in red.
+
+    Example::
+
+        >>> # a = fxfreeze.api.analyze(model, x); open("g.dot", "w").write(to_dot(a.graph, a.plan))
+    """
     q = lambda s: '"' + str(s).replace('"', '\\"') + '"'  # noqa: E731
     lines = [
         f"digraph {q(plan.model)} {{",
@@ -90,6 +96,13 @@ def to_dot(graph: fx.Graph, plan: FreezePlan) -> str:
 
 
 def to_json(graph: fx.Graph, plan: FreezePlan) -> str:
+    """``graph`` as JSON: its nodes (name, op, target, block) and edges, with the plan's blocks,
+    for tools that draw their own picture.
+
+    Example::
+
+        >>> # data = json.loads(to_json(a.graph, a.plan)); data["nodes"][0]["block"]
+    """
     nodes: list[dict[str, Any]] = []
     for n in graph.nodes:
         if n.op == "get_attr":
@@ -122,7 +135,20 @@ def _svg(dot_source: str) -> str:
 
 
 def export(graph: fx.Graph, plan: FreezePlan, path: str | Path, fmt: str | None = None) -> Path:
-    """Write the picture of ``graph`` to ``path``; the format comes from the suffix."""
+    """Write the picture of ``graph`` with ``plan``'s blocks to ``path``.
+
+    Args:
+        graph, plan: what to draw (an :class:`~fxfreeze.api.Analysis` has both).
+        path: the file to write; its suffix picks the format unless ``fmt`` is given.
+        fmt: one of :data:`FORMATS` (``svg`` needs Graphviz's ``dot``; ``html`` and ``json``
+            need nothing).
+
+    Returns the path written; ``VizError`` for an unknown format or a missing ``dot``.
+
+    Example::
+
+        >>> # export(a.graph, a.plan, "resnet.html")   # what `fxfreeze viz` does
+    """
     p = Path(path)
     fmt = (fmt or p.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:

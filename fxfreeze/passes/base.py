@@ -129,8 +129,15 @@ def run_passes(gm: Any, passes: Sequence[GraphPass]) -> PassResult:
 
 
 def unlabelled_nodes(graph: fx.Graph, limit: int = 3) -> list[str]:
-    """Names of (up to ``limit``) compute nodes without a block label; nodes a pass inserted
-    are not counted."""
+    """Names of (up to ``limit``) compute nodes of ``graph`` without a block label; nodes a pass
+    inserted are not counted. The precondition of the passes that work on blocks.
+
+    Example::
+
+        >>> import torch, torch.fx as fx
+        >>> unlabelled_nodes(fx.symbolic_trace(torch.nn.ReLU()).graph)
+        ['relu']
+    """
     out: list[str] = []
     for n in graph.nodes:
         if n.op in COMPUTE_OPS and not n.meta.get(META_INSERTED) and block_label(n) is None:

@@ -34,8 +34,17 @@ META_CACHE = "fxfreeze.cache_load"
 
 
 def cache_load(cache: Any, *inputs: Any) -> tuple[Any, ...]:
-    """Graph node: the frontier of the current batch, from ``cache`` (computing it from
-    ``inputs`` on a miss)."""
+    """Graph node target: the frontier of the current batch from ``cache`` (which computes it
+    from ``inputs`` on a miss). :class:`CacheLoad` inserts it; it is not called directly.
+
+    Example::
+
+        >>> class Const:
+        ...     def load(self, inputs):
+        ...         return (inputs[0] * 2,)
+        >>> cache_load(Const(), 3)
+        (6,)
+    """
     return cache.load(inputs)
 
 
@@ -50,8 +59,15 @@ def _is_tensor(n: fx.Node) -> bool:
 
 
 def cache_frontier(graph: fx.Graph, k: int) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The prefix nodes read after blocks ``0..k-1``, split into (cached tensors, other
-    values), in graph order. Nodes a CutBackward pass inserted are not counted."""
+    """The nodes of blocks ``0..k-1`` read after them, split into (cached tensors, other values),
+    in graph order: what :class:`CacheLoad` stores and what it leaves to be recomputed. Nodes a
+    CutBackward pass inserted are not counted.
+
+    Example::
+
+        >>> # tensors, other = cache_frontier(fm.graph_module(True).graph, 3)
+        >>> # [n.name for n in tensors] -> ['relu_6']: one tensor crosses the cut
+    """
     order = {n: i for i, n in enumerate(graph.nodes)}
     prefix = [n for n in graph.nodes if in_prefix(n, k) and not n.meta.get(META_INSERTED)]
     if not prefix:

@@ -47,20 +47,43 @@ META_ORIG_ARGS = "fxfreeze.orig_args"
 
 
 def grad_off() -> bool:
-    """Disable autograd; return the previous mode (graph node at the start of a prefix)."""
+    """Graph node target at the start of a frozen prefix: disable autograd, return the previous
+    mode (which :func:`grad_restore` puts back).
+
+    Example::
+
+        >>> prev = grad_off(); torch.is_grad_enabled()
+        False
+        >>> grad_restore(prev); torch.is_grad_enabled()
+        True
+    """
     prev = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)
     return prev
 
 
 def grad_restore(prev: bool, *after: Any) -> None:
-    """Restore the autograd mode saved by :func:`grad_off`. ``after`` only orders the node
-    after the prefix's last op."""
+    """Graph node target after a frozen prefix's last op: restore the autograd mode ``prev``
+    saved by :func:`grad_off`. ``after`` only orders the node after that op.
+
+    Example::
+
+        >>> grad_restore(True); torch.is_grad_enabled()
+        True
+    """
     torch._C._set_grad_enabled(prev)
 
 
 def detach_tree(x: Any) -> Any:
-    """``detach()`` every tensor in ``x`` (a tensor, or a tuple/list/dict of them)."""
+    """``detach()`` every tensor in ``x`` (a tensor, or a tuple/list/dict of them); other values
+    pass through. The graph node on each tensor leaving a frozen prefix.
+
+    Example::
+
+        >>> t = torch.ones(2, requires_grad=True)
+        >>> [v.requires_grad for v in detach_tree((t, [t * 2]))[1]] + [detach_tree(t).requires_grad]
+        [False, False]
+    """
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, (tuple, list, dict)):
@@ -117,7 +140,13 @@ def _set_inference(n: fx.Node) -> bool:
 
 def undo_cut(graph: fx.Graph) -> bool:
     """Remove what :class:`CutBackward` inserted into ``graph`` and restore the arguments it
-    rewrote (in place; the caller recompiles). Returns whether anything changed."""
+    rewrote (in place; the caller recompiles). Returns whether anything changed;
+    :class:`UndoCut` is the same as a pass.
+
+    Example::
+
+        >>> # CutBackward(2)(gm); undo_cut(gm.graph); gm.recompile()   # gm is as before the cut
+    """
     changed = False
     for n in list(graph.nodes):
         if META_ORIG_ARGS in n.meta:

@@ -168,12 +168,37 @@ class FoldBatchNorm(GraphPass):
 
 
 def lift_modules(gm: fx.GraphModule) -> PassResult:
-    """Run :class:`LiftModules` on ``gm`` (in place)."""
+    """Run :class:`LiftModules` on ``gm`` (in place): functional ``linear`` / ``conv2d`` calls on
+    graph attributes become ``nn.Linear`` / ``nn.Conv2d`` modules.
+
+    Example::
+
+        >>> import torch.fx as fx
+        >>> class F(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.randn(3, 2))
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.linear(x, self.w)
+        >>> gm = fx.symbolic_trace(F())
+        >>> lift_modules(gm).modified, type(gm.fxfreeze_lifted_0).__name__
+        (True, 'Linear')
+    """
     return LiftModules()(gm)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
-    """Run :class:`FoldBatchNorm` on ``gm`` (in place)."""
+    """Run :class:`FoldBatchNorm` on ``gm`` (in place): each eval-mode BatchNorm module that only
+    reads a convolution module's output is folded into it.
+
+    Example::
+
+        >>> import torch.fx as fx
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+        >>> gm = fx.symbolic_trace(net)
+        >>> fold_batchnorm(gm).modified, [n.op for n in gm.graph.nodes]
+        (True, ['placeholder', 'call_module', 'output'])
+    """
     return FoldBatchNorm()(gm)
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:

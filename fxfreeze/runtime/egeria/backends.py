@@ -113,12 +113,24 @@ def register_backend(impl: ReferenceBackend) -> None:
 
 
 def available_backends() -> list[str]:
-    """Names of the registered backends, sorted."""
+    """Names of the registered backends, sorted.
+
+    Example::
+
+        >>> available_backends()
+        ['bf16', 'fp32', 'int8_dynamic', 'int8_outputs', 'int8_static']
+    """
     return sorted(_BACKENDS)
 
 
 def backend(name: str) -> ReferenceBackend:
-    """The backend registered as ``name`` (KeyError when there is none)."""
+    """The backend registered as ``name`` (``KeyError`` when there is none).
+
+    Example::
+
+        >>> backend("bf16").input_dtype
+        torch.bfloat16
+    """
     return _BACKENDS[name]
 
 
@@ -139,8 +151,15 @@ class _Cast(ReferenceBackend):
 def round_to_int8(t: Any) -> Any:
     """``t`` rounded to the 256 levels of a per-tensor affine int8 quantization over its own
     range (which always includes 0, so zeros stay exact); anything but a non-empty,
-    non-quantized floating-point tensor, and an all-zero or non-finite one, is returned as
-    is."""
+    non-quantized floating-point tensor, and an all-zero or non-finite one, is returned as is.
+
+    Example::
+
+        >>> t = torch.linspace(-1, 1, 1000)
+        >>> r = round_to_int8(t)
+        >>> r.unique().numel() <= 256, float((r - t).abs().max()) < 0.01
+        (True, True)
+    """
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0 or t.is_quantized:
         return t
     lo = min(float(t.min()), 0.0)

@@ -28,7 +28,15 @@ __all__ = ["BuiltReference", "ReferenceBuilder", "build_reference", "snapshot", 
 
 
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
-    """A CPU fp32 copy of ``gm`` in eval mode that owns its weights (no autograd)."""
+    """A CPU fp32 copy of ``gm`` in eval mode that owns its weights (no autograd): what a
+    reference is built from.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+        >>> s = snapshot(gm); s.training, s.weight.requires_grad, s.weight is gm.weight
+        (False, False, False)
+    """
     with torch.no_grad():
         snap = copy.deepcopy(gm)
     snap = snap.to("cpu").float()
@@ -58,7 +66,13 @@ class BuiltReference:
 
 
 def all_finite(out: Any) -> bool:
-    """Are all floating-point tensors in ``out`` (quantized ones dequantized) finite?"""
+    """Are all floating-point tensors in ``out`` (quantized ones dequantized) finite?
+
+    Example::
+
+        >>> all_finite((torch.ones(2), [torch.tensor([1.0, float("nan")])]))
+        False
+    """
     flat, _ = torch.utils._pytree.tree_flatten(out)
     for t in flat:
         if isinstance(t, torch.Tensor):
@@ -117,12 +131,28 @@ class ReferenceBuilder:
 
 
 def build_reference(block: fx.GraphModule, example_inputs: Sequence[Any], precision: str = "int8") -> BuiltReference:
-    """One reference copy of ``block`` with its current weights (training thread only)."""
+    """One reference copy of ``block`` with its current weights, in ``precision`` (training
+    thread only: preparing may trace). Egeria builds many with one :class:`ReferenceBuilder`.
+
+    Example::
+
+        >>> net = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
+        >>> ref = build_reference(net, [torch.randn(4, 8)], "int8")
+        >>> ref.backend
+        'int8_dynamic'
+    """
     return ReferenceBuilder(block, example_inputs, precision).build(None, example_inputs)
 
 
 def relative_error(a: Any, b: Any) -> float:
-    """max over floating tensors of ‖a − b‖ / ‖b‖ (0 when ``b`` is all zeros and ``a == b``)."""
+    """max over the floating tensors of ``a`` and ``b`` of ‖a − b‖ / ‖b‖ (0 when ``b`` is all zeros
+    and ``a == b``): how far a reference's output is from the fp32 one.
+
+    Example::
+
+        >>> relative_error(torch.tensor([1.0, 1.1]), torch.tensor([1.0, 1.0])) < 0.08
+        True
+    """
     fa, _ = torch.utils._pytree.tree_flatten(a)
     fb, _ = torch.utils._pytree.tree_flatten(b)
     worst = 0.0

@@ -41,6 +41,12 @@ def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
     Each is flattened to ``(b, d)``; ``G = A Aᵀ`` with each row L2-normalised; the loss is
     ``‖G_a − G_b‖²_F / b²``. It is 0 for identical activations and unchanged when either
     activation is multiplied by a positive constant (the row normalisation removes it).
+
+    Example::
+
+        >>> a = torch.randn(8, 16)
+        >>> sp_loss(a, a), abs(sp_loss(a, 3 * a)) < 1e-12, sp_loss(a, torch.randn(8, 16)) > 0
+        (0.0, True, True)
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"sp_loss needs the same number of samples, got {a.shape[0]} and {b.shape[0]}")
@@ -94,7 +100,16 @@ def flat_trend(
     the reference's quantization error). The trend is then taken on the *excess* over it,
     the block's own motion, which a large floor would otherwise flatten out; and a window
     whose excess and slope are both within two standard errors of zero passes as settled
-    (``Trend.resolved`` False): no motion the reference can resolve."""
+    (``Trend.resolved`` False): no motion the reference can resolve.
+
+    Example::
+
+        >>> flat_trend([1.0, 2.0, 3.0, 4.0], threshold=0.5)[0]  # still moving away: not flat
+        False
+        >>> ok, t = flat_trend([4.0, 4.01, 3.99, 4.0], threshold=0.5, xs=[100, 110, 120, 130], origin=0)
+        >>> ok, abs(t.elasticity) < 0.5
+        (True, True)
+    """
     v = [float(x) for x in values]
     n = len(v)
     if n < 3 or not all(math.isfinite(x) for x in v):
