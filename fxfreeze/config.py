@@ -19,7 +19,7 @@ from .policy_configs import AutoFreezeConfig, EgeriaConfig, FreezeOutConfig, Man
 from .registry import policy_entry, policy_names
 
 __all__ = ["FreezeConfig", "ManualConfig", "FreezeOutConfig", "EgeriaConfig", "AutoFreezeConfig", "SmartFRZConfig",
-           "CacheConfig", "load_config"]
+           "CacheConfig", "SafetyNetConfig", "load_config"]
 
 
 @dataclass
@@ -61,6 +61,44 @@ class CacheConfig:
 
 
 @dataclass
+class SafetyNetConfig:
+    """The safety net under every policy (:mod:`fxfreeze.runtime.safety`): after a freeze
+    the training loss is watched, and a rise beyond its noise unfreezes the block frozen last
+    and makes that block wait longer before it may freeze again. It needs the training loss:
+    a model output with a scalar ``loss`` (Hugging Face models given ``labels=``) is read by
+    itself; otherwise call ``fm.freezer.observe_loss(loss)`` (the integrations do).
+
+    - ``enabled``: on by default;
+    - ``window``: steps of loss before a freeze that make its baseline, and the length of the
+      sliding window compared with it after the freeze;
+    - ``watch``: steps after a freeze during which a regression undoes it;
+    - ``tolerance``: the post-freeze mean must exceed the baseline by this many standard
+      errors (of the difference of two means of noisy per-step losses) ...
+    - ``min_rise``: ... and by at least this share of the baseline;
+    - ``hold``: steps an unfrozen block waits before it may freeze again (default:
+      ``watch``), doubled at each further strike of the same block.
+    """
+
+    enabled: bool = True
+    window: int = 50
+    watch: int = 200
+    tolerance: float = 4.0
+    min_rise: float = 0.05
+    hold: int | None = None
+
+    def __post_init__(self) -> None:
+        flag(self.enabled, "safety_net.enabled")
+        positive_int(self.window, "safety_net.window", 5)
+        positive_int(self.watch, "safety_net.watch")
+        if self.hold is not None:
+            positive_int(self.hold, "safety_net.hold")
+        if not number(self.tolerance, "safety_net.tolerance") > 0:
+            raise ConfigError(f"safety_net.tolerance must be a positive number, got {self.tolerance!r}")
+        if not number(self.min_rise, "safety_net.min_rise") >= 0:
+            raise ConfigError(f"safety_net.min_rise must be a non-negative number, got {self.min_rise!r}")
+
+
+@dataclass
 class FreezeConfig:
     """Everything the freezing controller is configured by.
 
@@ -74,6 +112,8 @@ class FreezeConfig:
     - ``total_steps``: the planned length of training in optimizer steps, for policies that
       schedule by it (FreezeOut, when its own ``freezeout.total_steps`` is not set). The
       Trainer and Lightning integrations fill it from the trainer's plan;
+    - ``safety_net``: unfreeze when the training loss rises after a freeze
+      (:class:`SafetyNetConfig`);
     - one section per built-in policy (``egeria``, ...) and ``cache``; ``sections`` holds
       those of policies registered from outside (``{"mypolicy": {...}}`` at the top level of
       a dict or YAML file lands there). :meth:`section` gives any policy's section.
@@ -90,6 +130,7 @@ class FreezeConfig:
     autofreeze: AutoFreezeConfig = field(default_factory=AutoFreezeConfig)
     smartfrz: SmartFRZConfig = field(default_factory=SmartFRZConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    safety_net: SafetyNetConfig = field(default_factory=SafetyNetConfig)
     sections: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,13 +145,14 @@ class FreezeConfig:
         if self.total_steps is not None:
             positive_int(self.total_steps, "total_steps")
         self.cache = _section(CacheConfig, self.cache, "cache")
+        self.safety_net = _section(SafetyNetConfig, self.safety_net, "safety_net")
         for name in _BUILTIN_SECTIONS:
             setattr(self, name, _section(_config_cls(name), getattr(self, name), name))
         if not isinstance(self.sections, Mapping):
             raise ConfigError(f"sections must map policy names to their config sections, got {self.sections!r}")
         checked: dict[str, Any] = {}
         for name, value in self.sections.items():
-            if name in _BUILTIN_SECTIONS or name == "cache":
+            if name in _BUILTIN_SECTIONS or name in _OWN_SECTIONS:
                 raise ConfigError(f"the section {name!r} is a field of the config, not one of its sections")
             cls = _config_cls(name)
             if cls is None:
@@ -120,7 +162,7 @@ class FreezeConfig:
 
     def section(self, name: str) -> Any:
         """The config section of policy ``name`` (its defaults when the config has none)."""
-        if name in _BUILTIN_SECTIONS or name == "cache":
+        if name in _BUILTIN_SECTIONS or name in _OWN_SECTIONS:
             return getattr(self, name)
         if name not in self.sections:
             cls = _config_cls(name)
@@ -179,6 +221,8 @@ class FreezeConfig:
 
 #: the built-in policies whose sections are fields of FreezeConfig
 _BUILTIN_SECTIONS = ("manual", "freezeout", "egeria", "autofreeze", "smartfrz")
+#: sections of the controller itself, not of a policy
+_OWN_SECTIONS = ("cache", "safety_net")
 
 
 def _config_cls(name: str) -> type | None:
@@ -203,7 +247,21 @@ def _section(cls: type | None, value: Any, where: str) -> Any:
 
 
 def load_config(config: Any = None, policy: str | None = None) -> FreezeConfig:
-    """Accept a FreezeConfig, a dict, a YAML path or None; ``policy`` overrides its policy."""
+    """The :class:`FreezeConfig` a caller means: a FreezeConfig as is, a dict (validated), a YAML
+    file path (read with ``yaml.safe_load``) or None (the defaults).
+
+    Args:
+        config: the configuration in any of those forms.
+        policy: a policy name that overrides the configuration's ``policy``.
+
+    Raises :class:`~fxfreeze.errors.ConfigError` naming the key or file at fault.
+
+    Example::
+
+        >>> cfg = load_config({"policy": "manual", "manual": {"schedule": {"2": 1}}})
+        >>> cfg.policy, load_config(None, policy="smartfrz").policy
+        ('manual', 'smartfrz')
+    """
     if config is None:
         cfg = FreezeConfig() if policy is None else FreezeConfig(policy=policy)
         return cfg

@@ -67,7 +67,11 @@ class EgeriaConfig:
     ``docs/egeria.md`` for the rule and the experiments behind the defaults.
 
     - ``eval_interval``: optimizer steps between evaluations (at least; see
-      ``overhead_budget``);
+      ``overhead_budget``), for runs of thousands of steps;
+    - ``evaluations_per_run``: when the run's planned length is known (``total_steps``, set
+      by ``fxfreeze.compile(total_steps=...)`` or by the Trainer and Lightning
+      integrations), ``eval_interval`` is shortened so that the run holds about this many
+      evaluations (never below 5 steps); 0 keeps ``eval_interval`` as is;
     - ``probe_size``: samples of the first training batch kept as the fixed probe batch;
     - ``window`` / ``threshold`` / ``noise_limit`` / ``patience``: the front block freezes
       when, over its last ``window`` evaluations, its plasticity's elasticity against the
@@ -80,6 +84,8 @@ class EgeriaConfig:
       ones behind it are tracked so that their evidence is ready when they reach the front);
     - ``refresh_every``: re-take the reference snapshot every this many evaluations;
     - ``worker_threads``: PyTorch threads of the reference worker;
+    - ``worker_nice``: how much lower the worker thread's CPU priority is than training's
+      (Linux; 0 = the same): it uses idle cores and yields the ones training needs;
     - ``overhead_budget``: the share of training time evaluations may take (training-side
       probe plus the reference worker's busy time); evaluations are spaced out to stay
       under it (0 = no limit);
@@ -95,6 +101,7 @@ class EgeriaConfig:
     """
 
     eval_interval: int = 50
+    evaluations_per_run: int = 60
     probe_size: int = 64
     window: int = 5
     threshold: float = 0.5
@@ -104,6 +111,7 @@ class EgeriaConfig:
     lookahead: int = 2
     refresh_every: int = 20
     worker_threads: int = 1
+    worker_nice: int = 10
     overhead_budget: float = 0.01
     unfreeze_on_lr_change: str = "all"
     asynchronous: bool = True
@@ -114,12 +122,14 @@ class EgeriaConfig:
         if not number(self.reference_timeout, "egeria.reference_timeout") > 0:
             raise ConfigError(f"egeria.reference_timeout must be a positive number of seconds, got {self.reference_timeout!r}")
         positive_int(self.eval_interval, "egeria.eval_interval")
+        positive_int(self.evaluations_per_run, "egeria.evaluations_per_run", 0)
         positive_int(self.probe_size, "egeria.probe_size", 2)
         positive_int(self.window, "egeria.window", 3)
         positive_int(self.patience, "egeria.patience")
         positive_int(self.refresh_every, "egeria.refresh_every")
         positive_int(self.lookahead, "egeria.lookahead", 0)
         positive_int(self.worker_threads, "egeria.worker_threads")
+        positive_int(self.worker_nice, "egeria.worker_nice", 0)
         for name in ("threshold", "noise_limit"):
             if not number(getattr(self, name), f"egeria.{name}") > 0:
                 raise ConfigError(f"egeria.{name} must be a positive number, got {getattr(self, name)!r}")

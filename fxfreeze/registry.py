@@ -31,7 +31,10 @@ from typing import Any, Callable
 from .errors import ConfigError
 from .policy_configs import AutoFreezeConfig, EgeriaConfig, FreezeOutConfig, ManualConfig, SmartFRZConfig
 
-__all__ = ["PolicyEntry", "register_policy", "policy_names", "policy_entry", "policy_factory"]
+__all__ = ["PolicyEntry", "register_policy", "unregister_policy", "policy_names", "policy_entry", "policy_factory"]
+
+#: the policies fxfreeze ships: never unregistered
+_BUILTIN = ("manual", "freezeout", "egeria", "autofreeze", "smartfrz")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,27 @@ def register_policy(name: str, policy_cls: Any, config_cls: type | None = None, 
     if config_cls is not None and not isinstance(config_cls, type):
         raise ConfigError(f"config_cls of policy {name!r} must be a class (a dataclass), got {config_cls!r}")
     _POLICIES[name] = PolicyEntry(name, policy_cls, config_cls)
+
+
+def unregister_policy(name: str) -> None:
+    """Remove a policy registered with :func:`register_policy` (a plugin unloading, a test
+    cleaning up); configs naming it are refused from then on. Built-in policies stay.
+
+    Example::
+
+        >>> from fxfreeze.runtime.policies import Policy
+        >>> class Never(Policy):
+        ...     def decide(self, signals):
+        ...         return None
+        >>> register_policy("never_again", Never); unregister_policy("never_again")
+        >>> "never_again" in policy_names()
+        False
+    """
+    if name in _BUILTIN:
+        raise ConfigError(f"the built-in policy {name!r} cannot be unregistered")
+    if name not in _POLICIES:
+        raise ConfigError(f"no policy {name!r} is registered")
+    del _POLICIES[name]
 
 
 def policy_names() -> list[str]:

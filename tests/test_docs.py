@@ -77,12 +77,12 @@ def test_every_public_function_has_an_example():
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_examples_run(name):
-    from fxfreeze.registry import _POLICIES
+    from fxfreeze.registry import policy_names, unregister_policy
 
-    before = dict(_POLICIES)
+    before = set(policy_names())
     try:
         res = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
     finally:  # the registry example registers a policy
-        _POLICIES.clear()
-        _POLICIES.update(before)
+        for extra in set(policy_names()) - before:
+            unregister_policy(extra)
     assert res.attempted > 0 and res.failed == 0

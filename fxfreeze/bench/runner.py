@@ -116,6 +116,7 @@ def train_run(
     progress: bool = False,
     loss_every: int = 5,
     evals_per_epoch: int = 1,
+    max_steps: int | None = None,
 ) -> RunResult:
     """Train ``model_fn()`` for ``epochs``; ``policy=None`` is plain PyTorch.
 
@@ -127,7 +128,10 @@ def train_run(
     ``evals_per_epoch > 1`` (needs ``steps_per_epoch``) also measures test accuracy at evenly
     spaced points inside each epoch (off the clock), so that time-to-accuracy is resolved
     finer than an epoch; ``RunResult.epochs`` then has one entry per evaluation, with a
-    fractional ``epoch``."""
+    fractional ``epoch``. ``max_steps`` stops early without evaluating: the untimed warm-up
+    run of a configuration (the first steps of a process pay for allocations, kernel
+    selection and lazy imports; a comparison must not charge them to whichever run is
+    first)."""
     torch.manual_seed(seed)
     model = model_fn()
     opt = make_optimizer(model)
@@ -181,6 +185,8 @@ def train_run(
         net.train()
         t0 = time.perf_counter()
         for i, batch in enumerate(train_batches(epoch)):
+            if max_steps is not None and step >= max_steps:
+                break
             inputs, y = batch[0], batch[1]
             ids = batch[2] if len(batch) > 2 else None  # dataset indices, for the activation cache
             ctx = fm.sample_ids(ids) if (fm is not None and ids is not None) else contextlib.nullcontext()
@@ -210,6 +216,8 @@ def train_run(
                 net.train()
                 t0 = time.perf_counter()
         wall += time.perf_counter() - t0
+        if max_steps is not None and step >= max_steps:
+            break
         acc = evaluate(float(epoch + 1))
         if bar is not None:
             bar.set_postfix(acc=f"{acc:.2f}", frozen=fm.num_frozen if fm is not None else 0)
@@ -219,6 +227,8 @@ def train_run(
     res.steps = step
     res.wall_seconds = wall
     res.final_accuracy = res.epochs[-1]["accuracy"] if res.epochs else 0.0
+    first = next((e["wall"] for e in res.epochs if e["epoch"] >= 1.0), None)
+    res.extra["wall_after_first_epoch"] = wall - first if first is not None and len(res.epochs) > 1 else None
     res.backward_flops_skipped = skipped / step if step else 0.0
     res.peak_rss_mb = _rss_mb()
     if fm is not None:

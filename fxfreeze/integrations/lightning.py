@@ -118,6 +118,11 @@ class FxFreezeCallback(pl.Callback):
         if self.module is not None:
             self.module.freezer.set_epoch(int(trainer.current_epoch))
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        """The training loss, for the safety net (the optimizer step that follows reads it)."""
+        if self.module is not None and loss is not None:
+            self.module.freezer.observe_loss(loss)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.module is not None:
             pl_module.log("fxfreeze/num_frozen", float(self.module.num_frozen), on_step=True, on_epoch=False)

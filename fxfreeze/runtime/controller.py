@@ -22,6 +22,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import ConfigError, FreezeError
+from .safety import SafetyNet
 from .policies import Decision, Signals, make_policy
 
 __all__ = ["Freezer"]
@@ -46,10 +47,11 @@ class Freezer:
         self._last_lrs: list[float | None] = []
         self._last_log_ratios: list[float] = []
         self.optimizers: list[torch.optim.Optimizer] = []
-        self._loss: float | None = None
+        self._loss: float | torch.Tensor | None = None
         self._hook: Any = None
         self.attach_optimizer(optimizer)
         self._agree: Callable[[int], int] | None = None
+        self.safety = SafetyNet(config.safety_net)
         self.policy.attach(self)
 
     def set_agreement(self, hook: Callable[[int], int] | None) -> None:
@@ -137,8 +139,10 @@ class Freezer:
         self._epoch_set = True
 
     def observe_loss(self, loss: float | torch.Tensor) -> None:
-        """Give the policy the latest training loss (optional)."""
-        self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        """Give the policy and the safety net the latest training loss. Read by itself from a
+        model output with a scalar ``loss``; a loop that computes its loss outside the model
+        calls this once per step (the integrations do)."""
+        self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
 
     def _lrs(self) -> list[float | None]:
         """The learning rate of every param group of every optimizer."""
@@ -182,10 +186,12 @@ class Freezer:
         changed, what = self._lr_step(lrs)
         if changed:
             self._record("lr_change", self.num_frozen, self.num_frozen, what)
-        loss_v = self._loss
+        loss_v = None if self._loss is None else float(self._loss)
+        self._loss = None  # a loss is for the step it was observed in
         nonfinite = loss_v is not None and not math.isfinite(loss_v)
         if nonfinite:
             loss_v = None
+        self.safety.observe(self.step_count, loss_v)
         signals = Signals(
             step=self.step_count,
             epoch=self.epoch,
@@ -199,19 +205,29 @@ class Freezer:
             total_steps=self.config.total_steps,
         )
         decision = self.policy.decide(signals)
+        undo = self.safety.verdict(self.step_count, self.num_frozen)
+        if undo is not None:  # the last freeze made the loss worse: it wins over the policy
+            decision = Decision(*undo)
+        elif decision is not None and decision.num_frozen > self.num_frozen:
+            capped = self.safety.cap(self.step_count, decision.num_frozen)
+            decision = None if capped <= self.num_frozen else Decision(capped, decision.reason) if capped != decision.num_frozen else decision
         if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
             agreed = self._agree(proposed)
             if agreed != proposed or decision is None:
                 decision = None if agreed == self.num_frozen else Decision(agreed, "decided on rank 0")
         if decision is not None and decision.num_frozen != self.num_frozen:
-            self.freeze_prefix(decision.num_frozen, reason=decision.reason)
+            self._apply(decision.num_frozen, decision.reason, watched=bool(getattr(self.policy, "adaptive", True)))
             return decision
         return None
 
     # -- actions ---------------------------------------------------------------------------
     def freeze_prefix(self, k: int, *, reason: str = "by hand") -> None:
-        """Set the frozen prefix to ``k`` blocks, releasing optimizer state as configured."""
+        """Set the frozen prefix to ``k`` blocks, releasing optimizer state as configured.
+        A freeze by hand is the user's choice: the safety net does not watch it."""
+        self._apply(k, reason, watched=False)
+
+    def _apply(self, k: int, reason: str, watched: bool) -> None:
         k = self.module.check_prefix(k)
         old = self.num_frozen
         if k == old:
@@ -222,6 +238,7 @@ class Freezer:
         if self.config.release_optimizer_state:
             self._release(newly)
         self._record("freeze" if k > old else "unfreeze", old, k, reason)
+        self.safety.on_change(self.step_count, old, k, watch=watched)
 
     def _record(self, action: str, old: int, new: int, reason: str) -> None:
         lo, hi = sorted((old, new))
@@ -263,6 +280,7 @@ class Freezer:
             "last_log_ratios": list(self._last_log_ratios),
             "policy_name": self.config.policy,
             "policy": self.policy.state_dict(),
+            "safety": self.safety.state_dict(),
             "history": [dict(e) for e in self.history],
         }
 
@@ -316,3 +334,4 @@ class Freezer:
         ratios = state.get("last_log_ratios")
         self._last_log_ratios = list(ratios) if isinstance(ratios, list) and len(ratios) == len(self._last_lrs) else [0.0] * len(self._last_lrs)
         self.history = [dict(e) for e in state["history"]]
+        self.safety.load_state_dict(dict(state.get("safety") or {}))

@@ -209,6 +209,14 @@ class FreezableModule(Routing, nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = self._run_graphs(args, kwargs)
+        if self.freezer is not None and self._model.training:
+            loss = _loss_of(out)  # a model that computes its own loss (labels=): the safety net reads it
+            if loss is not None:
+                self.freezer.observe_loss(loss)
+        return out
+
+    def _run_graphs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         model = self._model
         training = model.training
         try:
@@ -358,3 +366,9 @@ class FreezableModule(Routing, nn.Module):
             f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), "
             f"num_frozen={self._num_frozen}, graphs={len(self.graphs)}"
         )
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    """A scalar ``loss`` in a model's output (a Hugging Face ``ModelOutput`` or a dict)."""
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fxfreeze
+from fxfreeze.registry import unregister_policy
 from fxfreeze import zoo
 from fxfreeze.config import FreezeConfig
 from fxfreeze.config_checks import positive_int
@@ -158,3 +159,9 @@ def test_a_policy_registered_from_outside_is_selected_and_configured_from_yaml(t
         FreezeConfig.from_dict({"policy": "at_step", "at_step": {"at": "soon"}})
     with pytest.raises(fxfreeze.ConfigError, match="already registered"):
         fxfreeze.register_policy("at_step", _AtStepPolicy, _AtStepConfig)
+    fm.freezer.detach()
+    unregister_policy("at_step")
+    with pytest.raises(fxfreeze.ConfigError, match="unknown policy 'at_step'"):
+        FreezeConfig(policy="at_step")
+    with pytest.raises(fxfreeze.ConfigError, match="cannot be unregistered"):
+        unregister_policy("egeria")

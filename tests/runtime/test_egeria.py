@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
+import threading
 import time
 
 import pytest
@@ -182,6 +185,17 @@ def test_worker_runs_jobs_in_order_and_reports_errors():
     assert res[5].error.startswith("ZeroDivisionError")
     w.close()
     assert w.submit(lambda: 1) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_worker_runs_at_a_lower_priority_than_training():
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    w = ReferenceWorker(num_threads=1, nice=5)
+    w.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), tag="nice")
+    assert w.wait(10)
+    assert w.poll()[0].value == min(19, here + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here  # training's own is unchanged
+    w.close()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the deliberate kills

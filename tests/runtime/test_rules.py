@@ -1,22 +1,14 @@
-"""The pure decision rules (fxfreeze.runtime.policies.rules), the shared graph helpers and the
-controller's agreement hook: the examples in their docstrings run, and edge cases."""
+"""The pure decision rules (fxfreeze.runtime.policies.rules) at their edges, and the
+controller's agreement hook (their docstring examples run in tests/test_docs.py)."""
 
 from __future__ import annotations
-
-import doctest
 
 import pytest
 import torch
 
 import fxfreeze
-from fxfreeze import graph_utils, zoo
+from fxfreeze import zoo
 from fxfreeze.runtime.policies import rules
-
-
-@pytest.mark.parametrize("mod", [rules, graph_utils], ids=lambda m: m.__name__)
-def test_docstring_examples_run(mod):
-    res = doctest.testmod(mod, extraglobs={"torch": torch})
-    assert res.attempted > 0 and res.failed == 0
 
 
 def test_smartfrz_rule_waits_for_patience_and_resets_on_a_miss():
@@ -61,4 +53,19 @@ def test_agreement_hook_decides_the_prefix():
     fm.freezer.set_agreement(None)
     with pytest.raises(fxfreeze.FreezeError, match="callable"):
         fm.freezer.set_agreement(3)  # type: ignore[arg-type]
+    fm.freezer.detach()
+
+
+@pytest.mark.parametrize("total, expected", [(None, 50), (900, 15), (100, 5), (20000, 50)])
+def test_egeria_scales_its_interval_to_the_planned_run(total, expected):
+    torch.manual_seed(0)
+    model = zoo.resnet20()
+    x = zoo.example_inputs("resnet20", 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = fxfreeze.compile(model, x, optimizer=opt, total_steps=total)
+    fm(*x).sum().backward()
+    opt.step()
+    pol = fm.freezer.policy
+    assert pol.interval == expected
+    assert pol.next_eval == (min(50, 1 + expected) if total else 50)
     fm.freezer.detach()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
+import sys
 import logging
 import queue
 import threading
@@ -30,6 +32,18 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["ReferenceWorker", "JobResult"]
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice`` (Linux applies setpriority to one
+    thread when given its id; other systems, or a refusal, leave it as it is)."""
+    if nice <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
 
 logger = logging.getLogger("fxfreeze")
 
@@ -65,12 +79,16 @@ class ReferenceWorker:
     """One background thread running submitted jobs in order."""
 
     def __init__(self, num_threads: int = 1, max_restarts: int = 3, name: str = "fxfreeze-reference",
-                 job_timeout: float = 120.0) -> None:
+                 job_timeout: float = 120.0, nice: int = 10) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
         self.num_threads = num_threads
         self.max_restarts = max_restarts
         self.job_timeout = job_timeout
+        #: how much lower than training the worker thread's CPU priority is (Linux: the
+        #: thread's own nice value; elsewhere ignored): the reference takes idle cores, and
+        #: when training needs them all, training comes first
+        self.nice = nice
         self.name = name
         self.restarts = 0
         self.disabled = False
@@ -94,6 +112,7 @@ class ReferenceWorker:
 
     def _loop(self) -> None:
         torch.set_num_threads(self.num_threads)
+        _lower_priority(self.nice)
         while True:
             item = self._jobs.get()
             if isinstance(item, _Stop):

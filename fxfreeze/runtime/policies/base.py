@@ -45,6 +45,9 @@ class Policy(ABC):
     :meth:`load_state_dict` so that a resume continues where training stopped."""
 
     name: str = "policy"
+    #: decides from evidence gathered while training (the safety net watches its freezes);
+    #: False for a schedule the user wrote (``manual``, ``freezeout``)
+    adaptive: bool = True
 
     def __init__(self, config: FreezeConfig, plan: FreezePlan) -> None:
         self.config = config

@@ -1,7 +1,9 @@
 """``egeria``: freeze the front block when its plasticity has stopped changing.
 
 After Egeria (Wang et al., EuroSys 2023, arXiv 2201.06227). Every ``eval_interval`` steps
-(spaced out further when the measured cost would exceed ``overhead_budget``):
+(shortened to fit about ``evaluations_per_run`` evaluations into a run whose planned length
+is known: ``total_steps``, which the Trainer and Lightning integrations fill in; spaced out
+further when the measured cost would exceed ``overhead_budget``):
 
 1. the training side runs the model up to the last tracked block on the fixed probe batch
    (:class:`~fxfreeze.runtime.egeria.probe.ActivationProbe`); for the front block and
@@ -38,7 +40,7 @@ from ..egeria.plasticity import PlasticityTracker, sp_loss
 from ..egeria.probe import ActivationProbe
 from ..egeria.worker import ReferenceWorker
 from .base import Decision, Policy, Signals
-from .rules import egeria_rule, evaluation_gap, lr_step_rule
+from .rules import egeria_rule, evaluation_gap, lr_step_rule, run_length_interval
 
 __all__ = ["EgeriaPolicy"]
 
@@ -60,6 +62,10 @@ class EgeriaPolicy(Policy):
         self.probe: ActivationProbe | None = None
         self.module: Any = None
         self.next_eval = int(self.cfg.eval_interval)
+        #: the evaluation interval in use: eval_interval, scaled to the run's planned length
+        #: once it is known (Signals.total_steps)
+        self.interval = int(self.cfg.eval_interval)
+        self._length_known = False
         self.evaluations = 0
         self.main_seconds = 0.0
         self._fresh = False
@@ -90,7 +96,8 @@ class EgeriaPolicy(Policy):
             return
         self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
         self.module.probe_hook = self.probe.offer
-        self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout))
+        self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
+                                      nice=int(self.cfg.worker_nice))
 
     def close(self) -> None:
         if self.worker is not None:
@@ -104,6 +111,10 @@ class EgeriaPolicy(Policy):
         if self._last_step_time is not None:
             dt = now - self._last_step_time
             self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
+        if not self._length_known and s.total_steps:
+            self._length_known = True
+            self.interval = run_length_interval(int(self.cfg.eval_interval), s.total_steps, int(self.cfg.evaluations_per_run))
+            self.next_eval = min(self.next_eval, s.step + self.interval)
         if self.worker is None or self.probe is None:
             self._last_step_time = now
             return None
@@ -163,7 +174,7 @@ class EgeriaPolicy(Policy):
         self.tracker.reset()
         self._anchor, self._anchor_state, self._rebuild = {}, {}, set()
         self._fresh = False
-        self.next_eval = s.step + int(self.cfg.eval_interval)
+        self.next_eval = s.step + self.interval
 
     # -- evaluation ---------------------------------------------------------------------------------
     def _evaluate(self, s: Signals) -> None:
@@ -235,7 +246,7 @@ class EgeriaPolicy(Policy):
         # the worker's busy time is charged in full, as if it were taken from training;
         # measured here it mostly is not (docs/egeria.md), so this is conservative
         cost = main_cost + self._last_worker_seconds
-        self.next_eval = s.step + evaluation_gap(int(self.cfg.eval_interval), float(self.cfg.overhead_budget), cost, self._step_seconds)
+        self.next_eval = s.step + evaluation_gap(self.interval, float(self.cfg.overhead_budget), cost, self._step_seconds)
 
     def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
         """On the worker thread: build due anchors, then each block's plasticity."""
@@ -306,6 +317,8 @@ class EgeriaPolicy(Policy):
         reproduces."""
         return {
             "next_eval": self.next_eval,
+            "interval": self.interval,
+            "length_known": self._length_known,
             "evaluations": self.evaluations,
             "fresh": self._fresh,
             "anchor_ids": self._anchor_ids,
@@ -319,6 +332,8 @@ class EgeriaPolicy(Policy):
         if not isinstance(state, dict):
             raise FreezeError("egeria policy state must be a dict")
         self.next_eval = int(state.get("next_eval", self.next_eval))
+        self.interval = int(state.get("interval", self.interval))
+        self._length_known = bool(state.get("length_known", self._length_known))
         self.evaluations = int(state.get("evaluations", 0))
         self._fresh = bool(state.get("fresh", False))
         self._anchor_ids = int(state.get("anchor_ids", self._anchor_ids))

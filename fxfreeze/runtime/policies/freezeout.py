@@ -26,6 +26,7 @@ def freeze_times(n: int, t0: float, scaling: str, total_steps: int) -> list[int]
 
 class FreezeOutPolicy(Policy):
     name = "freezeout"
+    adaptive = False  # the user's schedule: the safety net leaves it alone
 
     def __init__(self, config: Any, plan: Any) -> None:
         super().__init__(config, plan)

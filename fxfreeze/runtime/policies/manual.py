@@ -15,6 +15,7 @@ class ManualPolicy(Policy):
     once, when it comes due, so a prefix set by hand in between is not overridden."""
 
     name = "manual"
+    adaptive = False  # the user's schedule: the safety net leaves it alone
 
     def __init__(self, config: Any, plan: Any) -> None:
         super().__init__(config, plan)

@@ -17,6 +17,7 @@ __all__ = [
     "egeria_rule",
     "lr_step_rule",
     "evaluation_gap",
+    "run_length_interval",
     "autofreeze_changes",
     "autofreeze_cut",
     "autofreeze_rule",
@@ -77,6 +78,23 @@ def evaluation_gap(interval: int, budget: float, cost_seconds: float, step_secon
     if budget > 0 and step_seconds:
         gap = max(gap, int(math.ceil(cost_seconds / (budget * step_seconds))))
     return gap
+
+
+def run_length_interval(interval: int, total_steps: int | None, evaluations: int, floor: int = 5) -> int:
+    """The evaluation interval for a run of ``total_steps`` steps: ``interval`` (set for
+    runs of thousands of steps), shortened so that the run holds about ``evaluations`` of
+    them, never below ``floor`` steps. Unknown length, or ``evaluations`` 0: ``interval``.
+
+    Example::
+
+        >>> run_length_interval(50, 900, evaluations=60), run_length_interval(50, 20000, 60)
+        (15, 50)
+        >>> run_length_interval(50, None, 60), run_length_interval(50, 100, 60)
+        (50, 5)
+    """
+    if not total_steps or evaluations <= 0:
+        return int(interval)
+    return max(min(int(floor), int(interval)), min(int(interval), int(total_steps) // int(evaluations)))
 
 
 def autofreeze_changes(acc: Mapping[int, float], prev: Mapping[int, float]) -> dict[int, float]:
