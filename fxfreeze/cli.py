@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--evals-per-epoch", type=int, default=1,
                    help="test-accuracy measurements per epoch: time-to-accuracy is resolved to these points (default 1)")
+    b.add_argument("--long", action="store_true",
+                   help="the realistic workloads: ResNet-20 on MNIST for --mnist-steps steps (step schedule and cosine), "
+                        "MiniLM on the whole training split for 3 epochs (warm-up + linear decay); policies run their defaults")
+    b.add_argument("--mnist-steps", type=int, default=2000, help="optimizer steps of the long MNIST runs (at least; default 2000)")
+    b.add_argument("--default-seeds", type=int, default=1,
+                   help="also run the baseline and the default policy with this many seeds in all (default 1)")
+    b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
     t = sub.add_parser("train-predictor", help="record training runs, train the SmartFRZ predictor, write its weights")
     t.add_argument("--mnist", metavar="DIR", default=None,
@@ -263,12 +270,14 @@ def _bench(ns: argparse.Namespace) -> int:
     policies = [p.strip() for p in ns.policies.split(",") if p.strip()]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     for flag, v in (("--text-samples", ns.text_samples), ("--text-epochs", ns.text_epochs),
-                    ("--evals-per-epoch", ns.evals_per_epoch)):
+                    ("--evals-per-epoch", ns.evals_per_epoch), ("--mnist-steps", ns.mnist_steps),
+                    ("--default-seeds", ns.default_seeds)):
         if v is not None and v <= 0:
             raise CliError(f"{flag} must be positive, got {v}")
     run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
-              progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log)
+              progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log, long=ns.long,
+              default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

@@ -36,6 +36,8 @@ class Workload:
     steps_per_epoch: int
     make_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None
     description: str = ""
+    #: a realistic-length workload: policies run their defaults, told the run's length
+    realistic: bool = False
 
 
 def _batches(n: int, bs: int, seed: int | None, take: Callable[[torch.Tensor], tuple[Any, Any]]) -> Iterator[tuple[Any, ...]]:

@@ -35,6 +35,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,10 +48,40 @@ from ..errors import ConfigError
 from ..tensorfile import decode_tensors as _decode
 from ..tensorfile import encode_tensors as _encode
 
-__all__ = ["ActivationCache", "CacheStats"]
+__all__ = ["cache_pays", "ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
 _KEY_BYTES = 32  # a sha256 digest
+
+def cache_pays(remaining: int | None, per_epoch: int | None, run: float | None, store: float | None,
+               load: float | None) -> bool:
+    """Will caching a new frozen prefix pay back before the run ends?
+
+    After a freeze the first epoch *fills*: every sample misses, the prefix runs as it would
+    without the cache, and storing its rows costs ``store`` seconds per sample. Every later
+    step *reads*: it saves the prefix's ``run`` and pays ``load`` per sample. So the cache
+    pays when the steps left after one epoch, times the saving, exceed one epoch of stores.
+    Costs are measured (None before the first measurement: then at least one full epoch of
+    reading is asked for); an unknown run length or epoch length keeps the cache on.
+
+    Example::
+
+        >>> cache_pays(remaining=300, per_epoch=100, run=2e-3, store=1e-4, load=2e-4)
+        True
+        >>> cache_pays(remaining=120, per_epoch=100, run=2e-3, store=5e-3, load=2e-4)  # 20 reading steps
+        False
+        >>> cache_pays(None, 100, None, None, None)
+        True
+    """
+    if remaining is None or not per_epoch:
+        return True
+    later = remaining - per_epoch
+    if later <= 0:
+        return False
+    if run is None or store is None:
+        return later >= per_epoch
+    return later * (run - (load or 0.0)) > per_epoch * store
+
 
 class CacheStats(dict):  # a dict so that it prints and serialises plainly
     pass
@@ -96,6 +127,8 @@ class ActivationCache:
         self._prefetched: dict[int, Future[Any]] = {}
         self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
                                 uncached_batches=0, spill_failures=0)
+        #: measured seconds and rows: computing the prefix, storing rows, serving rows (hits)
+        self.costs: dict[str, list[float]] = {"run": [0.0, 0], "store": [0.0, 0], "load": [0.0, 0]}
 
     # -- prefix changes ----------------------------------------------------------------------------
     def set_prefix(self, k: int, runner: Any, refill: Any = None, key: bytes | None = None) -> None:
@@ -152,9 +185,11 @@ class ActivationCache:
             with torch.no_grad():
                 return tuple(self.runner(inputs))
         keys = [int(i) for i in ids.tolist()]
+        t0 = time.perf_counter()
         entries = [self._get(i) for i in keys]
         if all(e is not None for e in entries):
             out = tuple(torch.stack([e[j] for e in entries]) for j in range(len(entries[0])))  # type: ignore[index]
+            self._cost("load", t0, len(keys))
             self.stats["hits"] += len(keys)
             if self.verify_fraction > 0 and self._rng.random() < self.verify_fraction:
                 self._verify(inputs, out)
@@ -171,15 +206,37 @@ class ActivationCache:
                 for i in keys:
                     old.pop(i, None)
         if out is None:
+            t0 = time.perf_counter()
             with torch.no_grad():
                 out = tuple(self.runner(inputs))
+            self._cost("run", t0, len(keys))
         if not self._check_batch(out, len(keys)):
             return out
         self.stats["misses"] += sum(1 for e in entries if e is None)
+        t0 = time.perf_counter()
+        # one copy of the batch (in the storage dtype); each sample's entry is a row of it
+        stored = tuple(
+            (t.detach().to(self.store_dtype) if self.store_dtype is not None and t.is_floating_point() else t.detach().clone())
+            for t in out
+        )
+        rows = 0
         for row, (i, e) in enumerate(zip(keys, entries)):
             if e is None:
-                self._put(i, tuple(t[row] for t in out))
+                self._put(i, tuple(t[row] for t in stored))
+                rows += 1
+        self._cost("store", t0, rows)
         return out
+
+    def _cost(self, what: str, since: float, rows: int) -> None:
+        c = self.costs[what]
+        c[0] += time.perf_counter() - since
+        c[1] += rows
+
+    def per_row(self, what: str) -> float | None:
+        """Measured seconds per sample to ``run`` the prefix, ``store`` a row or ``load`` one
+        (None before the first)."""
+        s, n = self.costs[what]
+        return s / n if n else None
 
     def _check_batch(self, out: tuple[Any, ...], n: int) -> bool:
         """Does every frontier value have one row per sample id? If not, caching turns off
@@ -228,7 +285,7 @@ class ActivationCache:
             if data[:_KEY_BYTES] != self._key:
                 self.stats["foreign"] += 1
                 raise ValueError("written for another run, prefix or frozen weights")
-            return tuple(_decode(data[_KEY_BYTES:]))
+            return self._restore(tuple(_decode(data[_KEY_BYTES:])))
         except (OSError, ValueError) as err:
             self.stats["corrupt"] += 1
             logger.warning("fxfreeze cache: entry %s is unreadable (%s); recomputing it", self._path(i), err)
@@ -244,11 +301,9 @@ class ActivationCache:
             return e
         return tuple(t.to(torch.float32) if t.dtype == self.store_dtype else t for t in e)
 
-    def _put(self, i: int, tensors: tuple[torch.Tensor, ...]) -> None:
-        stored = tuple(
-            (t.to(self.store_dtype) if self.store_dtype is not None and t.is_floating_point() else t).detach().clone()
-            for t in tensors
-        )
+    def _put(self, i: int, stored: tuple[torch.Tensor, ...]) -> None:
+        """Keep sample ``i``'s rows (already in the storage dtype, detached from the batch
+        the model goes on using)."""
         size = sum(t.numel() * t.element_size() for t in stored)
         if self._bytes + size <= self.budget:
             self._mem[i] = stored
@@ -260,7 +315,7 @@ class ActivationCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(self._key + _encode([t.cpu() for t in tensors], self.store_dtype))
+            tmp.write_bytes(self._key + _encode([t.cpu() for t in stored], None))
             os.replace(tmp, path)
         except OSError as e:
             self._spill_ok = False

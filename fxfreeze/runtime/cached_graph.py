@@ -25,6 +25,7 @@ from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
 from ..errors import PassError
 from ..passes.cut_backward import META_ORIG_ARGS
 from ..passes.subgraph import extract
+from .cache import cache_pays
 from .graphs import GraphEntry
 
 __all__ = ["CachedGraph"]
@@ -41,10 +42,32 @@ class CachedGraph:
         self.gm: fx.GraphModule | None = None
         self.k = 0
         self.frontier: list[str] | None = None  # for refilling a deeper prefix
+        #: optimizer steps per epoch when known (``fm.wrap_loader``'s length)
+        self.epoch_steps: int | None = None
+        self._pays: tuple[int, bool] | None = None  # (prefix, decision): taken once per prefix
+
+    def pays(self, k: int, freezer: Any) -> bool:
+        """Cache the prefix of ``k`` blocks only when it is expected to stay long enough to
+        pay back its fill (:func:`~fxfreeze.runtime.cache.cache_pays`, from the steps left
+        in the planned run and the fill and read costs measured so far); decided once per
+        prefix and logged when the answer is no. Otherwise the prefix runs as without a cache."""
+        if self._pays is None or self._pays[0] != k:
+            cfg = freezer.config if freezer is not None else None
+            total = cfg.total_steps if cfg is not None else None
+            remaining = None if total is None else total - freezer.step_count
+            per_epoch = (cfg.steps_per_epoch if cfg is not None else None) or self.epoch_steps
+            c = self.cache
+            ok = cache_pays(remaining, per_epoch, c.per_row("run"), c.per_row("store"), c.per_row("load"))
+            self._pays = (k, ok)
+            if not ok:
+                logger.info("fxfreeze cache: the prefix of %d blocks is not cached: %s steps left, %s per epoch; "
+                            "filling it would not pay back", k, remaining, per_epoch)
+        return self._pays[1]
 
     def reset(self) -> None:
         """Forget the graph and the stored activations (the model moved: new buffers)."""
         self.entry, self.gm, self.k, self.frontier = None, None, 0, None
+        self._pays = None
         self.cache.clear()
 
     def graph_for(self, entry: GraphEntry, base: fx.GraphModule, model: nn.Module, k: int, key: Any) -> fx.GraphModule | None:

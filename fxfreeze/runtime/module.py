@@ -231,7 +231,8 @@ class FreezableModule(Routing, nn.Module):
         if entry is None:
             return self._run_eager(args, kwargs)
         gm = self.graph_module_of(entry)
-        if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled:
+        if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
+                and self._cached.pays(self._num_frozen, self.freezer):
             cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, lambda: self.prefix_key(self._num_frozen))
             if cgm is not None:
                 gm = cgm
@@ -355,6 +356,11 @@ class FreezableModule(Routing, nn.Module):
     def wrap_loader(self, loader: Any) -> SampleIdLoader:
         """Iterate ``loader`` (a ``torch.utils.data.DataLoader``, any sampler, shuffling or
         ``DistributedSampler``) recording each batch's dataset indices for the cache."""
+        if self._cached is not None:
+            try:
+                self._cached.epoch_steps = len(loader)  # the cache's payback horizon
+            except TypeError:
+                pass
         return SampleIdLoader(self, loader)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -26,11 +26,11 @@ def _data(n=96):
     return TensorDataset(x, y)
 
 
-def _run(cache: dict | None, schedule=None, epochs=4, model_fn=None, bs=16, wrap=True):
+def _run(cache: dict | None, schedule=None, epochs=4, model_fn=None, bs=16, wrap=True, total_steps=None):
     torch.manual_seed(0)
     model = (model_fn or (lambda: zoo.resnet_cifar(depth=8, width=8, in_channels=1)))()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    cfg = {"policy": "manual", "manual": {"schedule": schedule or {6: 2, 18: 3}, "unit": "step"}}
+    cfg = {"policy": "manual", "manual": {"schedule": schedule or {6: 2, 18: 3}, "unit": "step"}, "total_steps": total_steps}
     if cache is not None:
         cfg["cache"] = {"enabled": True, **cache}
     ds = _data()
@@ -56,6 +56,23 @@ def test_cached_run_is_bitwise_identical_to_uncached():
         assert torch.equal(a, b), n
     st = fm.activation_cache.stats
     assert st["hits"] > 0 and st["misses"] > 0 and st["refills"] > 0  # 2 -> 3 refilled from the old frontier
+
+
+def test_a_prefix_that_cannot_pay_back_its_fill_is_not_cached(caplog):
+    """24 steps of 6 per epoch: the prefix frozen at step 6 has 12 reading steps after its
+    filling epoch and is cached; the one frozen at step 18 has none left and runs uncached
+    (it would only fill). The losses stay those of the uncached run."""
+    ref, ref_losses = _run(None, total_steps=24)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm, losses = _run({}, total_steps=24)
+    assert losses == ref_losses
+    st = fm.activation_cache.stats
+    assert st["hits"] > 0 and st["refills"] == 0  # 2 blocks cached; 3 never
+    assert "prefix of 3 blocks is not cached: 6 steps left, 6 per epoch" in caplog.text
+    c = fm.activation_cache
+    assert c.per_row("run") > 0 and c.per_row("store") > 0 and c.per_row("load") > 0
+    fm.freezer.detach()
+    ref.freezer.detach()
 
 
 def test_cache_graph_structure_and_lint():
