@@ -10,15 +10,15 @@ the pass (and those before it) in any error:
   frozen prefix, and take the cut out again;
 - :class:`CacheLoad` (:mod:`.cache_load`): serve the frozen prefix from a cache;
 - :class:`ExtractBlocks` (:mod:`.subgraph`): a block range as its own module;
-- :class:`FoldBatchNorm`, :class:`LiftModules` (:mod:`.normalize`): the graph form of a
-  block's low-precision reference.
+- :class:`StripAutocast`, :class:`FoldBatchNorm`, :class:`LiftModules` (:mod:`.normalize`):
+  the graph form of a block's low-precision reference.
 """
 
 from .base import GraphPass, GraphSource, PassResult, run_passes
 from .cache_load import CacheLoad
 from .cut_backward import META_INSERTED, MODE_SENSITIVE, CutBackward, UndoCut, undo_cut
 from .labels import TransferBlocks
-from .normalize import FoldBatchNorm, LiftModules
+from .normalize import FoldBatchNorm, LiftModules, StripAutocast
 from .subgraph import ExtractBlocks
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "TransferBlocks",
     "FoldBatchNorm",
     "LiftModules",
+    "StripAutocast",
     "MODE_SENSITIVE",
     "META_INSERTED",
 ]

@@ -8,7 +8,13 @@ numerically the identity up to rounding:
 - :class:`FoldBatchNorm`: each eval-mode BatchNorm module that only reads a convolution
   module's output is folded into that convolution;
 - :class:`LiftModules`: ``linear(x, W, b)`` / ``conv2d(x, W, b, ...)`` calls whose weights are
-  graph attributes (ATen graphs, ``F.linear`` in traced code) become ``call_module`` nodes.
+  graph attributes (ATen graphs, ``F.linear`` in traced code) become ``call_module`` nodes;
+- :class:`StripAutocast`: autocast regions a capture under the caller's autocast recorded
+  (``wrap_with_autocast`` in ``torch.export`` graphs) run their body plainly. A reference
+  runs in its own precision, and it runs on the reference worker thread, where leaving an
+  autocast region clears the process-wide autocast cache: that destroys the training
+  thread's cached casts, needs the GIL while holding the cache's lock, and deadlocks
+  against a training thread casting under autocast (seen with the Trainer's bf16).
 
 :func:`normalize` runs both through :func:`~fxfreeze.passes.run_passes`. Graph passes only:
 the reference backends and builder live in :mod:`fxfreeze.runtime.egeria`.
@@ -26,7 +32,7 @@ from torch import nn
 from ..graph_utils import aten_ops
 from .base import GraphPass, PassResult, run_passes
 
-__all__ = ["FoldBatchNorm", "LiftModules", "fold_batchnorm", "lift_modules", "normalize"]
+__all__ = ["FoldBatchNorm", "LiftModules", "StripAutocast", "fold_batchnorm", "lift_modules", "normalize"]
 
 _LINEAR = {F.linear, torch._C._nn.linear} | aten_ops("aten.linear.default")
 _CONV2D = {F.conv2d, torch.conv2d} | aten_ops("aten.conv2d.default")
@@ -167,6 +173,50 @@ class FoldBatchNorm(GraphPass):
         return _fold(gm)
 
 
+def _autocast_ops() -> set[Any]:
+    ops: set[Any] = set()
+    hop = getattr(getattr(torch.ops, "higher_order", None), "wrap_with_autocast", None)
+    if hop is not None:
+        ops.add(hop)
+    return ops
+
+
+def _autocast_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    ops = _autocast_ops()
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
+
+
+class StripAutocast(GraphPass):
+    """Run the bodies of ``wrap_with_autocast`` regions without autocast (see the module
+    docstring): ``wrap_with_autocast(device, dtype, enabled, cache, body, *xs)`` becomes
+    ``body(*xs)``, a ``call_module`` of the region's own submodule. The dtype checks export
+    put after such regions (``aten._assert_tensor_metadata``) go too: the values are fp32 now."""
+
+    name = "strip_autocast"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = _autocast_nodes(gm)
+        for n in nodes:
+            body = n.args[4]
+            if not (isinstance(body, fx.Node) and body.op == "get_attr"):
+                raise ValueError(f"node {n.name}: the autocast region's body is not a graph attribute")
+            n.op = "call_module"
+            n.target = str(body.target)
+            n.args = tuple(n.args[5:])
+        if nodes:
+            checks = aten_ops("aten._assert_tensor_metadata.default")
+            for n in list(gm.graph.nodes):
+                if n.op == "call_function" and n.target in checks and not n.users:
+                    gm.graph.erase_node(n)
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+        return PassResult(gm, bool(nodes))
+
+    def ensures(self, gm: fx.GraphModule) -> str | None:
+        left = _autocast_nodes(gm)
+        return f"autocast region {left[0].name} is left" if left else None
+
+
 def lift_modules(gm: fx.GraphModule) -> PassResult:
     """Run :class:`LiftModules` on ``gm`` (in place): functional ``linear`` / ``conv2d`` calls on
     graph attributes become ``nn.Linear`` / ``nn.Conv2d`` modules.
@@ -202,12 +252,13 @@ def fold_batchnorm(gm: fx.GraphModule) -> PassResult:
     return FoldBatchNorm()(gm)
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """The graph form the reference backends see: BatchNorm folded into the convolution
-    before it (:class:`FoldBatchNorm`) and functional linear/conv calls lifted into modules
+    """The graph form the reference backends see: autocast regions run plainly
+    (:class:`StripAutocast`), BatchNorm folded into the convolution before it
+    (:class:`FoldBatchNorm`) and functional linear/conv calls lifted into modules
     (:class:`LiftModules`). Numerically the identity; returns ``gm``, rewritten in place.
 
     Example::
 
         >>> # ref_gm = normalize(snapshot(block_gm))  # then quantize ref_gm
     """
-    return run_passes(gm, [FoldBatchNorm(), LiftModules()]).graph_module
+    return run_passes(gm, [StripAutocast(), FoldBatchNorm(), LiftModules()]).graph_module

@@ -211,3 +211,33 @@ def test_builder_refreshes_weights_without_tracing_again():
         sub2.load_state_dict(state)
         fp = sub2(*inputs)
     assert relative_error(r2(inputs), fp) < 0.15
+
+
+def test_strip_autocast_runs_regions_plainly():
+    """A graph captured under autocast carries wrap_with_autocast regions; the reference runs
+    them plainly (a worker thread leaving autocast would clear the process-wide cast cache
+    under the training thread: normalize.py)."""
+    from fxfreeze.passes import StripAutocast
+    from fxfreeze.passes.normalize import normalize
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.lin(x)
+            return y.float() * 2
+
+    m = M()
+    x = torch.randn(3, 4)
+    gm = torch.export.export(m, (x,), strict=False).module()
+    assert any("wrap_with_autocast" in str(n.target) for n in gm.graph.nodes)
+    res = StripAutocast()(gm)
+    assert res.modified and not any("wrap_with_autocast" in str(n.target) for n in gm.graph.nodes)
+    gm.graph.lint()
+    # fp32 now: equal to the linear layer without autocast (fp32 rounding only)
+    torch.testing.assert_close(gm(x), m.lin(x) * 2, rtol=1e-6, atol=1e-6)
+    assert not StripAutocast()(gm).modified
+    assert normalize(gm) is gm
