@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the realistic workloads: ResNet-20 on MNIST for --mnist-steps steps (step schedule and cosine), "
                         "MiniLM on the whole training split for 3 epochs (warm-up + linear decay); policies run their defaults")
     b.add_argument("--mnist-steps", type=int, default=2000, help="optimizer steps of the long MNIST runs (at least; default 2000)")
+    b.add_argument("--mnist-schedules", default="step,cosine",
+                   help="learning-rate schedules of the long MNIST runs, comma-separated (step: /10 at 50%% and 75%%; cosine)")
     b.add_argument("--default-seeds", type=int, default=1,
                    help="also run the baseline and the default policy with this many seeds in all (default 1)")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
@@ -274,10 +276,17 @@ def _bench(ns: argparse.Namespace) -> int:
                     ("--default-seeds", ns.default_seeds)):
         if v is not None and v <= 0:
             raise CliError(f"{flag} must be positive, got {v}")
+    from .bench.workloads import SCHEDULES
+
+    schedules = tuple(x.strip() for x in ns.mnist_schedules.split(",") if x.strip())
+    bad = [x for x in schedules if x not in SCHEDULES]
+    if bad or not schedules:
+        raise CliError(f"--mnist-schedules: unknown schedule {bad[0] if bad else ns.mnist_schedules!r}; choose from {', '.join(SCHEDULES)}")
     run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
               progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log, long=ns.long,
-              default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup)
+              default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup,
+              mnist_schedules=schedules)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

@@ -84,6 +84,7 @@ def run_suite(
     default_seeds: int = 1,
     mnist_steps: int = 2000,
     warmup: bool = True,
+    mnist_schedules: tuple[str, ...] = ("step", "cosine"),
 ) -> dict[str, Any]:
     """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
 
@@ -102,7 +103,8 @@ def run_suite(
         policies = ["baseline"] + policies
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workloads = _workloads(mnist, cifar, text, text_samples, text_epochs, epochs, quick, seed, long, mnist_steps)
+    workloads = _workloads(mnist, cifar, text, text_samples, text_epochs, epochs, quick, seed, long, mnist_steps,
+                           mnist_schedules)
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -152,11 +154,12 @@ def run_suite(
 
 
 def _workloads(mnist: Any, cifar: Any, text: Any, text_samples: int | None, text_epochs: int | None, epochs: int,
-               quick: bool, seed: int, long: bool, mnist_steps: int) -> list[tuple[Workload, int]]:
+               quick: bool, seed: int, long: bool, mnist_steps: int,
+               mnist_schedules: tuple[str, ...] = ("step", "cosine")) -> list[tuple[Workload, int]]:
     out: list[tuple[Workload, int]] = []
     if long:
         if mnist is not None:
-            for sched in ("step", "cosine"):
+            for sched in mnist_schedules:
                 w = mnist_resnet(mnist, width=16, train_size=8000, batch_size=64, lr=0.05, seed=seed, schedule=sched,
                                  name=f"resnet20-mnist-{sched}")
                 w.realistic = True

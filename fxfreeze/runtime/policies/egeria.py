@@ -74,6 +74,11 @@ class EgeriaPolicy(Policy):
         self._last_step_time: float | None = None
         self._step_seconds: float | None = None
         self._last_worker_seconds = 0.0
+        # training-step seconds while the worker was idle (EMA), and the time steps took
+        # beyond it while a reference job ran: what the worker really costs training
+        self._idle_step: float | None = None
+        self._worker_was_busy = False
+        self._contention = 0.0
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
         # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the reference)
@@ -111,6 +116,11 @@ class EgeriaPolicy(Policy):
         if self._last_step_time is not None:
             dt = now - self._last_step_time
             self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
+            if self._worker_was_busy:
+                if self._idle_step is not None:
+                    self._contention += dt - self._idle_step
+            else:
+                self._idle_step = dt if self._idle_step is None else 0.9 * self._idle_step + 0.1 * dt
         if not self._length_known and s.total_steps:
             self._length_known = True
             self.interval = run_length_interval(int(self.cfg.eval_interval), s.total_steps, int(self.cfg.evaluations_per_run))
@@ -124,6 +134,7 @@ class EgeriaPolicy(Policy):
             end = time.perf_counter()
             self.main_seconds += end - now
             self._last_step_time = end
+            self._worker_was_busy = bool(self.worker.pending)
 
     def _decide(self, s: Signals) -> Decision | None:
         assert self.worker is not None and self.probe is not None
@@ -243,9 +254,12 @@ class EgeriaPolicy(Policy):
         return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and abs(t.elasticity) < 2 * float(self.cfg.threshold))
 
     def _schedule(self, s: Signals, main_cost: float) -> None:
-        # the worker's busy time is charged in full, as if it were taken from training;
-        # measured here it mostly is not (docs/egeria.md), so this is conservative
-        cost = main_cost + self._last_worker_seconds
+        # the reference worker costs training what the steps it overlapped took beyond an
+        # idle-worker step (contention for the cores), measured since the last evaluation;
+        # before any idle step is measured its busy time is charged in full (conservative)
+        worker_cost = max(0.0, self._contention) if self._idle_step is not None else self._last_worker_seconds
+        self._contention = 0.0
+        cost = main_cost + worker_cost
         self.next_eval = s.step + evaluation_gap(self.interval, float(self.cfg.overhead_budget), cost, self._step_seconds)
 
     def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
