@@ -212,6 +212,7 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
             "num_blocks": r.num_blocks,
             "freezes": r.frozen,
             "events": r.events,
+            "timeline": r.timeline,
             "epochs": r.epochs,
             "losses": r.losses,
         }

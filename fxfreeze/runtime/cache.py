@@ -110,6 +110,7 @@ class ActivationCache:
         # this instance's own folder: runs that share `directory` never touch each other's files
         self._run = f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._key = b"\0" * _KEY_BYTES
+        self._devices: tuple[torch.device, ...] | None = None
         self._spill_ok = True
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -213,6 +214,7 @@ class ActivationCache:
         if not self._check_batch(out, len(keys)):
             return out
         self.stats["misses"] += sum(1 for e in entries if e is None)
+        self._devices = tuple(t.device for t in out)  # where entries read back from disk go
         t0 = time.perf_counter()
         # one copy of the batch (in the storage dtype); each sample's entry is a row of it
         stored = tuple(
@@ -273,10 +275,19 @@ class ActivationCache:
     def _path(self, i: int) -> Path:
         return self.directory / self._run / f"k{self._k}" / f"{i}.fxfc"
 
+    def get(self, i: int) -> tuple[torch.Tensor, ...] | None:
+        """The frontier rows stored for sample ``i`` (None when there are none, or when a
+        spilled entry is unreadable or was written under another key: then it is deleted)."""
+        return self._get(int(i))
+
+    def spilled(self) -> list[Path]:
+        """The files of the entries spilled to disk."""
+        return [self._path(i) for i in sorted(self._disk)]
+
     def _get(self, i: int) -> tuple[torch.Tensor, ...] | None:
         e = self._mem.get(i)
-        if e is not None:
-            return self._restore(e)
+        if e is not None:  # kept on the frontier's own device
+            return e if self.store_dtype is None else self._restore(e)
         if i not in self._disk:
             return None
         fut = self._prefetched.pop(i, None)
@@ -297,9 +308,17 @@ class ActivationCache:
             return None
 
     def _restore(self, e: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        if self.store_dtype is None:
-            return e
-        return tuple(t.to(torch.float32) if t.dtype == self.store_dtype else t for t in e)
+        """An entry as the graph wants it: float32 again, on the frontier's device (spilled
+        entries come back from disk on the CPU)."""
+        devs = self._devices or ()
+        out = []
+        for j, t in enumerate(e):
+            if self.store_dtype is not None and t.dtype == self.store_dtype:
+                t = t.to(torch.float32)
+            if j < len(devs) and t.device != devs[j]:
+                t = t.to(devs[j], non_blocking=True)
+            out.append(t)
+        return tuple(out)
 
     def _put(self, i: int, stored: tuple[torch.Tensor, ...]) -> None:
         """Keep sample ``i``'s rows (already in the storage dtype, detached from the batch

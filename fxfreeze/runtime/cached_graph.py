@@ -15,9 +15,12 @@ graph uncached.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -28,9 +31,25 @@ from ..passes.subgraph import extract
 from .cache import cache_pays
 from .graphs import GraphEntry
 
-__all__ = ["CachedGraph"]
+__all__ = ["CachedGraph", "prefix_fingerprint"]
 
 logger = logging.getLogger("fxfreeze")
+
+
+def prefix_fingerprint(blocks: list[str], k: int, tensors: list[tuple[str, torch.Tensor]]) -> bytes:
+    """A sha256 digest of what a frozen prefix's outputs depend on: the plan's ``blocks``,
+    ``k``, and a fingerprint of each frozen parameter and buffer (name, shape, dtype, sum,
+    sum of squares and a strided sample of 64 values)."""
+    h = hashlib.sha256(repr((blocks, k)).encode())
+    with torch.no_grad():
+        for name, t in tensors:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if t.numel() and (t.is_floating_point() or not t.dtype.is_complex):
+                v = t.detach().reshape(-1)
+                d = v.double()
+                h.update(struct.pack("<dd", float(d.sum()), float((d * d).sum())))
+                h.update(v[:: max(1, v.numel() // 64)][:64].cpu().double().numpy().tobytes())
+    return h.digest()
 
 
 class CachedGraph:

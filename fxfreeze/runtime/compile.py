@@ -15,7 +15,8 @@ from ..plan import FreezePlan
 from ..trace import DEFAULT_TIMEOUT
 from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS
-from .module import FreezableModule, owner_of, register_owner
+from .module import FreezableModule
+from .ownership import owner_of, register_owner
 
 __all__ = ["compile"]
 

@@ -208,9 +208,12 @@ class Freezer:
         undo = self.safety.verdict(self.step_count, self.num_frozen)
         if undo is not None:  # the last freeze made the loss worse: it wins over the policy
             decision = Decision(*undo)
-        elif decision is not None and decision.num_frozen > self.num_frozen:
+        elif decision is not None and decision.num_frozen > self.num_frozen:  # blocks on hold stay trainable
             capped = self.safety.cap(self.step_count, decision.num_frozen)
-            decision = None if capped <= self.num_frozen else Decision(capped, decision.reason) if capped != decision.num_frozen else decision
+            if capped <= self.num_frozen:
+                decision = None
+            elif capped != decision.num_frozen:
+                decision = Decision(capped, decision.reason)
         if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
             agreed = self._agree(proposed)

@@ -24,11 +24,8 @@ running statistics stop updating, dropout is off).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import struct
 import types
-import weakref
 from typing import Any, Iterator
 
 import torch
@@ -43,44 +40,16 @@ from ..passes import CutBackward
 from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
 from ..trace import DEFAULT_TIMEOUT
-from .cached_graph import CachedGraph
+from .cached_graph import CachedGraph, prefix_fingerprint
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .loader import SampleIdLoader
+from .ownership import hold_eval, release_eval, release_owner
 from .routing import Routing
 
-__all__ = ["FreezableModule", "SampleIdLoader", "register_owner", "owner_of"]
+__all__ = ["FreezableModule", "SampleIdLoader"]
 
 logger = logging.getLogger("fxfreeze")
 _INF = 1 << 30
-#: original model -> weak reference to the module compiled from it (a second compile takes over)
-_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[FreezableModule]]" = weakref.WeakKeyDictionary()
-
-
-def owner_of(model: nn.Module) -> "FreezableModule | None":
-    """The compiled module currently driving ``model`` (None if none is alive)."""
-    ref = _OWNERS.get(model)
-    return ref() if ref is not None else None
-
-
-def register_owner(model: nn.Module, fm: "FreezableModule") -> None:
-    _OWNERS[model] = weakref.ref(fm)
-
-
-def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train`` of a frozen module: it stays in eval mode, whoever asks."""
-    return type(self).train(self, False)
-
-
-def _hold_eval(m: nn.Module) -> None:
-    m.__dict__["train"] = types.MethodType(_frozen_train, m)
-    m.train(False)
-
-
-def _release_eval(m: nn.Module, mode: bool) -> None:
-    m.__dict__.pop("train", None)
-    m.train(mode)
-
-
 class FreezableModule(Routing, nn.Module):
     """The compiled model. Use it exactly like the original; see :func:`compile`."""
 
@@ -255,9 +224,7 @@ class FreezableModule(Routing, nn.Module):
             self.freezer.detach()
         self._set_prefix(0)
         self.uninstall()
-        owner = _OWNERS.get(self._model)
-        if owner is not None and owner() is self:
-            del _OWNERS[self._model]
+        release_owner(self._model, self)
 
     # -- freezing mechanics (the controller decides; this applies) ------------------------
     def freeze_prefix(self, k: int) -> None:
@@ -287,23 +254,13 @@ class FreezableModule(Routing, nn.Module):
         return [n for n, last in self._param_last_block.items() if last < k]
 
     def prefix_key(self, k: int) -> bytes:
-        """What the outputs of a frozen prefix of ``k`` blocks depend on, as a sha256 digest:
-        the plan's blocks, ``k``, and a fingerprint of the frozen parameters and buffers
-        (shape, dtype, sum, sum of squares and a strided sample of values of each). The
-        activation cache serves a stored entry only under the key it was written with."""
-        h = hashlib.sha256(repr(([b.name for b in self.plan.blocks], k)).encode())
+        """What the outputs of a frozen prefix of ``k`` blocks depend on, as a sha256 digest
+        (:func:`~fxfreeze.runtime.cached_graph.prefix_fingerprint`): the activation cache
+        serves a stored entry only under the key it was written with."""
         buffers = dict(self._model.named_buffers())
         tensors = [(n, self._named_params[n]) for n in self.frozen_parameter_names(k)]
         tensors += [(n, buffers[n]) for b in self.plan.blocks[:k] for n in b.buffers if n in buffers]
-        with torch.no_grad():
-            for name, t in tensors:
-                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-                if t.numel() and (t.is_floating_point() or not t.dtype.is_complex):
-                    v = t.detach().reshape(-1)
-                    d = v.double()
-                    h.update(struct.pack("<dd", float(d.sum()), float((d * d).sum())))
-                    h.update(v[:: max(1, v.numel() // 64)][:64].cpu().double().numpy().tobytes())
-        return h.digest()
+        return prefix_fingerprint([b.name for b in self.plan.blocks], k, tensors)
 
     def _frozen_modules(self, k: int) -> list[nn.Module]:
         mods: list[nn.Module] = []
@@ -329,10 +286,10 @@ class FreezableModule(Routing, nn.Module):
         # modules: frozen ones run in eval mode, whatever train() calls follow
         mode = self.training
         for m in self._eval_modules:
-            _release_eval(m, mode)
+            release_eval(m, mode)
         self._eval_modules = self._frozen_modules(k)
         for m in self._eval_modules:
-            _hold_eval(m)
+            hold_eval(m)
         self._num_frozen = k
         for e in self.graphs.entries():
             if e.graph_module is not None:

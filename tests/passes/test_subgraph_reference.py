@@ -40,7 +40,7 @@ def test_blocks_chain_to_the_model(name):
     else:
         probe.set(*(x if isinstance(x, tuple) else (x,)))
     values = probe.values()
-    chained = {k: v for k, v in values.items() if k in probe._full.inputs}
+    chained = {k: v for k, v in values.items() if k in probe.blocks().inputs}
     for j in range(fm.plan.max_frozen):
         sub = probe.block(j)
         sub.graph_module.graph.lint()

@@ -293,10 +293,10 @@ def test_runs_sharing_a_cache_directory_never_read_each_others_entries(tmp_path)
     assert got == ref
     assert len({p.name for p in tmp_path.iterdir() if p.is_dir()}) == 2  # one folder per cache
     cache = fms[1].activation_cache
-    victim = next(iter(cache._disk))
-    path = cache._path(victim)
+    path = cache.spilled()[0]
+    victim = int(path.stem)
     path.write_bytes(b"\x01" * 32 + path.read_bytes()[32:])  # another key, an intact checksum
-    assert cache._get(victim) is None and cache.stats["foreign"] == 1
+    assert cache.get(victim) is None and cache.stats["foreign"] == 1 and path not in cache.spilled()
 
 
 def test_an_unwritable_spill_folder_mid_run_degrades_and_training_goes_on(tmp_path, caplog, monkeypatch):

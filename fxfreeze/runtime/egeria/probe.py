@@ -153,6 +153,11 @@ class ActivationProbe:
     def _full(self) -> Subgraph:
         return self._range(self.hi)
 
+    def blocks(self, hi: int | None = None) -> Subgraph:
+        """Blocks ``[0, hi)`` (default: all that may freeze) as one graph returning every
+        block's outputs: its inputs are what :meth:`values` feeds them."""
+        return self._range(self.hi if hi is None else hi)
+
     def block(self, j: int) -> Subgraph:
         """Block ``j`` alone, its inputs named as in :meth:`values`."""
         self._entry()

@@ -1,0 +1,163 @@
+"""Device correctness (issue 18). Every test runs on the CPU and, where a GPU is visible, on
+CUDA too (the ``cuda`` parameter is skipped with a reason otherwise): equivalence with eager,
+a freeze mid-run with the reference on the CPU, the cache round trip through disk, a resume
+on another device, and mixed precision with a gradient scaler whose skipped steps are not
+counted."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxfreeze
+from fxfreeze import zoo
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]),
+]
+# outputs and gradients: the same kernels on the same device, so equal up to reassociation
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["resnet20", "transformer_classifier"])
+def test_equivalence_with_eager_on_the_device(device, name):
+    torch.manual_seed(0)
+    model = zoo.MODELS[name][0]().to(device)
+    x = tuple(t.to(device) for t in zoo.example_inputs(name, 4))
+    ref = zoo.MODELS[name][0]().to(device)
+    ref.load_state_dict(model.state_dict())
+    fm = fxfreeze.compile(model, x, policy="manual")
+    torch.manual_seed(1)  # dropout draws the same masks in both
+    out = fm(*x)
+    torch.manual_seed(1)
+    out_ref = ref(*x)
+    torch.testing.assert_close(out, out_ref, **TOL)
+    out.float().square().mean().backward()
+    out_ref.float().square().mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=n)
+    assert all(p.device.type == device for p in fm.parameters())
+
+
+def _loop(fm, opt, x, y, steps, scaler=None, autocast=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast(x.device.type, dtype=autocast) if autocast else torch.autocast(x.device.type, enabled=False):
+            loss = F.cross_entropy(fm(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_egeria_freezes_mid_run_with_the_reference_on_the_cpu(device):
+    torch.manual_seed(0)
+    model = zoo.resnet20().to(device)
+    x = torch.randn(16, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (16,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = {"egeria": {"eval_interval": 2, "asynchronous": False, "overhead_budget": 0, "window": 3,
+                      "patience": 1, "threshold": 50.0, "noise_limit": 50.0}}
+    fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config=cfg)
+    _loop(fm, opt, x, y, 14)
+    pol = fm.freezer.policy
+    assert fm.num_frozen >= 1 and any(r.get("plasticity") for r in pol.timeline)
+    # the references ran on the CPU, on CPU copies of the block weights
+    anchors = pol.state_dict()["anchor_state"]
+    assert anchors and all(t.device.type == "cpu" for st in anchors.values() for t in st.values())
+    frozen = [p for n, p in fm.named_parameters() if n in set(fm.frozen_parameter_names())]
+    assert frozen and all(p.grad is None or not p.requires_grad for p in frozen)
+    fm.freezer.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_round_trip_through_disk_stays_on_the_device(device, tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,)))
+
+    def run(cache):
+        torch.manual_seed(0)
+        model = zoo.resnet_cifar(depth=8, width=8, in_channels=1).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        cfg = {"policy": "manual", "manual": {"schedule": {2: 2}, "unit": "step"}}
+        if cache:
+            cfg["cache"] = {"enabled": True, "memory_budget_mb": 0.0, "directory": str(tmp_path)}  # everything spills
+        fm = fxfreeze.compile(model, (ds.tensors[0][:2].to(device),), optimizer=opt, config=cfg)
+        loader = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+        losses = []
+        for _ in range(3):
+            for xb, yb in (fm.wrap_loader(loader) if cache else loader):
+                loss = F.cross_entropy(fm(xb.to(device)), yb.to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return fm, losses
+
+    _, ref = run(False)
+    fm, got = run(True)
+    assert got == ref
+    st = fm.activation_cache.stats
+    assert st["spilled"] > 0 and st["hits"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_on_another_device(device):
+    """A controller state saved where training ran loads on the CPU (map_location)."""
+    torch.manual_seed(0)
+    model = zoo.resnet20().to(device)
+    x = torch.randn(8, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = {"egeria": {"eval_interval": 2, "asynchronous": False, "overhead_budget": 0}}
+    fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config=cfg)
+    _loop(fm, opt, x, y, 5)
+    fm.freeze_prefix(2)
+    buf = io.BytesIO()
+    torch.save({"model": fm.state_dict(), "freezer": fm.freezer.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, map_location="cpu", weights_only=True)
+    fm.freezer.detach()
+    model2 = zoo.resnet20()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    fm2 = fxfreeze.compile(model2, (x[:2].cpu(),), optimizer=opt2, config=cfg)
+    fm2.load_state_dict(state["model"])
+    fm2.freezer.load_state_dict(state["freezer"])
+    assert fm2.num_frozen == 2 and fm2.freezer.step_count == 5
+    _loop(fm2, opt2, x.cpu(), y.cpu(), 2)
+    assert fm2.freezer.step_count == 7
+    fm2.freezer.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_the_gradient_scaler_skips_is_not_a_step(device):
+    torch.manual_seed(0)
+    model = zoo.resnet20().to(device)
+    x = torch.randn(8, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config={"policy": "smartfrz"})
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    _loop(fm, opt, x, y, 3, scaler=scaler, autocast=dtype)
+    assert fm.freezer.step_count == 3
+    # an infinite gradient: the scaler skips the optimizer step, and the controller with it
+    opt.zero_grad()
+    with torch.autocast(device, dtype=dtype):
+        loss = F.cross_entropy(fm(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert fm.freezer.step_count == 3
+    fm.freezer.detach()
