@@ -180,6 +180,10 @@ class SmartFRZConfig:
     - ``threshold``: P(freeze) at or above which a block counts as freezable;
     - ``patience``: stages in a row at which the front block must be freezable;
     - ``seed``: which weight positions are sampled (fixed per block name);
+    - ``restart_on_lr_change``: on a learning-rate step, forget the active blocks' histories
+      (weights that slow down because the rate fell are not weights that converged: the
+      predictor would read the drop as convergence and freeze blocks that still have the
+      lower rate's fine convergence ahead);
     - ``contiguous``: freeze only a prefix, the only mode the controller implements: a frozen
       block that follows an active one must still pass gradients back through itself to the
       active one, so freezing it would save only its weight gradients.
@@ -192,6 +196,7 @@ class SmartFRZConfig:
     threshold: float = 0.5
     patience: int = 2
     seed: int = 0
+    restart_on_lr_change: bool = True
     contiguous: bool = True
 
     def __post_init__(self) -> None:
@@ -207,6 +212,7 @@ class SmartFRZConfig:
         if not 0 < number(t, "smartfrz.threshold") < 1:
             raise ConfigError(f"smartfrz.threshold must be in (0, 1), got {t!r}")
         flag(self.contiguous, "smartfrz.contiguous")
+        flag(self.restart_on_lr_change, "smartfrz.restart_on_lr_change")
         if self.contiguous is not True:
             raise ConfigError(
                 "smartfrz.contiguous must be true: fxfreeze freezes a prefix of blocks (a frozen block that follows "

@@ -21,7 +21,7 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
                "--policies", ",".join(RUNS[1:]), "-o", str(tmp_path)])
     assert rc == 0
     rep = json.loads((tmp_path / "results.json").read_text())
-    assert rep["quick"] is True and rep["machine"]["threads"] >= 1
+    assert rep["quick"] is True and rep["machine"]["threads"] >= 1 and rep["warmup"] is True
     (wl,) = rep["workloads"].values()
     assert list(wl["runs"]) == RUNS
     for name, r in wl["runs"].items():
@@ -32,11 +32,12 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
         walls = [e["wall"] for e in r["epochs"]]
         assert walls == sorted(walls) and walls[-1] == pytest.approx(r["wall_seconds"])
         assert r["tta_seconds"] is None or r["tta_seconds"] <= r["wall_seconds"] + 1e-9
+        assert 0 < r["wall_after_first_epoch"] < r["wall_seconds"]  # the time without the first epoch
     assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
     assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
     assert wl["runs"]["manual"]["final_num_frozen"] > 0  # its schedule freezes half at mid-run
     md = (tmp_path / "results.md").read_text()
-    assert all(f"| {name} |" in md for name in RUNS)
+    assert all(f"| {name} |" in md for name in RUNS) and "without 1st epoch" in md and "warmed up" in md
     assert "results.json" in capsys.readouterr().out
 
 

@@ -225,3 +225,26 @@ def test_policy_with_shipped_predictor_runs_and_records_probabilities():
     stages = [r for r in fm.freezer.policy.timeline if "p_freeze" in r]
     assert stages and all(0.0 <= p <= 1.0 for r in stages for p in r["p_freeze"].values())
     assert fm.freezer.policy.main_seconds > 0
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_learning_rate_step_restarts_the_histories(restart):
+    """Weights that slow down because the rate fell are not weights that converged: after
+    a step (÷10) the active blocks' histories start over, so the predictor never judges a
+    window that straddles the drop."""
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = {"policy": "smartfrz", "smartfrz": {"record_interval": 1, "stage_interval": 100, "min_history": 3,
+                                              "restart_on_lr_change": restart}}
+    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), optimizer=opt, config=cfg)
+    pol = fm.freezer.policy
+    _train(fm, opt, 6)
+    assert all(pol.history.count(n) == 6 for n in pol.names)
+    for g in opt.param_groups:
+        g["lr"] = 0.005
+    _train(fm, opt, 2)
+    counts = [pol.history.count(n) for n in pol.names]
+    assert counts == ([2] * len(counts) if restart else [8] * len(counts))  # restarted at the step that saw the drop
+    assert any("restarted" in r for r in pol.timeline) == restart
+    fm.freezer.detach()

@@ -6,7 +6,8 @@ predictor's ``window`` snapshots). Every ``stage_interval`` records is a *freezi
 the attention predictor (:class:`~fxfreeze.runtime.predictor.FreezePredictor`) reads the
 history of each active block that has at least ``min_history`` snapshots and returns
 P(freeze). The leading run of blocks at or above ``threshold`` freezes once the front block
-has passed at ``patience`` stages in a row; the prefix only grows. The predictor is loaded
+has passed at ``patience`` stages in a row; the prefix only grows. A learning-rate step
+clears the active blocks' histories (``restart_on_lr_change``). The predictor is loaded
 when the policy is built, so a missing or corrupt weights file fails at
 ``fxfreeze.compile``, not hours into training.
 """
@@ -59,6 +60,10 @@ class SmartFRZPolicy(Policy):
             self.history.clear(self.names[s.num_frozen : self._last_k])
             self.streak = 0
         self._last_k = s.num_frozen
+        if self.history is not None and s.lr_changed and self.cfg.restart_on_lr_change:
+            self.history.clear(self.names[s.num_frozen :])
+            self.streak = 0
+            self.timeline.append({"step": s.step, "restarted": "learning-rate step: histories cleared"})
         if self.history is None or s.step % self.record_interval != 0 or s.num_frozen >= self.hi:
             return None
         t0 = time.perf_counter()
