@@ -60,6 +60,10 @@ class FreezeOutConfig:
             positive_int(self.total_steps, "freezeout.total_steps")
 
 
+#: what a learning-rate step does to Egeria's prefix (``runtime.policies.rules.lr_step_rule``)
+UNFREEZE_MODES = ("all", "last", "none")
+
+
 @dataclass
 class EgeriaConfig:
     """Egeria (Wang et al., EuroSys 2023): freeze the front block once its plasticity,
@@ -85,7 +89,8 @@ class EgeriaConfig:
     - ``refresh_every``: re-take the reference snapshot every this many evaluations;
     - ``worker_threads``: PyTorch threads of the reference worker;
     - ``worker_nice``: how much lower the worker thread's CPU priority is than training's
-      (Linux; 0 = the same): it uses idle cores and yields the ones training needs;
+      (Linux; 0 = the same): it uses idle cores and yields the ones training needs. Only in
+      the asynchronous mode: when training waits for the worker, it keeps training's priority;
     - ``overhead_budget``: the share of training time evaluations may take (training-side
       probe plus the reference worker's busy time); evaluations are spaced out to stay
       under it (0 = no limit);
@@ -143,7 +148,7 @@ class EgeriaConfig:
             raise ConfigError(
                 f"egeria.reference_precision must be one of {', '.join(precisions)}, got {self.reference_precision!r}"
             )
-        if self.unfreeze_on_lr_change not in ("all", "last", "none"):
+        if self.unfreeze_on_lr_change not in UNFREEZE_MODES:
             raise ConfigError(
                 f"egeria.unfreeze_on_lr_change must be 'all', 'last' or 'none', got {self.unfreeze_on_lr_change!r}"
             )

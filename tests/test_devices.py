@@ -44,6 +44,15 @@ def test_equivalence_with_eager_on_the_device(device, name):
     assert all(p.device.type == device for p in fm.parameters())
 
 
+def _resnet(device, batch):
+    """ResNet-20 on ``device`` and a random batch of ``batch`` CIFAR-shaped images."""
+    torch.manual_seed(0)
+    model = zoo.resnet20().to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    return model, x, y
+
+
 def _loop(fm, opt, x, y, steps, scaler=None, autocast=None):
     for _ in range(steps):
         opt.zero_grad()
@@ -60,10 +69,7 @@ def _loop(fm, opt, x, y, steps, scaler=None, autocast=None):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_egeria_freezes_mid_run_with_the_reference_on_the_cpu(device):
-    torch.manual_seed(0)
-    model = zoo.resnet20().to(device)
-    x = torch.randn(16, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (16,), device=device)
+    model, x, y = _resnet(device, 16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     cfg = {"egeria": {"eval_interval": 2, "asynchronous": False, "overhead_budget": 0, "window": 3,
                       "patience": 1, "threshold": 50.0, "noise_limit": 50.0}}
@@ -115,10 +121,7 @@ def test_cache_round_trip_through_disk_stays_on_the_device(device, tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_on_another_device(device):
     """A controller state saved where training ran loads on the CPU (map_location)."""
-    torch.manual_seed(0)
-    model = zoo.resnet20().to(device)
-    x = torch.randn(8, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (8,), device=device)
+    model, x, y = _resnet(device, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     cfg = {"egeria": {"eval_interval": 2, "asynchronous": False, "overhead_budget": 0}}
     fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config=cfg)
@@ -142,10 +145,7 @@ def test_resume_on_another_device(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_step_the_gradient_scaler_skips_is_not_a_step(device):
-    torch.manual_seed(0)
-    model = zoo.resnet20().to(device)
-    x = torch.randn(8, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (8,), device=device)
+    model, x, y = _resnet(device, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config={"policy": "smartfrz"})
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10)

@@ -54,7 +54,8 @@ def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir()
     part.mkdir()
-    assert _run("train", full, "12").returncode == 0
+    p0 = _run("train", full, "12")
+    assert p0.returncode == 0, p0.stderr[-3000:]
     p1 = _run("part1", part, "12", "6")
     assert p1.returncode == 0, p1.stderr[-3000:]
     p2 = _run("part2", part, "12", "6")

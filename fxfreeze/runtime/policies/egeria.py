@@ -101,8 +101,11 @@ class EgeriaPolicy(Policy):
             return
         self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
         self.module.probe_hook = self.probe.offer
+        # a lower priority only where the worker runs beside training: in synchronous mode
+        # training waits for it, so starving it would stall training (and, under DDP, every rank)
+        nice = int(self.cfg.worker_nice) if self.cfg.asynchronous else 0
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
-                                      nice=int(self.cfg.worker_nice))
+                                      nice=nice)
 
     def close(self) -> None:
         if self.worker is not None:

@@ -13,6 +13,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ...policy_configs import UNFREEZE_MODES
+
 __all__ = [
     "egeria_rule",
     "lr_step_rule",
@@ -25,8 +27,6 @@ __all__ = [
     "smartfrz_rule",
 ]
 
-#: what a learning-rate step does to the prefix under Egeria
-UNFREEZE_MODES = ("all", "last", "none")
 
 
 def egeria_rule(flat_counts: Mapping[int, int], num_frozen: int, max_frozen: int, patience: int) -> int | None:
