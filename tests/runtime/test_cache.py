@@ -37,15 +37,20 @@ def _run(cache: dict | None, schedule=None, epochs=4, model_fn=None, bs=16, wrap
     fm = fxfreeze.compile(model, (ds.tensors[0][:2],), optimizer=opt, config=cfg)
     loader = DataLoader(ds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(3))
     it = fm.wrap_loader(loader) if (cache is not None and wrap) else loader
-    losses = []
+    losses: list[float] = []
     for _ in range(epochs):
-        for x, y in it:
-            loss = nn.functional.cross_entropy(fm(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        _epoch(fm, opt, it, losses)
     return fm, losses
+
+
+def _epoch(fm, opt, batches, losses: list[float]) -> None:
+    """One pass over ``batches``, the loss of each step appended to ``losses``."""
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(fm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
 
 
 def test_cached_run_is_bitwise_identical_to_uncached():
@@ -276,12 +281,7 @@ def _pair(cache: dict | None, epochs: int = 3):
         runs.append((fm, opt, fm.wrap_loader(loader) if cache is not None else loader, []))
     for _ in range(epochs):
         for fm, opt, it, losses in runs:  # in turn: the second overwrites what the first spilled
-            for x, y in it:
-                loss = nn.functional.cross_entropy(fm(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            _epoch(fm, opt, it, losses)
     return [r[0] for r in runs], [r[3] for r in runs]
 
 
