@@ -1,6 +1,6 @@
 """Real task: ResNet-20 from scratch on MNIST-10k (fixed 8k/2k split); the default policy
 (egeria) and smartfrz each against the unfrozen baseline with the same seed, data order,
-schedule and epochs (one run of ``benchmarks/egeria_mnist.py``, 6 epochs to keep the suite
+schedule and epochs (one run of ``benchmarks/egeria_mnist.py``, 5 epochs to keep the suite
 short; the 8-epoch figures are in ``docs/benchmarks.md``). No timing is asserted:
 speed is measured by ``fxfreeze bench`` and recorded in ``docs/benchmarks.md`` (AutoFreeze's
 real-task figures are there too; its rule is tested in ``tests/runtime/test_autofreeze.py``)."""
@@ -33,7 +33,7 @@ def record(tmp_path_factory):
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent")
     out = tmp_path_factory.mktemp("mnist-real-task")
-    assert _script().main(["--data", str(path), "--out", str(out), "--epochs", "6", "--policies", ",".join(POLICIES)]) == 0
+    assert _script().main(["--data", str(path), "--out", str(out), "--epochs", "5", "--policies", ",".join(POLICIES)]) == 0
     return json.loads((out / "results.json").read_text())
 
 
