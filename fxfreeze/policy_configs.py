@@ -76,11 +76,14 @@ class EgeriaConfig:
       by ``fxfreeze.compile(total_steps=...)`` or by the Trainer and Lightning
       integrations), ``eval_interval`` is shortened so that the run holds about this many
       evaluations (never below 5 steps); 0 keeps ``eval_interval`` as is;
-    - ``probe_size``: samples of the first training batch kept as the fixed probe batch;
+    - ``probe_size``: samples of the first training batch kept as the fixed probe batch (the
+      cost of an evaluation grows with it, the SP loss's Gram matrix quadratically: 32 keeps
+      evaluations at the planned spacing within ``overhead_budget`` on a 2-core CPU);
     - ``window`` / ``threshold`` / ``noise_limit`` / ``patience``: the front block freezes
       when, over its last ``window`` evaluations, its plasticity's elasticity against the
-      anchor's age is under ``threshold`` (1 = still moving steadily, 0 = levelled off) and
-      the fit's noise under ``noise_limit``, at ``patience`` evaluations in a row;
+      anchor's age is under ``threshold`` (1 to 2 = still moving away from the anchor, 0 =
+      levelled off, negative = drifting back: one-sided, only moving away counts as
+      learning) and the fit's noise under ``noise_limit``, at ``patience`` evaluations in a row;
     - ``reference_precision``: ``int8`` (static for convolutional blocks, dynamic for
       Linear ones; blocks with nothing to quantize run in fp32 with their outputs rounded to
       int8), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
@@ -107,7 +110,7 @@ class EgeriaConfig:
 
     eval_interval: int = 50
     evaluations_per_run: int = 60
-    probe_size: int = 64
+    probe_size: int = 32
     window: int = 5
     threshold: float = 0.5
     noise_limit: float = 1.0

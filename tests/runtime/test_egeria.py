@@ -58,6 +58,13 @@ def test_flat_trend_on_synthetic_series():
     # growing like sqrt(age): elasticity 0.5, not under 0.5
     ok, t = flat_trend([math.sqrt(x) for x in steps], 0.5, steps, origin=0)
     assert not ok and t.elasticity == pytest.approx(0.5, abs=0.01)
+    # a drift (distance linear in age: SP loss, quadratic in it, grows like age^2): elasticity 2
+    ok, t = flat_trend([(0.1 * x) ** 2 for x in steps], 0.5, steps, origin=0)
+    assert not ok and t.elasticity == pytest.approx(2.0, abs=0.05)
+    # one-sided: a distance that shrinks back towards the anchor is a converged block
+    # fluctuating around it, not learning (the test asks "still moving away?")
+    ok, t = flat_trend([5.0, 4.0, 3.2, 2.5, 2.0], 0.5, steps, origin=0)
+    assert ok and t.elasticity < -1.0  # two-sided, |elasticity| < 0.5 would not pass
     ok, t = flat_trend([1.0, 3.0, 0.5, 2.8, 0.6], 0.5, steps, origin=0)  # too noisy to tell
     assert not ok and t.noise > 1.0
     assert flat_trend([1.0, float("nan"), 1.0, 1.0, 1.0], 0.5)[0] is False

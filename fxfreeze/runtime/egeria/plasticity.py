@@ -13,9 +13,11 @@ While a block learns, that distance keeps growing; once it has converged it leve
 noise around the optimum plus the reference's quantization error, both bounded). The
 decision statistic :func:`flat_trend` fits a line through the last ``window`` values against
 the optimizer step and turns its slope into an *elasticity*, ``d log p / d log age`` (age:
-steps since the anchor): about 1 for a block moving at a steady pace, however long ago the
-anchor was taken, and about 0 once the distance has levelled off. A window passes when the
-elasticity is under ``threshold`` and the slope's two standard errors, as a change across
+steps since the anchor): positive (about 1 to 2: the SP loss is quadratic in a small change)
+for a block still moving away from its anchor, however long ago the anchor was taken, about
+0 once the distance has levelled off, and negative when it shrinks (a converged block
+fluctuating back towards where it was). A window passes when the elasticity is under
+``threshold`` (one-sided: only moving *away* counts as learning) and the slope's two standard errors, as a change across
 the window relative to its mean, are under ``noise_limit``: a series too noisy to tell does
 not pass. The value measured at the anchor's own evaluation (same weights: the reference's
 quantization error alone) is the block's *floor*; the trend is taken on the excess over it,
@@ -81,7 +83,10 @@ class Trend:
     def flat(self, threshold: float, noise_limit: float) -> bool:
         if not self.resolved:
             return True
-        return abs(self.elasticity) < threshold and self.noise < noise_limit
+        # one-sided: the question is whether the block is still moving *away* from its
+        # anchor. A distance that shrinks (negative elasticity) is a block fluctuating around
+        # where it was, which is what a converged block under SGD noise does
+        return self.elasticity < threshold and self.noise < noise_limit
 
 
 def flat_trend(
@@ -134,6 +139,8 @@ def flat_trend(
         t = Trend(elasticity=0.0, noise=0.0, mean=mean, resolved=False)
         return True, t
     if mean <= 0:
+        if floor is not None:  # on average no farther from the anchor than the anchor itself: settled
+            return True, Trend(elasticity=0.0, noise=0.0, mean=mean, resolved=False)
         return False, None
     age = max(xm - float(origin), 1e-12)
     t = Trend(elasticity=slope * age / mean, noise=2.0 * se * (xs[-1] - xs[0]) / mean, mean=mean)

@@ -254,7 +254,7 @@ class EgeriaPolicy(Policy):
         """Keep an old anchor while its block is close to passing: a refresh would throw the
         evidence away just before the decision."""
         t = self.tracker.last_trend.get(j)
-        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and abs(t.elasticity) < 2 * float(self.cfg.threshold))
+        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.elasticity < 2 * float(self.cfg.threshold))
 
     def _schedule(self, s: Signals, main_cost: float) -> None:
         # the reference worker costs training what the steps it overlapped took beyond an
