@@ -161,3 +161,34 @@ def test_a_step_the_gradient_scaler_skips_is_not_a_step(device):
     scaler.update()
     assert fm.freezer.step_count == 3
     fm.freezer.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_losses_reach_the_host_in_order_without_a_read_per_step(device):
+    """The controller's loss reader: on the CPU each loss is read at once; on CUDA each is
+    copied behind an event and read once the copy is done, so no step waits for the device."""
+    from fxfreeze.runtime.loss_reader import LossReader
+
+    r = LossReader()
+    got = []
+    for step in range(1, 6):
+        got += r.push(step, torch.tensor(float(step), device=device) * 2)
+    got += r.flush()
+    assert got == [(s, 2.0 * s) for s in range(1, 6)] and r.pending == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smartfrz_history_records_on_the_device_and_reads_on_the_cpu(device):
+    from fxfreeze.runtime.history import WeightHistory
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8).to(device)
+    h = WeightHistory({"fc": list(lin.parameters())}, sample_size=16, window=4)
+    for _ in range(3):
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        h.record()
+        assert h.snapshot("fc").device.type == device  # a record stays on the device
+    hist = h.history("fc")
+    assert hist.device.type == "cpu" and hist.shape == (3, 16)
+    torch.testing.assert_close(hist[2] - hist[1], (hist[1] - hist[0]), rtol=0, atol=1e-6)

@@ -22,6 +22,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import ConfigError, FreezeError
+from .loss_reader import LossReader
 from .safety import SafetyNet
 from .policies import Decision, Signals, make_policy
 
@@ -52,6 +53,7 @@ class Freezer:
         self.attach_optimizer(optimizer)
         self._agree: Callable[[int], int] | None = None
         self.safety = SafetyNet(config.safety_net)
+        self._loss_reader = LossReader()
         self.policy.attach(self)
 
     def set_agreement(self, hook: Callable[[int], int] | None) -> None:
@@ -186,12 +188,19 @@ class Freezer:
         changed, what = self._lr_step(lrs)
         if changed:
             self._record("lr_change", self.num_frozen, self.num_frozen, what)
-        loss_v = None if self._loss is None else float(self._loss)
+        # read without a host synchronisation per step: on an accelerator the losses of
+        # earlier steps arrive now (loss_reader.py); on the CPU this step's, at once
+        read = self._loss_reader.push(self.step_count, self._loss)
         self._loss = None  # a loss is for the step it was observed in
-        nonfinite = loss_v is not None and not math.isfinite(loss_v)
-        if nonfinite:
-            loss_v = None
-        self.safety.observe(self.step_count, loss_v)
+        nonfinite = False
+        loss_v = None
+        for st, v in read:
+            if not math.isfinite(v):
+                nonfinite = True
+                continue
+            self.safety.observe(st, v)
+            if st == self.step_count:
+                loss_v = v
         signals = Signals(
             step=self.step_count,
             epoch=self.epoch,
@@ -271,6 +280,9 @@ class Freezer:
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        for st, v in self._loss_reader.flush():  # losses still on the way count before the checkpoint
+            if math.isfinite(v):
+                self.safety.observe(st, v)
         return {
             "version": _STATE_VERSION,
             "blocks": [b.name for b in self.plan.blocks],

@@ -9,6 +9,12 @@ values than ``sample_size`` samples with replacement). A snapshot copies those v
 last ``window`` snapshots live in a ring buffer per block. Memory is
 ``blocks x window x sample_size`` floats (30 x 1024 x 4 B = 120 KiB per block) and a
 snapshot is one gather per parameter.
+
+The ring buffer lives on the device of the block's parameters, and so do the sampled
+positions: recording a snapshot is a gather and a copy on that device, with no copy to the
+host and no synchronisation, so that on a GPU the training stream never waits for it. The
+history comes to the CPU only when it is read (:meth:`WeightHistory.history`, at a
+freezing stage, or a checkpoint).
 """
 
 from __future__ import annotations
@@ -54,11 +60,14 @@ class WeightHistory:
         self.window = int(window)
         self.seed = int(seed)
         self._params = {name: list(ps) for name, ps in blocks.items()}
+        # positions and buffers on the parameters' device: a record never leaves it
         self._positions = {
-            name: sample_positions([p.numel() for p in ps], self.sample_size, self.seed, name)
+            name: [idx.to(p.device) for p, idx in zip(ps, sample_positions([p.numel() for p in ps], self.sample_size,
+                                                                          self.seed, name))]
             for name, ps in self._params.items()
         }
-        self._buffer = {name: torch.zeros(self.window, self.sample_size) for name in self._params}
+        self._buffer = {name: torch.zeros(self.window, self.sample_size, device=_device(ps))
+                        for name, ps in self._params.items()}
         self._count = {name: 0 for name in self._params}
 
     @property
@@ -71,11 +80,18 @@ class WeightHistory:
 
     @torch.no_grad()
     def snapshot(self, name: str) -> torch.Tensor:
-        """The sampled values of block ``name`` now (float32, CPU)."""
-        parts = [p.detach().reshape(-1).index_select(0, idx.to(p.device)).float().cpu()
-                 for p, idx in zip(self._params[name], self._positions[name]) if idx.numel()]
+        """The sampled values of block ``name`` now (float32, on the block's device)."""
+        ps, pos = self._params[name], self._positions[name]
+        dev = _device(ps)
+        if self._buffer[name].device != dev:  # the model moved since: the history follows it (once)
+            self._buffer[name] = self._buffer[name].to(dev)
+        for i, (p, idx) in enumerate(zip(ps, pos)):
+            if idx.device != p.device:
+                pos[i] = idx.to(p.device)
+        parts = [p.detach().reshape(-1).index_select(0, idx).float().to(dev, non_blocking=True)
+                 for p, idx in zip(ps, pos) if idx.numel()]
         if not parts:
-            return torch.zeros(self.sample_size)
+            return torch.zeros(self.sample_size, device=dev)
         return torch.cat(parts)
 
     def record(self, names: Iterable[str] | None = None) -> None:
@@ -86,13 +102,14 @@ class WeightHistory:
             self._count[name] = c + 1
 
     def history(self, name: str) -> torch.Tensor:
-        """The recorded snapshots of block ``name``, oldest first: ``[min(count, window), sample_size]``."""
+        """The recorded snapshots of block ``name``, oldest first: ``[min(count, window),
+        sample_size]``, on the CPU (the one host copy: a read, not a record)."""
         c = self._count[name]
         buf = self._buffer[name]
         if c <= self.window:
-            return buf[:c].clone()
+            return buf[:c].to("cpu", copy=True)
         start = c % self.window
-        return torch.cat([buf[start:], buf[:start]])
+        return torch.cat([buf[start:], buf[:start]]).cpu()
 
     def clear(self, names: Iterable[str] | None = None) -> None:
         for name in self.names if names is None else names:
@@ -128,6 +145,12 @@ class WeightHistory:
             if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.sample_size or h.shape[0] > self.window:
                 raise FreezeError(f"weight-history state for block {name!r} has the wrong shape")
             self._buffer[name].zero_()
-            self._buffer[name][: h.shape[0]] = h
+            self._buffer[name][: h.shape[0]] = h.to(self._buffer[name].device)
             # re-based so that history() returns h in order (the ring restarts at position 0)
             self._count[name] = h.shape[0]
+
+
+def _device(params: Sequence[torch.nn.Parameter]) -> torch.device:
+    """Where a block's history lives: its first parameter's device (the CPU for a block
+    without parameters)."""
+    return params[0].device if params else torch.device("cpu")

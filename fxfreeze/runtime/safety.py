@@ -85,11 +85,13 @@ class SafetyNet:
         return bool(self.cfg.enabled)
 
     def observe(self, step: int, loss: float | None) -> None:
-        """Record the training loss of ``step`` (None or non-finite: nothing to learn)."""
+        """Record the training loss of ``step`` (None or non-finite: nothing to learn). On an
+        accelerator losses arrive a few steps late (:class:`~fxfreeze.runtime.loss_reader.LossReader`):
+        one from a step before the watched freeze is not counted as after it."""
         if loss is None or not math.isfinite(loss):
             return
         self.recent.append(float(loss))
-        if self.watching is not None:
+        if self.watching is not None and int(step) > self.watching[0]:
             self.post.append(float(loss))
 
     def on_change(self, step: int, old: int, new: int, watch: bool = True) -> None:
