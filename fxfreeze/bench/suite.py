@@ -209,6 +209,11 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
             "backward_flops_skipped": r.backward_flops_skipped,
             "peak_rss_mb": r.peak_rss_mb,
             "controller_seconds": r.controller_seconds + float(r.extra.get("worker_seconds", 0.0)),
+            # the split: seconds on the training thread, and the reference worker's busy wall
+            # time (at a lower priority it waits for cores, so this overstates what it costs
+            # training; benchmarks/overhead.py measures that)
+            "policy_main_seconds": r.controller_seconds,
+            "worker_busy_seconds": r.extra.get("worker_seconds"),
             "final_num_frozen": r.epochs[-1]["num_frozen"] if r.epochs else 0,
             "num_blocks": r.num_blocks,
             "freezes": r.frozen,

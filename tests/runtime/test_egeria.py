@@ -377,3 +377,32 @@ def test_an_embedding_block_is_measured_at_int8_resolution():
     floor0, floor1 = first["plasticity"][0], first["plasticity"][1]
     assert floor0 > 0 and 0.01 < floor0 / floor1 < 100
     fm.freezer.detach()
+
+
+def test_a_pause_between_steps_is_neither_a_step_time_nor_contention(monkeypatch):
+    """A validation loop between two steps (here 10 s against 0.1 s steps) must not count
+    as a slow step, nor, with the worker busy, as the worker's cost to training."""
+    from fxfreeze.runtime.policies import egeria as eg
+    from fxfreeze.runtime.policies.base import Signals
+
+    fm, opt, x, y = _setup({"freeze": False})
+    pol = fm.freezer.policy
+    clock = [100.0]
+    monkeypatch.setattr(eg.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(pol, "_decide", lambda s: None)  # timing only
+
+    def step(n, dt, busy=False):
+        clock[0] += dt
+        pol._worker_was_busy = busy
+        pol.decide(Signals(step=n, epoch=0, loss=1.0, lr=0.1, lr_changed=False, num_frozen=0, max_frozen=3))
+
+    for n in range(1, 12):
+        step(n, 0.1)
+    assert pol._step_seconds == pytest.approx(0.1) and pol._idle_step == pytest.approx(0.1)
+    step(12, 10.0, busy=True)  # a pause while the worker was busy
+    assert pol._step_seconds == pytest.approx(0.1) and pol._contention == 0.0
+    step(13, 0.13, busy=True)  # a real step slowed by the worker: 0.03 s charged
+    assert pol._contention == pytest.approx(0.03)
+    step(14, 10.0)  # a pause with the worker idle: not an idle step either
+    assert pol._idle_step == pytest.approx(0.1)
+    fm.freezer.detach()

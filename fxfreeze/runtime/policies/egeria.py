@@ -45,6 +45,8 @@ from .rules import egeria_rule, evaluation_gap, lr_step_rule, run_length_interva
 __all__ = ["EgeriaPolicy"]
 
 logger = logging.getLogger("fxfreeze")
+#: a gap between two optimizer steps this many times the average step is a pause, not a step
+_PAUSE = 5.0
 
 
 class EgeriaPolicy(Policy):
@@ -116,8 +118,12 @@ class EgeriaPolicy(Policy):
     # -- the decision ------------------------------------------------------------------------------
     def decide(self, s: Signals) -> Decision | None:
         now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
+        dt = None if self._last_step_time is None else now - self._last_step_time
+        if dt is not None and self._step_seconds is not None and dt > _PAUSE * self._step_seconds:
+            # a pause between two steps (a validation loop, a checkpoint, another model's
+            # turn): not a training step, so neither a step time nor the worker's contention
+            dt = None
+        if dt is not None:
             self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
             if self._worker_was_busy:
                 if self._idle_step is not None:
