@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default="compiled,egeria,egeria+cache,freezeout,autofreeze,smartfrz,manual",
                    help="comma-separated runs besides the baseline")
     b.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, quick 2)")
-    b.add_argument("--quick", action="store_true", help="a smoke run, not a measurement: 2 epochs, a narrow ResNet-20 on 2,000 training images")
+    b.add_argument("--quick", action="store_true", help="a smoke run, not a measurement: 2 epochs, a narrow ResNet-20 on 2,048 training images")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--evals-per-epoch", type=int, default=1,
                    help="test-accuracy measurements per epoch: time-to-accuracy is resolved to these points (default 1)")
