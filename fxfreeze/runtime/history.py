@@ -60,10 +60,10 @@ class WeightHistory:
         self.window = int(window)
         self.seed = int(seed)
         self._params = {name: list(ps) for name, ps in blocks.items()}
-        # positions and buffers on the parameters' device: a record never leaves it
+        # positions and buffers go to the parameters' device (snapshot(): once, and again
+        # if the model moves), so that a record never leaves it
         self._positions = {
-            name: [idx.to(p.device) for p, idx in zip(ps, sample_positions([p.numel() for p in ps], self.sample_size,
-                                                                          self.seed, name))]
+            name: sample_positions([p.numel() for p in ps], self.sample_size, self.seed, name)
             for name, ps in self._params.items()
         }
         self._buffer = {name: torch.zeros(self.window, self.sample_size, device=_device(ps))
@@ -83,7 +83,7 @@ class WeightHistory:
         """The sampled values of block ``name`` now (float32, on the block's device)."""
         ps, pos = self._params[name], self._positions[name]
         dev = _device(ps)
-        if self._buffer[name].device != dev:  # the model moved since: the history follows it (once)
+        if self._buffer[name].device != dev:  # the model moved: the history follows it (once)
             self._buffer[name] = self._buffer[name].to(dev)
         for i, (p, idx) in enumerate(zip(ps, pos)):
             if idx.device != p.device:

@@ -90,6 +90,8 @@ def test_flat_trend_judges_the_excess_over_the_anchors_floor():
     assert flat_trend([99.9, 99.8, 99.85, 99.7, 99.75], 0.5, steps, origin=origin, floor=100.0)[0]
     ok, t = flat_trend([99.98, 100.0, 100.03, 100.06, 100.08], 0.5, steps, origin=origin, floor=100.0)
     assert not ok and t.resolved
+    # rising out of the floor's noise from below it is moving away too, not settled
+    assert not flat_trend([99.90, 99.95, 100.0, 100.02, 100.03], 0.5, steps, origin=origin, floor=100.0)[0]
 
 
 def test_tracker_takes_the_floor_from_the_anchors_own_evaluation():

@@ -17,9 +17,9 @@ steps since the anchor): positive (about 1 to 2: the SP loss is quadratic in a s
 for a block still moving away from its anchor, however long ago the anchor was taken, about
 0 once the distance has levelled off, and negative when it shrinks (a converged block
 fluctuating back towards where it was). A window passes when the elasticity is under
-``threshold`` (one-sided: only moving *away* counts as learning) and the slope's two standard errors, as a change across
-the window relative to its mean, are under ``noise_limit``: a series too noisy to tell does
-not pass. The value measured at the anchor's own evaluation (same weights: the reference's
+``threshold`` (one-sided: only moving *away* counts as learning) and the slope's two
+standard errors, as a change across the window relative to its mean, are under
+``noise_limit``: a series too noisy to tell does not pass. The value measured at the anchor's own evaluation (same weights: the reference's
 quantization error alone) is the block's *floor*; the trend is taken on the excess over it,
 and an excess within the noise of zero counts as settled (nothing the reference resolves).
 (Per-interval drift, the increments of this series, was tried first and measured too noisy
@@ -139,8 +139,6 @@ def flat_trend(
         t = Trend(elasticity=0.0, noise=0.0, mean=mean, resolved=False)
         return True, t
     if mean <= 0:
-        if floor is not None:  # on average no farther from the anchor than the anchor itself: settled
-            return True, Trend(elasticity=0.0, noise=0.0, mean=mean, resolved=False)
         return False, None
     age = max(xm - float(origin), 1e-12)
     t = Trend(elasticity=slope * age / mean, noise=2.0 * se * (xs[-1] - xs[0]) / mean, mean=mean)
