@@ -153,7 +153,8 @@ class EgeriaConfig:
             )
         if self.unfreeze_on_lr_change not in UNFREEZE_MODES:
             raise ConfigError(
-                f"egeria.unfreeze_on_lr_change must be 'all', 'last' or 'none', got {self.unfreeze_on_lr_change!r}"
+                f"egeria.unfreeze_on_lr_change must be one of {', '.join(map(repr, UNFREEZE_MODES))}, "
+                f"got {self.unfreeze_on_lr_change!r}"
             )
 
 
