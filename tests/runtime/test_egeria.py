@@ -408,3 +408,54 @@ def test_a_pause_between_steps_is_neither_a_step_time_nor_contention(monkeypatch
     step(14, 10.0)  # a pause with the worker idle: not an idle step either
     assert pol._idle_step == pytest.approx(0.1)
     fm.freezer.detach()
+
+
+def test_anchor_building_is_charged_in_instalments_over_a_window():
+    """The share of the worker's cost spent building anchors is paid over `window`
+    evaluations: the next evaluation is not pushed out by the whole build, and over the
+    instalments every second is charged."""
+    from fxfreeze.runtime.policies.base import Signals
+
+    fm, opt, x, y = _setup({"freeze": False, "overhead_budget": 0.01, "window": 4})
+    pol = fm.freezer.policy
+    pol.interval, pol._step_seconds, pol._idle_step = 1, 0.1, 0.1  # 1% of a 0.1 s step: 1 ms per step
+
+    def schedule(step, contention, share=0.0):
+        pol._contention, pol._build_share = contention, share
+        pol._schedule(Signals(step=step, epoch=0, loss=1.0, lr=0.1, lr_changed=False, num_frozen=0, max_frozen=3), 0.0)
+        return pol.next_eval - step
+
+    # 2.0 s of contention, 80% of it building: 0.4 s now + 1.6 s / 4 = 0.8 s -> 800 steps (not 2,000)
+    assert schedule(0, 2.0, 0.8) == pytest.approx(800, abs=1)
+    assert [schedule(s, 0.0) for s in (1, 2, 3)] == [pytest.approx(400, abs=1)] * 3  # the other three instalments
+    assert schedule(4, 0.0) == 1 and pol._build_debt == pytest.approx(0.0)  # paid off: back to the interval
+    # without building, the whole contention is charged before the next evaluation, as before
+    assert schedule(5, 2.0) == pytest.approx(2000, abs=1)
+    fm.freezer.detach()
+
+
+def test_the_probe_graphs_set_up_once_are_not_charged_to_the_schedule(monkeypatch):
+    """The first evaluation captures the eval-mode graph and extracts the block graphs (on a
+    transformer, seconds): a one-time cost, counted in setup_seconds and main_seconds, never
+    in the spacing of evaluations."""
+    from fxfreeze.runtime.policies import egeria as eg
+
+    fm, opt, x, y = _setup({"freeze": False, "overhead_budget": 0.01})
+    pol = fm.freezer.policy
+    real_prepare = pol.probe.prepare
+    clock = [0.0]
+    real = time.perf_counter
+    monkeypatch.setattr(eg.time, "perf_counter", lambda: real() + clock[0])
+
+    def slow_prepare(lo, hi):  # a capture that takes 100 s (the fake clock jumps)
+        real_prepare(lo, hi)
+        clock[0] += 100.0
+
+    monkeypatch.setattr(pol.probe, "prepare", slow_prepare)
+    charged = []
+    real_schedule = pol._schedule
+    monkeypatch.setattr(pol, "_schedule", lambda s, cost: (charged.append(cost), real_schedule(s, cost)))
+    _train(fm, opt, x, y, 4)
+    assert charged and max(charged) < 50.0  # the 100 s of set-up never reaches the schedule
+    assert pol.setup_seconds >= 100.0 and pol.main_seconds >= pol.setup_seconds
+    fm.freezer.detach()

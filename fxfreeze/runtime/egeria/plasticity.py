@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["sp_loss", "flat_trend", "Trend", "PlasticityTracker"]
+__all__ = ["sp_loss", "block_sp_loss", "flat_trend", "Trend", "PlasticityTracker"]
 
 
 def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,6 +56,35 @@ def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
     ga = _gram(a)
     gb = _gram(b)
     return float(((ga - gb) ** 2).sum() / (n * n))
+
+
+def block_sp_loss(train: list[Any], ref: Any) -> float:
+    """Mean SP loss over a block's floating-point outputs that have a batch dimension.
+
+    A block may return several values (a tensor and a mask, a tuple of states): only the
+    floating-point tensors with a batch dimension carry the activations the reference is
+    compared on; a quantized reference output is dequantized first. ``nan`` when no output
+    qualifies, so that the caller can tell "nothing to compare" from "identical".
+
+    Args:
+        train: the block's outputs in the training model.
+        ref: the same block's outputs in the reference, in the same order.
+
+    Example::
+
+        >>> a = torch.randn(8, 4)
+        >>> block_sp_loss([a, torch.ones(8, dtype=torch.long)], [a, torch.ones(8, dtype=torch.long)])
+        0.0
+        >>> import math; math.isnan(block_sp_loss([torch.ones(3, dtype=torch.long)], [None]))
+        True
+    """
+    losses = []
+    for a, b in zip(train, ref):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() and a.dim() > 0:
+            if b.is_quantized:
+                b = b.dequantize()
+            losses.append(sp_loss(a.float(), b.float()))
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:

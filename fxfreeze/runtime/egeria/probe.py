@@ -166,6 +166,13 @@ class ActivationProbe:
             sub = self._blocks[j] = self._extract(j, j + 1, f"Block{j}")
         return sub
 
+    def prepare(self, lo: int, hi: int) -> None:
+        """Build (once; cached) the graphs an evaluation of blocks ``[lo, hi)`` needs: the
+        eval-mode capture, the graph of blocks ``[0, hi)`` and each tracked block's graph."""
+        self._range(hi)
+        for j in range(lo, hi):
+            self.block(j)
+
     @torch.no_grad()
     def values(self, hi: int | None = None) -> dict[str, Any]:
         """Inputs and outputs of every block in ``[0, hi)`` (default: all that may freeze) on

@@ -19,6 +19,7 @@ __all__ = [
     "egeria_rule",
     "lr_step_rule",
     "evaluation_gap",
+    "instalment",
     "run_length_interval",
     "autofreeze_changes",
     "autofreeze_cut",
@@ -78,6 +79,23 @@ def evaluation_gap(interval: int, budget: float, cost_seconds: float, step_secon
     if budget > 0 and step_seconds:
         gap = max(gap, int(math.ceil(cost_seconds / (budget * step_seconds))))
     return gap
+
+
+def instalment(debt: float, rate: float, cost: float, parts: int) -> tuple[float, float, float]:
+    """Pay a one-off ``cost`` (seconds) in ``parts`` instalments: adds it to ``debt``, resets
+    the instalment to the new debt over ``parts``, and pays one. Returns ``(paid, debt,
+    rate)``; every second is paid in the end.
+
+    Example::
+
+        >>> instalment(0.0, 0.0, 2.0, 4), instalment(1.5, 0.5, 0.0, 4)
+        ((0.5, 1.5, 0.5), (0.5, 1.0, 0.5))
+    """
+    if cost > 0:
+        debt += cost
+        rate = debt / max(1, int(parts))
+    paid = min(debt, rate)
+    return paid, debt - paid, rate
 
 
 def run_length_interval(interval: int, total_steps: int | None, evaluations: int, floor: int = 5) -> int:
