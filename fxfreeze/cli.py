@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "parse_input_shape", "load_target"]
+__all__ = ["main", "parse_input_shape", "load_target", "parse_overrides"]
 
 _DTYPES = {
     "float32": "float32", "float": "float32", "f32": "float32",
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--default-seeds", type=int, default=1,
                    help="also run the baseline and the default policy with this many seeds in all (default 1)")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="an fxfreeze config key for every fxfreeze run, dotted, the value read as YAML "
+                        "(e.g. --set egeria.threshold=1.0); repeatable. For experiments: the runs no longer show the defaults")
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
     t = sub.add_parser("train-predictor", help="record training runs, train the SmartFRZ predictor, write its weights")
     t.add_argument("--mnist", metavar="DIR", default=None,
@@ -256,6 +259,50 @@ def _train_predictor(ns: argparse.Namespace) -> int:
     return 0
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments as a nested config dict: ``KEY`` dotted
+    (``egeria.threshold``), ``VALUE`` read with ``yaml.safe_load`` (numbers, booleans, lists).
+
+    Args:
+        items: the ``KEY=VALUE`` strings in the order given; a later one wins.
+
+    Raises :class:`~fxfreeze.errors.CliError` naming the argument that is malformed, or the
+    key that the config does not know.
+
+    Example::
+
+        >>> parse_overrides(["egeria.threshold=1.0", "cache.enabled=true", "total_steps=900"])
+        {'egeria': {'threshold': 1.0}, 'cache': {'enabled': True}, 'total_steps': 900}
+    """
+    import yaml
+
+    from .config import FreezeConfig
+    from .errors import FxFreezeError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise CliError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set egeria.threshold=1.0")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise CliError(f"--set {item!r}: the value is not valid YAML: {e}") from e
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise CliError(f"--set {item!r}: {part!r} was set to a value before, it cannot also be a section")
+            node = nxt
+        node[parts[-1]] = value
+    try:
+        FreezeConfig.from_dict(out)
+    except FxFreezeError as e:
+        raise CliError(f"--set: {e}") from e
+    return out
+
+
 def _bench(ns: argparse.Namespace) -> int:
     from .bench.suite import run_suite
 
@@ -282,11 +329,12 @@ def _bench(ns: argparse.Namespace) -> int:
     bad = [x for x in schedules if x not in SCHEDULES]
     if bad or not schedules:
         raise CliError(f"--mnist-schedules: unknown schedule {bad[0] if bad else ns.mnist_schedules!r}; choose from {', '.join(SCHEDULES)}")
+    overrides = parse_overrides(ns.overrides)
     run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
               progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log, long=ns.long,
               default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup,
-              mnist_schedules=schedules)
+              mnist_schedules=schedules, overrides=overrides)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -25,7 +25,7 @@ from ..errors import DataError
 from .runner import RunResult, train_run
 from .workloads import Workload, cifar_resnet, minilm_text, mnist_resnet
 
-__all__ = ["POLICIES", "run_suite", "markdown", "TTA_MARGIN"]
+__all__ = ["POLICIES", "run_suite", "markdown", "merge_config", "TTA_MARGIN"]
 
 #: how far below the baseline's final accuracy time-to-accuracy is measured (points)
 TTA_MARGIN = 0.3
@@ -85,6 +85,7 @@ def run_suite(
     mnist_steps: int = 2000,
     warmup: bool = True,
     mnist_schedules: tuple[str, ...] = ("step", "cosine"),
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
 
@@ -95,7 +96,13 @@ def run_suite(
     ``long``: the realistic workloads (module docstring; ``mnist_steps`` at least, and
     ``text_epochs`` (default 3) over the whole training split). ``default_seeds > 1`` also
     runs the baseline and the default policy with the next seeds, each compared with the
-    baseline of its own seed. ``warmup``: one untimed step of each configuration first."""
+    baseline of its own seed. ``warmup``: one untimed step of each configuration first.
+    ``overrides``: fxfreeze config merged, key by key, into the config of every fxfreeze run
+    (an experiment such as ``{"egeria": {"threshold": 1.0}}``); validated before anything
+    runs, and recorded in the report, whose runs then no longer show the defaults."""
+    overrides = dict(overrides or {})
+    if overrides:
+        FreezeConfig.from_dict(overrides)  # a typo fails now, not after the first hour of runs
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise DataError(f"unknown policy {unknown[0]!r} for bench; choose from {', '.join(POLICIES)}")
@@ -109,7 +116,7 @@ def run_suite(
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__},
         "quick": quick, "epochs": epochs, "seed": seed, "evals_per_epoch": evals_per_epoch, "long": long,
-        "warmup": warmup, "workloads": {},
+        "warmup": warmup, "overrides": overrides, "workloads": {},
     }
     default = FreezeConfig().policy
     for w, epochs in workloads:
@@ -125,6 +132,8 @@ def run_suite(
             cfg = pr.config(w, steps, max_frozen)
             if w.realistic and pr.policy is not None:
                 cfg = {"total_steps": steps, **cfg}
+            if pr.policy is not None:
+                cfg = merge_config(cfg, overrides)
             return train_run(
                 name, w.model_fn, w.train_batches, w.test_batches, epochs=epochs,
                 make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler, steps_per_epoch=w.steps_per_epoch,
@@ -186,6 +195,28 @@ def _workloads(mnist: Any, cifar: Any, text: Any, text_samples: int | None, text
     return out
 
 
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in: a section (a mapping) key by key, anything
+    else replaced.
+
+    Args:
+        base: a run's fxfreeze config as a dict.
+        overrides: the keys to set, nested as in a config file.
+
+    Example::
+
+        >>> merge_config({"cache": {"enabled": True}, "total_steps": 10}, {"cache": {"memory_budget_mb": 64}})
+        {'cache': {'enabled': True, 'memory_budget_mb': 64}, 'total_steps': 10}
+    """
+    out = dict(base)
+    for k, v in overrides.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge_config(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
 def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
     """Every run against the baseline of its own seed."""
     bases = {r.extra.get("seed"): r for r in runs.values() if r.name == "baseline"}
@@ -229,7 +260,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"Machine: {report['machine']['processor']}, {report['machine']['threads']} threads, torch "
              f"{report['machine']['torch']}; {report['epochs']} epochs, seed {report['seed']}"
              + (" (quick mode)" if report["quick"] else "")
-             + ("; each configuration warmed up by one untimed step first" if report.get("warmup") else "") + ".", ""]
+             + ("; each configuration warmed up by one untimed step first" if report.get("warmup") else "")
+             + (f"; config overrides in every fxfreeze run (not the defaults): {report['overrides']}"
+                if report.get("overrides") else "") + ".", ""]
     for name, wl in report["workloads"].items():
         lines += [f"### {name}", "", wl["description"] + f"; {wl.get('steps', '?')} steps. TTA target: baseline's "
                   f"final accuracy - {TTA_MARGIN} point ({wl['target_accuracy']:.2f}% for seed {report['seed']}).", "",

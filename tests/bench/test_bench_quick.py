@@ -18,7 +18,7 @@ RUNS = ["baseline", "egeria+cache", "manual"]
 @pytest.mark.slow
 def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "--evals-per-epoch", "2",
-               "--policies", ",".join(RUNS[1:]), "-o", str(tmp_path)])
+               "--policies", ",".join(RUNS[1:]), "--set", "egeria.eval_interval=4", "-o", str(tmp_path)])
     assert rc == 0
     rep = json.loads((tmp_path / "results.json").read_text())
     assert rep["quick"] is True and rep["machine"]["threads"] >= 1 and rep["warmup"] is True
@@ -36,8 +36,12 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
     assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
     assert wl["runs"]["manual"]["final_num_frozen"] > 0  # its schedule freezes half at mid-run
+    # the override reached the egeria run (its short-run settings evaluate every 10 steps)
+    assert rep["overrides"] == {"egeria": {"eval_interval": 4}}
+    assert [e["step"] for e in wl["runs"]["egeria+cache"]["timeline"][:2]] == [4, 8]
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in RUNS) and "without 1st epoch" in md and "warmed up" in md
+    assert "not the defaults" in md
     assert "results.json" in capsys.readouterr().out
 
 
@@ -50,3 +54,9 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert "unknown policy 'warp'" in capsys.readouterr().err
     assert main(["bench", "--evals-per-epoch", "0", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "--evals-per-epoch must be positive" in capsys.readouterr().err
+    for bad, says in (("egeria.thresold=1", "thresold"), ("egeria", "expected KEY=VALUE"), ("egeria=1", "egeria"),
+                      ("egeria.threshold=[1", "not valid YAML"), ("total_steps=1", None)):
+        rc = main(["bench", "--set", bad, "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert (says or "does not exist") in err, (bad, err)  # a good --set gets as far as the data path

@@ -427,6 +427,11 @@ def test_anchor_building_is_charged_in_instalments_over_a_window():
 
     # 2.0 s of contention, 80% of it building: 0.4 s now + 1.6 s / 4 = 0.8 s -> 800 steps (not 2,000)
     assert schedule(0, 2.0, 0.8) == pytest.approx(800, abs=1)
+    # a resume still owes what is left (1.2 s, in instalments of 0.4 s): it is in the state dict
+    fm2, _, _, _ = _setup({"freeze": False, "overhead_budget": 0.01, "window": 4})
+    fm2.freezer.policy.load_state_dict(pol.state_dict())
+    assert (fm2.freezer.policy._build_debt, fm2.freezer.policy._instalment) == pytest.approx((1.2, 0.4))
+    fm2.freezer.detach()
     assert [schedule(s, 0.0) for s in (1, 2, 3)] == [pytest.approx(400, abs=1)] * 3  # the other three instalments
     assert schedule(4, 0.0) == 1 and pol._build_debt == pytest.approx(0.0)  # paid off: back to the interval
     # without building, the whole contention is charged before the next evaluation, as before

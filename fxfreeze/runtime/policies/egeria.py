@@ -86,9 +86,7 @@ class EgeriaPolicy(Policy):
         self._contention = 0.0
         # of the last reference job's seconds, the share spent building anchors; the building
         # cost not yet charged to the schedule, and the instalment it is paid in
-        self._build_share = 0.0
-        self._build_debt = 0.0
-        self._instalment = 0.0
+        self._build_share, self._build_debt, self._instalment = 0.0, 0.0, 0.0
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
         # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the reference)
@@ -358,12 +356,12 @@ class EgeriaPolicy(Policy):
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything the next decisions depend on: the schedule, the anchors (with the
-        block weights they were taken from, so that a resume rebuilds the same references),
-        the plasticity evidence and the probe batch. Plain data and tensors (``torch.load``
-        with ``weights_only=True``). In synchronous mode a resume continues exactly; in the
-        default asynchronous mode results arrive when the worker is done, which no run
-        reproduces."""
+        """Everything the next decisions depend on: the schedule (with the anchor builds not
+        yet paid for), the anchors (with the block weights they were taken from, so that a
+        resume rebuilds the same references), the plasticity evidence and the probe batch.
+        Plain data and tensors (``torch.load`` with ``weights_only=True``). In synchronous
+        mode a resume continues exactly; in the default asynchronous mode results arrive
+        when the worker is done, which no run reproduces."""
         return {
             "next_eval": self.next_eval,
             "interval": self.interval,
@@ -371,6 +369,7 @@ class EgeriaPolicy(Policy):
             "evaluations": self.evaluations,
             "fresh": self._fresh,
             "anchor_ids": self._anchor_ids,
+            "build_debt": [self._build_debt, self._instalment],
             "anchor": {int(j): list(a) for j, a in self._anchor.items()},
             "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
             "tracker": self.tracker.state_dict(),
@@ -386,11 +385,11 @@ class EgeriaPolicy(Policy):
         self.evaluations = int(state.get("evaluations", 0))
         self._fresh = bool(state.get("fresh", False))
         self._anchor_ids = int(state.get("anchor_ids", self._anchor_ids))
+        self._build_debt, self._instalment = (float(x) for x in state.get("build_debt", (0.0, 0.0)))
         self._anchor = {int(j): (int(a[0]), int(a[1]), int(a[2])) for j, a in state.get("anchor", {}).items()}
         self._anchor_state = {int(j): dict(st) for j, st in state.get("anchor_state", {}).items()}
         self._anchor = {j: a for j, a in self._anchor.items() if j in self._anchor_state}
-        self._rebuild = set(self._anchor)
-        self._refs = {}
+        self._rebuild, self._refs = set(self._anchor), {}
         self.tracker.reset()
         if "tracker" in state:
             self.tracker.load_state_dict(dict(state["tracker"]))
