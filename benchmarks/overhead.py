@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,12 @@ from torch import nn
 import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.bench.runner import call_model, logits_of
+
+
+def _real_batches(w: Any, steps: int) -> list[tuple[Any, Any]]:
+    """A bench workload's batches in the bench's order (without sample ids), enough for
+    ``steps`` steps."""
+    return [b[:2] for e in range(-(-steps // w.steps_per_epoch) + 1) for b in w.train_batches(e)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --mnist or --text, not both")
     torch.manual_seed(0)
     config: dict = {"egeria": {"freeze": False}}
+
     def make_opt(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
 
@@ -60,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from fxfreeze.bench.workloads import minilm_text
 
         w = minilm_text(a.text, seed=0, schedule="warmup_linear")
-        batches = [b[:2] for e in range(-(-a.steps // w.steps_per_epoch) + 1) for b in w.train_batches(e)]
-        factory = w.model_fn
-        example = w.example_inputs
+        batches, factory, example = _real_batches(w, a.steps), w.model_fn, w.example_inputs
         make_opt = w.make_optimizer  # type: ignore[assignment]
         config["total_steps"] = 3 * w.steps_per_epoch  # the bench's 3 epochs: Egeria's spacing on that run
         label = f"all-MiniLM-L6-v2 fine-tuning, batch 32, total_steps {config['total_steps']}"
@@ -71,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from fxfreeze.bench.workloads import mnist_resnet
 
         w = mnist_resnet(a.mnist, width=16, train_size=8000, batch_size=64, lr=0.05, seed=0, schedule="cosine")
-        batches = [b[:2] for e in range(-(-a.steps // w.steps_per_epoch) + 1) for b in w.train_batches(e)]
-        factory = w.model_fn
-        example = w.example_inputs
+        batches, factory, example = _real_batches(w, a.steps), w.model_fn, w.example_inputs
         config["total_steps"] = 2000  # the bench's planned length: Egeria's spacing on that run
         label = f"resnet20 (width 16) on MNIST, batch 64, total_steps {config['total_steps']}"
     else:
