@@ -72,7 +72,7 @@ class CachedGraph:
         prefix and logged when the answer is no. Otherwise the prefix runs as without a cache."""
         if self._pays is None or self._pays[0] != k:
             cfg = freezer.config if freezer is not None else None
-            total = cfg.total_steps if cfg is not None else None
+            total = getattr(freezer, "planned_steps", None) if freezer is not None else None
             remaining = None if total is None else total - freezer.step_count
             per_epoch = (cfg.steps_per_epoch if cfg is not None else None) or self.epoch_steps
             c = self.cache

@@ -35,6 +35,7 @@ def compile(
     max_graphs: int = DEFAULT_MAX_GRAPHS,
     capture_timeout: float | None = DEFAULT_TIMEOUT,
     total_steps: int | None = None,
+    scheduler: Any = None,
     strict: bool = False,
 ) -> FreezableModule:
     """Compile ``model`` into a :class:`FreezableModule` driven by a freezing controller.
@@ -55,6 +56,11 @@ def compile(
       ``capture_timeout``: seconds one capture attempt may take (None: no bound).
     - ``total_steps``: the planned number of optimizer steps (sets the config's
       ``total_steps``), for policies that schedule by the length of training.
+    - ``scheduler``: the learning-rate scheduler, whose horizon gives the planned length
+      when ``total_steps`` is not stated (a cosine's ``T_max``, a one-cycle's
+      ``total_steps``, a linear decay's end; stepped per step or per epoch). Without it, a
+      scheduler of ``optimizer`` is looked for at the first step
+      (:mod:`fxfreeze.runtime.horizon`).
 
     Compiling a model that is already compiled detaches the earlier module (its
     controller stops; see :meth:`FreezableModule.detach`).
@@ -73,6 +79,8 @@ def compile(
     for o in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
         if o is not None and not isinstance(o, torch.optim.Optimizer):
             raise ModelError(f"optimizer must be a torch.optim.Optimizer (or a list of them), got {type(o).__name__}")
+    if scheduler is not None and not isinstance(getattr(scheduler, "last_epoch", None), int):
+        raise ModelError(f"scheduler must be a learning-rate scheduler (with last_epoch), got {type(scheduler).__name__}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ModelError(f"max_graphs must be a positive int, got {max_graphs!r}")
     cfg = load_config(config, policy)
@@ -106,6 +114,6 @@ def compile(
             c = cfg.cache
             fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch)
             fm._cached = CachedGraph(fm._cache)
-    fm.freezer = Freezer(fm, cfg, optimizer)
+    fm.freezer = Freezer(fm, cfg, optimizer, scheduler=scheduler)
     register_owner(model, fm)
     return fm

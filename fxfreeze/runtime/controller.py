@@ -22,6 +22,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import ConfigError, FreezeError
+from .horizon import RunLength, find_schedulers
 from .loss_reader import LossReader
 from .safety import SafetyNet
 from .policies import Decision, Signals, make_policy
@@ -35,7 +36,7 @@ _STATE_VERSION = 1
 class Freezer:
     """Controller of one :class:`~fxfreeze.runtime.module.FreezableModule`."""
 
-    def __init__(self, module: Any, config: FreezeConfig, optimizer: Any = None) -> None:
+    def __init__(self, module: Any, config: FreezeConfig, optimizer: Any = None, scheduler: Any = None) -> None:
         self.module = module
         self.config = config
         self.plan = module.plan
@@ -54,6 +55,13 @@ class Freezer:
         self._agree: Callable[[int], int] | None = None
         self.safety = SafetyNet(config.safety_net)
         self._loss_reader = LossReader()
+        # the planned run length learned from a learning-rate scheduler (horizon.py), when
+        # the config does not state it: given, or looked for once at the first step
+        self._run_lengths: list[RunLength] = []
+        self._looked_for_schedulers = False
+        self._learned_total: int | None = None
+        if scheduler is not None:
+            self.attach_scheduler(scheduler)
         self.policy.attach(self)
 
     def set_agreement(self, hook: Callable[[int], int] | None) -> None:
@@ -97,6 +105,43 @@ class Freezer:
             self._hook = self.optimizer.register_step_post_hook(self._after_step)
         if self.config.release_optimizer_state and self.num_frozen:
             self._release(self.module.frozen_parameter_names())
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """Learn the run's planned length from ``scheduler``'s horizon (a cosine's ``T_max``, a
+        one-cycle's ``total_steps``, a linear decay's end: :mod:`fxfreeze.runtime.horizon`),
+        for the policies and the cache, when neither the config nor an integration states
+        ``total_steps``. Found by itself at the first optimizer step when not given.
+
+        Example::
+
+            >>> # fm.freezer.attach_scheduler(torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=900))
+        """
+        if scheduler is None or not hasattr(scheduler, "last_epoch"):
+            raise FreezeError(f"expected a learning-rate scheduler (with last_epoch), got {type(scheduler).__name__}")
+        self._looked_for_schedulers = True
+        if all(r.scheduler is not scheduler for r in self._run_lengths):
+            self._run_lengths.append(RunLength(scheduler))
+
+    @property
+    def planned_steps(self) -> int | None:
+        """The planned number of optimizer steps: the config's ``total_steps`` (set by
+        ``compile(total_steps=...)`` and the integrations), else a scheduler's horizon once
+        learned, else None."""
+        return self.config.total_steps or self._learned_total
+
+    def _learn_run_length(self) -> None:
+        if self.config.total_steps or self._learned_total is not None:
+            return
+        if not self._looked_for_schedulers:
+            self._looked_for_schedulers = True
+            self._run_lengths = [RunLength(s) for s in find_schedulers(self.optimizers)]
+        for r in self._run_lengths:
+            total = r.observe(self.step_count)
+            if total is not None:
+                self._learned_total = total
+                logger.info("fxfreeze: the run is planned for %d optimizer steps (the horizon of %s)",
+                            total, type(r.scheduler).__name__)
+                return
 
     def _check_holds(self, opts: list[torch.optim.Optimizer]) -> None:
         """An optimizer that holds none of the model's trainable parameters would leave the
@@ -183,6 +228,7 @@ class Freezer:
         if loss is not None:
             self.observe_loss(loss)
         self.step_count += 1
+        self._learn_run_length()
         lrs = self._lrs()
         lr = lrs[0] if lrs else None
         changed, what = self._lr_step(lrs)
@@ -211,7 +257,7 @@ class Freezer:
             max_frozen=self.plan.max_frozen,
             loss_nonfinite=nonfinite,
             epoch_known=bool(self.config.steps_per_epoch) or self._epoch_set,
-            total_steps=self.config.total_steps,
+            total_steps=self.planned_steps,
         )
         decision = self.policy.decide(signals)
         undo = self.safety.verdict(self.step_count, self.num_frozen)
@@ -293,6 +339,7 @@ class Freezer:
             "last_lr": self._last_lrs[0] if self._last_lrs else None,
             "last_lrs": list(self._last_lrs),
             "last_log_ratios": list(self._last_log_ratios),
+            "learned_total_steps": self._learned_total,
             "policy_name": self.config.policy,
             "policy": self.policy.state_dict(),
             "safety": self.safety.state_dict(),
@@ -349,4 +396,6 @@ class Freezer:
         ratios = state.get("last_log_ratios")
         self._last_log_ratios = list(ratios) if isinstance(ratios, list) and len(ratios) == len(self._last_lrs) else [0.0] * len(self._last_lrs)
         self.history = [dict(e) for e in state["history"]]
+        learned = state.get("learned_total_steps")
+        self._learned_total = int(learned) if isinstance(learned, int) and not isinstance(learned, bool) and learned > 0 else None
         self.safety.load_state_dict(dict(state.get("safety") or {}))
