@@ -81,9 +81,17 @@ class EgeriaConfig:
       evaluations at the planned spacing within ``overhead_budget`` on a 2-core CPU);
     - ``window`` / ``threshold`` / ``noise_limit`` / ``patience``: the front block freezes
       when, over its last ``window`` evaluations, its plasticity's elasticity against the
-      anchor's age is under ``threshold`` (1 to 2 = still moving away from the anchor, 0 =
-      levelled off, negative = drifting back: one-sided, only moving away counts as
-      learning) and the fit's noise under ``noise_limit``, at ``patience`` evaluations in a row;
+      anchor's age is under ``threshold`` and the fit's noise under ``noise_limit``, at
+      ``patience`` evaluations in a row. The elasticity is about 2 while a block drifts (it
+      still learns in one direction), about 1 while it only diffuses under SGD noise, 0 once
+      its distance has levelled off, negative when it drifts back; one-sided: only moving
+      away counts as learning;
+    - ``pretrained_threshold`` / ``detect_pretrained``: blocks whose weights are pretrained
+      (:mod:`fxfreeze.pretrained`, judged once at compile time) are held to
+      ``pretrained_threshold`` instead: fine-tuning adapts every layer at once, and a
+      pretrained block freezes only once its distance has levelled off. Blocks trained from
+      scratch converge front first and are held to ``threshold``: diffusing counts as
+      settled. ``detect_pretrained=False`` holds every block to ``threshold``;
     - ``reference_precision``: ``int8`` (static for convolutional blocks, dynamic for
       Linear ones; blocks with nothing to quantize run in fp32 with their outputs rounded to
       int8), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
@@ -112,7 +120,9 @@ class EgeriaConfig:
     evaluations_per_run: int = 60
     probe_size: int = 32
     window: int = 5
-    threshold: float = 0.5
+    threshold: float = 1.5
+    pretrained_threshold: float = 0.5
+    detect_pretrained: bool = True
     noise_limit: float = 1.0
     patience: int = 2
     reference_precision: str = "int8"
@@ -138,12 +148,12 @@ class EgeriaConfig:
         positive_int(self.lookahead, "egeria.lookahead", 0)
         positive_int(self.worker_threads, "egeria.worker_threads")
         positive_int(self.worker_nice, "egeria.worker_nice", 0)
-        for name in ("threshold", "noise_limit"):
+        for name in ("threshold", "pretrained_threshold", "noise_limit"):
             if not number(getattr(self, name), f"egeria.{name}") > 0:
                 raise ConfigError(f"egeria.{name} must be a positive number, got {getattr(self, name)!r}")
         if not 0 <= number(self.overhead_budget, "egeria.overhead_budget") < 1:
             raise ConfigError(f"egeria.overhead_budget must be in [0, 1), got {self.overhead_budget!r}")
-        for name in ("asynchronous", "freeze"):
+        for name in ("asynchronous", "freeze", "detect_pretrained"):
             flag(getattr(self, name), f"egeria.{name}")
         from .runtime.egeria.backends import PRECISIONS as precisions  # torch only; torch.ao loads lazily
 

@@ -123,11 +123,12 @@ def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
     assert tr2.series == tr.series
 
 
-def _drive(series, steps=400, lr_at=None, unfreeze="all"):
+def _drive(series, steps=400, lr_at=None, unfreeze="all", threshold=None):
     """Egeria's real tracker and decision rules (the functions EgeriaPolicy calls) on
     synthetic plasticity series: ``series[j](e)`` is block j's plasticity at the e-th
     evaluation since its anchor, one evaluation every ``eval_interval`` steps."""
-    cfg = FreezeConfig(egeria={"eval_interval": 5, "unfreeze_on_lr_change": unfreeze}).egeria
+    extra = {} if threshold is None else {"threshold": threshold}
+    cfg = FreezeConfig(egeria={"eval_interval": 5, "unfreeze_on_lr_change": unfreeze, **extra}).egeria
     hi = len(series)
     tracker = PlasticityTracker(window=cfg.window, threshold=float(cfg.threshold), noise_limit=float(cfg.noise_limit))
     k, trace, origin, evaluations = 0, [], 0, 0
@@ -164,16 +165,27 @@ def test_decision_rule_freezes_converging_blocks_in_order():
     assert steps == sorted(steps) and len(set(steps)) == 3  # one block per evaluation, in order
 
 
-def test_decision_rule_leaves_moving_and_noisy_blocks_alone():
+def test_decision_rule_leaves_drifting_and_noisy_blocks_alone():
     rng = random.Random(0)
-    moving = lambda e: 0.5 * e  # noqa: E731 - distance from the anchor still rising linearly
+    # still learning: a steady drift away from the anchor, and the SP loss is quadratic in
+    # the distance (elasticity 2)
+    drifting = lambda e: 0.5 * e * e  # noqa: E731
     noisy = lambda e: max(0.01, 5.0 + rng.gauss(0, 3.0))  # noqa: E731
-    assert _drive({0: moving, 1: _converging(2)}) == []  # block 1 converges but is behind block 0
+    assert _drive({0: drifting, 1: _converging(2)}) == []  # block 1 converges but is behind block 0
     assert _drive({0: noisy, 1: _converging(2)}) == []
 
 
+def test_diffusion_is_settled_from_scratch_but_not_for_a_pretrained_block():
+    """A distance growing like the anchor's age (a random walk under SGD noise: elasticity
+    1) passes the from-scratch threshold (1.5) and fails the pretrained one (0.5)."""
+    cfg = FreezeConfig().egeria
+    diffusing = lambda e: 0.5 * e  # noqa: E731
+    assert [k for _, k in _drive({0: diffusing, 1: _converging(2)}, threshold=cfg.threshold)] == [1, 2]
+    assert _drive({0: diffusing, 1: _converging(2)}, threshold=cfg.pretrained_threshold) == []
+
+
 def test_decision_rule_unfreezes_on_a_learning_rate_step():
-    series = {0: _converging(2), 1: _converging(3), 2: lambda e: 1.0 + e}
+    series = {0: _converging(2), 1: _converging(3), 2: lambda e: 1.0 + e * e}  # block 2 still drifts
     trace = _drive(series, steps=300, lr_at=200, unfreeze="all")
     assert (200, 0) in trace
     before = [k for s, k in trace if s < 200]

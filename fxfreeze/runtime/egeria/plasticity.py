@@ -189,6 +189,11 @@ class PlasticityTracker:
     floor: dict[int, float] = field(default_factory=dict)
     flat_count: dict[int, int] = field(default_factory=dict)
     last_trend: dict[int, Trend | None] = field(default_factory=dict)
+    #: block -> its own threshold (a pretrained block's), instead of ``threshold``
+    thresholds: dict[int, float] = field(default_factory=dict)
+
+    def threshold_of(self, block: int) -> float:
+        return self.thresholds.get(block, self.threshold)
 
     def add(self, block: int, value: float, step: float | None = None, origin: float | None = None) -> None:
         """Record one plasticity value measured at ``step`` against an anchor taken at step
@@ -217,7 +222,7 @@ class PlasticityTracker:
         if origin is not None:
             self.origin[block] = float(origin)
         ok, trend = (
-            flat_trend(s, self.threshold, xs, self.origin.get(block), self.noise_limit, self.floor.get(block))
+            flat_trend(s, self.threshold_of(block), xs, self.origin.get(block), self.noise_limit, self.floor.get(block))
             if len(s) == self.window
             else (False, None)
         )

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ...errors import FreezeError
+from ...pretrained import pretrained_blocks
 from ..egeria.builder import BuiltReference, ReferenceBuilder, all_finite
 from ..egeria.plasticity import PlasticityTracker, block_sp_loss
 from ..egeria.probe import ActivationProbe
@@ -101,12 +102,15 @@ class EgeriaPolicy(Policy):
         #: blocks whose reference cannot be built (a module that cannot be copied), with why
         self.unmeasurable: dict[int, str] = {}
         self.fallbacks: dict[int, list[str]] = {}
+        #: per block: are its weights pretrained (held to ``pretrained_threshold``)?
+        self.pretrained: list[bool] = [False] * self.hi
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, freezer: Any) -> None:
         self.module = freezer.module
         if self.hi == 0:
             return
+        self._judge_regime()
         self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
         self.module.probe_hook = self.probe.offer
         # a lower priority only where the worker runs beside training: in synchronous mode
@@ -114,6 +118,32 @@ class EgeriaPolicy(Policy):
         nice = int(self.cfg.worker_nice) if self.cfg.asynchronous else 0
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
                                       nice=nice)
+
+    def _judge_regime(self) -> None:
+        """Which blocks are pretrained (fine-tuning) and which start from scratch, from their
+        weights as compiled (:mod:`fxfreeze.pretrained`): each is held to its regime's
+        threshold. Judged once, before training shapes the weights; a resume restores the
+        verdicts rather than judging trained weights."""
+        if not self.cfg.detect_pretrained:
+            self.pretrained = [False] * self.hi
+        else:
+            named = self.module.params_by_name
+            self.pretrained = pretrained_blocks([[named[n] for n in b.params if n in named] for b in self.plan.blocks[: self.hi]])
+        self._apply_regime()
+        n = sum(self.pretrained)
+        logger.info(
+            "egeria: %s; elasticity thresholds %s",
+            "every block looks freshly initialised (training from scratch)" if n == 0
+            else "every block looks pretrained (fine-tuning)" if n == self.hi
+            else f"{n} of {self.hi} blocks look pretrained ({', '.join(str(j) for j, p in enumerate(self.pretrained) if p)})",
+            ", ".join(sorted({f"{self._threshold(j):g}" for j in range(self.hi)})),
+        )
+
+    def _threshold(self, j: int) -> float:
+        return float(self.cfg.pretrained_threshold if self.pretrained[j] else self.cfg.threshold)
+
+    def _apply_regime(self) -> None:
+        self.tracker.thresholds = {j: self._threshold(j) for j in range(self.hi) if self.pretrained[j]}
 
     def close(self) -> None:
         if self.worker is not None:
@@ -184,9 +214,10 @@ class EgeriaPolicy(Policy):
             detail = (
                 "flat" if t is None
                 else "no motion above the reference's floor" if not t.resolved
-                else f"elasticity {t.elasticity:+.3f}, noise {t.noise:.3f}"
+                else f"elasticity {t.elasticity:+.3f} < {self.tracker.threshold_of(k):g}, noise {t.noise:.3f}"
             )
-            return Decision(new, f"Egeria: block {k} plasticity flat at {self.cfg.patience} evaluations ({detail})")
+            regime = "pretrained" if self.pretrained[k] else "from scratch"
+            return Decision(new, f"Egeria: block {k} ({regime}) settled at {self.cfg.patience} evaluations in a row ({detail})")
         return None
 
     def _on_lr_change(self, s: Signals) -> Decision | None:
@@ -274,7 +305,8 @@ class EgeriaPolicy(Policy):
         """Keep an old anchor while its block is close to passing: a refresh would throw the
         evidence away just before the decision."""
         t = self.tracker.last_trend.get(j)
-        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.elasticity < 2 * float(self.cfg.threshold))
+        thr = self.tracker.threshold_of(j)
+        return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.elasticity < min(2 * thr, thr + 0.5))
 
     def _schedule(self, s: Signals, main_cost: float) -> None:
         # the reference worker costs training what the steps it overlapped took beyond an
@@ -374,6 +406,7 @@ class EgeriaPolicy(Policy):
             "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
             "tracker": self.tracker.state_dict(),
             "probe": None if self.probe is None else self.probe.state_dict(),
+            "pretrained": list(self.pretrained),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -396,4 +429,8 @@ class EgeriaPolicy(Policy):
         probe = state.get("probe")
         if probe is not None and self.probe is not None:
             self.probe.load_state_dict(probe)
+        regime = state.get("pretrained")
+        if isinstance(regime, list) and len(regime) == self.hi:  # judged on the weights as first compiled
+            self.pretrained = [bool(x) for x in regime]
+            self._apply_regime()
 
