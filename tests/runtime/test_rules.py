@@ -56,7 +56,7 @@ def test_agreement_hook_decides_the_prefix():
     fm.freezer.detach()
 
 
-@pytest.mark.parametrize("total, expected", [(None, 50), (900, 15), (100, 5), (20000, 50)])
+@pytest.mark.parametrize("total, expected", [(None, 50), (900, 15), (100, 10), (20000, 50)])  # 100: min_window_steps (50) over a window of 5
 def test_egeria_scales_its_interval_to_the_planned_run(total, expected):
     torch.manual_seed(0)
     model = zoo.resnet20()

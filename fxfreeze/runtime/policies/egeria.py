@@ -168,7 +168,10 @@ class EgeriaPolicy(Policy):
                 self._idle_step = dt if self._idle_step is None else 0.9 * self._idle_step + 0.1 * dt
         if not self._length_known and s.total_steps:
             self._length_known = True
-            self.interval = run_length_interval(int(self.cfg.eval_interval), s.total_steps, int(self.cfg.evaluations_per_run))
+            # never so dense that a window of evidence spans fewer than min_window_steps steps
+            floor = max(1, -(-int(self.cfg.min_window_steps) // int(self.cfg.window)))
+            self.interval = run_length_interval(int(self.cfg.eval_interval), s.total_steps, int(self.cfg.evaluations_per_run),
+                                                floor=floor)
             self.next_eval = min(self.next_eval, s.step + self.interval)
         if self.worker is None or self.probe is None:
             self._last_step_time = now

@@ -98,17 +98,19 @@ def instalment(debt: float, rate: float, cost: float, parts: int) -> tuple[float
     return paid, debt - paid, rate
 
 
-def run_length_interval(interval: int, total_steps: int | None, evaluations: int, floor: int = 5) -> int:
+def run_length_interval(interval: int, total_steps: int | None, evaluations: int, floor: int = 10) -> int:
     """The evaluation interval for a run of ``total_steps`` steps: ``interval`` (set for
     runs of thousands of steps), shortened so that the run holds about ``evaluations`` of
-    them, never below ``floor`` steps. Unknown length, or ``evaluations`` 0: ``interval``.
+    them, never below ``floor`` steps (Egeria: a window of evidence must span enough steps
+    for a trend to stand out of SGD noise). Unknown length, or ``evaluations`` 0:
+    ``interval``.
 
     Example::
 
         >>> run_length_interval(50, 900, evaluations=60), run_length_interval(50, 20000, 60)
         (15, 50)
         >>> run_length_interval(50, None, 60), run_length_interval(50, 100, 60)
-        (50, 5)
+        (50, 10)
     """
     if not total_steps or evaluations <= 0:
         return int(interval)
