@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from fxfreeze.bench.runner import RunResult, train_run
+from fxfreeze.bench.suite import merge_config
 from fxfreeze.bench.workloads import mnist_resnet
+from fxfreeze.cli import parse_overrides
 
 #: the short-run settings (the defaults target runs of thousands of steps; docs/egeria.md)
 SHORT_RUN = {"egeria": {"eval_interval": 10, "overhead_budget": 0, "asynchronous": False},
@@ -73,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--out", default="egeria-mnist")
     p.add_argument("--policies", default="egeria", help="comma-separated: egeria, autofreeze, freezeout, ...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override merged into the short-run settings, e.g. --set egeria.eval_interval=5")
     a = p.parse_args(argv)
-    res = run(a.data, epochs=a.epochs, width=a.width, progress=sys.stderr.isatty(), policies=tuple(a.policies.split(",")))
+    config = merge_config(SHORT_RUN, parse_overrides(a.set))
+    res = run(a.data, epochs=a.epochs, width=a.width, config=config, progress=sys.stderr.isatty(),
+              policies=tuple(a.policies.split(",")))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({k: v.to_dict() for k, v in res.items()}, indent=1))
