@@ -52,3 +52,36 @@ def test_same_seed_same_run_and_a_policy_run_records_freezes():
     m = train_run("manual", model, batches, test, policy="manual", config={"manual": {"schedule": {4: 1}}},
                   example_inputs=(torch.randn(2, 8),), **kw)
     assert m.frozen == [(4, 1)] and m.num_blocks >= 1 and 0 < m.backward_flops_skipped < 1
+
+
+def test_summary_compares_every_run_with_the_control_of_its_seed():
+    """The captured graph's own speed is not the freezing's: each run's time to accuracy and
+    total time are also given over the compiled control of the same seed."""
+    from fxfreeze.bench.runner import RunResult
+    from fxfreeze.bench.suite import _summarise, markdown
+    from fxfreeze.bench.workloads import Workload
+
+    def run(name, seed, curve, wall):
+        r = RunResult(name=name, policy=None if name == "baseline" else name)
+        r.epochs = [{"epoch": i + 1.0, "wall": w, "accuracy": a, "step": 10 * (i + 1), "num_frozen": 0}
+                    for i, (a, w) in enumerate(curve)]
+        r.final_accuracy, r.wall_seconds, r.extra["seed"] = curve[-1][0], wall, seed
+        return r
+
+    runs = {
+        "baseline": run("baseline", 0, [(80.0, 10.0), (90.0, 20.0), (90.0, 30.0)], 30.0),
+        "compiled": run("compiled", 0, [(80.0, 8.0), (90.0, 16.0), (90.0, 24.0)], 24.0),
+        "egeria": run("egeria", 0, [(89.8, 6.0), (90.0, 12.0), (90.0, 12.0)], 12.0),
+        "baseline (seed 1)": run("baseline", 1, [(90.0, 10.0), (90.0, 20.0)], 20.0),
+        "egeria (seed 1)": run("egeria", 1, [(90.0, 5.0), (90.0, 10.0)], 10.0),
+    }
+    w = Workload("w", lambda: None, lambda e: iter(()), lambda: iter(()), None, lambda m: None, 1, description="d")
+    rows = _summarise(w, runs)["runs"]
+    assert rows["egeria"]["tta_speedup"] == pytest.approx(20.0 / 6.0)  # 89.8 >= 90 - 0.3 at 6 s
+    assert rows["egeria"]["tta_vs_control"] == pytest.approx(16.0 / 6.0)
+    assert rows["egeria"]["total_vs_control"] == pytest.approx(2.0)
+    assert rows["compiled"]["tta_vs_control"] == pytest.approx(1.0)
+    assert rows["egeria (seed 1)"]["tta_vs_control"] is None  # no control ran with seed 1
+    md = markdown({"machine": {"processor": "x", "threads": 2, "torch": "t"}, "epochs": 3, "seed": 0, "quick": False,
+                   "workloads": {"w": {"description": "d", "target_accuracy": 89.7, "runs": rows}}})
+    assert "over the control: TTA, total" in md and "| egeria | 90.00% | +0.00 | 6.0 | 3.33x | 2.67x, 2.00x |" in md
