@@ -172,9 +172,10 @@ def find_schedulers(optimizers: list[torch.optim.Optimizer]) -> list[Any]:
     found: list[Any] = []
     for opt in optimizers:
         for r in gc.get_referrers(opt):
+            # a dict is looked through (one more scan) only when it can be a scheduler's __dict__
             owners = [r] if isinstance(r, _BASE) else (
                 [o for o in gc.get_referrers(r) if isinstance(o, _BASE) and getattr(o, "__dict__", None) is r]
-                if isinstance(r, dict) else []
+                if isinstance(r, dict) and r.get("optimizer") is opt and "last_epoch" in r else []
             )
             for o in owners:
                 if getattr(o, "optimizer", None) is opt and all(o is not f for f in found):
