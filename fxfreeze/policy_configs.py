@@ -114,10 +114,11 @@ class EgeriaConfig:
     - ``asynchronous``: consume reference results whenever they are ready (default). With
       ``False`` each evaluation waits for its result: slower, but the run is reproducible
       (with ``overhead_budget=0``, evaluations then happen at fixed steps);
-    - ``unfreeze_on_lr_change``: on a learning-rate step, unfreeze ``all`` blocks, the
-      ``last`` frozen one, or ``none`` (the default: on the step schedule, keeping the prefix
-      through the drop skipped 33% of the backward work at the same accuracy, unfreezing it
-      9%); tracking restarts with fresh anchors either way;
+    - ``unfreeze_on_lr_change``: on a learning-rate step, unfreeze ``all`` blocks (the
+      default), the ``last`` frozen one, or ``none``; tracking restarts with fresh anchors
+      either way. A block frozen while it diffused sits somewhere in its high-rate noise; a
+      drop is when that noise shrinks, and a block kept frozen cannot follow (on the step
+      schedule, keeping five blocks through the drop cost 0.40 point in one of three runs);
     - ``reference_timeout``: seconds one reference job may run; past it (a hang) the policy
       gives up on the reference with a warning and stops deciding, training goes on.
     """
@@ -138,7 +139,7 @@ class EgeriaConfig:
     worker_threads: int = 1
     worker_nice: int = 10
     overhead_budget: float = 0.01
-    unfreeze_on_lr_change: str = "none"
+    unfreeze_on_lr_change: str = "all"
     asynchronous: bool = True
     freeze: bool = True
     reference_timeout: float = 120.0
