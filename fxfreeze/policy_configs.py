@@ -116,9 +116,9 @@ class EgeriaConfig:
       (with ``overhead_budget=0``, evaluations then happen at fixed steps);
     - ``unfreeze_on_lr_change``: on a learning-rate step, unfreeze ``all`` blocks (the
       default), the ``last`` frozen one, or ``none``; tracking restarts with fresh anchors
-      either way. A block frozen while it diffused sits somewhere in its high-rate noise; a
-      drop is when that noise shrinks, and a block kept frozen cannot follow (on the step
-      schedule, keeping five blocks through the drop cost 0.40 point in one of three runs);
+      either way. ``all`` is the cautious side: ``none`` skipped more backward work on the
+      step schedule, and one of its runs ended 0.40 point low, a seed that lost as much with
+      ``all`` (``docs/egeria.md``, "Learning-rate steps unfreeze the prefix");
     - ``reference_timeout``: seconds one reference job may run; past it (a hang) the policy
       gives up on the reference with a warning and stops deciding, training goes on.
     """

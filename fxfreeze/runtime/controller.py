@@ -22,7 +22,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import ConfigError, FreezeError
-from .horizon import RunLength, find_schedulers
+from .horizon import PlannedLength
 from .loss_reader import LossReader
 from .safety import SafetyNet
 from .policies import Decision, Signals, make_policy
@@ -57,9 +57,7 @@ class Freezer:
         self._loss_reader = LossReader()
         # the planned run length learned from a learning-rate scheduler (horizon.py), when
         # the config does not state it: given, or looked for once at the first step
-        self._run_lengths: list[RunLength] = []
-        self._looked_for_schedulers = False
-        self._learned_total: int | None = None
+        self._planned = PlannedLength()
         if scheduler is not None:
             self.attach_scheduler(scheduler)
         self.policy.attach(self)
@@ -116,32 +114,14 @@ class Freezer:
 
             >>> # fm.freezer.attach_scheduler(torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=900))
         """
-        if scheduler is None or not hasattr(scheduler, "last_epoch"):
-            raise FreezeError(f"expected a learning-rate scheduler (with last_epoch), got {type(scheduler).__name__}")
-        self._looked_for_schedulers = True
-        if all(r.scheduler is not scheduler for r in self._run_lengths):
-            self._run_lengths.append(RunLength(scheduler))
+        self._planned.attach(scheduler)
 
     @property
     def planned_steps(self) -> int | None:
         """The planned number of optimizer steps: the config's ``total_steps`` (set by
         ``compile(total_steps=...)`` and the integrations), else a scheduler's horizon once
         learned, else None."""
-        return self.config.total_steps or self._learned_total
-
-    def _learn_run_length(self) -> None:
-        if self.config.total_steps or self._learned_total is not None:
-            return
-        if not self._looked_for_schedulers:
-            self._looked_for_schedulers = True
-            self._run_lengths = [RunLength(s) for s in find_schedulers(self.optimizers)]
-        for r in self._run_lengths:
-            total = r.observe(self.step_count)
-            if total is not None:
-                self._learned_total = total
-                logger.info("fxfreeze: the run is planned for %d optimizer steps (the horizon of %s)",
-                            total, type(r.scheduler).__name__)
-                return
+        return self.config.total_steps or self._planned.learned
 
     def _check_holds(self, opts: list[torch.optim.Optimizer]) -> None:
         """An optimizer that holds none of the model's trainable parameters would leave the
@@ -228,7 +208,8 @@ class Freezer:
         if loss is not None:
             self.observe_loss(loss)
         self.step_count += 1
-        self._learn_run_length()
+        if not self.config.total_steps:
+            self._planned.observe(self.step_count, self.optimizers)
         lrs = self._lrs()
         lr = lrs[0] if lrs else None
         changed, what = self._lr_step(lrs)
@@ -339,7 +320,7 @@ class Freezer:
             "last_lr": self._last_lrs[0] if self._last_lrs else None,
             "last_lrs": list(self._last_lrs),
             "last_log_ratios": list(self._last_log_ratios),
-            "learned_total_steps": self._learned_total,
+            "learned_total_steps": self._planned.learned,
             "policy_name": self.config.policy,
             "policy": self.policy.state_dict(),
             "safety": self.safety.state_dict(),
@@ -397,5 +378,5 @@ class Freezer:
         self._last_log_ratios = list(ratios) if isinstance(ratios, list) and len(ratios) == len(self._last_lrs) else [0.0] * len(self._last_lrs)
         self.history = [dict(e) for e in state["history"]]
         learned = state.get("learned_total_steps")
-        self._learned_total = int(learned) if isinstance(learned, int) and not isinstance(learned, bool) and learned > 0 else None
+        self._planned.learned = int(learned) if isinstance(learned, int) and not isinstance(learned, bool) and learned > 0 else None
         self.safety.load_state_dict(dict(state.get("safety") or {}))

@@ -32,7 +32,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["schedule_horizon", "register_horizon", "find_schedulers", "RunLength"]
+from ..errors import FreezeError
+
+__all__ = ["schedule_horizon", "register_horizon", "find_schedulers", "RunLength", "PlannedLength"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -230,3 +232,39 @@ class RunLength:
         # after the optimizer): steps before this one, then the scheduler steps left
         self.total = max(step, int(round(step - 1 + (self.horizon - done) * per)))
         return self.total
+
+
+class PlannedLength:
+    """The run's planned length as the controller learns it: from schedulers given
+    (:meth:`attach`) or, when none was, from those found at the first observation
+    (:func:`find_schedulers`); the first horizon known wins and is kept (``learned``, in the
+    controller's state)."""
+
+    def __init__(self) -> None:
+        self._run_lengths: list[RunLength] = []
+        self._looked = False
+        #: the planned total of optimizer steps, once learned
+        self.learned: int | None = None
+
+    def attach(self, scheduler: Any) -> None:
+        if scheduler is None or not hasattr(scheduler, "last_epoch"):
+            raise FreezeError(f"expected a learning-rate scheduler (with last_epoch), got {type(scheduler).__name__}")
+        self._looked = True
+        if all(r.scheduler is not scheduler for r in self._run_lengths):
+            self._run_lengths.append(RunLength(scheduler))
+
+    def observe(self, step: int, optimizers: list[torch.optim.Optimizer]) -> int | None:
+        """At each optimizer step (``step`` counts them, from 1): the planned total once known."""
+        if self.learned is not None:
+            return self.learned
+        if not self._looked:
+            self._looked = True
+            self._run_lengths = [RunLength(s) for s in find_schedulers(optimizers)]
+        for r in self._run_lengths:
+            total = r.observe(step)
+            if total is not None:
+                self.learned = total
+                logger.info("fxfreeze: the run is planned for %d optimizer steps (the horizon of %s)",
+                            total, type(r.scheduler).__name__)
+                break
+        return self.learned

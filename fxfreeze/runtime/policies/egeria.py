@@ -16,7 +16,8 @@ further when the measured cost would exceed ``overhead_budget``):
    anchor on the block's training inputs; the SP loss against the training outputs is the
    block's plasticity (:mod:`fxfreeze.runtime.egeria.plasticity`);
 3. results are consumed on later steps, whenever they are ready; the front block freezes
-   when its plasticity trend is flat at ``patience`` evaluations in a row. At most one block
+   when its elasticity stays under its regime's threshold (:mod:`..egeria.regime`: from
+   scratch or pretrained) at ``patience`` evaluations in a row. At most one block
    per evaluation, never the head.
 
 A learning-rate step (as the controller detects it) unfreezes all blocks or the last one
@@ -35,10 +36,11 @@ from typing import Any
 import torch
 
 from ...errors import FreezeError
-from ...pretrained import pretrained_blocks
-from ..egeria.builder import BuiltReference, ReferenceBuilder, all_finite
-from ..egeria.plasticity import PlasticityTracker, block_sp_loss
+from ..egeria.builder import all_finite
+from ..egeria.plasticity import PlasticityTracker
 from ..egeria.probe import ActivationProbe
+from ..egeria.references import References
+from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
 from .base import Decision, Policy, Signals
 from .rules import egeria_rule, evaluation_gap, instalment, lr_step_rule, run_length_interval
@@ -94,16 +96,11 @@ class EgeriaPolicy(Policy):
         self._anchor_state: dict[int, dict[str, torch.Tensor]] = {}
         self._rebuild: set[int] = set()
         self._anchor_ids = 0
-        # built references: touched only by jobs on the worker thread
-        self._refs: dict[int, tuple[BuiltReference, int]] = {}
-        # per-block builders: created on the training thread (preparing traces), used by jobs
-        self._builders: dict[int, ReferenceBuilder] = {}
-        self.backends: dict[int, str] = {}
-        #: blocks whose reference cannot be built (a module that cannot be copied), with why
-        self.unmeasurable: dict[int, str] = {}
-        self.fallbacks: dict[int, list[str]] = {}
-        #: per block: are its weights pretrained (held to ``pretrained_threshold``)?
-        self.pretrained: list[bool] = [False] * self.hi
+        # builders (training thread) and built anchors (worker thread), per block
+        self.refs = References(self.cfg.reference_precision)
+        self.backends, self.fallbacks, self.unmeasurable = self.refs.backends, self.refs.fallbacks, self.refs.unmeasurable
+        #: per block: pretrained (held to ``pretrained_threshold``) or from scratch (``threshold``)
+        self.regimes = Regimes(self.hi, float(self.cfg.threshold), float(self.cfg.pretrained_threshold))
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, freezer: Any) -> None:
@@ -120,30 +117,17 @@ class EgeriaPolicy(Policy):
                                       nice=nice)
 
     def _judge_regime(self) -> None:
-        """Which blocks are pretrained (fine-tuning) and which start from scratch, from their
-        weights as compiled (:mod:`fxfreeze.pretrained`): each is held to its regime's
-        threshold. Judged once, before training shapes the weights; a resume restores the
-        verdicts rather than judging trained weights."""
-        if not self.cfg.detect_pretrained:
-            self.pretrained = [False] * self.hi
-        else:
-            named = self.module.params_by_name
-            self.pretrained = pretrained_blocks([[named[n] for n in b.params if n in named] for b in self.plan.blocks[: self.hi]])
-        self._apply_regime()
-        n = sum(self.pretrained)
-        logger.info(
-            "egeria: %s; elasticity thresholds %s",
-            "every block looks freshly initialised (training from scratch)" if n == 0
-            else "every block looks pretrained (fine-tuning)" if n == self.hi
-            else f"{n} of {self.hi} blocks look pretrained ({', '.join(str(j) for j, p in enumerate(self.pretrained) if p)})",
-            ", ".join(sorted({f"{self._threshold(j):g}" for j in range(self.hi)})),
-        )
+        """Judged once, on the weights as compiled, before training shapes them."""
+        named = self.module.params_by_name
+        self.regimes.judge([[named[n] for n in b.params if n in named] for b in self.plan.blocks[: self.hi]],
+                           detect=bool(self.cfg.detect_pretrained))
+        self.tracker.thresholds = self.regimes.overrides()
+        logger.info("egeria: %s", self.regimes.describe())
 
-    def _threshold(self, j: int) -> float:
-        return float(self.cfg.pretrained_threshold if self.pretrained[j] else self.cfg.threshold)
-
-    def _apply_regime(self) -> None:
-        self.tracker.thresholds = {j: self._threshold(j) for j in range(self.hi) if self.pretrained[j]}
+    @property
+    def pretrained(self) -> list[bool]:
+        """Per block: are its weights pretrained?"""
+        return self.regimes.pretrained
 
     def close(self) -> None:
         if self.worker is not None:
@@ -219,8 +203,7 @@ class EgeriaPolicy(Policy):
                 else "no motion above the reference's floor" if not t.resolved
                 else f"elasticity {t.elasticity:+.3f} < {self.tracker.threshold_of(k):g}, noise {t.noise:.3f}"
             )
-            regime = "pretrained" if self.pretrained[k] else "from scratch"
-            return Decision(new, f"Egeria: block {k} ({regime}) settled at {self.cfg.patience} evaluations in a row ({detail})")
+            return Decision(new, f"Egeria: block {k} ({self.regimes.label(k)}) settled at {self.cfg.patience} evaluations in a row ({detail})")
         return None
 
     def _on_lr_change(self, s: Signals) -> Decision | None:
@@ -269,19 +252,18 @@ class EgeriaPolicy(Policy):
                 self.evaluations - anchor[1] >= self.cfg.refresh_every and not self._near_flat(j)
             )
             if due:
-                if j not in self._builders:  # prepares (may trace): training thread only, once
-                    tb = time.perf_counter()
-                    try:
-                        self._builders[j] = ReferenceBuilder(sub.graph_module, inputs, self.cfg.reference_precision)
-                    except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
-                        self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                        logger.warning(
-                            "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
-                            "policy will not freeze it or anything after it; training goes on",
-                            j, self.plan.blocks[j].name, self.unmeasurable[j],
-                        )
-                        continue
-                    one_time += time.perf_counter() - tb
+                tb = time.perf_counter()
+                try:
+                    if self.refs.prepare(j, sub.graph_module, inputs):  # may trace: training thread only, once
+                        one_time += time.perf_counter() - tb
+                except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
+                    self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    logger.warning(
+                        "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
+                        "policy will not freeze it or anything after it; training goes on",
+                        j, self.plan.blocks[j].name, self.unmeasurable[j],
+                    )
+                    continue
                 state = {k: v.detach().to("cpu", copy=True) for k, v in sub.graph_module.state_dict().items()}
                 self._anchor_ids += 1
                 anchor = (self._anchor_ids, self.evaluations, s.step)
@@ -289,8 +271,7 @@ class EgeriaPolicy(Policy):
                 self._anchor_state[j] = state
                 self.tracker.reset([j])
             elif j in self._rebuild:  # resumed: rebuild the saved anchor's reference
-                if j not in self._builders:
-                    self._builders[j] = ReferenceBuilder(sub.graph_module, inputs, self.cfg.reference_precision)
+                self.refs.prepare(j, sub.graph_module, inputs)
                 state = self._anchor_state[j]
             self._rebuild.discard(j)
             jobs.append((j, anchor[0], inputs, train, state))
@@ -327,29 +308,8 @@ class EgeriaPolicy(Policy):
         self.next_eval = s.step + evaluation_gap(self.interval, float(self.cfg.overhead_budget), cost, self._step_seconds)
 
     def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
-        """On the worker thread: build due anchors, then each block's plasticity."""
-        for j in [j for j in self._refs if j < k]:
-            del self._refs[j]  # frozen since: its anchor is no longer needed
-        out: dict[str, Any] = {"plasticity": {}, "backend": {}, "missing": [], "build_seconds": 0.0}
-        for j, anchor_id, inputs, train, state in jobs:
-            if state is not None:
-                tb = time.perf_counter()
-                built = self._builders[j].build(state, inputs)
-                out["build_seconds"] += time.perf_counter() - tb
-                if built.fallbacks and self.backends.get(j) != built.backend:
-                    logger.warning("egeria: block %d reference falls back to %s (%s)", j, built.backend, "; ".join(built.fallbacks))
-                self.backends[j] = built.backend
-                self.fallbacks[j] = built.fallbacks
-                self._refs[j] = (built, anchor_id)
-            ref = self._refs.get(j)
-            if ref is None or ref[1] != anchor_id:
-                out["missing"].append(j)  # its anchor was never built (a failed job)
-                continue
-            pred = ref[0](inputs)
-            pred = pred if isinstance(pred, (tuple, list)) else (pred,)
-            out["plasticity"][j] = (anchor_id, block_sp_loss(train, pred))
-            out["backend"][j] = self.backends.get(j)
-        return out
+        """On the worker thread (:meth:`References.run`)."""
+        return self.refs.run(jobs, k)
 
     def _consume(self, s: Signals) -> None:
         assert self.worker is not None
@@ -409,7 +369,7 @@ class EgeriaPolicy(Policy):
             "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
             "tracker": self.tracker.state_dict(),
             "probe": None if self.probe is None else self.probe.state_dict(),
-            "pretrained": list(self.pretrained),
+            "pretrained": self.regimes.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -425,15 +385,14 @@ class EgeriaPolicy(Policy):
         self._anchor = {int(j): (int(a[0]), int(a[1]), int(a[2])) for j, a in state.get("anchor", {}).items()}
         self._anchor_state = {int(j): dict(st) for j, st in state.get("anchor_state", {}).items()}
         self._anchor = {j: a for j, a in self._anchor.items() if j in self._anchor_state}
-        self._rebuild, self._refs = set(self._anchor), {}
+        self._rebuild = set(self._anchor)
+        self.refs.built.clear()
         self.tracker.reset()
         if "tracker" in state:
             self.tracker.load_state_dict(dict(state["tracker"]))
         probe = state.get("probe")
         if probe is not None and self.probe is not None:
             self.probe.load_state_dict(probe)
-        regime = state.get("pretrained")
-        if isinstance(regime, list) and len(regime) == self.hi:  # judged on the weights as first compiled
-            self.pretrained = [bool(x) for x in regime]
-            self._apply_regime()
+        if self.regimes.load_state_dict(state.get("pretrained")):  # judged on the weights as first compiled
+            self.tracker.thresholds = self.regimes.overrides()
 
