@@ -32,7 +32,11 @@ class CacheConfig:
       temporary folder when None), checked for writability when the model is compiled;
     - ``dtype``: ``float32`` (bitwise identical to not caching), ``float16`` or
       ``bfloat16`` (half the memory);
-    - ``prefetch``: read the next batch's spilled entries on a background thread;
+    - ``host_budget_mb``: for a frontier on an accelerator, bytes kept in (pinned) host
+      memory once ``memory_budget_mb`` on the device is full, before spilling; None (the
+      default) is 4096 on an accelerator and 0 on the CPU;
+    - ``prefetch``: read the next batch's spilled entries and copy its host rows to the
+      device on a background thread;
     - ``verify_fraction``: share of cache hits recomputed and compared (0 = never);
     - ``random_augmentation``: declare that the inputs are randomly augmented: a sample's
       frontier then differs every epoch, so caching stays off (one warning says so).
@@ -45,12 +49,16 @@ class CacheConfig:
     prefetch: bool = True
     verify_fraction: float = 0.0
     random_augmentation: bool = False
+    host_budget_mb: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("enabled", "prefetch", "random_augmentation"):
             flag(getattr(self, name), f"cache.{name}")
         if number(self.memory_budget_mb, "cache.memory_budget_mb") < 0:
             raise ConfigError(f"cache.memory_budget_mb must be a non-negative number, got {self.memory_budget_mb!r}")
+        if self.host_budget_mb is not None and number(self.host_budget_mb, "cache.host_budget_mb") < 0:
+            raise ConfigError(
+                f"cache.host_budget_mb must be a non-negative number or None (automatic), got {self.host_budget_mb!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"cache.dtype must be 'float32', 'float16' or 'bfloat16', got {self.dtype!r}")
         v = self.verify_fraction

@@ -86,7 +86,10 @@ def test_egeria_freezes_mid_run_with_the_reference_on_the_cpu(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cache_round_trip_through_disk_stays_on_the_device(device, tmp_path):
+@pytest.mark.parametrize("tier", ["disk", "host"])
+def test_cache_round_trip_stays_on_the_device(device, tier, tmp_path):
+    """Every entry beyond a zero device budget goes to disk, or to the host tier (pinned on
+    CUDA, copied on a side stream and prefetched): the losses stay bitwise those of no cache."""
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
@@ -98,7 +101,8 @@ def test_cache_round_trip_through_disk_stays_on_the_device(device, tmp_path):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         cfg = {"policy": "manual", "manual": {"schedule": {2: 2}, "unit": "step"}}
         if cache:
-            cfg["cache"] = {"enabled": True, "memory_budget_mb": 0.0, "directory": str(tmp_path)}  # everything spills
+            cfg["cache"] = {"enabled": True, "memory_budget_mb": 0.0, "directory": str(tmp_path),
+                            "host_budget_mb": 0.0 if tier == "disk" else 1.0}
         fm = fxfreeze.compile(model, (ds.tensors[0][:2].to(device),), optimizer=opt, config=cfg)
         loader = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
         losses = []
@@ -114,8 +118,16 @@ def test_cache_round_trip_through_disk_stays_on_the_device(device, tmp_path):
     _, ref = run(False)
     fm, got = run(True)
     assert got == ref
-    st = fm.activation_cache.stats
-    assert st["spilled"] > 0 and st["hits"] > 0
+    c = fm.activation_cache
+    assert c.stats["hits"] > 0
+    if tier == "disk":
+        assert c.stats["spilled"] > 0 and c.host_bytes == 0
+    else:
+        assert c.stats["spilled"] == 0 and c._host.stats["served"] > 0
+        rows = next(iter(c._host._rows.values()))
+        assert all(t.device.type == "cpu" and t.is_pinned() == (device == "cuda") for t in rows)
+        if device == "cuda":
+            assert c._host.stats["prefetched"] > 0  # the next batch's rows were on their way
 
 
 @pytest.mark.parametrize("device", DEVICES)

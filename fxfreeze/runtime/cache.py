@@ -4,7 +4,11 @@ Egeria and AutoFreeze cache the outputs of frozen layers so that later epochs sk
 forward pass as well. :class:`ActivationCache` stores, for each sample id (its index in the
 dataset), the frontier tensors the frozen prefix produced for it:
 
-- in memory up to ``memory_budget_mb``; beyond that, entries spill to files in ``directory``
+- on the frontier's device up to ``memory_budget_mb`` (GPU-resident when the frontier is on a
+  GPU); beyond that in host memory up to ``host_budget_mb`` (pinned, copied without blocking the
+  training stream and prefetched a batch ahead: :mod:`fxfreeze.runtime.host_tier`; by default
+  4 GiB for a frontier on an accelerator, none on the CPU, where the first budget is host
+  memory already); beyond that, entries spill to files in ``directory``
   (a fresh temporary folder by default), one file per sample: a small header (shapes and
   dtypes), the raw bytes, and a CRC-32 of them. A file that is truncated or whose checksum
   fails is detected, deleted and recomputed, never used. Files are plain data, no pickle;
@@ -47,11 +51,14 @@ import torch
 from ..errors import ConfigError
 from ..tensorfile import decode_tensors as _decode
 from ..tensorfile import encode_tensors as _encode
+from .host_tier import HostTier
 
 __all__ = ["cache_pays", "ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
 _KEY_BYTES = 32  # a sha256 digest
+#: the host tier's budget when ``host_budget_mb`` is None and the frontier is on an accelerator
+DEFAULT_HOST_BUDGET_MB = 4096.0
 
 def cache_pays(remaining: int | None, per_epoch: int | None, run: float | None, store: float | None,
                load: float | None) -> bool:
@@ -98,8 +105,10 @@ class ActivationCache:
         verify_fraction: float = 0.0,
         prefetch: bool = True,
         seed: int = 0,
+        host_budget_mb: float | None = None,
     ) -> None:
         self.budget = int(memory_budget_mb * 2**20)
+        self.host_budget_mb = host_budget_mb
         self.store_dtype = None if dtype == "float32" else {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         self.verify_fraction = float(verify_fraction)
         self._own_dir = directory is None
@@ -126,6 +135,7 @@ class ActivationCache:
         self._warned_no_ids = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
         self._prefetched: dict[int, Future[Any]] = {}
+        self._host: HostTier | None = None  # created at the first store, when the frontier's device is known
         self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
                                 uncached_batches=0, spill_failures=0)
         #: measured seconds and rows: computing the prefix, storing rows, serving rows (hits)
@@ -161,6 +171,8 @@ class ActivationCache:
                     pass
             self._disk = set()
             self._prefetched = {}
+        if self._host is not None:
+            self._host.clear()
 
     def close(self) -> None:
         self.clear()
@@ -187,9 +199,10 @@ class ActivationCache:
                 return tuple(self.runner(inputs))
         keys = [int(i) for i in ids.tolist()]
         t0 = time.perf_counter()
-        entries = [self._get(i) for i in keys]
+        host = self._host
+        entries = [_HOST if host is not None and i in host else self._get(i) for i in keys]
         if all(e is not None for e in entries):
-            out = tuple(torch.stack([e[j] for e in entries]) for j in range(len(entries[0])))  # type: ignore[index]
+            out = self._assemble(keys, entries)
             self._cost("load", t0, len(keys))
             self.stats["hits"] += len(keys)
             if self.verify_fraction > 0 and self._rng.random() < self.verify_fraction:
@@ -222,12 +235,56 @@ class ActivationCache:
             for t in out
         )
         rows = 0
+        over: list[tuple[int, int]] = []  # (row, id) beyond the device budget
         for row, (i, e) in enumerate(zip(keys, entries)):
             if e is None:
-                self._put(i, tuple(t[row] for t in stored))
+                if not self._put(i, tuple(t[row] for t in stored), spill=False):
+                    over.append((row, i))
                 rows += 1
+        if over:
+            self._offload(over, stored)
         self._cost("store", t0, rows)
         return out
+
+    def _assemble(self, keys: list[int], entries: list[Any]) -> tuple[torch.Tensor, ...]:
+        """One batch tensor per frontier value from per-sample entries: rows on the device
+        are stacked as they are; the host tier's rows come in one copy (prefetched when it
+        could be)."""
+        pos = [r for r, e in enumerate(entries) if e is _HOST]
+        if not pos:
+            return tuple(torch.stack([e[j] for e in entries]) for j in range(len(entries[0])))
+        assert self._host is not None and self._devices is not None
+        part = self._restore(self._host.gather([keys[r] for r in pos], self._devices))
+        if len(pos) == len(keys):
+            return part
+        at = {r: n for n, r in enumerate(pos)}
+        return tuple(
+            torch.stack([part[j][at[r]] if r in at else e[j] for r, e in enumerate(entries)]) for j in range(len(part))
+        )
+
+    def _offload(self, over: list[tuple[int, int]], stored: tuple[torch.Tensor, ...]) -> None:
+        """Rows beyond the device budget: to the host tier while it has room (one copy for the
+        batch's share), the rest to disk."""
+        host = self._host_tier(stored)
+        if host is not None:
+            row_bytes = sum(t[0].numel() * t.element_size() for t in stored)
+            n = min(len(over), host.room(row_bytes))
+            if n:
+                sel = [r for r, _ in over[:n]]
+                # a stack of row views: no index tensor to copy to the device
+                part = tuple(torch.stack([t[r] for r in sel]) for t in stored)
+                host.put([i for _, i in over[:n]], part)
+                over = over[n:]
+        for row, i in over:
+            self._put(i, tuple(t[row] for t in stored))
+
+    def _host_tier(self, stored: tuple[torch.Tensor, ...]) -> HostTier | None:
+        if self._host is None:
+            mb = self.host_budget_mb
+            if mb is None:
+                mb = DEFAULT_HOST_BUDGET_MB if any(t.device.type != "cpu" for t in stored) else 0.0
+            self._host = HostTier(int(mb * 2**20), self._pool)
+        return self._host if self._host.budget > 0 else None
 
     def _cost(self, what: str, since: float, rows: int) -> None:
         c = self.costs[what]
@@ -278,7 +335,10 @@ class ActivationCache:
     def get(self, i: int) -> tuple[torch.Tensor, ...] | None:
         """The frontier rows stored for sample ``i`` (None when there are none, or when a
         spilled entry is unreadable or was written under another key: then it is deleted)."""
-        return self._get(int(i))
+        i = int(i)
+        if self._host is not None and i in self._host and self._devices is not None:
+            return tuple(t[0] for t in self._restore(self._host.gather([i], self._devices)))
+        return self._get(i)
 
     def spilled(self) -> list[Path]:
         """The files of the entries spilled to disk."""
@@ -320,16 +380,17 @@ class ActivationCache:
             out.append(t)
         return tuple(out)
 
-    def _put(self, i: int, stored: tuple[torch.Tensor, ...]) -> None:
+    def _put(self, i: int, stored: tuple[torch.Tensor, ...], spill: bool = True) -> bool:
         """Keep sample ``i``'s rows (already in the storage dtype, detached from the batch
-        the model goes on using)."""
+        the model goes on using) on the device within the budget, else (``spill``) on disk.
+        False when it was not kept."""
         size = sum(t.numel() * t.element_size() for t in stored)
         if self._bytes + size <= self.budget:
             self._mem[i] = stored
             self._bytes += size
-            return
-        if not self._spill_ok:
-            return  # recomputed when needed
+            return True
+        if not spill or not self._spill_ok:
+            return False  # recomputed when needed
         path = self._path(i)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,25 +404,40 @@ class ActivationCache:
                 "fxfreeze cache: cannot spill to %s (%s); spilling is off, entries beyond the memory budget "
                 "(%.0f MiB) are recomputed from now on", path.parent, e.strerror or e, self.budget / 2**20,
             )
-            return
+            return False
         self._disk.add(i)
         self.stats["spilled"] += 1
+        return True
 
     def prefetch(self, ids: Sequence[int] | torch.Tensor) -> None:
-        """Start reading the disk entries of an upcoming batch on a background thread."""
-        if self._pool is None or not self._disk:
+        """Start reading the disk entries of an upcoming batch, and copying its host-tier rows
+        to the device, on a background thread."""
+        if self._pool is None:
             return
-        for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
-            i = int(i)
+        keys = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        if self._host is not None and len(self._host) and self._devices is not None:
+            self._host.prefetch([i for i in keys if i in self._host], self._devices)
+        if not self._disk:
+            return
+        for i in keys:
             if i in self._disk and i not in self._prefetched:
                 self._prefetched[i] = self._pool.submit(self._path(i).read_bytes)
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes kept on the frontier's device."""
         return self._bytes
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes kept in the host tier."""
+        return self._host.bytes if self._host is not None else 0
+
     def __len__(self) -> int:
-        return len(self._mem) + len(self._disk)
+        return len(self._mem) + len(self._disk) + (len(self._host) if self._host is not None else 0)
+
+
+_HOST = ("host tier",)  # an entry's marker in a batch: its rows are in the host tier
 
 
 def _check_writable(directory: Path) -> None:

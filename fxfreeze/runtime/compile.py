@@ -112,7 +112,8 @@ def compile(
             from .cache import ActivationCache
 
             c = cfg.cache
-            fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch)
+            fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch,
+                                       host_budget_mb=c.host_budget_mb)
             fm._cached = CachedGraph(fm._cache)
     fm.freezer = Freezer(fm, cfg, optimizer, scheduler=scheduler)
     register_owner(model, fm)

@@ -100,6 +100,32 @@ def test_tiny_budget_spills_to_disk_and_stays_identical(tmp_path):
     assert list(Path(tmp_path).rglob("*.fxfc"))
 
 
+def test_three_tiers_device_host_disk_stay_identical(tmp_path):
+    """The device budget holds a few samples, the host tier some more, the rest spills: every
+    tier serves rows, a batch mixes them, and the run stays bitwise that of no cache. (On the
+    CPU the host tier is plain memory; on a GPU it is pinned and copied on a side stream:
+    tests/test_devices.py runs this on CUDA where one is visible.)"""
+    ref, ref_losses = _run(None)
+    row = 8 * 16 * 16 * 4  # one sample's frontier after 2 or 3 blocks: 8 x 16 x 16 float32
+    fm, losses = _run({"memory_budget_mb": 10 * row / 2**20, "host_budget_mb": 30 * row / 2**20,
+                       "directory": str(tmp_path)})
+    assert losses == ref_losses
+    c = fm.activation_cache
+    assert c._host is not None and c._host.stats["stored"] > 0 and c._host.stats["served"] > 0
+    assert c.stats["spilled"] > 0 and len(c._mem) > 0
+    assert 0 < c.host_bytes <= 30 * row and c.memory_bytes <= 10 * row
+    i = next(iter(c._host._rows))
+    assert all(isinstance(t, torch.Tensor) for t in c.get(i))
+
+
+def test_host_tier_is_off_on_the_cpu_by_default(tmp_path):
+    """Without host_budget_mb, a CPU frontier has no host tier: its memory budget is host memory
+    already, so beyond it entries spill as before."""
+    fm, _ = _run({"memory_budget_mb": 0.01, "directory": str(tmp_path)}, epochs=2)
+    c = fm.activation_cache
+    assert c.host_bytes == 0 and c.stats["spilled"] > 0
+
+
 def test_corrupted_cache_file_is_detected_and_recomputed(tmp_path, caplog):
     cache = ActivationCache(memory_budget_mb=0, directory=tmp_path, prefetch=False)
     calls = []
@@ -205,7 +231,8 @@ def test_cache_with_bert_style_kwargs_model():
 
 def test_cache_config_validation():
     for bad, match in (({"dtype": "int8"}, "cache.dtype"), ({"memory_budget_mb": -1}, "memory_budget_mb"),
-                       ({"verify_fraction": 2}, "verify_fraction"), ({"enabled": "yes"}, "cache.enabled")):
+                       ({"verify_fraction": 2}, "verify_fraction"), ({"enabled": "yes"}, "cache.enabled"),
+                       ({"host_budget_mb": -1}, "host_budget_mb"), ({"host_budget_mb": "4G"}, "host_budget_mb")):
         with pytest.raises(fxfreeze.ConfigError, match=match):
             FreezeConfig.from_dict({"cache": bad})
     with pytest.raises(fxfreeze.FreezeError, match="DataLoader"):

@@ -294,6 +294,49 @@ def test_nan_loss_never_freezes_and_never_crashes():
     fm.freezer.detach()
 
 
+class _InFlight:
+    """A copy event still running when the training thread looks (as from a GPU), done by the
+    time the worker waits."""
+
+    def __init__(self):
+        self.waited = 0
+
+    def query(self):
+        return False
+
+    def synchronize(self):
+        self.waited += 1
+
+
+def test_a_probe_still_in_flight_is_checked_on_the_worker(monkeypatch):
+    """From an accelerator the probe reaches the host without blocking training: the training
+    thread does not wait for it, the worker does, finds it non-finite and skips the evaluation."""
+    from fxfreeze.runtime.host_tier import HostCopy
+
+    fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3, "asynchronous": False})
+    probe = fm.freezer.policy.probe
+    events = []
+    real = probe.values_async
+
+    def in_flight(hi=None):
+        vals, _ = real(hi)
+        events.append(_InFlight())
+        return vals, HostCopy(events[-1])
+
+    monkeypatch.setattr(probe, "values_async", in_flight)
+    with torch.no_grad():
+        next(fm.parameters()).fill_(float("nan"))
+    for _ in range(6):
+        fm.freezer.step()
+    fm(x)
+    for _ in range(6):
+        fm.freezer.step()
+    assert events and all(e.waited == 1 for e in events)  # waited for once, on the worker
+    assert fm.num_frozen == 0
+    assert any(r.get("skipped") == "non-finite probe activation" for r in fm.freezer.policy.timeline)
+    fm.freezer.detach()
+
+
 def test_nan_activations_skip_the_evaluation():
     fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3})
     with torch.no_grad():

@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
 from ...analysis import batch_size_of
 from ...passes.subgraph import Subgraph, extract
 from ...trace import preserved_state
+from ..host_tier import HostCopy, to_host
 from .builder import all_finite
 
 __all__ = ["ActivationProbe", "all_finite"]
@@ -173,10 +173,18 @@ class ActivationProbe:
         for j in range(lo, hi):
             self.block(j)
 
-    @torch.no_grad()
     def values(self, hi: int | None = None) -> dict[str, Any]:
         """Inputs and outputs of every block in ``[0, hi)`` (default: all that may freeze) on
         the probe batch (CPU). Blocks past ``hi`` do not run."""
+        vals, ready = self.values_async(hi)
+        ready.wait()
+        return vals
+
+    @torch.no_grad()
+    def values_async(self, hi: int | None = None) -> tuple[dict[str, Any], HostCopy]:
+        """:meth:`values` as host tensors that may still be on their way from an accelerator,
+        and the handle to wait on before reading them (the reference worker waits, not the
+        training thread)."""
         if self.args is None:
             raise RuntimeError("no probe batch yet")
         full = self._range(self.hi if hi is None else hi)
@@ -190,4 +198,4 @@ class ActivationProbe:
                 m.training = False
             outs = full.graph_module(*[ph[n] for n in full.inputs])
         vals: dict[str, Any] = {**ph, **dict(zip(full.outputs, outs))}
-        return {k: tree_map(lambda t: t.detach().to("cpu") if isinstance(t, torch.Tensor) else t, v) for k, v in vals.items()}
+        return to_host(vals, copy=False)

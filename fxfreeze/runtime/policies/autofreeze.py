@@ -5,6 +5,10 @@ interval, is compared with the previous interval's: ``change = |n_t - n_{t-1}| /
 The ``percentile``-th percentile of the changes over the active blocks is the cut-off; the
 front blocks whose change is below it, up to the first one at or above it, freeze (the prefix
 only grows, never the head). Non-finite gradients skip the interval.
+
+The norms are summed on the gradients' device and read once per interval: reading them every
+step (27 ``.item()`` calls per step on a ResNet-8, ``benchmarks/sync_profile.py``) would make
+the host wait for the device at each one.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ class AutoFreezePolicy(Policy):
         self.cfg = config.autofreeze
         self.hi = plan.max_frozen
         self.module: Any = None
-        self._acc: dict[int, float] = {}
+        self._acc: dict[int, float | torch.Tensor] = {}  # on the device until the interval ends
         self._prev: dict[int, float] = {}
         self._count = 0
         self._bad = False
@@ -47,19 +51,18 @@ class AutoFreezePolicy(Policy):
             return None
         k = s.num_frozen
         for i in range(k, self.hi):
-            tot = 0.0
-            for p in self._params.get(i, []):
-                if p.grad is not None:
-                    tot += float(p.grad.detach().abs().sum())
-            if not math.isfinite(tot):
-                self._bad = True
-            self._acc[i] = self._acc.get(i, 0.0) + tot
+            tot = _l1(self._params.get(i, []))
+            if tot is not None:
+                self._acc[i] = self._acc.get(i, 0.0) + tot
+            else:
+                self._acc.setdefault(i, 0.0)
         self._count += 1
         if s.loss_nonfinite:
             self._bad = True
         if self._count < self.cfg.interval:
             return None
-        acc, bad = self._acc, self._bad
+        acc = self._read()
+        bad = self._bad or not all(math.isfinite(v) for v in acc.values())
         self._acc, self._count, self._bad = {}, 0, False
         if bad:
             self._prev = {}
@@ -74,12 +77,16 @@ class AutoFreezePolicy(Policy):
         return Decision(new, f"AutoFreeze: gradient-norm change of blocks {k}..{new - 1} under the "
                              f"{self.cfg.percentile:g}th percentile")
 
+    def _read(self) -> dict[int, float]:
+        """The interval's norms on the host: the one read of the interval."""
+        return {i: float(v) for i, v in self._acc.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """The previous interval's norms and the interval in progress (its accumulated norms
         and step count): a resume inside an interval decides at the same step."""
         return {
             "prev": {int(i): float(v) for i, v in self._prev.items()},
-            "acc": {int(i): float(v) for i, v in self._acc.items()},
+            "acc": {int(i): v for i, v in self._read().items()},
             "count": self._count,
             "bad": self._bad,
         }
@@ -91,3 +98,14 @@ class AutoFreezePolicy(Policy):
         self._acc = {int(i): float(v) for i, v in state.get("acc", {}).items()}
         self._count = int(state.get("count", 0))
         self._bad = bool(state.get("bad", False))
+
+
+def _l1(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
+    """The L1 norm of the parameters' gradients, as a float32 scalar on the first gradient's
+    device (no host read); None when none has a gradient."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return None
+    dev = grads[0].device
+    parts = [g.abs().sum(dtype=torch.float32) for g in grads]
+    return torch.stack([t if t.device == dev else t.to(dev, non_blocking=True) for t in parts]).sum()

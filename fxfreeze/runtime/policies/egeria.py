@@ -42,6 +42,7 @@ from ..egeria.probe import ActivationProbe
 from ..egeria.references import References
 from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
+from ..host_tier import HostCopy, to_host
 from .base import Decision, Policy, Signals
 from .rules import egeria_rule, evaluation_gap, instalment, lr_step_rule, run_length_interval
 
@@ -94,6 +95,7 @@ class EgeriaPolicy(Policy):
         self._anchor: dict[int, tuple[int, int, int]] = {}
         # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the reference)
         self._anchor_state: dict[int, dict[str, torch.Tensor]] = {}
+        self._copies: list[HostCopy] = []  # anchors' weights that may still be on their way to the host
         self._rebuild: set[int] = set()
         self._anchor_ids = 0
         # builders (training thread) and built anchors (worker thread), per block
@@ -231,8 +233,13 @@ class EgeriaPolicy(Policy):
         tp = time.perf_counter()
         self.probe.prepare(tracked.start, tracked.stop)
         one_time = time.perf_counter() - tp
-        values = self.probe.values(hi=tracked.stop)  # blocks deeper than the tracked ones need not run
-        if not all_finite(values):
+        # blocks deeper than the tracked ones need not run; from an accelerator the values
+        # come without blocking, and the worker checks them once they are there
+        values, ready = self.probe.values_async(hi=tracked.stop)
+        copies = [ready]
+        checked = ready.done()
+        self._copies = [c for c in self._copies if not c.done()]
+        if checked and not all_finite(values):
             self._reset(s)
             self.timeline.append({"step": s.step, "skipped": "non-finite probe activation"})
             self.setup_seconds += one_time
@@ -264,7 +271,9 @@ class EgeriaPolicy(Policy):
                         j, self.plan.blocks[j].name, self.unmeasurable[j],
                     )
                     continue
-                state = {k: v.detach().to("cpu", copy=True) for k, v in sub.graph_module.state_dict().items()}
+                state, copied = to_host(dict(sub.graph_module.state_dict()))  # never blocks the training stream
+                copies.append(copied)
+                self._copies.append(copied)
                 self._anchor_ids += 1
                 anchor = (self._anchor_ids, self.evaluations, s.step)
                 self._anchor[j] = anchor
@@ -278,7 +287,8 @@ class EgeriaPolicy(Policy):
         tag = ("eval", self.evaluations, s.step)
         k = s.num_frozen
         if jobs:
-            self.worker.submit(lambda: self._reference_job(jobs, k), tag=tag)
+            unchecked = None if checked else values
+            self.worker.submit(lambda: self._job(jobs, k, copies, unchecked), tag=tag)
         if jobs and not self.cfg.asynchronous:
             self.worker.wait(timeout=self.worker.job_timeout)
             self._consume(s)
@@ -307,6 +317,16 @@ class EgeriaPolicy(Policy):
         cost = main_cost + (worker_cost - build) + paid
         self.next_eval = s.step + evaluation_gap(self.interval, float(self.cfg.overhead_budget), cost, self._step_seconds)
 
+    def _job(self, jobs: list[Any], k: int, copies: list[HostCopy], unchecked: Any) -> dict[str, Any]:
+        """On the worker thread: wait for the evaluation's copies to the host (a probe or
+        weights still on their way from an accelerator), check a probe that arrived too late
+        for the training thread to check, run the job."""
+        for c in copies:
+            c.wait()
+        if unchecked is not None and not all_finite(unchecked):
+            return {"skipped": "non-finite probe activation"}
+        return self._reference_job(jobs, k)
+
     def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
         """On the worker thread (:meth:`References.run`)."""
         return self.refs.run(jobs, k)
@@ -327,6 +347,11 @@ class EgeriaPolicy(Policy):
                 logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
                 self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
                 self._anchor, self._anchor_state, self._rebuild = {}, {}, set()  # anchors it was to build may be missing
+                self.tracker.reset()
+                continue
+            if res.value.get("skipped"):  # a probe found non-finite on the worker
+                self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.value["skipped"]})
+                self._anchor, self._anchor_state, self._rebuild = {}, {}, set()
                 self.tracker.reset()
                 continue
             rec: dict[str, Any] = {"step": step, "evaluation": eval_no, "num_frozen": s.num_frozen, "plasticity": {},
@@ -357,6 +382,9 @@ class EgeriaPolicy(Policy):
         Plain data and tensors (``torch.load`` with ``weights_only=True``). In synchronous
         mode a resume continues exactly; in the default asynchronous mode results arrive
         when the worker is done, which no run reproduces."""
+        for c in self._copies:  # anchors' weights still on their way from an accelerator
+            c.wait()
+        self._copies = []
         return {
             "next_eval": self.next_eval,
             "interval": self.interval,
