@@ -155,13 +155,26 @@ def test_resume_on_another_device(device):
     fm2.freezer.detach()
 
 
+def _policies():
+    from fxfreeze.registry import policy_names
+
+    return sorted(policy_names())
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_step_the_gradient_scaler_skips_is_not_a_step(device):
-    model, x, y = _resnet(device, 8)
+@pytest.mark.parametrize("policy", _policies())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_step_the_gradient_scaler_skips_is_not_a_step(device, policy, dtype):
+    """Every policy under autocast (float16 and bfloat16) with a GradScaler: a step the scaler
+    skips for inf gradients is not counted; training goes on with finite losses."""
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=8, width=8, in_channels=1).to(device)
+    x = torch.randn(8, 1, 16, 16, device=device)
+    y = torch.randint(0, 10, (8,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config={"policy": "smartfrz"})
+    fm = fxfreeze.compile(model, (x[:2],), optimizer=opt,
+                          config={"policy": policy, "total_steps": 100, "manual": {"schedule": {2: 1}, "unit": "step"}})
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
-    dtype = torch.float16 if device == "cuda" else torch.bfloat16
     _loop(fm, opt, x, y, 3, scaler=scaler, autocast=dtype)
     assert fm.freezer.step_count == 3
     # an infinite gradient: the scaler skips the optimizer step, and the controller with it
@@ -172,6 +185,10 @@ def test_a_step_the_gradient_scaler_skips_is_not_a_step(device):
     scaler.step(opt)
     scaler.update()
     assert fm.freezer.step_count == 3
+    _loop(fm, opt, x, y, 2, scaler=scaler, autocast=dtype)
+    assert fm.freezer.step_count == 5
+    with torch.autocast(device, dtype=dtype):
+        assert torch.isfinite(F.cross_entropy(fm(x), y))
     fm.freezer.detach()
 
 
