@@ -12,7 +12,12 @@ torch 2.13, gloo, 2 processes; ``static_graph=True`` fails the same way;
 - **one decision for all ranks**: after every optimizer step each rank's controller asks its
   policy, then the ranks agree on rank 0's answer (a broadcast of one integer), so every
   rank changes the same prefix at the same step, whatever each rank's policy saw locally
-  (Egeria's plasticity is measured on each rank's own probe batch);
+  (Egeria's plasticity is measured on each rank's own probe batch). With NCCL the integer is
+  a CUDA tensor, and reading it at once would make the host wait for the device every step:
+  there the broadcast is asynchronous, its result is copied to pinned memory behind an
+  event, and every rank applies it ``agree_lag`` steps later (2 by default; 0, at once, with
+  gloo, whose broadcast is on the CPU). Decisions still in flight are part of the
+  controller's checkpoint, so a resume applies them at the same steps;
 - **a DDP rebuilt on every prefix change**, over the parameters that still train: frozen
   parameters drop out of the gradient all-reduce, which is the communication half of the
   saving (the bytes all-reduced per step fall with the frozen share; a communication hook
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -41,7 +47,7 @@ from torch import nn
 
 from .errors import DistributedError
 
-__all__ = ["FreezeDDP", "init_process_group", "DistributedError"]
+__all__ = ["Agreement", "FreezeDDP", "init_process_group", "DistributedError"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -74,9 +80,11 @@ def init_process_group(backend: str = "gloo", *, timeout_s: float = 60.0, **kwar
 class FreezeDDP(nn.Module):
     """DDP around a :class:`~fxfreeze.runtime.module.FreezableModule` that follows its frozen
     prefix. Use it as the DDP module: ``out = ddp(x)``; the optimizer is the one given to
-    ``fxfreeze.compile``. ``ddp_kwargs`` go to ``DistributedDataParallel`` on every rebuild."""
+    ``fxfreeze.compile``. ``ddp_kwargs`` go to ``DistributedDataParallel`` on every rebuild.
+    ``agree_lag``: steps between rank 0's decision and its application on every rank (None:
+    2 when the process group broadcasts CUDA tensors, as NCCL does, else 0)."""
 
-    def __init__(self, module: Any, process_group: Any = None, **ddp_kwargs: Any) -> None:
+    def __init__(self, module: Any, process_group: Any = None, agree_lag: int | None = None, **ddp_kwargs: Any) -> None:
         super().__init__()
         from .runtime.module import FreezableModule
 
@@ -96,22 +104,14 @@ class FreezeDDP(nn.Module):
         # keys are the original model's
         object.__setattr__(self, "ddp", None)
         self._k_built = -1
-        freezer = module.freezer
-        freezer.set_agreement(self._agree)
+        device = _collective_device(process_group)
+        if agree_lag is None:
+            agree_lag = 2 if device.type == "cuda" else 0
+        if isinstance(agree_lag, bool) or not isinstance(agree_lag, int) or agree_lag < 0:
+            raise DistributedError(f"agree_lag must be a non-negative int (steps), got {agree_lag!r}")
+        self.agreement = Agreement(process_group, device, agree_lag, lambda: self.fm.num_frozen)
+        module.freezer.set_agreement(self.agreement)
         self._rebuild()
-
-    # -- agreement ---------------------------------------------------------------------------
-    def _agree(self, proposed: int) -> int:
-        """Every rank proposes a prefix after its optimizer step; rank 0's wins."""
-        t = torch.tensor([int(proposed)], dtype=torch.int64)
-        try:
-            dist.broadcast(t, src=0, group=self.process_group)
-        except (RuntimeError, ValueError) as e:
-            raise DistributedError(
-                f"rank {dist.get_rank()}: agreeing on the frozen prefix failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); another rank has probably crashed or left"
-            ) from e
-        return int(t.item())
 
     # -- the DDP wrapper ------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -144,3 +144,87 @@ class FreezeDDP(nn.Module):
     @property
     def module(self) -> Any:  # like DDP: .module is the wrapped model
         return self.fm
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where the process group's collectives want their tensors: CUDA for NCCL (without a CPU
+    backend beside it), the CPU otherwise."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "cpu:" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _failed(e: Exception) -> DistributedError:
+    return DistributedError(
+        f"rank {dist.get_rank()}: agreeing on the frozen prefix failed ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); another rank has probably crashed or left"
+    )
+
+
+class Agreement:
+    """Rank 0's prefix decisions, broadcast to every rank and applied ``lag`` steps later.
+
+    The controller calls it after every optimizer step with the prefix its policy proposes;
+    it returns the prefix to apply now, or None for no change. A proposal equal to the
+    current prefix travels as "no change" (-1), so that a decision still in flight is not
+    undone by the proposals that follow it. With ``lag`` 0 the broadcast is read at once."""
+
+    NO_CHANGE = -1
+
+    def __init__(self, group: Any, device: torch.device, lag: int, current: Callable[[], int]) -> None:
+        self.group, self.device, self.lag, self.current = group, device, int(lag), current
+        self._pending: deque[Callable[[], int]] = deque()
+
+    def __call__(self, proposed: int) -> int | None:
+        value = int(proposed) if int(proposed) != self.current() else self.NO_CHANGE
+        self._pending.append(self._launch(value))
+        agreed = None
+        while len(self._pending) > self.lag:
+            v = self._pending.popleft()()
+            if v != self.NO_CHANGE:
+                agreed = v
+        return agreed
+
+    def _launch(self, value: int) -> Callable[[], int]:
+        """Start the broadcast of ``value`` from rank 0; the function returned reads its result
+        (then waiting, if it must, for that broadcast only)."""
+        t = torch.full((1,), value, dtype=torch.int64, device=self.device)  # a fill: no copy from the host
+        try:
+            work = dist.broadcast(t, src=0, group=self.group, async_op=True)
+        except (RuntimeError, ValueError) as e:
+            raise _failed(e) from e
+        if self.device.type != "cuda":
+            def read() -> int:
+                try:
+                    work.wait()
+                except (RuntimeError, ValueError) as e:
+                    raise _failed(e) from e
+                return int(t[0])
+            return read
+        work.wait()  # NCCL: the current stream waits for the broadcast, the host does not
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+
+        def read_cuda() -> int:
+            ev.synchronize()  # `lag` steps later: long done
+            return int(host[0])
+        return read_cuda
+
+    def state_dict(self) -> dict[str, Any]:
+        """The decisions still in flight, read (a checkpoint may wait for them)."""
+        values = [read() for read in self._pending]
+        self._pending = deque(_constant(v) for v in values)
+        return {"pending": values, "lag": self.lag}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pending = state.get("pending", []) if isinstance(state, dict) else []
+        if not isinstance(pending, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in pending):
+            raise DistributedError(f"the agreement state's 'pending' must be a list of ints, got {pending!r}")
+        self._pending = deque(_constant(v) for v in pending)
+
+
+def _constant(v: int) -> Callable[[], int]:
+    return lambda: v

@@ -52,7 +52,8 @@ class Freezer:
         self._loss: float | torch.Tensor | None = None
         self._hook: Any = None
         self.attach_optimizer(optimizer)
-        self._agree: Callable[[int], int] | None = None
+        self._agree: Callable[[int], int | None] | None = None
+        self._agreement_state: Any = None
         self.safety = SafetyNet(config.safety_net)
         self._loss_reader = LossReader()
         # the planned run length learned from a learning-rate scheduler (horizon.py), when
@@ -62,11 +63,13 @@ class Freezer:
             self.attach_scheduler(scheduler)
         self.policy.attach(self)
 
-    def set_agreement(self, hook: Callable[[int], int] | None) -> None:
+    def set_agreement(self, hook: Callable[[int], int | None] | None) -> None:
         """Route every decision through ``hook``: after each optimizer step it gets the prefix
         this process proposes (the policy's decision, or the current prefix) and returns the
-        prefix to apply, the same on every process (:class:`fxfreeze.distributed.FreezeDDP`
-        broadcasts rank 0's). None removes it.
+        prefix to apply, the same on every process, or None for no change
+        (:class:`fxfreeze.distributed.FreezeDDP` broadcasts rank 0's). A hook with
+        ``state_dict``/``load_state_dict`` (decisions in flight) is saved with the controller's
+        state and restored from it. None removes it.
 
         Example::
 
@@ -75,6 +78,10 @@ class Freezer:
         if hook is not None and not callable(hook):
             raise FreezeError(f"the agreement hook must be callable, got {type(hook).__name__}")
         self._agree = hook
+        load = getattr(hook, "load_state_dict", None)
+        if load is not None and self._agreement_state is not None:  # resumed before the hook was set
+            load(self._agreement_state)
+            self._agreement_state = None
 
     def attach_optimizer(self, optimizer: Any) -> None:
         """Run after every step of ``optimizer`` (instead of one attached before) and
@@ -253,6 +260,8 @@ class Freezer:
         if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
             agreed = self._agree(proposed)
+            if agreed is None:  # nothing to apply this step (a decision may be in flight)
+                agreed = self.num_frozen
             if agreed != proposed or decision is None:
                 decision = None if agreed == self.num_frozen else Decision(agreed, "decided on rank 0")
         if decision is not None and decision.num_frozen != self.num_frozen:
@@ -325,6 +334,7 @@ class Freezer:
             "policy": self.policy.state_dict(),
             "safety": self.safety.state_dict(),
             "history": [dict(e) for e in self.history],
+            "agreement": self._agree.state_dict() if hasattr(self._agree, "state_dict") else self._agreement_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -380,3 +390,7 @@ class Freezer:
         learned = state.get("learned_total_steps")
         self._planned.learned = int(learned) if isinstance(learned, int) and not isinstance(learned, bool) and learned > 0 else None
         self.safety.load_state_dict(dict(state.get("safety") or {}))
+        self._agreement_state = state.get("agreement")
+        if self._agreement_state is not None and hasattr(self._agree, "load_state_dict"):
+            self._agree.load_state_dict(self._agreement_state)  # type: ignore[union-attr]
+            self._agreement_state = None

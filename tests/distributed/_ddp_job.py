@@ -1,10 +1,11 @@
 """A 2-process gloo job for tests/distributed/test_ddp.py (run as a script).
 
-    python _ddp_job.py MODE OUT_DIR [STEPS] [CKPT_AT]
+    python _ddp_job.py MODE OUT_DIR [STEPS] [CKPT_AT] [LAG]
 
 MODE: train (STEPS steps), part1 (steps up to CKPT_AT, then checkpoint), part2 (resume from
 the checkpoint, run to STEPS), crash (rank 1 dies after 3 steps), alone (one process of a
-world of 2: the rendezvous must fail with a clear error).
+world of 2: the rendezvous must fail with a clear error). LAG: FreezeDDP's agree_lag (default:
+automatic, 0 with gloo).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _data(rank: int, step: int):
     return x, y
 
 
-def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int, rendezvous: str) -> None:
+def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int, rendezvous: str, lag: int | None = None) -> None:
     out_dir = Path(out)
     # a rendezvous file of this job only: torch's FileStore must start from a missing file, and
     # a file left by an earlier job in the same folder (part1 then part2) sends the new ranks
@@ -60,7 +61,7 @@ def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int, rendezvous: st
         fm.freezer.load_state_dict(ck["freezer"])
         opt.load_state_dict(ck["opt"])
         start = ck["step"]
-    ddp = FreezeDDP(fm)
+    ddp = FreezeDDP(fm, agree_lag=lag)
     comm = {"bytes": 0}
 
     def counting(state, bucket):
@@ -110,6 +111,7 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 12
     ckpt_at = int(sys.argv[4]) if len(sys.argv) > 4 else 6
+    lag = int(sys.argv[5]) if len(sys.argv) > 5 else None
     torch.set_num_threads(1)
     rendezvous = str(Path(out) / f"rendezvous-{mode}-{uuid.uuid4().hex}")
     if mode == "alone":
@@ -118,7 +120,7 @@ def main() -> None:
         except fxfreeze.DistributedError as e:
             (Path(out) / "error0.txt").write_text(f"{type(e).__name__}: {e}")
         return
-    mp.spawn(run, args=(mode, out, steps, ckpt_at, rendezvous), nprocs=WORLD, join=mode != "crash")
+    mp.spawn(run, args=(mode, out, steps, ckpt_at, rendezvous, lag), nprocs=WORLD, join=mode != "crash")
     if mode == "crash":
         time.sleep(0)  # the spawn context joins below
         

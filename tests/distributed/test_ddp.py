@@ -68,6 +68,32 @@ def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_lagged_agreement_applies_rank_0s_decisions_later_on_every_rank_and_resumes(tmp_path):
+    """agree_lag=2 (NCCL's default, where reading the broadcast at once would make the host wait
+    for the device every step), on gloo: rank 0's decisions at steps 4 and 8 apply two steps
+    later on both ranks, and a checkpoint taken while the second is in flight resumes into the
+    same run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    full.mkdir()
+    part.mkdir()
+    p0 = _run("train", full, "12", "8", "2")
+    assert p0.returncode == 0, p0.stderr[-3000:]
+    r0, r1 = _results(full)
+    assert r0["max_rank_diff"] == 0.0
+    for r in (r0, r1):
+        assert [e["k"] for e in r["log"]] == [0, 0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4]
+    assert r0["rebuilds"] == 3
+    p1 = _run("part1", part, "12", "8", "2")  # after 8 steps: the freeze to 4 is in flight
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = _run("part2", part, "12", "8", "2")
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    b = _results(part)[0]
+    assert [e["k"] for e in b["log"]] == [2, 4, 4, 4]
+    assert b["params"] == r0["params"]  # bitwise
+    assert [e["loss"] for e in b["log"]] == [e["loss"] for e in r0["log"][8:]]
+
+
+@pytest.mark.slow
 def test_a_crashed_rank_is_a_clear_error_not_a_hang(tmp_path):
     t = time.monotonic()
     p = _run("crash", tmp_path, "12", timeout=120)
@@ -82,3 +108,37 @@ def test_an_incomplete_world_is_a_clear_error(tmp_path):
     assert time.monotonic() - t < 60
     err = (tmp_path / "error0.txt").read_text()
     assert err.startswith("DistributedError") and "did not form" in err and "world size" in err
+
+
+def test_agreement_in_one_process(tmp_path):
+    """The lagged agreement's bookkeeping in a world of one (gloo): a proposal equal to the
+    current prefix travels as "no change", a decision comes back `lag` calls later, decisions
+    in flight survive state_dict/load_state_dict, and a bad state or lag is a clear error."""
+    import torch
+    import torch.distributed as dist
+
+    import fxfreeze
+    from fxfreeze import zoo
+    from fxfreeze.distributed import Agreement, FreezeDDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        cur = [0]
+        a = Agreement(None, torch.device("cpu"), 2, lambda: cur[0])
+        assert [a(3), a(0), a(0)] == [None, None, 3]
+        cur[0] = 3
+        assert [a(0), a(3)] == [None, None]  # 0 from step 2 was "no change", then an unfreeze to 0 proposed
+        st = a.state_dict()
+        assert st == {"pending": [0, -1], "lag": 2}
+        b = Agreement(None, torch.device("cpu"), 2, lambda: cur[0])
+        b.load_state_dict(st)
+        assert [b(3), b(3)] == [0, None]
+        with pytest.raises(fxfreeze.DistributedError, match="pending"):
+            b.load_state_dict({"pending": ["3"]})
+        fm = fxfreeze.compile(zoo.resnet_cifar(depth=8, width=8, in_channels=1), (torch.randn(2, 1, 16, 16),),
+                              optimizer=None, policy="manual")
+        with pytest.raises(fxfreeze.DistributedError, match="agree_lag"):
+            FreezeDDP(fm, agree_lag=-1)
+        assert FreezeDDP(fm).agreement.lag == 0  # gloo: read at once
+    finally:
+        dist.destroy_process_group()
