@@ -9,7 +9,7 @@ dataset), the frontier tensors the frozen prefix produced for it:
   training stream and prefetched a batch ahead: :mod:`fxfreeze.runtime.host_tier`; by default
   4 GiB for a frontier on an accelerator, none on the CPU, where the first budget is host
   memory already); beyond that, entries spill to files in ``directory``
-  (a fresh temporary folder by default), one file per sample: a small header (shapes and
+  (:mod:`fxfreeze.runtime.spill`; a fresh temporary folder by default), one file per sample: a small header (shapes and
   dtypes), the raw bytes, and a CRC-32 of them. A file that is truncated or whose checksum
   fails is detected, deleted and recomputed, never used. Files are plain data, no pickle;
 - optionally in float16 (half the memory, no longer bitwise);
@@ -36,27 +36,20 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
-import uuid
-import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..tensorfile import decode_tensors as _decode
-from ..tensorfile import encode_tensors as _encode
 from .host_tier import HostTier
+from .spill import DiskTier
 
 __all__ = ["cache_pays", "ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
-_KEY_BYTES = 32  # a sha256 digest
 #: the host tier's budget when ``host_budget_mb`` is None and the frontier is on an accelerator
 DEFAULT_HOST_BUDGET_MB = 4096.0
 
@@ -111,20 +104,10 @@ class ActivationCache:
         self.host_budget_mb = host_budget_mb
         self.store_dtype = None if dtype == "float32" else {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         self.verify_fraction = float(verify_fraction)
-        self._own_dir = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="fxfreeze-cache-")) if directory is None else Path(directory)
-        _check_writable(self.directory)
-        if self._own_dir:  # a temporary folder of ours goes with the cache, closed or not
-            weakref.finalize(self, shutil.rmtree, str(self.directory), True)
-        # this instance's own folder: runs that share `directory` never touch each other's files
-        self._run = f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._key = b"\0" * _KEY_BYTES
         self._devices: tuple[torch.device, ...] | None = None
-        self._spill_ok = True
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._mem: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._disk: set[int] = set()
         self._bytes = 0
         self._k = 0
         self._old: tuple[int, dict[int, tuple[torch.Tensor, ...]]] | None = None
@@ -134,10 +117,11 @@ class ActivationCache:
         self.enabled = True
         self._warned_no_ids = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
-        self._prefetched: dict[int, Future[Any]] = {}
-        self._host: HostTier | None = None  # created at the first store, when the frontier's device is known
         self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
                                 uncached_batches=0, spill_failures=0)
+        self._host: HostTier | None = None  # created at the first store, when the frontier's device is known
+        self._disk = DiskTier(directory, self.stats, self._pool)
+        self.directory = self._disk.directory
         #: measured seconds and rows: computing the prefix, storing rows, serving rows (hits)
         self.costs: dict[str, list[float]] = {"run": [0.0, 0], "store": [0.0, 0], "load": [0.0, 0]}
 
@@ -155,7 +139,7 @@ class ActivationCache:
         self.clear()
         self._old = keep
         self._k = k
-        self._key = (key or b"")[:_KEY_BYTES].ljust(_KEY_BYTES, b"\0")
+        self._disk.set_prefix(k, key)
         self.runner = runner
         self.refill = refill
 
@@ -164,13 +148,7 @@ class ActivationCache:
             self._mem = {}
             self._bytes = 0
             self._old = None
-            for i in list(self._disk):
-                try:
-                    self._path(i).unlink()
-                except OSError:
-                    pass
-            self._disk = set()
-            self._prefetched = {}
+            self._disk.clear()
         if self._host is not None:
             self._host.clear()
 
@@ -178,10 +156,7 @@ class ActivationCache:
         self.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        if self._own_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        else:
-            shutil.rmtree(self.directory / self._run, ignore_errors=True)
+        self._disk.close()
 
     # -- the graph's entry point ---------------------------------------------------------------------
     def load(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
@@ -329,9 +304,6 @@ class ActivationCache:
                 return
 
     # -- storage ---------------------------------------------------------------------------------------
-    def _path(self, i: int) -> Path:
-        return self.directory / self._run / f"k{self._k}" / f"{i}.fxfc"
-
     def get(self, i: int) -> tuple[torch.Tensor, ...] | None:
         """The frontier rows stored for sample ``i`` (None when there are none, or when a
         spilled entry is unreadable or was written under another key: then it is deleted)."""
@@ -342,30 +314,14 @@ class ActivationCache:
 
     def spilled(self) -> list[Path]:
         """The files of the entries spilled to disk."""
-        return [self._path(i) for i in sorted(self._disk)]
+        return self._disk.files()
 
     def _get(self, i: int) -> tuple[torch.Tensor, ...] | None:
         e = self._mem.get(i)
         if e is not None:  # kept on the frontier's own device
             return e if self.store_dtype is None else self._restore(e)
-        if i not in self._disk:
-            return None
-        fut = self._prefetched.pop(i, None)
-        try:
-            data = fut.result() if fut is not None else self._path(i).read_bytes()
-            if data[:_KEY_BYTES] != self._key:
-                self.stats["foreign"] += 1
-                raise ValueError("written for another run, prefix or frozen weights")
-            return self._restore(tuple(_decode(data[_KEY_BYTES:])))
-        except (OSError, ValueError) as err:
-            self.stats["corrupt"] += 1
-            logger.warning("fxfreeze cache: entry %s is unreadable (%s); recomputing it", self._path(i), err)
-            self._disk.discard(i)
-            try:
-                self._path(i).unlink()
-            except OSError:
-                pass
-            return None
+        e = self._disk.get(i)
+        return None if e is None else self._restore(e)
 
     def _restore(self, e: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """An entry as the graph wants it: float32 again, on the frontier's device (spilled
@@ -383,31 +339,13 @@ class ActivationCache:
     def _put(self, i: int, stored: tuple[torch.Tensor, ...], spill: bool = True) -> bool:
         """Keep sample ``i``'s rows (already in the storage dtype, detached from the batch
         the model goes on using) on the device within the budget, else (``spill``) on disk.
-        False when it was not kept."""
+        False when it was not kept (it is recomputed when needed)."""
         size = sum(t.numel() * t.element_size() for t in stored)
         if self._bytes + size <= self.budget:
             self._mem[i] = stored
             self._bytes += size
             return True
-        if not spill or not self._spill_ok:
-            return False  # recomputed when needed
-        path = self._path(i)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(self._key + _encode([t.cpu() for t in stored], None))
-            os.replace(tmp, path)
-        except OSError as e:
-            self._spill_ok = False
-            self.stats["spill_failures"] += 1
-            logger.warning(
-                "fxfreeze cache: cannot spill to %s (%s); spilling is off, entries beyond the memory budget "
-                "(%.0f MiB) are recomputed from now on", path.parent, e.strerror or e, self.budget / 2**20,
-            )
-            return False
-        self._disk.add(i)
-        self.stats["spilled"] += 1
-        return True
+        return spill and self._disk.put(i, stored, self.budget / 2**20)
 
     def prefetch(self, ids: Sequence[int] | torch.Tensor) -> None:
         """Start reading the disk entries of an upcoming batch, and copying its host-tier rows
@@ -417,11 +355,7 @@ class ActivationCache:
         keys = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
         if self._host is not None and len(self._host) and self._devices is not None:
             self._host.prefetch([i for i in keys if i in self._host], self._devices)
-        if not self._disk:
-            return
-        for i in keys:
-            if i in self._disk and i not in self._prefetched:
-                self._prefetched[i] = self._pool.submit(self._path(i).read_bytes)
+        self._disk.prefetch(keys)
 
     @property
     def memory_bytes(self) -> int:
@@ -438,16 +372,3 @@ class ActivationCache:
 
 
 _HOST = ("host tier",)  # an entry's marker in a batch: its rows are in the host tier
-
-
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".fxfreeze-write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"cache.directory {str(directory)!r} is not writable ({e.strerror or e}); choose another folder "
-            "or turn caching off"
-        ) from e

@@ -16,7 +16,9 @@ import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.config import FreezeConfig
 from fxfreeze.passes.cache_load import CacheLoad, cache_frontier, cache_load
-from fxfreeze.runtime.cache import ActivationCache, _decode, _encode
+from fxfreeze.runtime.cache import ActivationCache
+from fxfreeze.tensorfile import decode_tensors as _decode
+from fxfreeze.tensorfile import encode_tensors as _encode
 
 
 def _data(n=96):
