@@ -450,18 +450,19 @@ def test_a_pause_between_steps_is_neither_a_step_time_nor_contention(monkeypatch
 
     def step(n, dt, busy=False):
         clock[0] += dt
-        pol._worker_was_busy = busy
+        pol.schedule.worker_was_busy = busy
         pol.decide(Signals(step=n, epoch=0, loss=1.0, lr=0.1, lr_changed=False, num_frozen=0, max_frozen=3))
 
     for n in range(1, 12):
         step(n, 0.1)
-    assert pol._step_seconds == pytest.approx(0.1) and pol._idle_step == pytest.approx(0.1)
+    sched = pol.schedule
+    assert sched.step_seconds == pytest.approx(0.1) and sched.idle_step == pytest.approx(0.1)
     step(12, 10.0, busy=True)  # a pause while the worker was busy
-    assert pol._step_seconds == pytest.approx(0.1) and pol._contention == 0.0
+    assert sched.step_seconds == pytest.approx(0.1) and sched.contention == 0.0
     step(13, 0.13, busy=True)  # a real step slowed by the worker: 0.03 s charged
-    assert pol._contention == pytest.approx(0.03)
+    assert sched.contention == pytest.approx(0.03)
     step(14, 10.0)  # a pause with the worker idle: not an idle step either
-    assert pol._idle_step == pytest.approx(0.1)
+    assert sched.idle_step == pytest.approx(0.1)
     fm.freezer.detach()
 
 
@@ -469,26 +470,26 @@ def test_anchor_building_is_charged_in_instalments_over_a_window():
     """The share of the worker's cost spent building anchors is paid over `window`
     evaluations: the next evaluation is not pushed out by the whole build, and over the
     instalments every second is charged."""
-    from fxfreeze.runtime.policies.base import Signals
 
     fm, opt, x, y = _setup({"freeze": False, "overhead_budget": 0.01, "window": 4})
     pol = fm.freezer.policy
-    pol.interval, pol._step_seconds, pol._idle_step = 1, 0.1, 0.1  # 1% of a 0.1 s step: 1 ms per step
+    sched = pol.schedule
+    sched.interval, sched.step_seconds, sched.idle_step = 1, 0.1, 0.1  # 1% of a 0.1 s step: 1 ms per step
 
     def schedule(step, contention, share=0.0):
-        pol._contention, pol._build_share = contention, share
-        pol._schedule(Signals(step=step, epoch=0, loss=1.0, lr=0.1, lr_changed=False, num_frozen=0, max_frozen=3), 0.0)
-        return pol.next_eval - step
+        sched.contention, sched.build_share = contention, share
+        sched.plan(step, 0.0)
+        return sched.next_eval - step
 
     # 2.0 s of contention, 80% of it building: 0.4 s now + 1.6 s / 4 = 0.8 s -> 800 steps (not 2,000)
     assert schedule(0, 2.0, 0.8) == pytest.approx(800, abs=1)
     # a resume still owes what is left (1.2 s, in instalments of 0.4 s): it is in the state dict
     fm2, _, _, _ = _setup({"freeze": False, "overhead_budget": 0.01, "window": 4})
     fm2.freezer.policy.load_state_dict(pol.state_dict())
-    assert (fm2.freezer.policy._build_debt, fm2.freezer.policy._instalment) == pytest.approx((1.2, 0.4))
+    assert (fm2.freezer.policy.schedule.build_debt, fm2.freezer.policy.schedule.instalment) == pytest.approx((1.2, 0.4))
     fm2.freezer.detach()
     assert [schedule(s, 0.0) for s in (1, 2, 3)] == [pytest.approx(400, abs=1)] * 3  # the other three instalments
-    assert schedule(4, 0.0) == 1 and pol._build_debt == pytest.approx(0.0)  # paid off: back to the interval
+    assert schedule(4, 0.0) == 1 and sched.build_debt == pytest.approx(0.0)  # paid off: back to the interval
     # without building, the whole contention is charged before the next evaluation, as before
     assert schedule(5, 2.0) == pytest.approx(2000, abs=1)
     fm.freezer.detach()
@@ -513,8 +514,8 @@ def test_the_probe_graphs_set_up_once_are_not_charged_to_the_schedule(monkeypatc
 
     monkeypatch.setattr(pol.probe, "prepare", slow_prepare)
     charged = []
-    real_schedule = pol._schedule
-    monkeypatch.setattr(pol, "_schedule", lambda s, cost: (charged.append(cost), real_schedule(s, cost)))
+    real_plan = pol.schedule.plan
+    monkeypatch.setattr(pol.schedule, "plan", lambda step, cost: (charged.append(cost), real_plan(step, cost)))
     _train(fm, opt, x, y, 4)
     assert charged and max(charged) < 50.0  # the 100 s of set-up never reaches the schedule
     assert pol.setup_seconds >= 100.0 and pol.main_seconds >= pol.setup_seconds

@@ -44,13 +44,12 @@ from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
 from ..host_tier import HostCopy, to_host
 from .base import Decision, Policy, Signals
-from .rules import egeria_rule, evaluation_gap, instalment, lr_step_rule, run_length_interval
+from .egeria_schedule import EvaluationSchedule
+from .rules import egeria_rule, lr_step_rule
 
 __all__ = ["EgeriaPolicy"]
 
 logger = logging.getLogger("fxfreeze")
-#: a gap between two optimizer steps this many times the average step is a pause, not a step
-_PAUSE = 5.0
 
 
 class EgeriaPolicy(Policy):
@@ -67,11 +66,9 @@ class EgeriaPolicy(Policy):
         self.worker: ReferenceWorker | None = None
         self.probe: ActivationProbe | None = None
         self.module: Any = None
-        self.next_eval = int(self.cfg.eval_interval)
-        #: the evaluation interval in use: eval_interval, scaled to the run's planned length
-        #: once it is known (Signals.total_steps)
-        self.interval = int(self.cfg.eval_interval)
-        self._length_known = False
+        #: when to evaluate next, and the measured costs that place it
+        self.schedule = EvaluationSchedule(int(self.cfg.eval_interval), float(self.cfg.overhead_budget), int(self.cfg.window),
+                                           int(self.cfg.evaluations_per_run), int(self.cfg.min_window_steps))
         self.evaluations = 0
         self.main_seconds = 0.0
         #: of main_seconds, the one-time set-up (the probe's graphs, each block's reference
@@ -80,17 +77,6 @@ class EgeriaPolicy(Policy):
         self._fresh = False
         self._disabled_reported = False
         self._small_probe_reported = False
-        self._last_step_time: float | None = None
-        self._step_seconds: float | None = None
-        self._last_worker_seconds = 0.0
-        # training-step seconds while the worker was idle (EMA), and the time steps took
-        # beyond it while a reference job ran: what the worker really costs training
-        self._idle_step: float | None = None
-        self._worker_was_busy = False
-        self._contention = 0.0
-        # of the last reference job's seconds, the share spent building anchors; the building
-        # cost not yet charged to the schedule, and the instalment it is paid in
-        self._build_share, self._build_debt, self._instalment = 0.0, 0.0, 0.0
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
         # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the reference)
@@ -137,38 +123,32 @@ class EgeriaPolicy(Policy):
         if self.module is not None and getattr(self.module, "probe_hook", None) is not None:
             self.module.probe_hook = None
 
+    @property
+    def interval(self) -> int:
+        """The evaluation interval in use (``eval_interval`` scaled to the planned run)."""
+        return self.schedule.interval
+
+    @property
+    def next_eval(self) -> int:
+        """The step of the next evaluation."""
+        return self.schedule.next_eval
+
     # -- the decision ------------------------------------------------------------------------------
     def decide(self, s: Signals) -> Decision | None:
         now = time.perf_counter()
-        dt = None if self._last_step_time is None else now - self._last_step_time
-        if dt is not None and self._step_seconds is not None and dt > _PAUSE * self._step_seconds:
-            # a pause between two steps (a validation loop, a checkpoint, another model's
-            # turn): not a training step, so neither a step time nor the worker's contention
-            dt = None
-        if dt is not None:
-            self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
-            if self._worker_was_busy:
-                if self._idle_step is not None:
-                    self._contention += dt - self._idle_step
-            else:
-                self._idle_step = dt if self._idle_step is None else 0.9 * self._idle_step + 0.1 * dt
-        if not self._length_known and s.total_steps:
-            self._length_known = True
-            # never so dense that a window of evidence spans fewer than min_window_steps steps
-            floor = max(1, -(-int(self.cfg.min_window_steps) // int(self.cfg.window)))
-            self.interval = run_length_interval(int(self.cfg.eval_interval), s.total_steps, int(self.cfg.evaluations_per_run),
-                                                floor=floor)
-            self.next_eval = min(self.next_eval, s.step + self.interval)
+        sched = self.schedule
+        sched.tick(now)
+        sched.learn_length(s.total_steps, s.step)
         if self.worker is None or self.probe is None:
-            self._last_step_time = now
+            sched.last_step_time = now
             return None
         try:
             return self._decide(s)
         finally:
             end = time.perf_counter()
             self.main_seconds += end - now
-            self._last_step_time = end
-            self._worker_was_busy = bool(self.worker.pending)
+            sched.last_step_time = end
+            sched.worker_was_busy = bool(self.worker.pending)
 
     def _decide(self, s: Signals) -> Decision | None:
         assert self.worker is not None and self.probe is not None
@@ -185,7 +165,7 @@ class EgeriaPolicy(Policy):
             self._reset(s)
             self.timeline.append({"step": s.step, "skipped": "non-finite loss"})
             return None
-        if s.step >= self.next_eval and s.num_frozen < self.hi:
+        if s.step >= self.schedule.next_eval and s.num_frozen < self.hi:
             if self.probe.ready:
                 self._evaluate(s)
             elif self.probe.args is not None and not self._small_probe_reported:
@@ -219,7 +199,7 @@ class EgeriaPolicy(Policy):
         self.tracker.reset()
         self._anchor, self._anchor_state, self._rebuild = {}, {}, set()
         self._fresh = False
-        self.next_eval = s.step + self.interval
+        self.schedule.restart(s.step)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def _evaluate(self, s: Signals) -> None:
@@ -243,7 +223,7 @@ class EgeriaPolicy(Policy):
             self._reset(s)
             self.timeline.append({"step": s.step, "skipped": "non-finite probe activation"})
             self.setup_seconds += one_time
-            self._schedule(s, time.perf_counter() - t0 - one_time)
+            self.schedule.plan(s.step, time.perf_counter() - t0 - one_time)
             return
         self.evaluations += 1
         jobs = []
@@ -293,7 +273,7 @@ class EgeriaPolicy(Policy):
             self.worker.wait(timeout=self.worker.job_timeout)
             self._consume(s)
         self.setup_seconds += one_time
-        self._schedule(s, time.perf_counter() - t0 - one_time)
+        self.schedule.plan(s.step, time.perf_counter() - t0 - one_time)
 
     def _near_flat(self, j: int) -> bool:
         """Keep an old anchor while its block is close to passing: a refresh would throw the
@@ -301,21 +281,6 @@ class EgeriaPolicy(Policy):
         t = self.tracker.last_trend.get(j)
         thr = self.tracker.threshold_of(j)
         return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.elasticity < min(2 * thr, thr + 0.5))
-
-    def _schedule(self, s: Signals, main_cost: float) -> None:
-        # the reference worker costs training what the steps it overlapped took beyond an
-        # idle-worker step (contention for the cores), measured since the last evaluation;
-        # before any idle step is measured its busy time is charged in full (conservative)
-        worker_cost = max(0.0, self._contention) if self._idle_step is not None else self._last_worker_seconds
-        self._contention = 0.0
-        # an anchor's build (int8 conversion) serves its next `window` evaluations: paid in
-        # `window` instalments, not all before the next one (MiniLM: the first job's 4.4 s of
-        # builds spaced the next evaluation 200 steps out in a 900-step run)
-        build = worker_cost * self._build_share
-        self._build_share = 0.0
-        paid, self._build_debt, self._instalment = instalment(self._build_debt, self._instalment, build, int(self.cfg.window))
-        cost = main_cost + (worker_cost - build) + paid
-        self.next_eval = s.step + evaluation_gap(self.interval, float(self.cfg.overhead_budget), cost, self._step_seconds)
 
     def _job(self, jobs: list[Any], k: int, copies: list[HostCopy], unchecked: Any) -> dict[str, Any]:
         """On the worker thread: wait for the evaluation's copies to the host (a probe or
@@ -340,9 +305,7 @@ class EgeriaPolicy(Policy):
                     logger.warning("egeria: reference job failed: %s", res.error)
                 continue
             _, eval_no, step = tag
-            self._last_worker_seconds = res.seconds
-            if res.error is None and res.seconds > 0:
-                self._build_share = min(1.0, float(res.value.get("build_seconds", 0.0)) / res.seconds)
+            self.schedule.job_done(res.seconds, float(res.value.get("build_seconds", 0.0)) if res.error is None else 0.0)
             if res.error is not None:
                 logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
                 self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
@@ -386,13 +349,10 @@ class EgeriaPolicy(Policy):
             c.wait()
         self._copies = []
         return {
-            "next_eval": self.next_eval,
-            "interval": self.interval,
-            "length_known": self._length_known,
+            **self.schedule.state_dict(),
             "evaluations": self.evaluations,
             "fresh": self._fresh,
             "anchor_ids": self._anchor_ids,
-            "build_debt": [self._build_debt, self._instalment],
             "anchor": {int(j): list(a) for j, a in self._anchor.items()},
             "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
             "tracker": self.tracker.state_dict(),
@@ -403,13 +363,10 @@ class EgeriaPolicy(Policy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
             raise FreezeError("egeria policy state must be a dict")
-        self.next_eval = int(state.get("next_eval", self.next_eval))
-        self.interval = int(state.get("interval", self.interval))
-        self._length_known = bool(state.get("length_known", self._length_known))
+        self.schedule.load_state_dict(state)
         self.evaluations = int(state.get("evaluations", 0))
         self._fresh = bool(state.get("fresh", False))
         self._anchor_ids = int(state.get("anchor_ids", self._anchor_ids))
-        self._build_debt, self._instalment = (float(x) for x in state.get("build_debt", (0.0, 0.0)))
         self._anchor = {int(j): (int(a[0]), int(a[1]), int(a[2])) for j, a in state.get("anchor", {}).items()}
         self._anchor_state = {int(j): dict(st) for j, st in state.get("anchor_state", {}).items()}
         self._anchor = {j: a for j, a in self._anchor.items() if j in self._anchor_state}

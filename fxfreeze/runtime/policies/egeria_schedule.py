@@ -1,0 +1,115 @@
+"""When Egeria evaluates next: the interval, the run's length and what evaluations cost.
+
+The policy evaluates every ``interval`` steps (``eval_interval``, shortened to fit about
+``evaluations_per_run`` evaluations into a run of known length) and spaces evaluations out
+further when their measured cost would exceed ``overhead_budget`` of training time. Two costs
+are measured here rather than assumed:
+
+- the **step time** (an EMA, pauses between steps excluded: a validation loop or a checkpoint
+  is not a slow step), and the step time while the reference worker was idle: the time steps
+  took beyond it while the worker ran is the worker's **contention** for the cores, its real
+  cost to training (``docs/egeria.md``, "Overhead");
+- the share of the worker's time spent **building anchors** (int8 conversion): a build serves
+  the next ``window`` evaluations, so it is paid in ``window`` instalments rather than all
+  before the next one (MiniLM: the first job's 4.4 s of builds spaced the next evaluation 200
+  steps out in a 900-step run when charged at once).
+
+Kept apart from the policy's decisions so that the accounting is one object with one state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .rules import evaluation_gap, instalment, run_length_interval
+
+__all__ = ["EvaluationSchedule", "PAUSE"]
+
+#: a gap between two optimizer steps this many times the average step is a pause, not a step
+PAUSE = 5.0
+
+
+class EvaluationSchedule:
+    """The next evaluation's step and the measurements that place it."""
+
+    def __init__(self, eval_interval: int, overhead_budget: float, window: int, evaluations_per_run: int,
+                 min_window_steps: int) -> None:
+        self.eval_interval = int(eval_interval)
+        self.overhead_budget = float(overhead_budget)
+        self.window = int(window)
+        self.evaluations_per_run = int(evaluations_per_run)
+        self.min_window_steps = int(min_window_steps)
+        #: the evaluation interval in use: eval_interval, scaled to the run's planned length
+        #: once it is known
+        self.interval = self.eval_interval
+        self.next_eval = self.eval_interval
+        self.length_known = False
+        self.last_step_time: float | None = None
+        #: seconds per training step (EMA over steps, pauses excluded)
+        self.step_seconds: float | None = None
+        #: seconds per step while the worker was idle (EMA), and the time steps took beyond it
+        #: while a reference job ran, since the last evaluation
+        self.idle_step: float | None = None
+        self.contention = 0.0
+        self.worker_was_busy = False
+        #: the last reference job's seconds (charged in full before any idle step is measured)
+        self.last_worker_seconds = 0.0
+        #: of the last reference job's seconds, the share spent building anchors; the building
+        #: cost not yet charged, and the instalment it is paid in
+        self.build_share, self.build_debt, self.instalment = 0.0, 0.0, 0.0
+
+    def tick(self, now: float) -> None:
+        """A training step ended at ``now``: update the step time and the worker's contention."""
+        dt = None if self.last_step_time is None else now - self.last_step_time
+        if dt is not None and self.step_seconds is not None and dt > PAUSE * self.step_seconds:
+            dt = None  # a pause between two steps, not a step
+        if dt is None:
+            return
+        self.step_seconds = dt if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * dt
+        if self.worker_was_busy:
+            if self.idle_step is not None:
+                self.contention += dt - self.idle_step
+        else:
+            self.idle_step = dt if self.idle_step is None else 0.9 * self.idle_step + 0.1 * dt
+
+    def learn_length(self, total_steps: int | None, step: int) -> None:
+        """The run's planned length, once known: fit about ``evaluations_per_run`` into it."""
+        if self.length_known or not total_steps:
+            return
+        self.length_known = True
+        # never so dense that a window of evidence spans fewer than min_window_steps steps
+        floor = max(1, -(-self.min_window_steps // self.window))
+        self.interval = run_length_interval(self.eval_interval, total_steps, self.evaluations_per_run, floor=floor)
+        self.next_eval = min(self.next_eval, step + self.interval)
+
+    def restart(self, step: int) -> None:
+        """Evidence was thrown away: the next evaluation one interval from ``step``."""
+        self.next_eval = step + self.interval
+
+    def job_done(self, seconds: float, build_seconds: float) -> None:
+        """A reference job took ``seconds`` on the worker, ``build_seconds`` of it building anchors."""
+        self.last_worker_seconds = seconds
+        if seconds > 0:
+            self.build_share = min(1.0, float(build_seconds) / seconds)
+
+    def plan(self, step: int, main_cost: float) -> None:
+        """An evaluation at ``step`` cost ``main_cost`` seconds on the training thread: place
+        the next one so that it and the worker's measured cost stay within the budget."""
+        # before any idle step is measured the worker's busy time is charged in full (conservative)
+        worker_cost = max(0.0, self.contention) if self.idle_step is not None else self.last_worker_seconds
+        self.contention = 0.0
+        build = worker_cost * self.build_share
+        self.build_share = 0.0
+        paid, self.build_debt, self.instalment = instalment(self.build_debt, self.instalment, build, self.window)
+        cost = main_cost + (worker_cost - build) + paid
+        self.next_eval = step + evaluation_gap(self.interval, self.overhead_budget, cost, self.step_seconds)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_eval": self.next_eval, "interval": self.interval, "length_known": self.length_known,
+                "build_debt": [self.build_debt, self.instalment]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_eval = int(state.get("next_eval", self.next_eval))
+        self.interval = int(state.get("interval", self.interval))
+        self.length_known = bool(state.get("length_known", self.length_known))
+        self.build_debt, self.instalment = (float(x) for x in state.get("build_debt", (0.0, 0.0)))
