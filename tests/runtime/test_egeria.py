@@ -195,6 +195,24 @@ def test_decision_rule_unfreezes_on_a_learning_rate_step():
     assert (200, 1) in trace
 
 
+@pytest.mark.parametrize("mode, kept", [(None, 2), ("none", 2), ("last", 1), ("all", 0)])
+def test_a_learning_rate_step_keeps_the_frozen_prefix_by_default(mode, kept):
+    """The default keeps the prefix through a drop (docs/egeria.md, "Learning-rate steps keep
+    the prefix"); the other modes unfreeze the last block or all of them. The whole path:
+    the controller detects the step from the optimizer and applies the policy's decision."""
+    extra = {"freeze": False} if mode is None else {"freeze": False, "unfreeze_on_lr_change": mode}
+    fm, opt, x, y = _setup(extra)
+    fm.freeze_prefix(2)
+    _train(fm, opt, x, y, 3)
+    assert fm.freezer.num_frozen == 2
+    for g in opt.param_groups:
+        g["lr"] *= 0.1
+    _train(fm, opt, x, y, 2)
+    assert [e["action"] for e in fm.freezer.history].count("lr_change") == 1
+    assert fm.freezer.num_frozen == kept
+    fm.freezer.detach()
+
+
 # -- the worker -----------------------------------------------------------------------------------
 def test_worker_runs_jobs_in_order_and_reports_errors():
     w = ReferenceWorker(num_threads=1)
