@@ -22,8 +22,8 @@ further when the measured cost would exceed ``overhead_budget``):
 
 A learning-rate step (as the controller detects it) keeps the frozen prefix (the default),
 or unfreezes the last frozen block or all of them (``unfreeze_on_lr_change``), and restarts
-tracking with fresh anchors. A non-finite loss or
-probe activation skips the evaluation and clears the evidence: it never triggers a freeze.
+tracking with fresh anchors. A non-finite loss or probe activation skips the evaluation and
+clears the evidence: it never triggers a freeze.
 A reference job that fails or a worker that dies is logged; the worker restarts, and after
 too many failures the policy stops deciding while training continues.
 """
