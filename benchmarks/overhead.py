@@ -9,6 +9,11 @@ the policy's own time on the training thread and the reference worker's busy tim
     python benchmarks/overhead.py [--model resnet20] [--steps 400] [--batch 128]
     python benchmarks/overhead.py --mnist ../shared/data/mnist10k --steps 600 --chunk 50
     python benchmarks/overhead.py --text ../shared/data/movie-review-polarity --steps 240 --chunk 30
+    python benchmarks/overhead.py --device cuda --mnist ../shared/data/mnist10k --steps 2000 --chunk 100
+
+``--device cuda`` trains both copies on the GPU (the batches are put there once, before
+timing) while Egeria's reference runs on the CPU, as in its design; each chunk is timed
+between synchronisations of the device.
 
 ``--mnist DIR`` runs the realistic from-scratch workload of ``fxfreeze bench --long`` instead
 (ResNet-20 width 16 on MNIST-10k, batch 64, SGD 0.05 with momentum, real batches in the
@@ -37,7 +42,7 @@ from torch import nn
 
 import fxfreeze
 from fxfreeze import zoo
-from fxfreeze.bench.runner import call_model, logits_of
+from fxfreeze.bench.runner import call_model, logits_of, to_device
 
 
 def _real_batches(w: Any, steps: int) -> list[tuple[Any, Any]]:
@@ -54,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--mnist", default=None, help="MNIST idx folder: the realistic from-scratch workload instead")
     p.add_argument("--text", default=None, help="movie-review polarity folder: the full-size fine-tuning workload instead")
+    p.add_argument("--device", default="cpu", help="where training runs (the reference stays on the CPU)")
     a = p.parse_args(argv)
+    dev = torch.device(a.device)
     if a.mnist and a.text:
         p.error("give --mnist or --text, not both")
     torch.manual_seed(0)
@@ -87,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         factory = getattr(zoo, a.model)
         example = (x[:2],)
         label = f"{a.model} on random CIFAR-shaped data, batch {a.batch}"
-    plain = factory()
-    comp = factory()
+    batches = [to_device(b, dev) for b in batches]
+    example = to_device(example, dev)
+    plain = factory().to(dev)
+    comp = factory().to(dev)
     comp.load_state_dict(plain.state_dict())
     opt_p = make_opt(plain)
     opt_c = make_opt(comp)
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(net: nn.Module, opt: torch.optim.Optimizer, start: int, n: int) -> float:
         if net is plain and pol.worker is not None:
             pol.worker.wait(60)  # untimed: the worker's job belongs to egeria's side
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t = time.perf_counter()
         for i in range(start, start + n):
             xb, yb = batches[i % len(batches)]
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return time.perf_counter() - t
 
     run(plain, opt_p, 0, 2)  # warm-up both
@@ -121,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         done += n
     pol.worker.wait(60)
     ratio = times["egeria"] / times["plain"]
-    print(f"{label}, {a.steps} steps in chunks of {a.chunk}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"{label}, {a.steps} steps in chunks of {a.chunk}, on {where}, {torch.get_num_threads()} threads")
     print(f"{plain_side + ':':22} {times['plain']:.1f} s ({1000 * times['plain'] / a.steps:.0f} ms/step)")
     print(f"egeria (freeze=False): {times['egeria']:.1f} s ({1000 * times['egeria'] / a.steps:.0f} ms/step)")
     print(f"overhead: {100 * (ratio - 1):+.2f}%  ({pol.evaluations} evaluations; policy on the training thread "

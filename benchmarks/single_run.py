@@ -10,6 +10,7 @@ processes compare by steps. Their times do not: compare those side by side, with
     python benchmarks/single_run.py text compiled --set 'manual.schedule={120: 3}' -o /tmp/m3.json
     python benchmarks/single_run.py step egeria --set egeria.threshold=1.5 -o /tmp/e.json
     python benchmarks/single_run.py --compare /tmp/ctrl.json /tmp/m3.json
+    python benchmarks/single_run.py step egeria --device cuda -o /tmp/e-gpu.json
 
 ``text`` is the full-size fine-tuning workload, ``step`` and ``cosine`` the from-scratch
 MNIST runs of ``fxfreeze bench --long`` (same data paths as the README's); the run is warmed
@@ -32,7 +33,8 @@ TEXT = "../shared/data/movie-review-polarity"
 MNIST = "../shared/data/mnist10k"
 
 
-def run(work: str, policy: str, overrides: dict[str, Any], seed: int, data: str | None = None) -> dict[str, Any]:
+def run(work: str, policy: str, overrides: dict[str, Any], seed: int, data: str | None = None,
+        device: str = "cpu") -> dict[str, Any]:
     if work == "text":
         ws = _workloads(None, None, data or TEXT, None, None, 8, False, seed, True, 2000)
     else:
@@ -45,10 +47,10 @@ def run(work: str, policy: str, overrides: dict[str, Any], seed: int, data: str 
         cfg = merge_config({"total_steps": steps, **cfg}, overrides)
     common = dict(epochs=epochs, make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler,
                   steps_per_epoch=w.steps_per_epoch, policy=pr.policy, config=cfg, example_inputs=w.example_inputs,
-                  seed=seed, evals_per_epoch=4)
+                  seed=seed, evals_per_epoch=4, device=device)
     train_run("warm-up", w.model_fn, w.train_batches, w.test_batches, max_steps=1, **common)  # type: ignore[arg-type]
     r = train_run(policy, w.model_fn, w.train_batches, w.test_batches, **common)  # type: ignore[arg-type]
-    return {**r.to_dict(), "config": cfg, "work": work}
+    return {**r.to_dict(), "config": cfg, "work": work, "device": device}
 
 
 def compare(control: dict[str, Any], others: list[dict[str, Any]]) -> str:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (as for bench)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="the workload's data (default: the shared folder)")
+    p.add_argument("--device", default="cpu", help="where the run trains (cuda: the reference stays on the CPU)")
     p.add_argument("-o", "--out", default=None)
     p.add_argument("--compare", nargs="+", metavar="JSON", help="a control run's file, then others")
     a = p.parse_args(argv)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.work or not a.policy or not a.out:
         p.error("give a workload, a policy and -o FILE (or --compare FILES)")
-    d = run(a.work, a.policy, parse_overrides(a.set), a.seed, a.data)
+    d = run(a.work, a.policy, parse_overrides(a.set), a.seed, a.data, a.device)
     Path(a.out).write_text(json.dumps(d, default=str))
     print(f"{a.policy} {a.set}: final {d['final_accuracy']:.2f}%, {d['wall_seconds']:.1f} s, freezes {d['frozen']}")
     return 0

@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate schedules of the long MNIST runs, comma-separated (step: /10 at 50%% and 75%%; cosine)")
     b.add_argument("--default-seeds", type=int, default=1,
                    help="also run the baseline and the default policy with this many seeds in all (default 1)")
+    b.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the runs train, e.g. cuda (Egeria's reference stays on the CPU); default cpu")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="an fxfreeze config key for every fxfreeze run, dotted, the value read as YAML "
@@ -328,7 +330,7 @@ def _bench(ns: argparse.Namespace) -> int:
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
               progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log, long=ns.long,
               default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup,
-              mnist_schedules=schedules, overrides=overrides)
+              mnist_schedules=schedules, overrides=overrides, device=ns.device)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["RunResult", "train_run", "accuracy", "call_model", "logits_of"]
+__all__ = ["RunResult", "train_run", "accuracy", "call_model", "logits_of", "to_device"]
 
 Batch = tuple[Any, torch.Tensor]  # (inputs: tensor, tuple of args or dict of kwargs; targets)
 
@@ -62,6 +62,25 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a tensor, or a tuple, list or dict of them) on ``device``; a copy from pinned
+    host memory does not block the host (``non_blocking``); anything else passes through."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading counts it (a CUDA
+    step returns to the host long before its kernels finish)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def logits_of(out: Any) -> torch.Tensor:
     """The logits in a model's output: a tensor, a dict's ``logits``, a tuple's first item."""
     if isinstance(out, torch.Tensor):
@@ -86,17 +105,22 @@ def _rss_mb() -> float | None:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
+def accuracy(model: nn.Module, batches: Iterable[Batch], device: torch.device | str | None = None) -> float:
+    """Test accuracy in percent; ``device``: where the batches go first (default: where they
+    are). The counts add up on the device and are read once, at the end."""
     was = model.training
     model.eval()
-    correct = total = 0
+    correct: Any = 0
+    total = 0
     for batch in batches:
         inputs, y = batch[0], batch[1]
+        if device is not None:
+            inputs, y = to_device(inputs, torch.device(device)), to_device(y, torch.device(device))
         pred = logits_of(call_model(model, inputs)).argmax(-1)
-        correct += int((pred == y).sum())
+        correct = correct + (pred == y).sum()
         total += int(y.numel())
     model.train(was)
-    return 100.0 * correct / max(total, 1)
+    return 100.0 * int(correct) / max(total, 1)
 
 
 def train_run(
@@ -117,6 +141,7 @@ def train_run(
     loss_every: int = 5,
     evals_per_epoch: int = 1,
     max_steps: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> RunResult:
     """Train ``model_fn()`` for ``epochs``; ``policy=None`` is plain PyTorch.
 
@@ -131,9 +156,12 @@ def train_run(
     fractional ``epoch``. ``max_steps`` stops early without evaluating: the untimed warm-up
     run of a configuration (the first steps of a process pay for allocations, kernel
     selection and lazy imports; a comparison must not charge them to whichever run is
-    first)."""
+    first). ``device``: where the model trains; batches are copied there step by step, the
+    clock waits for the device's queued work at each reading, and the recorded losses are
+    read from the device once, at the end (no host synchronisation per step of ours)."""
+    dev = torch.device(device)
     torch.manual_seed(seed)
-    model = model_fn()
+    model = model_fn().to(dev)
     opt = make_optimizer(model)
     sched = None
     if make_scheduler is not None:
@@ -147,7 +175,7 @@ def train_run(
 
         cfg = dict(config or {})
         cfg["policy"] = policy
-        fm = fxfreeze.compile(model, example_inputs, optimizer=opt, config=cfg)
+        fm = fxfreeze.compile(model, to_device(example_inputs, dev), optimizer=opt, config=cfg)
         net = fm
     res = RunResult(name=name, policy=policy)
     if fm is not None:
@@ -175,19 +203,22 @@ def train_run(
             raise ValueError("evals_per_epoch > 1 needs steps_per_epoch")
         marks = {round(steps_per_epoch * j / evals_per_epoch) for j in range(1, evals_per_epoch)}
 
+    losses: list[tuple[int, torch.Tensor]] = []
+
     def evaluate(epoch_pos: float) -> float:
-        acc = accuracy(net, test_batches())
+        acc = accuracy(net, test_batches(), dev)
         res.epochs.append({"epoch": epoch_pos, "wall": wall, "accuracy": acc, "step": step,
                            "num_frozen": fm.num_frozen if fm is not None else 0})
         return acc
 
     for epoch in range(epochs):
         net.train()
+        _synchronize(dev)
         t0 = time.perf_counter()
         for i, batch in enumerate(train_batches(epoch)):
             if max_steps is not None and step >= max_steps:
                 break
-            inputs, y = batch[0], batch[1]
+            inputs, y = to_device(batch[0], dev), to_device(batch[1], dev)
             ids = batch[2] if len(batch) > 2 else None  # dataset indices, for the activation cache
             ctx = fm.sample_ids(ids) if (fm is not None and ids is not None) else contextlib.nullcontext()
             with ctx:
@@ -209,12 +240,15 @@ def train_run(
                 if total:
                     skipped += sum(flops[:k]) / total
             if step % loss_every == 0:
-                res.losses.append((step, float(loss.detach())))
+                losses.append((step, loss.detach()))
             if i + 1 in marks and steps_per_epoch:
+                _synchronize(dev)
                 wall += time.perf_counter() - t0
                 evaluate(epoch + (i + 1) / steps_per_epoch)
                 net.train()
+                _synchronize(dev)
                 t0 = time.perf_counter()
+        _synchronize(dev)
         wall += time.perf_counter() - t0
         if max_steps is not None and step >= max_steps:
             break
@@ -224,6 +258,9 @@ def train_run(
             bar.update(1)
     if bar is not None:
         bar.close()
+    if losses:
+        values = torch.stack([v.float() for _, v in losses]).cpu().tolist()
+        res.losses = [(s_, v) for (s_, _), v in zip(losses, values)]
     res.steps = step
     res.wall_seconds = wall
     res.final_accuracy = res.epochs[-1]["accuracy"] if res.epochs else 0.0

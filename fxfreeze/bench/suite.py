@@ -65,6 +65,20 @@ POLICIES: dict[str, PolicyRun] = {p.name: p for p in (
 )}
 
 
+def _device_name(device: str) -> str:
+    """The training device in words: the GPU's name on CUDA."""
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise DataError(f"bench --device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"bench --device {device}: no CUDA device is visible to torch {torch.__version__}; "
+                            "train on the CPU (--device cpu) or check the driver and CUDA_VISIBLE_DEVICES")
+        return torch.cuda.get_device_name(d)
+    return d.type
+
+
 def run_suite(
     out_dir: str | Path,
     *,
@@ -86,6 +100,7 @@ def run_suite(
     warmup: bool = True,
     mnist_schedules: tuple[str, ...] = ("step", "cosine"),
     overrides: Mapping[str, Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
 
@@ -99,10 +114,13 @@ def run_suite(
     baseline of its own seed. ``warmup``: one untimed step of each configuration first.
     ``overrides``: fxfreeze config merged, key by key, into the config of every fxfreeze run
     (an experiment such as ``{"egeria": {"threshold": 1.0}}``); validated before anything
-    runs, and recorded in the report, whose runs then no longer show the defaults."""
+    runs, and recorded in the report, whose runs then no longer show the defaults.
+    ``device``: where every run trains (``"cuda"``: the model on the GPU, Egeria's reference
+    on the CPU beside it); the report names the device."""
     overrides = dict(overrides or {})
     if overrides:
         FreezeConfig.from_dict(overrides)  # a typo fails now, not after the first hour of runs
+    device_name = _device_name(device)  # likewise a missing GPU
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise DataError(f"unknown policy {unknown[0]!r} for bench; choose from {', '.join(POLICIES)}")
@@ -114,7 +132,8 @@ def run_suite(
                            mnist_schedules)
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": device_name},
         "quick": quick, "epochs": epochs, "seed": seed, "evals_per_epoch": evals_per_epoch, "long": long,
         "warmup": warmup, "overrides": overrides, "workloads": {},
     }
@@ -138,7 +157,7 @@ def run_suite(
                 name, w.model_fn, w.train_batches, w.test_batches, epochs=epochs,
                 make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler, steps_per_epoch=w.steps_per_epoch,
                 policy=pr.policy, config=cfg, example_inputs=w.example_inputs, seed=seed_, progress=progress and max_steps is None,
-                evals_per_epoch=evals_per_epoch, max_steps=max_steps,
+                evals_per_epoch=evals_per_epoch, max_steps=max_steps, device=device,
             )
 
         if warmup:
@@ -264,8 +283,10 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    dev = report["machine"].get("device", "cpu")
     lines = [f"Machine: {report['machine']['processor']}, {report['machine']['threads']} threads, torch "
-             f"{report['machine']['torch']}; {report['epochs']} epochs, seed {report['seed']}"
+             f"{report['machine']['torch']}" + (f", training on {dev}" if dev != "cpu" else "")
+             + f"; {report['epochs']} epochs, seed {report['seed']}"
              + (" (quick mode)" if report["quick"] else "")
              + ("; each configuration warmed up by one untimed step first" if report.get("warmup") else "")
              + (f"; config overrides in every fxfreeze run (not the defaults): {report['overrides']}"
