@@ -10,8 +10,8 @@ any check fails:
   the schedule names, and DDP is rebuilt once per change;
 - the bytes all-reduced per step fall with the frozen share of the parameters;
 - the ranks end with equal parameters;
-- up to the first freeze, rank 0's losses equal those of the same loop without DDP on the
-  same device (with one rank; with more, the averaged gradient differs by design).
+- up to the first freeze, rank 0's losses equal (within 1e-4) those of the same loop without
+  DDP on the same device (with one rank; with more, the averaged gradient differs by design).
 
     python benchmarks/ddp_nccl.py [--world N] [--steps 16]
     python benchmarks/ddp_nccl.py --backend gloo --world 2     # the same checks on the CPU
@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"bytes all-reduced per step did not fall with the prefix: {by_k}")
     if max(r["max_rank_diff"] for r in results) != 0.0:
         failures.append(f"ranks ended with different parameters (max diff {max(r['max_rank_diff'] for r in results)})")
-    # the loss of step s is computed with the weights after step s - 1: equal up to the step
-    # after the first freeze (the loop without DDP freezes without a lag, at the step named)
-    first = min(SCHEDULE) + 1
+    # equal up to the first freeze: from then on the loop without DDP, which has no agreement
+    # lag, has its frozen blocks' BatchNorm on running statistics ``lag`` steps earlier
+    first = min(SCHEDULE)
     if world == 1:
         diff = max(abs(r0["log"][i]["loss"] - solo[i]["loss"]) for i in range(first))
         print(f"largest loss difference from the loop without DDP before the first freeze: {diff:.2e}")
-        if diff > 1e-4:  # DDP's bucketed all-reduce of one rank reassociates nothing
+        if diff > 1e-4:  # one rank: DDP averages nothing; cuDNN's kernels may differ by rounding
             failures.append(f"losses differ from the loop without DDP by {diff:.2e} before the first freeze")
     print(f"bytes all-reduced per step by frozen prefix: {by_k}; DDP builds: {r0['rebuilds']}")
     for f in failures:

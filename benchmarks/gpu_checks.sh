@@ -30,10 +30,12 @@ section env 30 bash -c "nvidia-smi -L; $PY -c 'import torch, transformers; print
 section cuda-tests 180 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_devices.py tests/runtime/test_host_tier.py -rs
 section ddp-nccl 90 $PY benchmarks/ddp_nccl.py
 section sync-profile 90 $PY benchmarks/sync_profile.py --device cuda
-section step-time 150 $PY benchmarks/step_time.py --device cuda
+if [[ ${SKIP_STEP_TIME:-0} != 1 ]]; then section step-time 150 $PY benchmarks/step_time.py --device cuda; fi
 section overhead-resnet 60 $PY benchmarks/overhead.py --device cuda --steps 400 --chunk 25
+section overhead-mnist 90 $PY benchmarks/overhead.py --device cuda --mnist "$DATA/mnist10k" --steps 2000 --chunk 100
 section bench-step 240 $PY -m fxfreeze.cli bench --long --mnist "$DATA/mnist10k" --mnist-schedules step \
   --policies compiled,egeria,smartfrz --evals-per-epoch 4 --device cuda -o "$OUT/bench-step"
-section overhead-mnist 90 $PY benchmarks/overhead.py --device cuda --mnist "$DATA/mnist10k" --steps 2000 --chunk 100
 section overhead-text 120 $PY benchmarks/overhead.py --device cuda --text "$DATA/movie-review-polarity" --steps 240 --chunk 30
+section bench-text 200 $PY -m fxfreeze.cli bench --long --text "$DATA/movie-review-polarity" \
+  --policies compiled,egeria,smartfrz --evals-per-epoch 4 --device cuda -o "$OUT/bench-text"
 echo "=== done in $(( $(date +%s) - start ))s"

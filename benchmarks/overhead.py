@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{plain_side + ':':22} {times['plain']:.1f} s ({1000 * times['plain'] / a.steps:.0f} ms/step)")
     print(f"egeria (freeze=False): {times['egeria']:.1f} s ({1000 * times['egeria'] / a.steps:.0f} ms/step)")
     print(f"overhead: {100 * (ratio - 1):+.2f}%  ({pol.evaluations} evaluations; policy on the training thread "
-          f"{pol.main_seconds:.2f} s, reference worker busy {pol.worker.busy_seconds:.2f} s)")
+          f"{pol.main_seconds:.2f} s, of which one-time set-up (captures, reference builders) {pol.setup_seconds:.2f} s; "
+          f"reference worker busy {pol.worker.busy_seconds:.2f} s)")
     fm.freezer.detach()
     if a.text:
         plain.freezer.detach()

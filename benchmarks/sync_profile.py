@@ -17,7 +17,10 @@ The loop reports its loss with ``fm.freezer.observe_loss(loss)`` (the safety net
 the integrations do; the loop itself reads nothing. On the CPU nothing is a wait for a device,
 so the figure there stands for the code path: the loss reader is set to its accelerator path
 (a CPU loss is otherwise read at once), and the eager row's reads are the DataLoader's sampler
-seeding itself (CPU tensors). The step time is the median of the timed steps.
+seeding itself (CPU tensors). On CUDA a scalar read that calls no CUDA function (a loss the
+loss reader copied to pinned memory, the DataLoader's seed) is a read of a host tensor, not a
+wait, and has its own column. Events of the reference worker's thread are counted too (its
+waits for copies do not hold up training). The step time is the median of the timed steps.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxfreeze
 from fxfreeze import zoo
-from fxfreeze.bench.syncs import ASYNC_COPY, SYNC_EVENTS, count_syncs
+from fxfreeze.bench.syncs import ASYNC_COPY, HOST_READ, SYNC_EVENTS, count_syncs
 from fxfreeze.registry import policy_names
 
 
@@ -106,17 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     times = {name: sorted(v)[len(v) // 2] for name, v in per.items()}
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {dev_name}; ResNet-20, batch {a.batch}, {a.steps} profiled steps per configuration")
-    print("| configuration | host waits per step | which | async copies to pinned memory per step | step (ms) |")
-    print("|---|---|---|---|---|")
+    print("| configuration | host waits per step | which | async copies to pinned memory per step "
+          "| reads of host tensors per step | evaluations in the window | step (ms) |")
+    print("|---|---|---|---|---|---|---|")
     for name, (f, step) in runs.items():
         before = len(f.freezer.history) if name != "eager" else 0
+        pol = f.freezer.policy if name != "eager" else None
+        evals = getattr(pol, "evaluations", None)
         counts = count_syncs(step, a.steps)
         if name != "eager" and len(f.freezer.history) != before:
             print(f"warning: {name} took a decision in the profiled steps")
         waits = {k: v for k, v in counts.items() if k in SYNC_EVENTS}
         which = ", ".join(f"{k} {v / a.steps:g}" for k, v in sorted(waits.items())) or "-"
+        n_evals = "-" if evals is None else getattr(pol, "evaluations") - evals
         print(f"| {name} | {sum(waits.values()) / a.steps:g} | {which} | {counts.get(ASYNC_COPY, 0) / a.steps:g} "
-              f"| {1000 * times[name]:.1f} |")
+              f"| {counts.get(HOST_READ, 0) / a.steps:g} | {n_evals} | {1000 * times[name]:.1f} |")
     for f, _ in runs.values():
         if hasattr(f, "freezer"):
             f.freezer.detach()

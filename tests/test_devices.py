@@ -89,7 +89,8 @@ def test_egeria_freezes_mid_run_with_the_reference_on_the_cpu(device):
 @pytest.mark.parametrize("tier", ["disk", "host"])
 def test_cache_round_trip_stays_on_the_device(device, tier, tmp_path):
     """Every entry beyond a zero device budget goes to disk, or to the host tier (pinned on
-    CUDA, copied on a side stream and prefetched): the losses stay bitwise those of no cache."""
+    CUDA, copied on a side stream and prefetched): the losses stay those of no cache (bitwise on
+    the CPU)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
@@ -117,7 +118,12 @@ def test_cache_round_trip_stays_on_the_device(device, tier, tmp_path):
 
     _, ref = run(False)
     fm, got = run(True)
-    assert got == ref
+    if device == "cpu":
+        assert got == ref
+    else:
+        # measured on an H200: equal to 2e-7 (relative 1e-7); cuDNN picks its kernels per call and
+        # may pick others for the prefix run under no_grad to fill the cache
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     c = fm.activation_cache
     assert c.stats["hits"] > 0
     if tier == "disk":

@@ -213,6 +213,61 @@ def test_builder_refreshes_weights_without_tracing_again():
     assert relative_error(r2(inputs), fp) < 0.15
 
 
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32"])
+def test_a_builder_from_the_structure_alone_never_reads_the_block_weights(precision):
+    """Egeria's builders take a block's structure only (issue 18: a block on a GPU must cost no
+    copy to pageable host memory on the training thread). A block whose tensors live on the
+    meta device has no data at all: the builder is made from it, and the references it builds
+    from a real state dict are those of a builder made from the real block."""
+    model, x, fm = _compiled("resnet20")
+    probe = ActivationProbe(fm, 4, fm.plan.max_frozen)
+    probe.set(*x)
+    values = probe.values()
+    sub = probe.block(2)
+    inputs = [values[n] for n in sub.inputs]
+    state = {k: v.clone() for k, v in sub.graph_module.state_dict().items()}
+    ghost = copy.deepcopy(sub.graph_module).to("meta")
+    with pytest.raises(NotImplementedError):
+        snapshot(ghost)  # with the weights: there is nothing to copy
+    b = ReferenceBuilder(ghost, inputs, precision, weights=False)
+    with pytest.raises(ValueError, match="state dict"):
+        b.build(None, inputs)
+    real = ReferenceBuilder(sub.graph_module, inputs, precision).build(state, inputs)
+    got = b.build(state, inputs)
+    assert got.backend == real.backend
+    torch.testing.assert_close(got(inputs), real(inputs), rtol=0, atol=0)  # same weights, same kernels
+
+
+@pytest.mark.parametrize("name", ["resnet20", "transformer_classifier"])
+def test_blocks_of_one_structure_share_a_builder_and_build_their_own_references(name):
+    """Egeria prepares one builder per block structure (the training thread's largest cost):
+    repeated blocks share it, with their own weights renamed; each reference equals the one a
+    builder of its own would build, bitwise. Blocks of another structure get their own."""
+    from fxfreeze.runtime.egeria.references import References, structure_key
+
+    model, x, fm = _compiled(name)
+    hi = fm.plan.max_frozen
+    probe = ActivationProbe(fm, 4, hi)
+    probe.set(*x)
+    values = probe.values()
+    refs = References("int8")
+    subs = {j: probe.block(j) for j in range(hi)}
+    made = [j for j in range(hi) if refs.prepare(j, subs[j].graph_module, [values[n] for n in subs[j].inputs])]
+    keys = {j: structure_key(subs[j].graph_module, [values[n] for n in subs[j].inputs]) for j in range(hi)}
+    assert len(made) == len(set(keys.values())) < hi  # one builder per structure, and some repeat
+    for j in range(hi):
+        first = next(i for i in range(hi) if keys[i] == keys[j])
+        assert (refs.builders[j] is refs.builders[first]) and ((j in refs.renames) == (j != first))
+    j = next(j for j in range(hi) if j in refs.renames)
+    inputs = [values[n] for n in subs[j].inputs]
+    state = {k: v.clone() for k, v in subs[j].graph_module.state_dict().items()}
+    out = refs.run([(j, 1, inputs, [values[n] for n in subs[j].outputs], state)], 0)
+    shared = refs.built[j][0]
+    own = ReferenceBuilder(subs[j].graph_module, inputs, "int8").build(state, inputs)
+    assert shared.backend == own.backend and j in out["plasticity"]
+    torch.testing.assert_close(shared(inputs), own(inputs), rtol=0, atol=0)
+
+
 def test_strip_autocast_runs_regions_plainly():
     """A graph captured under autocast carries wrap_with_autocast regions; the reference runs
     them plainly (a worker thread leaving autocast would clear the process-wide cast cache

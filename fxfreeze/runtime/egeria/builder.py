@@ -27,23 +27,34 @@ from .backends import PRECISIONS, ReferenceBackend, backend
 __all__ = ["BuiltReference", "ReferenceBuilder", "build_reference", "snapshot", "all_finite", "relative_error"]
 
 
-def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+def snapshot(gm: fx.GraphModule, weights: bool = True) -> fx.GraphModule:
     """A CPU fp32 copy of ``gm`` in eval mode that owns its weights (no autograd): what a
     reference is built from.
+
+    ``weights=False`` copies the structure only: every parameter and buffer becomes a CPU
+    tensor of zeros of its shape, and nothing is read from ``gm``'s tensors. A block on a GPU
+    then costs no copy to the host on the training thread (a copy to pageable memory makes the
+    host wait for the device); the weights come later, copied without blocking.
 
     Example::
 
         >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
         >>> s = snapshot(gm); s.training, s.weight.requires_grad, s.weight is gm.weight
         (False, False, False)
+        >>> bool(snapshot(gm, weights=False).weight.abs().sum() == 0)
+        True
     """
+    memo: dict[int, Any] = {}
+    if not weights:
+        for t in [*gm.parameters(), *gm.buffers()]:
+            z = torch.zeros(t.shape, dtype=t.dtype, device="cpu")
+            memo[id(t)] = nn.Parameter(z, requires_grad=False) if isinstance(t, nn.Parameter) else z
     with torch.no_grad():
-        snap = copy.deepcopy(gm)
+        snap = copy.deepcopy(gm, memo)
     snap = snap.to("cpu").float()
     for p in snap.parameters():
         p.requires_grad_(False)
     return snap.eval()
-
 
 
 @dataclass
@@ -93,13 +104,16 @@ class ReferenceBuilder:
 
     Construct it on the training thread (it prepares every backend of the precision's chain
     once, which may trace); call :meth:`build` with a state dict of the block's current
-    weights from any thread."""
+    weights from any thread. ``weights=False`` reads only the block's structure, never its
+    tensors (see :func:`snapshot`); every :meth:`build` must then bring the weights."""
 
-    def __init__(self, block: fx.GraphModule, example_inputs: Sequence[Any], precision: str = "int8") -> None:
+    def __init__(self, block: fx.GraphModule, example_inputs: Sequence[Any], precision: str = "int8",
+                 weights: bool = True) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown reference precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         self.precision = precision
-        self.raw = snapshot(block)
+        self.has_weights = bool(weights)
+        self.raw = snapshot(block, weights=self.has_weights)
         template = normalize(copy.deepcopy(self.raw))
         self.fallbacks: list[str] = []
         self.candidates: list[tuple[ReferenceBackend, Any]] = []
@@ -113,6 +127,9 @@ class ReferenceBuilder:
     def build(self, state: Mapping[str, torch.Tensor] | None, example_inputs: Sequence[Any]) -> BuiltReference:
         """A reference with the weights in ``state`` (keys of the block's state dict; None
         keeps the weights the block had at construction)."""
+        if state is None and not self.has_weights:
+            raise ValueError("this builder was made from the block's structure only (weights=False): give build() "
+                             "the block's state dict")
         snap = copy.deepcopy(self.raw)
         if state is not None:
             snap.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
