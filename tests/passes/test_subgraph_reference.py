@@ -268,6 +268,49 @@ def test_blocks_of_one_structure_share_a_builder_and_build_their_own_references(
     torch.testing.assert_close(shared(inputs), own(inputs), rtol=0, atol=0)
 
 
+def test_a_snapshot_of_a_graph_captured_on_a_gpu_runs_on_the_cpu():
+    """A graph exported on a GPU names its device in its nodes (measured on an H200 with
+    MiniLM's embeddings block: every backend failed with "Tensor device mismatch! Expected:
+    cuda:0, Got: cpu"). The reference's snapshot points them at the CPU."""
+
+    class Embed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.emb(ids))
+
+    gm = torch.fx.symbolic_trace(Embed())
+    g = gm.graph
+    ids = next(n for n in g.nodes if n.op == "placeholder")
+    with g.inserting_after(ids):  # what an export on cuda:0 leaves in the graph
+        pos = g.call_function(torch.arange, (4,), {"device": torch.device("cuda", 0)})
+    with g.inserting_after(pos):
+        check = g.call_function(torch.ops.aten._assert_tensor_metadata.default, (ids,),
+                                {"dtype": torch.int64, "device": torch.device("cuda", 0)})
+    with g.inserting_after(check):
+        moved = g.call_method("to", (pos, "cuda:0"))
+    out = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(out):
+        total = g.call_function(torch.add, (out.args[0], g.call_function(torch.Tensor.float, (moved,))))
+    out.args = (total,)
+    gm.recompile()
+    x = torch.tensor([[1, 2, 3]])
+    with pytest.raises((RuntimeError, AssertionError)):
+        gm(x)  # as captured: it wants the GPU
+    snap = snapshot(gm)
+    g.lint()
+    snap.graph.lint()
+    assert "cuda" not in snap.code
+    want = Embed()
+    want.load_state_dict(gm.state_dict())
+    torch.testing.assert_close(snap(x), want(x) + torch.arange(4).float(), rtol=0, atol=0)
+    ref = ReferenceBuilder(gm, [x], "int8").build(None, [x])  # embeddings only: int8 outputs
+    assert ref.backend == "int8_outputs" and bool(torch.isfinite(ref([x])).all())
+
+
 def test_strip_autocast_runs_regions_plainly():
     """A graph captured under autocast carries wrap_with_autocast regions; the reference runs
     them plainly (a worker thread leaving autocast would clear the process-wide cast cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -54,7 +55,37 @@ def snapshot(gm: fx.GraphModule, weights: bool = True) -> fx.GraphModule:
     snap = snap.to("cpu").float()
     for p in snap.parameters():
         p.requires_grad_(False)
+    _devices_to_cpu(snap)
     return snap.eval()
+
+
+_DEVICE_STRING = re.compile(r"^(cuda|mps|xpu|hpu|npu|mtia|privateuseone)(:\d+)?$")
+
+
+def _devices_to_cpu(gm: fx.GraphModule) -> None:
+    """Point every device named in ``gm``'s graph at the CPU. A graph captured with
+    ``torch.export`` on a GPU names its device in its nodes (``arange(..., device=cuda:0)``,
+    ``_assert_tensor_metadata(x, device=cuda:0)``, ``x.to("cuda")``): on the CPU copy the
+    reference runs on, those would fail ("Tensor device mismatch") or move data back."""
+    cpu = torch.device("cpu")
+    changed = False
+
+    def fix(a: Any) -> Any:
+        nonlocal changed
+        if isinstance(a, torch.device) and a.type != "cpu":
+            changed = True
+            return cpu
+        if isinstance(a, str) and _DEVICE_STRING.match(a):
+            changed = True
+            return "cpu"
+        return a
+
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            n.args = fx.node.map_aggregate(n.args, fix)
+            n.kwargs = dict(fx.node.map_aggregate(n.kwargs, fix))
+    if changed:
+        gm.recompile()
 
 
 @dataclass
