@@ -109,16 +109,20 @@ def mnist_resnet(
     seed: int = 0,
     schedule: str = "cosine",
     name: str | None = None,
+    test_size: int | None = None,
 ) -> Workload:
     """ResNet-``depth`` (width ``width``) on MNIST idx files: a fixed split of
-    ``train_size`` training images, the rest for testing; SGD with momentum and the
-    ``schedule`` (``cosine``, ``step``: /10 at 50% and 75%)."""
+    ``train_size`` training images, the rest for testing (the first ``test_size`` of them,
+    when given); SGD with momentum and the ``schedule`` (``cosine``, ``step``: /10 at 50% and
+    75%)."""
     x, y = load_mnist_idx(data_dir)
     x = (x - 0.1307) / 0.3081
     tr, te = split_indices(x.shape[0], train_size, seed=1234)  # the split never varies with the run seed
+    if test_size is not None:
+        te = te[:test_size]
     return _resnet(
         name or f"resnet{depth}-mnist",
-        f"ResNet-{depth} (width {width}) from scratch on MNIST ({train_size}/{x.shape[0] - train_size} split), "
+        f"ResNet-{depth} (width {width}) from scratch on MNIST ({train_size}/{len(te)} split), "
         f"batch {batch_size}, SGD lr {lr} with a per-step {schedule} schedule",
         x[tr], y[tr], x[te], y[te], depth=depth, width=width, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule,
     )

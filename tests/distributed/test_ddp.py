@@ -142,3 +142,19 @@ def test_agreement_in_one_process(tmp_path):
         assert FreezeDDP(fm).agreement.lag == 0  # gloo: read at once
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_nccl_check_script_passes_its_checks_on_gloo():
+    """``benchmarks/ddp_nccl.py`` (the NCCL run recorded in docs/benchmarks.md) runs its loop
+    and its checks on gloo where no GPU is: the prefix applied on both ranks at the step the
+    schedule names, DDP built once per change, the all-reduced bytes falling, equal ranks."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_nccl.py"
+    p = subprocess.run([sys.executable, str(script), "--backend", "gloo", "--world", "2"], capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "CPU x2, backend gloo, agree_lag 0" in p.stdout and p.stdout.rstrip().endswith("ok")
+    assert "{0: 311016, 2: 291624, 4: 2600}" in p.stdout  # bytes per step by frozen prefix
+    bad = subprocess.run([sys.executable, str(script), "--backend", "gloo", "--steps", "5"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--steps must exceed 10" in bad.stderr
