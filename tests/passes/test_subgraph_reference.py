@@ -190,11 +190,16 @@ def test_round_to_int8_edge_cases():
     assert float((r - h).abs().max()) <= (float(h.max()) - float(h.min())) / 255 / 2 + 1e-9
 
 
-def test_builder_refreshes_weights_without_tracing_again():
-    model, x, fm = _compiled("resnet20")
+def _probed(name: str) -> tuple[ActivationProbe, dict]:
+    """A compiled zoo model's activation probe over every block, and its values on a batch."""
+    model, x, fm = _compiled(name)
     probe = ActivationProbe(fm, 4, fm.plan.max_frozen)
     probe.set(*x)
-    values = probe.values()
+    return probe, probe.values()
+
+
+def test_builder_refreshes_weights_without_tracing_again():
+    probe, values = _probed("resnet20")
     sub = probe.block(2)
     inputs = [values[n] for n in sub.inputs]
     b = ReferenceBuilder(sub.graph_module, inputs, "int8")
@@ -219,10 +224,7 @@ def test_a_builder_from_the_structure_alone_never_reads_the_block_weights(precis
     copy to pageable host memory on the training thread). A block whose tensors live on the
     meta device has no data at all: the builder is made from it, and the references it builds
     from a real state dict are those of a builder made from the real block."""
-    model, x, fm = _compiled("resnet20")
-    probe = ActivationProbe(fm, 4, fm.plan.max_frozen)
-    probe.set(*x)
-    values = probe.values()
+    probe, values = _probed("resnet20")
     sub = probe.block(2)
     inputs = [values[n] for n in sub.inputs]
     state = {k: v.clone() for k, v in sub.graph_module.state_dict().items()}
@@ -245,11 +247,8 @@ def test_blocks_of_one_structure_share_a_builder_and_build_their_own_references(
     builder of its own would build, bitwise. Blocks of another structure get their own."""
     from fxfreeze.runtime.egeria.references import References, structure_key
 
-    model, x, fm = _compiled(name)
-    hi = fm.plan.max_frozen
-    probe = ActivationProbe(fm, 4, hi)
-    probe.set(*x)
-    values = probe.values()
+    probe, values = _probed(name)
+    hi = probe.hi
     refs = References("int8")
     subs = {j: probe.block(j) for j in range(hi)}
     made = [j for j in range(hi) if refs.prepare(j, subs[j].graph_module, [values[n] for n in subs[j].inputs])]
