@@ -85,3 +85,34 @@ def test_summary_compares_every_run_with_the_control_of_its_seed():
     md = markdown({"machine": {"processor": "x", "threads": 2, "torch": "t"}, "epochs": 3, "seed": 0, "quick": False,
                    "workloads": {"w": {"description": "d", "target_accuracy": 89.7, "runs": rows}}})
     assert "over the control: TTA, total" in md and "| egeria | 90.00% | +0.00 | 6.0 | 3.33x | 2.67x, 2.00x |" in md
+
+
+def test_a_run_on_a_device_moves_batches_there_and_reads_the_losses_once():
+    """``train_run(device=...)``: the model and every batch go to the device (tensors, tuples
+    and dicts), the clock waits for the device, and the recorded losses (kept on the device
+    while training) equal a run that read each at once. On the CPU here; on CUDA in the GPU
+    pass (benchmarks/gpu_checks.sh)."""
+    from fxfreeze.bench.runner import to_device
+
+    t = torch.ones(2)
+    moved = to_device({"a": (t, [t]), "b": 3}, torch.device("cpu"))
+    assert moved["a"][0] is t and moved["a"][1][0] is t and moved["b"] == 3  # already there: no copy
+    assert isinstance(moved["a"], tuple) and isinstance(moved["a"][1], list)
+    model, batches, test = _task()
+    kw = dict(epochs=2, steps_per_epoch=8, make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), loss_every=3)
+    a = train_run("cpu", model, batches, test, device="cpu", **kw)
+    b = train_run("default", model, batches, test, **kw)
+    assert [s for s, _ in a.losses] == [3, 6, 9, 12, 15] and all(isinstance(v, float) for _, v in a.losses)
+    assert a.losses == b.losses and a.final_accuracy == b.final_accuracy
+    with pytest.raises(RuntimeError):
+        train_run("bad", model, batches, test, device="gpu7", **kw)
+
+
+def test_bench_refuses_a_device_it_cannot_use(tmp_path, capsys):
+    from fxfreeze.cli import main
+
+    assert main(["bench", "--mnist", str(tmp_path), "--device", "gpu7", "-o", str(tmp_path / "o")]) == 2
+    assert "not a device torch knows" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--mnist", str(tmp_path), "--device", "cuda", "-o", str(tmp_path / "o")]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
