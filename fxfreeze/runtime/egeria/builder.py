@@ -151,7 +151,11 @@ class ReferenceBuilder:
         for name in PRECISIONS[precision](template):
             impl = backend(name)
             try:
-                self.candidates.append((impl, impl.prepare(copy.deepcopy(template), example_inputs)))
+                # a backend without structure-only work gets nothing to prepare: no copy (a copy of
+                # a block's graph module is a third of a builder's time, on the training thread)
+                prepared = (None if type(impl).prepare is ReferenceBackend.prepare
+                            else impl.prepare(copy.deepcopy(template), example_inputs))
+                self.candidates.append((impl, prepared))
             except Exception as e:  # noqa: BLE001 - any failure means: try the next backend
                 self.fallbacks.append(_reason(name, e))
 
