@@ -110,6 +110,7 @@ def run(rank: int, world: int, steps: int, rendezvous: str, out: str, backend: s
            "backend": str(dist.get_backend()), "device": _device_name(device)}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     fm.freezer.detach()
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
