@@ -23,11 +23,18 @@ def _results(out: Path) -> list[dict]:
     return [json.loads((out / f"result{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.slow
-def test_ranks_stay_identical_and_communication_drops(tmp_path):
-    p = _run("train", tmp_path, "12")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The uninterrupted 12-step run of 2 ranks (shared: the resume test compares with it)."""
+    out = tmp_path_factory.mktemp("ddp-train")
+    p = _run("train", out, "12")
     assert p.returncode == 0, p.stderr[-3000:]
-    r0, r1 = _results(tmp_path)
+    return out
+
+
+@pytest.mark.slow
+def test_ranks_stay_identical_and_communication_drops(trained):
+    r0, r1 = _results(trained)
     assert r0["max_rank_diff"] == 0.0 and r1["max_rank_diff"] == 0.0
     # rank 1's own policy (Egeria, set to freeze early) never applies: both follow rank 0's
     # schedule ({4: 2, 8: 4}); rank 1's Egeria did evaluate
@@ -50,12 +57,9 @@ def test_ranks_stay_identical_and_communication_drops(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_under_ddp_reproduces_the_uninterrupted_run(tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    full.mkdir()
+def test_resume_under_ddp_reproduces_the_uninterrupted_run(trained, tmp_path):
+    full, part = trained, tmp_path / "part"
     part.mkdir()
-    p0 = _run("train", full, "12")
-    assert p0.returncode == 0, p0.stderr[-3000:]
     p1 = _run("part1", part, "12", "6")
     assert p1.returncode == 0, p1.stderr[-3000:]
     p2 = _run("part2", part, "12", "6")
