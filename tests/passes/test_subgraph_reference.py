@@ -308,6 +308,17 @@ def test_a_snapshot_of_a_graph_captured_on_a_gpu_runs_on_the_cpu():
     torch.testing.assert_close(snap(x), want(x) + torch.arange(4).float(), rtol=0, atol=0)
     ref = ReferenceBuilder(gm, [x], "int8").build(None, [x])  # embeddings only: int8 outputs
     assert ref.backend == "int8_outputs" and bool(torch.isfinite(ref([x])).all())
+    # a nested graph (an autocast region's body is one) is pointed at the CPU as well
+    outer = torch.fx.symbolic_trace(nn.Sequential(nn.Identity()))
+    outer.add_submodule("body", gm)
+    g2 = outer.graph
+    out2 = next(n for n in g2.nodes if n.op == "output")
+    with g2.inserting_before(out2):
+        out2.args = (g2.call_module("body", (next(n for n in g2.nodes if n.op == "placeholder"),)),)
+    outer.recompile()
+    snap2 = snapshot(outer)
+    assert "cuda" not in snap2.body.code
+    torch.testing.assert_close(snap2(x), want(x) + torch.arange(4).float(), rtol=0, atol=0)
 
 
 def test_strip_autocast_runs_regions_plainly():

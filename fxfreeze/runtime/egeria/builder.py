@@ -66,7 +66,8 @@ def _devices_to_cpu(gm: fx.GraphModule) -> None:
     """Point every device named in ``gm``'s graph at the CPU. A graph captured with
     ``torch.export`` on a GPU names its device in its nodes (``arange(..., device=cuda:0)``,
     ``_assert_tensor_metadata(x, device=cuda:0)``, ``x.to("cuda")``): on the CPU copy the
-    reference runs on, those would fail ("Tensor device mismatch") or move data back."""
+    reference runs on, those would fail ("Tensor device mismatch") or move data back. Nested
+    graphs (the body of an autocast region) are rewritten as well."""
     cpu = torch.device("cpu")
     changed = False
 
@@ -80,12 +81,14 @@ def _devices_to_cpu(gm: fx.GraphModule) -> None:
             return "cpu"
         return a
 
-    for n in gm.graph.nodes:
-        if n.op in ("call_function", "call_method"):
-            n.args = fx.node.map_aggregate(n.args, fix)
-            n.kwargs = dict(fx.node.map_aggregate(n.kwargs, fix))
-    if changed:
-        gm.recompile()
+    for sub in [m for m in gm.modules() if isinstance(m, fx.GraphModule)]:  # the bodies of regions too
+        changed = False
+        for n in sub.graph.nodes:
+            if n.op in ("call_function", "call_method"):
+                n.args = fx.node.map_aggregate(n.args, fix)
+                n.kwargs = dict(fx.node.map_aggregate(n.kwargs, fix))
+        if changed:
+            sub.recompile()
 
 
 @dataclass
