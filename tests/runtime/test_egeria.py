@@ -226,6 +226,29 @@ def test_worker_runs_jobs_in_order_and_reports_errors():
     assert w.submit(lambda: 1) is None
 
 
+def test_worker_thread_count_is_its_own_and_threads_started_later_keep_the_default():
+    """The worker runs its jobs on ``num_threads`` threads; the training thread, and a thread
+    that first uses PyTorch after the worker started (a DataLoader's pin-memory thread, say),
+    keep the process's count. Before the fix such a thread started with the worker's 1."""
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)  # so that the worker's 1 is distinguishable
+    default = torch.get_num_threads()
+    try:
+        w = ReferenceWorker(num_threads=1)
+        w.submit(torch.get_num_threads, tag="threads")
+        assert w.wait(10)
+        assert w.poll()[0].value == 1
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [default] and torch.get_num_threads() == default
+        w.close()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
 def test_worker_runs_at_a_lower_priority_than_training():
     here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -3,7 +3,8 @@
 Egeria runs its reference model on the CPU next to training and never makes training wait
 for it. :class:`ReferenceWorker` is a daemon thread with its own PyTorch thread count
 (OpenMP's thread count is per calling thread, so ``torch.set_num_threads`` inside the worker
-does not change the training thread's). Jobs are callables run in submission order; their
+does not change the training thread's; the process-wide default it also sets, which threads
+started later begin from, is put back once the worker has its own). Jobs are callables run in submission order; their
 results are collected with :meth:`ReferenceWorker.poll` whenever the training thread looks,
 so a slow reference only delays decisions.
 
@@ -107,11 +108,24 @@ class ReferenceWorker:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        # ``torch.set_num_threads`` sets the calling thread's OpenMP count and also the process's
+        # default, which every thread that first uses PyTorch later starts from (a DataLoader's
+        # pin-memory thread, the user's threads, a GPU training thread that has not run a CPU
+        # parallel op yet). The worker sets its own count, then the default is put back here.
+        before = torch.get_num_threads()  # also fixes this thread's count before the change
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(ready,), name=self.name, daemon=True)
         self._thread.start()
+        if ready.wait(10.0):
+            torch.set_num_threads(before)
 
-    def _loop(self) -> None:
+    def _loop(self, ready: threading.Event | None = None) -> None:
+        # PyTorch initialises a thread's count from the process default on the thread's first
+        # use; done first here, so that putting the default back later does not reach this thread
+        torch.get_num_threads()
         torch.set_num_threads(self.num_threads)
+        if ready is not None:
+            ready.set()
         _lower_priority(self.nice)
         while True:
             item = self._jobs.get()
