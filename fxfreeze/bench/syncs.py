@@ -35,7 +35,9 @@ SYNC_EVENTS = (
 ASYNC_COPY = "Memcpy DtoH (Device -> Pinned)"
 #: recorded apart, on CUDA runs: ``aten::_local_scalar_dense`` that called no CUDA runtime
 #: function, i.e. a read of a host tensor (a loss already copied to pinned memory, a
-#: DataLoader's seed); on a run without CUDA every such read counts as a wait (the code path)
+#: DataLoader's seed); on a run without CUDA every such read counts as a wait (the code path).
+#: A read of a device value is a wait either way: its ``cudaStreamSynchronize`` is counted
+#: whether or not the profiler files it under the read
 HOST_READ = "aten::_local_scalar_dense (host tensor)"
 
 
