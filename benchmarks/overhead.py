@@ -42,7 +42,7 @@ from torch import nn
 
 import fxfreeze
 from fxfreeze import zoo
-from fxfreeze.bench.runner import call_model, logits_of, to_device
+from fxfreeze.bench.runner import call_model, logits_of, synchronize, to_device
 
 
 def _real_batches(w: Any, steps: int) -> list[tuple[Any, Any]]:
@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(net: nn.Module, opt: torch.optim.Optimizer, start: int, n: int) -> float:
         if net is plain and pol.worker is not None:
             pol.worker.wait(60)  # untimed: the worker's job belongs to egeria's side
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         t = time.perf_counter()
         for i in range(start, start + n):
             xb, yb = batches[i % len(batches)]
@@ -120,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         return time.perf_counter() - t
 
     run(plain, opt_p, 0, 2)  # warm-up both

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import fxfreeze
 from fxfreeze import zoo
+from fxfreeze.bench.runner import synchronize
 from fxfreeze.plan import HEAD, META_BLOCK
 
 _marks: list[tuple[int, Any]] = []  # (k, perf_counter time or a CUDA event)
@@ -49,11 +50,6 @@ def _since(start: Any, end: Any) -> float:
     if isinstance(start, float):
         return end - start
     return start.elapsed_time(end) / 1000.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _mark(t: Any, k: int) -> Any:
@@ -81,12 +77,12 @@ def instrument(fm: fxfreeze.runtime.FreezableModule) -> None:
 
 def step_fn(fm, opt, loss_of: Callable[[Any], torch.Tensor], device: torch.device) -> Callable[[], float]:
     def run() -> float:
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_of(fm).backward()
         opt.step()
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - t
 
     return run
@@ -106,7 +102,7 @@ def prefix_backward_times(fm, loss_of: Callable[[Any], torch.Tensor], reps: int,
         loss = loss_of(fm)
         loss.backward()
         end = _now(device)
-        _sync(device)
+        synchronize(device)
         fm.zero_grad(set_to_none=True)
         if i == 0:
             continue

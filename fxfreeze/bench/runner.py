@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["RunResult", "train_run", "accuracy", "call_model", "logits_of", "to_device"]
+__all__ = ["RunResult", "train_run", "accuracy", "call_model", "logits_of", "synchronize", "to_device"]
 
 Batch = tuple[Any, torch.Tensor]  # (inputs: tensor, tuple of args or dict of kwargs; targets)
 
@@ -74,7 +74,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall-clock reading counts it (a CUDA
     step returns to the host long before its kernels finish)."""
     if device.type == "cuda":
@@ -110,12 +110,13 @@ def accuracy(model: nn.Module, batches: Iterable[Batch], device: torch.device | 
     are). The counts add up on the device and are read once, at the end."""
     was = model.training
     model.eval()
+    dev = None if device is None else torch.device(device)
     correct: Any = 0
     total = 0
     for batch in batches:
         inputs, y = batch[0], batch[1]
-        if device is not None:
-            inputs, y = to_device(inputs, torch.device(device)), to_device(y, torch.device(device))
+        if dev is not None:
+            inputs, y = to_device(inputs, dev), to_device(y, dev)
         pred = logits_of(call_model(model, inputs)).argmax(-1)
         correct = correct + (pred == y).sum()
         total += int(y.numel())
@@ -213,7 +214,7 @@ def train_run(
 
     for epoch in range(epochs):
         net.train()
-        _synchronize(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         for i, batch in enumerate(train_batches(epoch)):
             if max_steps is not None and step >= max_steps:
@@ -242,13 +243,13 @@ def train_run(
             if step % loss_every == 0:
                 losses.append((step, loss.detach()))
             if i + 1 in marks and steps_per_epoch:
-                _synchronize(dev)
+                synchronize(dev)
                 wall += time.perf_counter() - t0
                 evaluate(epoch + (i + 1) / steps_per_epoch)
                 net.train()
-                _synchronize(dev)
+                synchronize(dev)
                 t0 = time.perf_counter()
-        _synchronize(dev)
+        synchronize(dev)
         wall += time.perf_counter() - t0
         if max_steps is not None and step >= max_steps:
             break

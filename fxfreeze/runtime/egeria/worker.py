@@ -4,9 +4,9 @@ Egeria runs its reference model on the CPU next to training and never makes trai
 for it. :class:`ReferenceWorker` is a daemon thread with its own PyTorch thread count
 (OpenMP's thread count is per calling thread, so ``torch.set_num_threads`` inside the worker
 does not change the training thread's; the process-wide default it also sets, which threads
-started later begin from, is put back once the worker has its own). Jobs are callables run in submission order; their
-results are collected with :meth:`ReferenceWorker.poll` whenever the training thread looks,
-so a slow reference only delays decisions.
+started later begin from, is put back once the worker has its own). Jobs are callables run
+in submission order; their results are collected with :meth:`ReferenceWorker.poll` whenever
+the training thread looks, so a slow reference only delays decisions.
 
 Failures: a job that raises produces a result carrying the error. A worker thread that
 dies (something escaped the job, the interpreter killed it) is restarted on the next
@@ -119,13 +119,12 @@ class ReferenceWorker:
         if ready.wait(10.0):
             torch.set_num_threads(before)
 
-    def _loop(self, ready: threading.Event | None = None) -> None:
+    def _loop(self, ready: threading.Event) -> None:
         # PyTorch initialises a thread's count from the process default on the thread's first
         # use; done first here, so that putting the default back later does not reach this thread
         torch.get_num_threads()
         torch.set_num_threads(self.num_threads)
-        if ready is not None:
-            ready.set()
+        ready.set()
         _lower_priority(self.nice)
         while True:
             item = self._jobs.get()
