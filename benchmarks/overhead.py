@@ -22,6 +22,12 @@ the spacing it uses on that run. Before each plain chunk the script waits, untim
 reference worker to go idle: a job still running would otherwise slow the plain chunk and
 be charged to the wrong side.
 
+Egeria's one-time set-up (the eval-mode capture, the block graphs and the reference
+builders) happens in ``fxfreeze.compile``, before the timed steps, and is printed on a line
+of its own; set-up that could not happen there (a model compiled without example inputs) is
+counted in the timed steps. ``--profile`` adds the training thread's profile (cProfile) of
+every evaluation, to find what an evaluation costs there.
+
 ``--text DIR`` runs the full-size fine-tuning workload of ``fxfreeze bench --long``
 (all-MiniLM-L6-v2 on the whole movie-review training split, batch 32, AdamW 2e-5 with a
 10% warm-up then linear decay, ``total_steps=897``). There the "plain" side is the compiled
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnist", default=None, help="MNIST idx folder: the realistic from-scratch workload instead")
     p.add_argument("--text", default=None, help="movie-review polarity folder: the full-size fine-tuning workload instead")
     p.add_argument("--device", default="cpu", help="where training runs (the reference stays on the CPU)")
+    p.add_argument("--profile", action="store_true", help="print a cProfile of the evaluations on the training thread")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     if a.mnist and a.text:
@@ -122,6 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         synchronize(dev)
         return time.perf_counter() - t
 
+    prof = None
+    if a.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        evaluate = pol._evaluate
+
+        def profiled(sig: Any) -> None:
+            assert prof is not None
+            prof.enable()
+            try:
+                evaluate(sig)
+            finally:
+                prof.disable()
+
+        pol._evaluate = profiled
     run(plain, opt_p, 0, 2)  # warm-up both
     run(fm, opt_c, 0, 2)
     done = 0
@@ -137,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{plain_side + ':':22} {times['plain']:.1f} s ({1000 * times['plain'] / a.steps:.0f} ms/step)")
     print(f"egeria (freeze=False): {times['egeria']:.1f} s ({1000 * times['egeria'] / a.steps:.0f} ms/step)")
     print(f"overhead: {100 * (ratio - 1):+.2f}%  ({pol.evaluations} evaluations; policy on the training thread "
-          f"{pol.main_seconds:.2f} s, of which one-time set-up (captures, reference builders) {pol.setup_seconds:.2f} s; "
+          f"{pol.main_seconds:.2f} s, of which one-time set-up left to evaluations {pol.setup_seconds:.2f} s; "
           f"reference worker busy {pol.worker.busy_seconds:.2f} s)")
+    print(f"one-time set-up in fxfreeze.compile, before the timed steps (eval-mode capture, block graphs, "
+          f"reference builders): {pol.compile_seconds:.2f} s")
+    if prof is not None:
+        import pstats
+
+        print("\nthe evaluations on the training thread (cProfile, by cumulative time):")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(30)
     fm.freezer.detach()
     if a.text:
         plain.freezer.detach()

@@ -273,6 +273,7 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
             # training; benchmarks/overhead.py measures that)
             "policy_main_seconds": r.controller_seconds,
             "worker_busy_seconds": r.extra.get("worker_seconds"),
+            "compile_seconds": r.compile_seconds,
             "final_num_frozen": r.epochs[-1]["num_frozen"] if r.epochs else 0,
             "num_blocks": r.num_blocks,
             "freezes": r.frozen,
@@ -296,8 +297,8 @@ def markdown(report: dict[str, Any]) -> str:
     for name, wl in report["workloads"].items():
         lines += [f"### {name}", "", wl["description"] + f"; {wl.get('steps', '?')} steps. TTA target: baseline's "
                   f"final accuracy - {TTA_MARGIN} point ({wl['target_accuracy']:.2f}% for seed {report['seed']}).", "",
-                  "| run | final acc. | Δ vs baseline | TTA (s) | TTA speed-up | over the control: TTA, total | total (s) | without 1st epoch (s) | backward FLOPs skipped | frozen at end | policy overhead (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | final acc. | Δ vs baseline | TTA (s) | TTA speed-up | over the control: TTA, total | total (s) | without 1st epoch (s) | backward FLOPs skipped | frozen at end | policy overhead (s) | compile (s) | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def ratio(x: Any) -> str:
             return "-" if x is None else f"{x:.2f}x"
@@ -311,7 +312,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {run} | {r['final_accuracy']:.2f}% | {r['accuracy_delta']:+.2f} | {tta} | {sp} | {vs} | "
                          f"{r['wall_seconds']:.1f} | {'-' if later is None else f'{later:.1f}'} | "
                          f"{100 * r['backward_flops_skipped']:.1f}% | "
-                         f"{r['final_num_frozen']}/{r['num_blocks'] or '-'} | {r['controller_seconds']:.2f} | {rss} |")
+                         f"{r['final_num_frozen']}/{r['num_blocks'] or '-'} | {r['controller_seconds']:.2f} | "
+                         f"{r.get('compile_seconds', 0.0):.1f} | {rss} |")
         lines.append("")
     return "\n".join(lines)
 

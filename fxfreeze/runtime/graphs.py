@@ -204,11 +204,16 @@ class GraphCache:
             return None
         return self._add(GraphEntry(key, cap))
 
+    def primary_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The example call's arguments, moved to the model's device (and floating ones to its
+        dtype)."""
+        args, kwargs = self.primary_call
+        return _to_model(self.model, args), _to_model(self.model, kwargs)
+
     def primary(self, training: bool) -> GraphEntry:
         """The graph for the example call's structure in the given mode (the probe and the
         activation cache use it); captured on first use."""
-        args, kwargs = self.primary_call
-        args, kwargs = _to_model(self.model, args), _to_model(self.model, kwargs)
+        args, kwargs = self.primary_inputs()
         key = call_key(training, args, kwargs)
         for e in self._entries.get(key, ()):
             if e.capture.accepts(args, kwargs):

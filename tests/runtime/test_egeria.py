@@ -335,36 +335,28 @@ def test_nan_loss_never_freezes_and_never_crashes():
     fm.freezer.detach()
 
 
-class _InFlight:
-    """A copy event still running when the training thread looks (as from a GPU), done by the
-    time the worker waits."""
-
-    def __init__(self):
-        self.waited = 0
-
-    def query(self):
-        return False
-
-    def synchronize(self):
-        self.waited += 1
-
-
-def test_a_probe_still_in_flight_is_checked_on_the_worker(monkeypatch):
+def test_the_probe_is_read_on_the_worker_never_on_the_training_thread(monkeypatch):
     """From an accelerator the probe reaches the host without blocking training: the training
-    thread does not wait for it, the worker does, finds it non-finite and skips the evaluation."""
-    from fxfreeze.runtime.host_tier import HostCopy
+    thread never reads it (not even to check it is finite), the worker does, finds it
+    non-finite and skips the evaluation."""
+    from fxfreeze.runtime.host_tier import HostFuture
+    from fxfreeze.runtime.policies import egeria as eg
 
+    readers = []
+    real = eg.to_host_later
+
+    class Spy(HostFuture):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def result(self, timeout=None):
+            readers.append(threading.current_thread())
+            return self.inner.result(timeout)
+
+    monkeypatch.setattr(eg, "to_host_later", lambda tree, copy=True: Spy(real(tree, copy)))
     fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3, "asynchronous": False})
-    probe = fm.freezer.policy.probe
-    events = []
-    real = probe.values_async
-
-    def in_flight(hi=None):
-        vals, _ = real(hi)
-        events.append(_InFlight())
-        return vals, HostCopy(events[-1])
-
-    monkeypatch.setattr(probe, "values_async", in_flight)
+    readers.clear()  # compile's own warm-up of the copies reads on the training thread, before training
     with torch.no_grad():
         next(fm.parameters()).fill_(float("nan"))
     for _ in range(6):
@@ -372,7 +364,7 @@ def test_a_probe_still_in_flight_is_checked_on_the_worker(monkeypatch):
     fm(x)
     for _ in range(6):
         fm.freezer.step()
-    assert events and all(e.waited == 1 for e in events)  # waited for once, on the worker
+    assert readers and all(t is not threading.main_thread() for t in readers)
     assert fm.num_frozen == 0
     assert any(r.get("skipped") == "non-finite probe activation" for r in fm.freezer.policy.timeline)
     fm.freezer.detach()
@@ -560,4 +552,35 @@ def test_the_probe_graphs_set_up_once_are_not_charged_to_the_schedule(monkeypatc
     _train(fm, opt, x, y, 4)
     assert charged and max(charged) < 50.0  # the 100 s of set-up never reaches the schedule
     assert pol.setup_seconds >= 100.0 and pol.main_seconds >= pol.setup_seconds
+    fm.freezer.detach()
+
+
+def test_the_one_time_set_up_happens_at_compile_time():
+    """The eval-mode graph, the block graphs and every block's reference builder are made by
+    ``fxfreeze.compile`` (on the example call), not at evaluations in the middle of training:
+    evaluations then make no builder and capture nothing."""
+    fm, opt, x, y = _setup({"freeze": False})
+    pol = fm.freezer.policy
+    assert pol.compile_seconds > 0 and set(pol.refs.builders) == set(range(pol.hi))
+    builders = dict(pol.refs.builders)
+    graphs = len(fm.graphs)  # the training graph and the probe's eval-mode graph
+    assert graphs == 2
+    _train(fm, opt, x, y, 12)
+    assert pol.evaluations >= 3 and any(r.get("plasticity") for r in pol.timeline)
+    assert pol.refs.builders == builders and len(fm.graphs) == graphs
+    fm.freezer.detach()
+
+
+def test_a_model_compiled_without_example_inputs_sets_up_at_its_first_evaluation():
+    torch.manual_seed(0)
+    model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = {"egeria": {"eval_interval": 2, "overhead_budget": 0, "asynchronous": False, "probe_size": 16, "freeze": False}}
+    fm = fxfreeze.compile(model, optimizer=opt, config=cfg)
+    pol = fm.freezer.policy
+    assert pol.compile_seconds == 0 and not pol.refs.builders and len(fm.graphs) == 1
+    _train(fm, opt, x, y, 6)
+    assert pol.refs.builders and pol.setup_seconds > 0
+    assert any(r.get("plasticity") for r in pol.timeline)
     fm.freezer.detach()

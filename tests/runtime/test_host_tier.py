@@ -31,6 +31,36 @@ def test_a_snapshot_is_the_value_when_taken_not_after_an_in_place_update(device)
     assert ready.done()
 
 
+@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_of_several_dtypes_shapes_and_layouts_come_back_equal(device, copy):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=g)
+    ref = {
+        "transposed": base.t(),  # not contiguous
+        "scalar": torch.tensor(2.5),
+        "ints": torch.arange(5),
+        "empty": torch.empty(0, 3),
+        "channels_last": torch.randn(2, 3, 4, 4, generator=g).to(memory_format=torch.channels_last),
+        "half": base.half(),
+        "mask": base > 0,
+    }
+    src = {k: v.to(device, copy=True) for k, v in ref.items()}
+    host, ready = to_host(src, copy=copy)
+    if copy:
+        for v in src.values():
+            if v.is_floating_point():
+                v.mul_(-1)  # the next optimizer step: must not reach a copy taken before it
+    ready.wait()
+    for k, v in ref.items():
+        assert host[k].device.type == "cpu" and host[k].dtype == v.dtype and host[k].shape == v.shape, k
+        torch.testing.assert_close(host[k], v, rtol=0, atol=0)
+    if device == "cuda":
+        # one pinned buffer per dtype: the float32 tensors are views of one allocation
+        ptrs = {host[k].untyped_storage().data_ptr() for k in ("transposed", "scalar", "empty", "channels_last")}
+        assert len(ptrs) == 1 and host["scalar"].is_pinned()
+
+
 def test_cpu_values_without_copy_are_handed_on_as_they_are():
     t = torch.ones(3)
     out, ready = to_host((t,), copy=False)

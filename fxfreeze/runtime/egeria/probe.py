@@ -16,8 +16,7 @@ import torch
 
 from ...analysis import batch_size_of
 from ...passes.subgraph import Subgraph, extract
-from ...trace import preserved_state
-from ..host_tier import HostCopy, to_host
+from ..host_tier import HostFuture, to_host_later
 from .builder import all_finite
 
 __all__ = ["ActivationProbe", "all_finite"]
@@ -125,12 +124,18 @@ class ActivationProbe:
 
     # -- graphs --------------------------------------------------------------------------------
     def _entry(self) -> Any:
-        """The eval-mode graph for the probe call's structure (captured on first use)."""
+        """The eval-mode graph for the probe call's structure (captured on first use); before
+        the probe batch is there, the one for the example call's structure (what the probe batch
+        normally finds again)."""
         graphs = self.module.graphs
-        entry = graphs.lookup(False, self.args or (), self.kwargs)
+        if self.args is None:
+            entry = graphs.primary(False)
+        else:
+            entry = graphs.lookup(False, self.args, self.kwargs)
         if entry is None:  # that kind of call runs eagerly: probe with the example call instead
             entry = graphs.primary(False)
-            self.set(*entry.capture.example_args, **entry.capture.example_kwargs)
+            args, kwargs = graphs.primary_inputs()
+            self.set(*args, **kwargs)
         if entry is not self._key:
             self._ranges = {}
             self._blocks = {}
@@ -173,29 +178,55 @@ class ActivationProbe:
         for j in range(lo, hi):
             self.block(j)
 
+    def example_values(self) -> dict[str, Any]:
+        """Inputs and outputs of every block that may freeze on the *example* call (where the
+        module is; nothing is copied): what a reference builder is prepared on before the
+        first probe batch exists. Raises when the example call cannot run."""
+        args, kwargs = self.module.graphs.primary_inputs()
+        return self._values(self.module.graphs.primary(False), args, kwargs, self.hi)
+
     def values(self, hi: int | None = None) -> dict[str, Any]:
         """Inputs and outputs of every block in ``[0, hi)`` (default: all that may freeze) on
         the probe batch (CPU). Blocks past ``hi`` do not run."""
-        vals, ready = self.values_async(hi)
-        ready.wait()
-        return vals
+        return self.values_async(hi).result()
 
-    @torch.no_grad()
-    def values_async(self, hi: int | None = None) -> tuple[dict[str, Any], HostCopy]:
-        """:meth:`values` as host tensors that may still be on their way from an accelerator,
-        and the handle to wait on before reading them (the reference worker waits, not the
-        training thread)."""
+    def run(self, hi: int | None = None) -> dict[str, Any]:
+        """:meth:`values` where the module is (an accelerator's tensors stay there, nothing is
+        copied)."""
         if self.args is None:
             raise RuntimeError("no probe batch yet")
-        full = self._range(self.hi if hi is None else hi)
         entry = self._entry()
+        return self._values(entry, self.args, self.kwargs, self.hi if hi is None else hi)
+
+    def values_async(self, hi: int | None = None) -> HostFuture:
+        """:meth:`values` on their way to the host: from an accelerator the training thread only
+        launches the copies; whoever reads them (the reference worker) waits for them."""
+        return to_host_later(self.run(hi), copy=False)
+
+    @torch.no_grad()
+    def _values(self, entry: Any, args: tuple[Any, ...], kwargs: dict[str, Any], hi: int) -> dict[str, Any]:
+        """Blocks ``[0, hi)`` of ``entry``'s graph run on a call, in eval mode: their inputs and
+        outputs by graph node name, where the module is."""
+        full = self._range(hi)
         module = self.module
         module.graph_module_of(entry)
         model = module.model
-        ph = entry.placeholder_map(model, self.args or (), self.kwargs, module.graphs.signature)
-        with preserved_state(model):
-            for m in model.modules():
+        ph = entry.placeholder_map(model, args, kwargs, module.graphs.signature)
+        inputs = [ph[n] for n in full.inputs]
+        # eval mode for the modules the blocks call (the graph module holds the model's own
+        # module objects), restored after; under no_grad in eval mode they change no buffer.
+        # Only these, not the whole model's: on a GPU every Python step here is the training
+        # thread's time (``preserved_state`` over the whole model took 1-2 ms per evaluation)
+        training = [m for m in full.graph_module.modules() if m.training]
+        devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
+        try:
+            for m in training:
                 m.training = False
-            outs = full.graph_module(*[ph[n] for n in full.inputs])
-        vals: dict[str, Any] = {**ph, **dict(zip(full.outputs, outs))}
-        return to_host(vals, copy=False)
+            with torch.random.fork_rng(devices=devices):  # the user's random stream stays as it was
+                outs = full.graph_module(*inputs)
+        finally:
+            for m in training:
+                m.training = True
+        # only what the blocks read and return: the graph's other placeholders (an exported
+        # graph's parameters) need no copy to the host
+        return {n: ph[n] for n in full.inputs} | dict(zip(full.outputs, outs))

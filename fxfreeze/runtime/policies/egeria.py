@@ -43,7 +43,7 @@ from ..egeria.probe import ActivationProbe
 from ..egeria.references import References
 from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
-from ..host_tier import HostCopy, to_host
+from ..host_tier import HostFuture, to_host_later
 from .base import Decision, Policy, Signals
 from .egeria_schedule import EvaluationSchedule
 from .rules import egeria_rule, lr_step_rule
@@ -73,16 +73,18 @@ class EgeriaPolicy(Policy):
         self.evaluations = 0
         self.main_seconds = 0.0
         #: of main_seconds, the one-time set-up (the probe's graphs, each block's reference
-        #: builder): spent once, so not charged to the evaluation schedule
+        #: builder) left to evaluations: spent once, so not charged to the evaluation schedule
         self.setup_seconds = 0.0
+        #: the set-up done at compile time (:meth:`_set_up`), not part of main_seconds
+        self.compile_seconds = 0.0
         self._fresh = False
         self._disabled_reported = False
         self._small_probe_reported = False
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
-        # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the reference)
-        self._anchor_state: dict[int, dict[str, torch.Tensor]] = {}
-        self._copies: list[HostCopy] = []  # anchors' weights that may still be on their way to the host
+        # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the
+        # reference), possibly still on their way from an accelerator
+        self._anchor_state: dict[int, dict[str, torch.Tensor] | HostFuture] = {}
         self._rebuild: set[int] = set()
         self._anchor_ids = 0
         # builders (training thread) and built anchors (worker thread), per block
@@ -104,6 +106,58 @@ class EgeriaPolicy(Policy):
         nice = int(self.cfg.worker_nice) if self.cfg.asynchronous else 0
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
                                       nice=nice)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """The one-time set-up, at compile time: the eval-mode graph, the block graphs every
+        evaluation reads, and every block's reference builder (which traces: training thread
+        only). Done here it is part of compiling, like the capture, instead of a stall at the
+        first evaluations in the middle of training: 0.8-2.3 s on an H200, 80-130 of its
+        10-ms steps (docs/benchmarks.md, "On a GPU"). The builders are prepared on the example
+        call's block inputs; a builder needs their shapes' structure, not their values (each
+        reference is calibrated on the probe batch when it is built). When the example call
+        cannot run here (a model compiled without example inputs), the first evaluations do
+        the set-up instead, as they always could."""
+        assert self.probe is not None
+        args, kwargs = self.module.graphs.primary_call
+        if not args and not kwargs:  # compiled without example inputs: nothing to run the blocks on
+            return
+        t0 = time.perf_counter()
+        try:
+            values = self.probe.example_values()
+        except Exception as e:  # noqa: BLE001 - not fatal: the first evaluations set up instead
+            logger.debug("egeria: set-up deferred to the first evaluation (%s: %s)", type(e).__name__, e)
+            return
+        for j in range(self.hi):
+            sub = self.probe.block(j)
+            self._prepare_builder(j, sub, [values[n] for n in sub.inputs])
+        # the block ranges the probe runs, one per depth of the tracked blocks
+        for k in range(self.hi):
+            self.probe.prepare(k, self._tracked(k).stop)
+        # the first copy to pinned host memory in a process pays for the allocator's and the
+        # side stream's creation: here, not at the first evaluation
+        to_host_later(values, copy=False).result()
+        self.compile_seconds = time.perf_counter() - t0
+
+    def _tracked(self, k: int) -> range:
+        """The blocks an evaluation tracks with ``k`` blocks frozen: the front one and
+        ``lookahead`` behind it."""
+        return range(k, min(self.hi, k + 1 + int(self.cfg.lookahead)))
+
+    def _prepare_builder(self, j: int, sub: Any, inputs: list[Any]) -> bool:
+        """Block ``j``'s reference builder (training thread: it may trace); True when it was
+        made now. A block that cannot be copied is marked unmeasurable, with a warning, and
+        False returned."""
+        try:
+            return self.refs.prepare(j, sub.graph_module, inputs)
+        except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
+            self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            logger.warning(
+                "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
+                "policy will not freeze it or anything after it; training goes on",
+                j, self.plan.blocks[j].name, self.unmeasurable[j],
+            )
+            return False
 
     def _judge_regime(self) -> None:
         """Judged once, on the weights as compiled, before training shapes them."""
@@ -206,7 +260,7 @@ class EgeriaPolicy(Policy):
     def _evaluate(self, s: Signals) -> None:
         assert self.worker is not None and self.probe is not None
         t0 = time.perf_counter()
-        tracked = range(s.num_frozen, min(self.hi, s.num_frozen + 1 + int(self.cfg.lookahead)))
+        tracked = self._tracked(s.num_frozen)
         # the probe's graphs: the eval-mode capture (torch.export of a whole transformer: about
         # 4.6 s once on MiniLM) and the block extractions happen once and are cached. They are
         # set-up, not the cost of an evaluation: charged to the schedule, that one capture
@@ -214,62 +268,48 @@ class EgeriaPolicy(Policy):
         tp = time.perf_counter()
         self.probe.prepare(tracked.start, tracked.stop)
         one_time = time.perf_counter() - tp
-        # blocks deeper than the tracked ones need not run; from an accelerator the values
-        # come without blocking, and the worker checks them once they are there
-        values, ready = self.probe.values_async(hi=tracked.stop)
-        copies = [ready]
-        checked = ready.done()
-        self._copies = [c for c in self._copies if not c.done()]
-        if checked and not all_finite(values):
-            self._reset(s)
-            self.timeline.append({"step": s.step, "skipped": "non-finite probe activation"})
-            self.setup_seconds += one_time
-            self.schedule.plan(s.step, time.perf_counter() - t0 - one_time)
-            return
+        # blocks deeper than the tracked ones need not run. The values go to the host without
+        # the training thread waiting for them or allocating their pinned memory; the worker
+        # waits for them and checks that they are finite (a check here would read them: on a
+        # GPU, 9-18 ms of the training thread per evaluation on an H200)
+        device_values = self.probe.run(hi=tracked.stop)
+        values = to_host_later(device_values, copy=False)
         self.evaluations += 1
         jobs = []
         for j in tracked:
             if j in self.unmeasurable:
                 continue
             sub = self.probe.block(j)
-            inputs = [values[n] for n in sub.inputs]
-            train = [values[n] for n in sub.outputs]
-            state = None
+            state: Any = None
             anchor = self._anchor.get(j)
             due = anchor is None or (
                 self.evaluations - anchor[1] >= self.cfg.refresh_every and not self._near_flat(j)
             )
             if due:
                 tb = time.perf_counter()
-                try:
-                    if self.refs.prepare(j, sub.graph_module, inputs):  # may trace: training thread only, once
-                        one_time += time.perf_counter() - tb
-                except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
-                    self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    logger.warning(
-                        "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
-                        "policy will not freeze it or anything after it; training goes on",
-                        j, self.plan.blocks[j].name, self.unmeasurable[j],
-                    )
+                # made at compile time, unless that could not run (it needs the inputs' structure only)
+                if self._prepare_builder(j, sub, [device_values[n] for n in sub.inputs]):
+                    one_time += time.perf_counter() - tb
+                if j in self.unmeasurable:
                     continue
-                state, copied = to_host(dict(sub.graph_module.state_dict()))  # never blocks the training stream
-                copies.append(copied)
-                self._copies.append(copied)
+                state = to_host_later(dict(sub.graph_module.state_dict()))  # never blocks the training stream
                 self._anchor_ids += 1
                 anchor = (self._anchor_ids, self.evaluations, s.step)
                 self._anchor[j] = anchor
                 self._anchor_state[j] = state
                 self.tracker.reset([j])
             elif j in self._rebuild:  # resumed: rebuild the saved anchor's reference
-                self.refs.prepare(j, sub.graph_module, inputs)
+                self._prepare_builder(j, sub, [device_values[n] for n in sub.inputs])
                 state = self._anchor_state[j]
             self._rebuild.discard(j)
-            jobs.append((j, anchor[0], inputs, train, state))
+            if j in self.unmeasurable:
+                continue
+            jobs.append((j, anchor[0], sub.inputs, sub.outputs, state))
+        del device_values
         tag = ("eval", self.evaluations, s.step)
         k = s.num_frozen
         if jobs:
-            unchecked = None if checked else values
-            self.worker.submit(lambda: self._job(jobs, k, copies, unchecked), tag=tag)
+            self.worker.submit(lambda: self._job(jobs, k, values), tag=tag)
         if jobs and not self.cfg.asynchronous:
             self.worker.wait(timeout=self.worker.job_timeout)
             self._consume(s)
@@ -283,15 +323,16 @@ class EgeriaPolicy(Policy):
         thr = self.tracker.threshold_of(j)
         return self.tracker.flat_count.get(j, 0) > 0 or (t is not None and t.elasticity < min(2 * thr, thr + 0.5))
 
-    def _job(self, jobs: list[Any], k: int, copies: list[HostCopy], unchecked: Any) -> dict[str, Any]:
-        """On the worker thread: wait for the evaluation's copies to the host (a probe or
-        weights still on their way from an accelerator), check a probe that arrived too late
-        for the training thread to check, run the job."""
-        for c in copies:
-            c.wait()
-        if unchecked is not None and not all_finite(unchecked):
+    def _job(self, jobs: list[Any], k: int, values: HostFuture) -> dict[str, Any]:
+        """On the worker thread: wait for the evaluation's copies to the host (the probe's
+        values, and the weights of anchors due), check that the probe is finite, run the job.
+        ``jobs`` name each block's inputs and outputs among the values."""
+        vals = values.result()
+        if not all_finite(vals):
             return {"skipped": "non-finite probe activation"}
-        return self._reference_job(jobs, k)
+        ready = [(j, anchor_id, [vals[n] for n in ins], [vals[n] for n in outs], _landed(state))
+                 for j, anchor_id, ins, outs, state in jobs]
+        return self._reference_job(ready, k)
 
     def _reference_job(self, jobs: list[Any], k: int) -> dict[str, Any]:
         """On the worker thread (:meth:`References.run`)."""
@@ -346,16 +387,14 @@ class EgeriaPolicy(Policy):
         Plain data and tensors (``torch.load`` with ``weights_only=True``). In synchronous
         mode a resume continues exactly; in the default asynchronous mode results arrive
         when the worker is done, which no run reproduces."""
-        for c in self._copies:  # anchors' weights still on their way from an accelerator
-            c.wait()
-        self._copies = []
         return {
             **self.schedule.state_dict(),
             "evaluations": self.evaluations,
             "fresh": self._fresh,
             "anchor_ids": self._anchor_ids,
             "anchor": {int(j): list(a) for j, a in self._anchor.items()},
-            "anchor_state": {int(j): dict(st) for j, st in self._anchor_state.items() if j in self._anchor},
+            # (weights still on their way from an accelerator are waited for)
+            "anchor_state": {int(j): dict(_landed(st)) for j, st in self._anchor_state.items() if j in self._anchor},
             "tracker": self.tracker.state_dict(),
             "probe": None if self.probe is None else self.probe.state_dict(),
             "pretrained": self.regimes.state_dict(),
@@ -382,3 +421,7 @@ class EgeriaPolicy(Policy):
         if self.regimes.load_state_dict(state.get("pretrained")):  # judged on the weights as first compiled
             self.tracker.thresholds = self.regimes.overrides()
 
+
+def _landed(state: Any) -> Any:
+    """Weights that may still be on their way to the host, once they are there."""
+    return state.result() if isinstance(state, HostFuture) else state
