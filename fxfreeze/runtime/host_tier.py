@@ -193,7 +193,8 @@ def to_host_later(tree: Any, copy: bool = True) -> HostFuture:
             after[dev] = ev
 
     def issue() -> tuple[Any, HostCopy]:
-        return tree_unflatten(out, spec), _handle(_issue(out, staged, after))
+        events = _issue(out, staged, after)  # fills ``out`` with the pinned views: before the tree is built
+        return tree_unflatten(out, spec), _handle(events)
 
     return HostFuture(future=_copier_pool().submit(issue))
 

@@ -4,6 +4,7 @@ visible (pinned memory, a side stream, events)."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -59,6 +60,30 @@ def test_many_tensors_of_several_dtypes_shapes_and_layouts_come_back_equal(devic
         # one pinned buffer per dtype: the float32 tensors are views of one allocation
         ptrs = {host[k].untyped_storage().data_ptr() for k in ("transposed", "scalar", "empty", "channels_last")}
         assert len(ptrs) == 1 and host["scalar"].is_pinned()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_later_copy_is_every_tensor_on_the_host_as_it_was_when_taken(device):
+    """to_host_later: the calling thread only gathers on the device; a helper thread allocates
+    and copies. What comes back is host tensors (never the device's), with the values they had
+    when taken, from any thread."""
+    from fxfreeze.runtime.host_tier import to_host_later
+
+    w = torch.arange(12.0, device=device).reshape(3, 4)
+    ids = torch.arange(5, device=device)
+    pending = to_host_later({"w": w, "rows": [w[0], w.t()], "ids": ids, "name": "block"})
+    w.add_(100.0)  # the optimizer's next step
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(pending.result(timeout=60)))
+    reader.start()
+    reader.join(60)
+    assert got["name"] == "block" and pending.done()
+    for t in (got["w"], *got["rows"], got["ids"]):
+        assert t.device.type == "cpu" and t.is_pinned() == (device == "cuda")
+    torch.testing.assert_close(got["w"], torch.arange(12.0).reshape(3, 4), rtol=0, atol=0)
+    torch.testing.assert_close(got["rows"][1], torch.arange(12.0).reshape(3, 4).t(), rtol=0, atol=0)
+    torch.testing.assert_close(got["ids"], torch.arange(5), rtol=0, atol=0)
+    assert pending.result() is not None  # the result stays readable
 
 
 def test_cpu_values_without_copy_are_handed_on_as_they_are():
