@@ -39,6 +39,7 @@ otherwise hide the policy's cost.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from typing import Any
@@ -134,27 +135,40 @@ def main(argv: list[str] | None = None) -> int:
         import cProfile
 
         prof = cProfile.Profile()
-        evaluate = pol._evaluate
+    evaluate = pol._evaluate
+    eval_seconds: list[float] = []
 
-        def profiled(sig: Any) -> None:
-            assert prof is not None
+    def timed(sig: Any) -> None:
+        """An evaluation, timed on the training thread (and profiled with --profile)."""
+        t = time.perf_counter()
+        if prof is not None:
             prof.enable()
-            try:
-                evaluate(sig)
-            finally:
+        try:
+            evaluate(sig)
+        finally:
+            if prof is not None:
                 prof.disable()
+            eval_seconds.append(time.perf_counter() - t)
 
-        pol._evaluate = profiled
+    pol._evaluate = timed
     run(plain, opt_p, 0, 2)  # warm-up both
     run(fm, opt_c, 0, 2)
     done = 0
+    ratios = []
     while done < a.steps:
         n = min(a.chunk, a.steps - done)
-        times["plain"] += run(plain, opt_p, done, n)
-        times["egeria"] += run(fm, opt_c, done, n)
+        # the order alternates from pair to pair, so that a drift in speed favours neither side
+        first, second = ("plain", "egeria") if len(ratios) % 2 == 0 else ("egeria", "plain")
+        pair = {}
+        for side in (first, second):
+            net, opt = (plain, opt_p) if side == "plain" else (fm, opt_c)
+            pair[side] = run(net, opt, done, n)
+            times[side] += pair[side]
+        ratios.append(pair["egeria"] / pair["plain"])
         done += n
     pol.worker.wait(60)
     ratio = times["egeria"] / times["plain"]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"{label}, {a.steps} steps in chunks of {a.chunk}, on {where}, {torch.get_num_threads()} threads")
     print(f"{plain_side + ':':22} {times['plain']:.1f} s ({1000 * times['plain'] / a.steps:.0f} ms/step)")
@@ -162,12 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overhead: {100 * (ratio - 1):+.2f}%  ({pol.evaluations} evaluations; policy on the training thread "
           f"{pol.main_seconds:.2f} s, of which one-time set-up left to evaluations {pol.setup_seconds:.2f} s; "
           f"reference worker busy {pol.worker.busy_seconds:.2f} s)")
+    print(f"per pair of chunks ({len(ratios)} pairs): median {100 * (q[1] - 1):+.2f}%, quartiles "
+          f"{100 * (q[0] - 1):+.2f}% to {100 * (q[2] - 1):+.2f}% (the spread is the measurement's noise)")
+    if eval_seconds:
+        print(f"evaluations on the training thread: {len(eval_seconds)}, {1000 * sum(eval_seconds):.1f} ms in all, "
+              f"{1000 * sum(eval_seconds) / len(eval_seconds):.2f} ms each on average, {1000 * max(eval_seconds):.2f} ms at most")
     print(f"one-time set-up in fxfreeze.compile, before the timed steps (eval-mode capture, block graphs, "
           f"reference builders): {pol.compile_seconds:.2f} s")
     if prof is not None:
         import pstats
 
-        print("\nthe evaluations on the training thread (cProfile, by cumulative time):")
+        # (from Python 3.12, cProfile sees every thread while enabled: the copy helper's and the
+        # worker's calls during an evaluation are in it; the timing line above is the training thread's)
+        print("\nthe evaluations (cProfile, by cumulative time; from Python 3.12 other threads' calls too):")
         pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(30)
     fm.freezer.detach()
     if a.text:
