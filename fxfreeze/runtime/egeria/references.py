@@ -6,10 +6,11 @@ may trace the block), anchors are built and run by jobs on the reference worker
 (:meth:`References.run`), which the training thread never waits for in the default
 asynchronous mode.
 
-Preparing a builder is the largest cost Egeria puts on the training thread (about 0.07 s per
-ResNet block on this machine's CPU, more for a transformer layer: the backends trace and
-insert observers), and it cannot move to the worker (fx tracing patches ``nn.Module.__call__``
-for every thread). Most blocks repeat one another, so blocks of the same structure share one
+Preparing a builder is the largest one-time cost of Egeria (about 0.07 s per ResNet block on
+this machine's CPU, more for a transformer layer: the backends trace and insert observers), and
+it cannot move to the worker (fx tracing patches ``nn.Module.__call__`` for every thread). The
+policy prepares every block's builder in ``fxfreeze.compile``, before training, when the
+example call can run. Most blocks repeat one another, so blocks of the same structure share one
 builder: the same graph node for node (module types and configurations, constants, tensor
 shapes and dtypes, input shapes), each block's state dict keys renamed to the first one's.
 """
