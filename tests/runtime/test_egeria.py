@@ -584,3 +584,15 @@ def test_a_model_compiled_without_example_inputs_sets_up_at_its_first_evaluation
     assert pol.refs.builders and pol.setup_seconds > 0
     assert any(r.get("plasticity") for r in pol.timeline)
     fm.freezer.detach()
+
+
+def test_the_probe_runs_to_a_handful_of_depths_each_deep_enough_for_its_tracked_blocks():
+    """One extracted range per depth would grow with the square of the model's depth; the
+    probe runs to about 8 depths, each at or past the tracked blocks' end."""
+    fm, opt, x, y = _setup({"freeze": False}, model=zoo.resnet_cifar(depth=38, width=4, in_channels=1))
+    pol = fm.freezer.policy
+    assert pol.hi >= 16
+    depths = {pol._depth(pol._tracked(k).stop) for k in range(pol.hi)}
+    assert all(pol._tracked(k).stop <= pol._depth(pol._tracked(k).stop) <= pol.hi for k in range(pol.hi))
+    assert len(depths) <= 9 and set(pol.probe._ranges) == depths | {pol.hi}
+    fm.freezer.detach()
