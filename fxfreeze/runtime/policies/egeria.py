@@ -125,18 +125,17 @@ class EgeriaPolicy(Policy):
         t0 = time.perf_counter()
         try:
             values = self.probe.example_values()
-        except Exception as e:  # noqa: BLE001 - not fatal: the first evaluations set up instead
-            logger.debug("egeria: set-up deferred to the first evaluation (%s: %s)", type(e).__name__, e)
-            return
-        for j in range(self.hi):
-            sub = self.probe.block(j)
-            self._prepare_builder(j, sub, [values[n] for n in sub.inputs])
-        # the block ranges the probe runs (a handful of depths, see _depth)
-        for k in range(self.hi):
-            self.probe.prepare(k, self._depth(self._tracked(k).stop))
-        # the first copy to pinned host memory in a process pays for the allocator's and the
-        # side stream's creation: here, not at the first evaluation
-        to_host_later(values, copy=False).result()
+            for j in range(self.hi):
+                sub = self.probe.block(j)
+                self._prepare_builder(j, sub, [values[n] for n in sub.inputs])
+            # the block ranges the probe runs (a handful of depths, see _depth)
+            for k in range(self.hi):
+                self.probe.prepare(k, self._depth(self._tracked(k).stop))
+            # the first copy to pinned host memory in a process pays for the allocator's and
+            # the side stream's creation: here, not at the first evaluation
+            to_host_later(values, copy=False).result()
+        except Exception as e:  # noqa: BLE001 - not fatal: what is missing, the first evaluations make
+            logger.debug("egeria: set-up left to the first evaluations (%s: %s)", type(e).__name__, e)
         self.compile_seconds = time.perf_counter() - t0
 
     def _depth(self, stop: int) -> int:
