@@ -592,7 +592,7 @@ def test_the_probe_runs_to_a_handful_of_depths_each_deep_enough_for_its_tracked_
     fm, opt, x, y = _setup({"freeze": False}, model=zoo.resnet_cifar(depth=38, width=4, in_channels=1))
     pol = fm.freezer.policy
     assert pol.hi >= 16
-    depths = {pol._depth(pol._tracked(k).stop) for k in range(pol.hi)}
-    assert all(pol._tracked(k).stop <= pol._depth(pol._tracked(k).stop) <= pol.hi for k in range(pol.hi))
+    depths = {pol.probe.depth(pol._tracked(k).stop) for k in range(pol.hi)}
+    assert all(pol._tracked(k).stop <= pol.probe.depth(pol._tracked(k).stop) <= pol.hi for k in range(pol.hi))
     assert len(depths) <= 9 and set(pol.probe._ranges) == depths | {pol.hi}
     fm.freezer.detach()

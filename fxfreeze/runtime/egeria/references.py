@@ -68,6 +68,21 @@ class References:
         self._by_structure.setdefault(key, (self.builders[j], _targets(graph_module)))
         return True
 
+    def prepare_or_mark(self, j: int, graph_module: torch.fx.GraphModule, inputs: list[Any], name: str) -> bool:
+        """:meth:`prepare`, except that a block whose builder cannot be made (a module that
+        cannot be copied) is recorded in :attr:`unmeasurable` with a warning naming it
+        (``name``), and False returned: it is never judged, training goes on."""
+        try:
+            return self.prepare(j, graph_module, inputs)
+        except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
+            self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            logger.warning(
+                "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
+                "policy will not freeze it or anything after it; training goes on",
+                j, name, self.unmeasurable[j],
+            )
+            return False
+
     def run(self, jobs: list[Any], k: int) -> dict[str, Any]:
         """On the worker thread: build due anchors, then each block's plasticity. ``jobs`` are
         ``(block, anchor id, inputs, training outputs, weights or None)``; ``k`` the number of

@@ -109,43 +109,20 @@ class EgeriaPolicy(Policy):
         self._set_up()
 
     def _set_up(self) -> None:
-        """The one-time set-up, at compile time: the eval-mode graph, the block graphs every
-        evaluation reads, and every block's reference builder (which traces: training thread
-        only). Done here it is part of compiling, like the capture, instead of a stall at the
-        first evaluations in the middle of training: 0.8-2.3 s on an H200, 80-130 of its
-        10-ms steps (docs/benchmarks.md, "On a GPU"). The builders are prepared on the example
-        call's block inputs; a builder needs their shapes' structure, not their values (each
-        reference is calibrated on the probe batch when it is built). When the example call
-        cannot run here (a model compiled without example inputs), the first evaluations do
-        the set-up instead, as they always could."""
+        """The one-time set-up, in ``fxfreeze.compile`` (:meth:`ActivationProbe.set_up`) instead
+        of at the first evaluations in the middle of training (0.8-2.3 s on an H200, 80-130 of
+        its 10-ms steps: docs/benchmarks.md, "On a GPU"). Without example inputs, or on any
+        failure, the first evaluations make what is missing, as they always could."""
         assert self.probe is not None
         args, kwargs = self.module.graphs.primary_call
         if not args and not kwargs:  # compiled without example inputs: nothing to run the blocks on
             return
         t0 = time.perf_counter()
         try:
-            values = self.probe.example_values()
-            for j in range(self.hi):
-                sub = self.probe.block(j)
-                self._prepare_builder(j, sub, [values[n] for n in sub.inputs])
-            # the block ranges the probe runs (a handful of depths, see _depth)
-            for k in range(self.hi):
-                self.probe.prepare(k, self._depth(self._tracked(k).stop))
-            # the first copy to pinned host memory in a process pays for the allocator's and
-            # the side stream's creation: here, not at the first evaluation
-            to_host_later(values, copy=False).result()
+            self.probe.set_up(self._prepare_builder, [self._tracked(k).stop for k in range(self.hi)])
         except Exception as e:  # noqa: BLE001 - not fatal: what is missing, the first evaluations make
             logger.debug("egeria: set-up left to the first evaluations (%s: %s)", type(e).__name__, e)
         self.compile_seconds = time.perf_counter() - t0
-
-    def _depth(self, stop: int) -> int:
-        """How deep the probe runs for tracked blocks ending at ``stop``: ``stop`` rounded up to
-        one of about 8 depths. Each depth is a graph extracted once (a copy of every node of
-        the blocks before it, about 30 ms for ResNet-56's deepest on this CPU); one per
-        depth grows with the square of the depth (1.2 s of ResNet-56's set-up), while the
-        rounding costs at most an eighth of the blocks' forward on the small probe batch."""
-        q = max(1, -(-self.hi // 8))
-        return min(self.hi, -(-stop // q) * q)
 
     def _tracked(self, k: int) -> range:
         """The blocks an evaluation tracks with ``k`` blocks frozen: the front one and
@@ -153,19 +130,9 @@ class EgeriaPolicy(Policy):
         return range(k, min(self.hi, k + 1 + int(self.cfg.lookahead)))
 
     def _prepare_builder(self, j: int, sub: Any, inputs: list[Any]) -> bool:
-        """Block ``j``'s reference builder (training thread: it may trace); True when it was
-        made now. A block that cannot be copied is marked unmeasurable, with a warning, and
-        False returned."""
-        try:
-            return self.refs.prepare(j, sub.graph_module, inputs)
-        except Exception as e:  # noqa: BLE001 - a block that cannot be copied: never judged
-            self.unmeasurable[j] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            logger.warning(
-                "egeria: block %d (%s) has no reference (%s): it is never judged converged, so the "
-                "policy will not freeze it or anything after it; training goes on",
-                j, self.plan.blocks[j].name, self.unmeasurable[j],
-            )
-            return False
+        """Block ``j``'s reference builder (training thread: it may trace); True when made now.
+        A block that cannot be copied is marked unmeasurable, with a warning."""
+        return self.refs.prepare_or_mark(j, sub.graph_module, inputs, self.plan.blocks[j].name)
 
     def _judge_regime(self) -> None:
         """Judged once, on the weights as compiled, before training shapes them."""
@@ -269,19 +236,15 @@ class EgeriaPolicy(Policy):
         assert self.worker is not None and self.probe is not None
         t0 = time.perf_counter()
         tracked = self._tracked(s.num_frozen)
-        # the probe's graphs: the eval-mode capture (torch.export of a whole transformer: about
-        # 4.6 s once on MiniLM) and the block extractions happen once and are cached. They are
-        # set-up, not the cost of an evaluation: charged to the schedule, that one capture
-        # pushed the next evaluation 180-480 steps out on a 900-step fine-tuning run
+        # the probe's graphs (made in compile, unless that could not run) are set-up, never
+        # charged to the schedule: one MiniLM capture pushed an evaluation 180-480 steps out
         tp = time.perf_counter()
-        depth = self._depth(tracked.stop)
+        depth = self.probe.depth(tracked.stop)
         self.probe.prepare(tracked.start, depth)
         one_time = time.perf_counter() - tp
-        # blocks deeper than the tracked ones (rounded up to a prepared depth) need not run. The
-        # values go to the host without the training thread waiting for them or allocating
-        # their pinned memory; the worker waits for them and checks that they are finite (a
-        # check here would read them: on a GPU, 9-85 ms of the training thread per evaluation
-        # on an H200)
+        # blocks past the tracked ones (rounded up to a prepared depth) need not run. The values
+        # go to the host without the training thread waiting or allocating; the worker checks
+        # them (a check here reads them: 9-85 ms of an H200's training thread per evaluation)
         device_values = self.probe.run(hi=depth)
         values = to_host_later(device_values, copy=False)
         self.evaluations += 1
