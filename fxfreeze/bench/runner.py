@@ -50,10 +50,18 @@ class RunResult:
     def time_to_accuracy(self, target: float) -> float | None:
         """Training seconds until the first evaluation (epoch end, or a point inside an epoch
         with ``evals_per_epoch``) reaching ``target``."""
-        for e in self.epochs:
-            if e["accuracy"] >= target:
-                return e["wall"]
-        return None
+        hit = self._first_reaching(target)
+        return None if hit is None else hit["wall"]
+
+    def step_to_accuracy(self, target: float) -> int | None:
+        """The optimizer step of that evaluation: whether a policy reached the target with
+        cheaper steps or at another point of the run (a run whose target comes right after a
+        learning-rate drop reaches it there, whatever freezes before)."""
+        hit = self._first_reaching(target)
+        return None if hit is None else int(hit["step"])
+
+    def _first_reaching(self, target: float) -> dict[str, Any] | None:
+        return next((e for e in self.epochs if e["accuracy"] >= target), None)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

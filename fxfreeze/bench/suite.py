@@ -260,6 +260,7 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
             "accuracy_delta": r.final_accuracy - base.final_accuracy,
             "target_accuracy": t,
             "tta_seconds": tta,
+            "tta_step": r.step_to_accuracy(t),
             "tta_speedup": (base_tta / tta) if (tta and base_tta) else None,
             "tta_vs_control": (ctrl_tta / tta) if (tta and ctrl_tta) else None,
             "total_vs_control": (ctrl.wall_seconds / r.wall_seconds) if (ctrl is not None and r.wall_seconds) else None,
@@ -297,8 +298,8 @@ def markdown(report: dict[str, Any]) -> str:
     for name, wl in report["workloads"].items():
         lines += [f"### {name}", "", wl["description"] + f"; {wl.get('steps', '?')} steps. TTA target: baseline's "
                   f"final accuracy - {TTA_MARGIN} point ({wl['target_accuracy']:.2f}% for seed {report['seed']}).", "",
-                  "| run | final acc. | Δ vs baseline | TTA (s) | TTA speed-up | over the control: TTA, total | total (s) | without 1st epoch (s) | backward FLOPs skipped | frozen at end | policy overhead (s) | compile (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | final acc. | Δ vs baseline | TTA (s) | TTA step | TTA speed-up | over the control: TTA, total | total (s) | without 1st epoch (s) | backward FLOPs skipped | frozen at end | policy overhead (s) | compile (s) | peak RSS (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def ratio(x: Any) -> str:
             return "-" if x is None else f"{x:.2f}x"
@@ -306,10 +307,11 @@ def markdown(report: dict[str, Any]) -> str:
         for run, r in wl["runs"].items():
             tta = "not reached" if r["tta_seconds"] is None else f"{r['tta_seconds']:.1f}"
             sp = ratio(r["tta_speedup"])
+            step = "-" if r.get("tta_step") is None else str(r["tta_step"])
             rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
             later = r.get("wall_after_first_epoch")
             vs = f"{ratio(r.get('tta_vs_control'))}, {ratio(r.get('total_vs_control'))}"
-            lines.append(f"| {run} | {r['final_accuracy']:.2f}% | {r['accuracy_delta']:+.2f} | {tta} | {sp} | {vs} | "
+            lines.append(f"| {run} | {r['final_accuracy']:.2f}% | {r['accuracy_delta']:+.2f} | {tta} | {step} | {sp} | {vs} | "
                          f"{r['wall_seconds']:.1f} | {'-' if later is None else f'{later:.1f}'} | "
                          f"{100 * r['backward_flops_skipped']:.1f}% | "
                          f"{r['final_num_frozen']}/{r['num_blocks'] or '-'} | {r['controller_seconds']:.2f} | "

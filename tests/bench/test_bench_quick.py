@@ -32,6 +32,10 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
         walls = [e["wall"] for e in r["epochs"]]
         assert walls == sorted(walls) and walls[-1] == pytest.approx(r["wall_seconds"])
         assert r["tta_seconds"] is None or r["tta_seconds"] <= r["wall_seconds"] + 1e-9
+        # the step of the measurement that reached the target, with its time
+        assert (r["tta_step"] is None) == (r["tta_seconds"] is None)
+        assert r["tta_step"] is None or {"step": r["tta_step"], "wall": r["tta_seconds"]}.items() <= next(
+            e for e in r["epochs"] if e["step"] == r["tta_step"]).items()
         assert 0 < r["wall_after_first_epoch"] < r["wall_seconds"]  # the time without the first epoch
     assert wl["runs"]["baseline"]["backward_flops_skipped"] == 0.0
     assert wl["runs"]["baseline"]["tta_speedup"] == pytest.approx(1.0)
@@ -41,6 +45,7 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     assert [e["step"] for e in wl["runs"]["egeria+cache"]["timeline"][:2]] == [4, 8]
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in RUNS) and "without 1st epoch" in md and "warmed up" in md
+    assert "| TTA step |" in md
     assert "not the defaults" in md
     assert "results.json" in capsys.readouterr().out
 

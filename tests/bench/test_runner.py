@@ -38,6 +38,8 @@ def test_evaluations_inside_epochs_are_off_the_clock_and_resolve_tta():
     assert r.final_accuracy == r.epochs[-1]["accuracy"]
     first = next(e for e in r.epochs if e["accuracy"] >= r.final_accuracy)
     assert r.time_to_accuracy(r.final_accuracy) == first["wall"]
+    assert r.step_to_accuracy(r.final_accuracy) == first["step"]
+    assert r.time_to_accuracy(101.0) is None and r.step_to_accuracy(101.0) is None
     with pytest.raises(ValueError, match="steps_per_epoch"):
         train_run("x", model, batches, test, epochs=1, evals_per_epoch=2,
                   make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
@@ -84,7 +86,9 @@ def test_summary_compares_every_run_with_the_control_of_its_seed():
     assert rows["egeria (seed 1)"]["tta_vs_control"] is None  # no control ran with seed 1
     md = markdown({"machine": {"processor": "x", "threads": 2, "torch": "t"}, "epochs": 3, "seed": 0, "quick": False,
                    "workloads": {"w": {"description": "d", "target_accuracy": 89.7, "runs": rows}}})
-    assert "over the control: TTA, total" in md and "| egeria | 90.00% | +0.00 | 6.0 | 3.33x | 2.67x, 2.00x |" in md
+    # egeria reached the target at its first measurement (step 10), the baseline at its second
+    assert rows["egeria"]["tta_step"] == 10 and rows["baseline"]["tta_step"] == 20
+    assert "over the control: TTA, total" in md and "| egeria | 90.00% | +0.00 | 6.0 | 10 | 3.33x | 2.67x, 2.00x |" in md
 
 
 def test_a_run_on_a_device_moves_batches_there_and_reads_the_losses_once():
