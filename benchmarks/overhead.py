@@ -39,8 +39,9 @@ otherwise hide the policy's cost.
 ``--against control`` makes the plain side the compiled control on any workload (the default
 for ``--text``; ``--against eager`` is the default elsewhere). Against eager code the figure
 is what a user pays over their own loop: the compiled graph, the controller's per-step work
-and the evaluations. Against the control it is the evaluations alone (probe, reference
-worker, its contention for the cores), the cost Egeria's 1% budget accounts for.
+and the evaluations. Against the control it is Egeria's own work: its per-step bookkeeping,
+the evaluations on the training thread, and the reference worker's contention for the cores
+(what its 1% budget accounts for).
 """
 
 from __future__ import annotations
