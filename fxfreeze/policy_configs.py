@@ -101,6 +101,11 @@ class EgeriaConfig:
       int8), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
     - ``lookahead``: blocks tracked beyond the front one (the front block alone decides; the
       ones behind it are tracked so that their evidence is ready when they reach the front);
+    - ``freeze_run``: when the front block freezes, the tracked blocks right behind it that
+      have settled too (each at ``patience`` evaluations in a row) freeze with it, as a
+      leading run. ``False``: one block per decision, as in Egeria. A block behind the front
+      one often settles first and waits, already flat, for the front one
+      (``docs/egeria.md``, "Freezing a settled run");
     - ``refresh_every``: re-take the reference snapshot every this many evaluations;
     - ``worker_threads``: PyTorch threads of the reference worker;
     - ``worker_nice``: how much lower the worker thread's CPU priority is than training's
@@ -136,6 +141,7 @@ class EgeriaConfig:
     patience: int = 2
     reference_precision: str = "int8"
     lookahead: int = 2
+    freeze_run: bool = True
     refresh_every: int = 20
     worker_threads: int = 1
     worker_nice: int = 10
@@ -163,7 +169,7 @@ class EgeriaConfig:
                 raise ConfigError(f"egeria.{name} must be a positive number, got {getattr(self, name)!r}")
         if not 0 <= number(self.overhead_budget, "egeria.overhead_budget") < 1:
             raise ConfigError(f"egeria.overhead_budget must be in [0, 1), got {self.overhead_budget!r}")
-        for name in ("asynchronous", "freeze", "detect_pretrained"):
+        for name in ("asynchronous", "freeze", "detect_pretrained", "freeze_run"):
             flag(getattr(self, name), f"egeria.{name}")
         from .runtime.egeria.backends import PRECISIONS as precisions  # torch only; torch.ao loads lazily
 

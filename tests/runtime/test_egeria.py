@@ -123,7 +123,7 @@ def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
     assert tr2.series == tr.series
 
 
-def _drive(series, steps=400, lr_at=None, unfreeze="all", threshold=None):
+def _drive(series, steps=400, lr_at=None, unfreeze="all", threshold=None, run=1):
     """Egeria's real tracker and decision rules (the functions EgeriaPolicy calls) on
     synthetic plasticity series: ``series[j](e)`` is block j's plasticity at the e-th
     evaluation since its anchor, one evaluation every ``eval_interval`` steps."""
@@ -146,7 +146,7 @@ def _drive(series, steps=400, lr_at=None, unfreeze="all", threshold=None):
         evaluations += 1
         for j in range(k, hi):
             tracker.add(j, series[j](evaluations), step, origin=origin)
-        new = egeria_rule(tracker.flat_count, k, hi, int(cfg.patience))
+        new = egeria_rule(tracker.flat_count, k, hi, int(cfg.patience), run)
         if new is not None:
             k = new
             trace.append((step, k))
@@ -163,6 +163,19 @@ def test_decision_rule_freezes_converging_blocks_in_order():
     assert ks == [1, 2, 3]
     steps = [s for s, _ in trace]
     assert steps == sorted(steps) and len(set(steps)) == 3  # one block per evaluation, in order
+
+
+def test_blocks_that_settled_behind_the_front_one_freeze_with_it():
+    # blocks 1 and 2 level off long before block 0: one at a time, each waits for a window
+    # after the one before it; as a run, they freeze with block 0, in one decision
+    slow, fast = _converging(6), _converging(1)
+    one = _drive({0: slow, 1: fast, 2: fast, 3: lambda e: 0.5 * e * e})
+    run = _drive({0: slow, 1: fast, 2: fast, 3: lambda e: 0.5 * e * e}, run=3)
+    assert [k for _, k in one] == [1, 2, 3] and len({s for s, _ in one}) == 3
+    assert run == [(one[0][0], 3)]  # the same first decision, three blocks at once; block 3 still drifts
+    # never further than the run allows, and never over a block that has not settled
+    assert _drive({0: slow, 1: fast, 2: fast}, run=2)[0] == (one[0][0], 2)
+    assert _drive({0: slow, 1: lambda e: 0.5 * e * e, 2: fast}, run=3)[0] == (one[0][0], 1)
 
 
 def test_decision_rule_leaves_drifting_and_noisy_blocks_alone():

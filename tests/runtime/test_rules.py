@@ -27,6 +27,9 @@ def test_autofreeze_rule_needs_every_active_block():
 
 def test_egeria_rules_bounds():
     assert rules.egeria_rule({3: 9}, num_frozen=3, max_frozen=3, patience=1) is None  # never past max_frozen
+    assert rules.egeria_rule({1: 2, 2: 2, 3: 2}, num_frozen=1, max_frozen=3, patience=2, run=5) == 3  # nor in a run
+    assert rules.egeria_rule({1: 2, 2: 1, 3: 2}, num_frozen=1, max_frozen=9, patience=2, run=5) == 2  # a run stops at a gap
+    assert rules.egeria_rule({1: 2, 2: 2}, num_frozen=1, max_frozen=9, patience=2, run=0) == 2  # run < 1 reads as 1
     assert rules.lr_step_rule("last", 0) is None
     with pytest.raises(ValueError, match="unknown unfreeze mode"):
         rules.lr_step_rule("some", 2)

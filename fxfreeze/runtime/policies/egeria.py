@@ -17,8 +17,9 @@ further when the measured cost would exceed ``overhead_budget``):
    block's plasticity (:mod:`fxfreeze.runtime.egeria.plasticity`);
 3. results are consumed on later steps, whenever they are ready; the front block freezes
    when its elasticity stays under its regime's threshold (:mod:`..egeria.regime`: from
-   scratch or pretrained) at ``patience`` evaluations in a row. At most one block
-   per evaluation, never the head.
+   scratch or pretrained) at ``patience`` evaluations in a row, together with the tracked
+   blocks right behind it that have settled too (``freeze_run``; one block at a time
+   without it). Never the head.
 
 A learning-rate step (as the controller detects it) keeps the frozen prefix (the default),
 or unfreezes the last frozen block or all of them (``unfreeze_on_lr_change``), and restarts
@@ -206,17 +207,22 @@ class EgeriaPolicy(Policy):
                     1 if self.probe.samples else 0, self.probe.size,
                 )
         k = s.num_frozen
-        new = egeria_rule(self.tracker.flat_count, k, self.hi, int(self.cfg.patience)) if self._fresh else None
+        run = len(self._tracked(k)) if self.cfg.freeze_run else 1
+        new = egeria_rule(self.tracker.flat_count, k, self.hi, int(self.cfg.patience), run) if self._fresh else None
         if self.cfg.freeze and new is not None:
             self._fresh = False
-            t = self.tracker.last_trend.get(k)
-            detail = (
-                "flat" if t is None
-                else "no motion above the reference's floor" if not t.resolved
-                else f"elasticity {t.elasticity:+.3f} < {self.tracker.threshold_of(k):g}, noise {t.noise:.3f}"
-            )
-            return Decision(new, f"Egeria: block {k} ({self.regimes.label(k)}) settled at {self.cfg.patience} evaluations in a row ({detail})")
+            details = "; ".join(f"block {j} ({self.regimes.label(j)}): {self._trend_detail(j)}" for j in range(k, new))
+            which = f"block {k}" if new == k + 1 else f"blocks {k}-{new - 1}"
+            return Decision(new, f"Egeria: {which} settled at {self.cfg.patience} evaluations in a row ({details})")
         return None
+
+    def _trend_detail(self, j: int) -> str:
+        t = self.tracker.last_trend.get(j)
+        if t is None:
+            return "flat"
+        if not t.resolved:
+            return "no motion above the reference's floor"
+        return f"elasticity {t.elasticity:+.3f} < {self.tracker.threshold_of(j):g}, noise {t.noise:.3f}"
 
     def _on_lr_change(self, s: Signals) -> Decision | None:
         mode = self.cfg.unfreeze_on_lr_change

@@ -30,23 +30,34 @@ __all__ = [
 
 
 
-def egeria_rule(flat_counts: Mapping[int, int], num_frozen: int, max_frozen: int, patience: int) -> int | None:
+def egeria_rule(
+    flat_counts: Mapping[int, int], num_frozen: int, max_frozen: int, patience: int, run: int = 1
+) -> int | None:
     """Egeria: freeze the front block once its plasticity has been flat at ``patience``
     evaluations in a row (``flat_counts[j]``: consecutive flat evaluations of block ``j``,
-    as :class:`~fxfreeze.runtime.egeria.plasticity.PlasticityTracker` counts them). One
-    block at a time, never past ``max_frozen``.
+    as :class:`~fxfreeze.runtime.egeria.plasticity.PlasticityTracker` counts them), never
+    past ``max_frozen``.
+
+    ``run``: at most this many blocks in one decision. With more than 1, the blocks right
+    behind the front one that have settled too (each at ``patience`` evaluations in a row)
+    freeze with it, as a leading run: a block behind the front one can settle first and then
+    wait, already converged, for the front one (docs/egeria.md, "Freezing a settled run").
+    With 1, one block at a time, as in Egeria.
 
     Example::
 
         >>> egeria_rule({0: 3, 1: 5}, num_frozen=0, max_frozen=4, patience=3)
         1
-        >>> egeria_rule({0: 2}, num_frozen=0, max_frozen=4, patience=3) is None
+        >>> egeria_rule({0: 3, 1: 5, 2: 1}, num_frozen=0, max_frozen=4, patience=3, run=3)
+        2
+        >>> egeria_rule({0: 2, 1: 5}, num_frozen=0, max_frozen=4, patience=3, run=3) is None
         True
     """
     k = num_frozen
-    if k < max_frozen and flat_counts.get(k, 0) >= patience:
-        return k + 1
-    return None
+    n = 0
+    while n < max(1, int(run)) and k + n < max_frozen and flat_counts.get(k + n, 0) >= patience:
+        n += 1
+    return k + n if n else None
 
 
 def lr_step_rule(mode: str, num_frozen: int) -> int | None:
