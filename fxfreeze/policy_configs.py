@@ -101,10 +101,11 @@ class EgeriaConfig:
       int8), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
     - ``lookahead``: blocks tracked beyond the front one (the front block alone decides; the
       ones behind it are tracked so that their evidence is ready when they reach the front);
-    - ``freeze_run``: when the front block freezes, the tracked blocks right behind it that
-      have settled too (each at ``patience`` evaluations in a row) freeze with it, as a
-      leading run. ``False``: one block per decision, as in Egeria. A block behind the front
-      one often settles first and waits, already flat, for the front one
+    - ``freeze_run``: ``True``: when the front block freezes, the tracked blocks right behind
+      it that have settled too (each at ``patience`` evaluations in a row) freeze with it, as
+      a leading run. ``False`` (the default): one block per decision, as in Egeria. Measured
+      faster in total time on the step schedule (1.30x of the control against 1.05x) but it
+      cost accuracy where it froze early: −0.40 on cosine, −0.66 on fine-tuning
       (``docs/egeria.md``, "Freezing a settled run");
     - ``refresh_every``: re-take the reference snapshot every this many evaluations;
     - ``worker_threads``: PyTorch threads of the reference worker;
@@ -141,7 +142,7 @@ class EgeriaConfig:
     patience: int = 2
     reference_precision: str = "int8"
     lookahead: int = 2
-    freeze_run: bool = True
+    freeze_run: bool = False
     refresh_every: int = 20
     worker_threads: int = 1
     worker_nice: int = 10

@@ -18,7 +18,7 @@ _SECTIONS = {
     "manual": ["schedule", "unit"],
     "freezeout": ["t0", "scaling", "total_steps"],
     "egeria": ["eval_interval", "probe_size", "window", "threshold", "noise_limit", "patience", "reference_precision",
-               "lookahead", "refresh_every", "worker_threads", "overhead_budget", "unfreeze_on_lr_change",
+               "lookahead", "freeze_run", "refresh_every", "worker_threads", "overhead_budget", "unfreeze_on_lr_change",
                "asynchronous", "freeze", "reference_timeout"],
     "autofreeze": ["interval", "percentile"],
     "smartfrz": ["weights", "record_interval", "stage_interval", "min_history", "threshold", "patience", "seed", "contiguous"],

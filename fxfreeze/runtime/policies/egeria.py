@@ -17,9 +17,9 @@ further when the measured cost would exceed ``overhead_budget``):
    block's plasticity (:mod:`fxfreeze.runtime.egeria.plasticity`);
 3. results are consumed on later steps, whenever they are ready; the front block freezes
    when its elasticity stays under its regime's threshold (:mod:`..egeria.regime`: from
-   scratch or pretrained) at ``patience`` evaluations in a row, together with the tracked
-   blocks right behind it that have settled too (``freeze_run``; one block at a time
-   without it). Never the head.
+   scratch or pretrained) at ``patience`` evaluations in a row; one block per decision
+   (with ``freeze_run``, together with the tracked blocks right behind it that have
+   settled too). Never the head.
 
 A learning-rate step (as the controller detects it) keeps the frozen prefix (the default),
 or unfreezes the last frozen block or all of them (``unfreeze_on_lr_change``), and restarts
