@@ -115,6 +115,8 @@ def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
     for i, v in enumerate([1, 2, 3, 4, 5, 5.1, 5.0, 5.05, 4.95, 5.0]):
         tr.add(0, float(v), step=10 * (i + 1), origin=0)
     assert tr.flat_count[0] >= 2
+    t = tr.last_trend[0]
+    assert tr.describe(0) == f"elasticity {t.elasticity:+.3f} < 0.5, noise {t.noise:.3f}"  # a decision's reason
     tr.add(0, float("nan"), step=100)
     assert tr.flat_count.get(0, 0) == 0 and 0 not in tr.series
     state = tr.state_dict()
@@ -331,6 +333,22 @@ def test_policy_measures_plasticity_and_freezes_a_prefix():
     assert events and [e["num_frozen"] for e in events] == sorted(e["num_frozen"] for e in events)
     assert all("Egeria" in e["reason"] for e in events)
     fm.freezer.detach()
+
+
+def test_policy_freezes_a_settled_run_in_one_decision_when_asked():
+    firsts = {}
+    for run in (False, True):
+        fm, opt, x, y = _setup({"threshold": 5.0, "patience": 1, "window": 3, "freeze_run": run})
+        _train(fm, opt, x, y, 40)
+        events = [e for e in fm.freezer.history if e["action"] == "freeze"]
+        sizes = [e["num_frozen"] - len(e["blocks"]) for e in events]  # the prefix before each decision
+        assert events and sizes == sorted(sizes)
+        assert all(len(e["blocks"]) <= (1 + 2 if run else 1) for e in events)  # the front block and its lookahead 2
+        firsts[run] = events[0]
+        fm.freezer.detach()
+    # synchronous and seeded: the same evidence up to the first decision, which the run extends
+    assert firsts[True]["step"] == firsts[False]["step"]
+    assert len(firsts[True]["blocks"]) > 1 and firsts[True]["reason"].startswith("Egeria: blocks 0-")
 
 
 def test_observe_only_never_freezes():

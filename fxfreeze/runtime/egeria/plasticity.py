@@ -229,6 +229,15 @@ class PlasticityTracker:
         self.last_trend[block] = trend
         self.flat_count[block] = self.flat_count.get(block, 0) + 1 if ok else 0
 
+    def describe(self, block: int) -> str:
+        """The block's latest trend in words, for a decision's reason."""
+        t = self.last_trend.get(block)
+        if t is None:
+            return "flat"
+        if not t.resolved:
+            return "no motion above the reference's floor"
+        return f"elasticity {t.elasticity:+.3f} < {self.threshold_of(block):g}, noise {t.noise:.3f}"
+
     def normalized(self, block: int) -> float | None:
         """The latest value relative to the block's first (1.0 = as plastic as at start)."""
         s = self.series.get(block)

@@ -211,18 +211,10 @@ class EgeriaPolicy(Policy):
         new = egeria_rule(self.tracker.flat_count, k, self.hi, int(self.cfg.patience), run) if self._fresh else None
         if self.cfg.freeze and new is not None:
             self._fresh = False
-            details = "; ".join(f"block {j} ({self.regimes.label(j)}): {self._trend_detail(j)}" for j in range(k, new))
+            details = "; ".join(f"block {j} ({self.regimes.label(j)}): {self.tracker.describe(j)}" for j in range(k, new))
             which = f"block {k}" if new == k + 1 else f"blocks {k}-{new - 1}"
             return Decision(new, f"Egeria: {which} settled at {self.cfg.patience} evaluations in a row ({details})")
         return None
-
-    def _trend_detail(self, j: int) -> str:
-        t = self.tracker.last_trend.get(j)
-        if t is None:
-            return "flat"
-        if not t.resolved:
-            return "no motion above the reference's floor"
-        return f"elasticity {t.elasticity:+.3f} < {self.tracker.threshold_of(j):g}, noise {t.noise:.3f}"
 
     def _on_lr_change(self, s: Signals) -> Decision | None:
         mode = self.cfg.unfreeze_on_lr_change
