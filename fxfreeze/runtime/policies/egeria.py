@@ -207,8 +207,10 @@ class EgeriaPolicy(Policy):
                     1 if self.probe.samples else 0, self.probe.size,
                 )
         k = s.num_frozen
-        run = len(self._tracked(k)) if self.cfg.freeze_run else 1
-        new = egeria_rule(self.tracker.flat_count, k, self.hi, int(self.cfg.patience), run) if self._fresh else None
+        new = None
+        if self._fresh:  # a new result for the front block: the only time the decision can change
+            run = len(self._tracked(k)) if self.cfg.freeze_run else 1
+            new = egeria_rule(self.tracker.flat_count, k, self.hi, int(self.cfg.patience), run)
         if self.cfg.freeze and new is not None:
             self._fresh = False
             details = "; ".join(f"block {j} ({self.regimes.label(j)}): {self.tracker.describe(j)}" for j in range(k, new))

@@ -54,9 +54,7 @@ def egeria_rule(
         True
     """
     k = num_frozen
-    n = 0
-    while n < max(1, int(run)) and k + n < max_frozen and flat_counts.get(k + n, 0) >= patience:
-        n += 1
+    n = leading_run([flat_counts.get(j, 0) for j in range(k, min(max_frozen, k + max(1, int(run))))], patience)
     return k + n if n else None
 
 
