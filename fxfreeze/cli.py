@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the runs train, e.g. cuda (Egeria's reference stays on the CPU); default cpu")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
+    b.add_argument("--interleave", type=int, default=25, metavar="STEPS",
+                   help="train a workload's runs in turns of STEPS steps in one process, so that a machine whose speed "
+                        "drifts slows every run alike (default 25); 0: one run after another")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="an fxfreeze config key for every fxfreeze run, dotted, the value read as YAML "
                         "(e.g. --set egeria.threshold=1.0); repeatable. For experiments: the runs no longer show the defaults")
@@ -325,12 +328,15 @@ def _bench(ns: argparse.Namespace) -> int:
     bad = [x for x in schedules if x not in SCHEDULES]
     if bad or not schedules:
         raise CliError(f"--mnist-schedules: unknown schedule {bad[0] if bad else ns.mnist_schedules!r}; choose from {', '.join(SCHEDULES)}")
+    if ns.interleave < 0:
+        raise CliError(f"--interleave must be 0 (one run after another) or a number of steps, got {ns.interleave}")
     overrides = parse_overrides(ns.overrides)
     run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
               progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log, long=ns.long,
               default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup,
-              mnist_schedules=schedules, overrides=overrides, device=ns.device)
+              mnist_schedules=schedules, overrides=overrides, device=ns.device,
+              interleave=ns.interleave)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["RunResult", "train_run", "accuracy", "call_model", "logits_of", "synchronize", "to_device"]
+__all__ = ["RunResult", "train_run", "train_steps", "run_interleaved", "accuracy", "call_model", "logits_of",
+           "synchronize", "to_device"]
 
 Batch = tuple[Any, torch.Tensor]  # (inputs: tensor, tuple of args or dict of kwargs; targets)
 
@@ -135,7 +136,7 @@ def accuracy(model: nn.Module, batches: Iterable[Batch], device: torch.device | 
     return 100.0 * int(correct) / max(total, 1)
 
 
-def train_run(
+def train_steps(
     name: str,
     model_fn: Callable[[], nn.Module],
     train_batches: Callable[[int], Iterable[Batch]],
@@ -154,7 +155,8 @@ def train_run(
     evals_per_epoch: int = 1,
     max_steps: int | None = None,
     device: torch.device | str = "cpu",
-) -> RunResult:
+    switch_every: int | None = None,
+) -> Generator[int, None, RunResult]:
     """Train ``model_fn()`` for ``epochs``; ``policy=None`` is plain PyTorch.
 
     ``train_batches(epoch)`` yields ``(inputs, targets)`` or ``(inputs, targets,
@@ -170,7 +172,15 @@ def train_run(
     selection and lazy imports; a comparison must not charge them to whichever run is
     first). ``device``: where the model trains; batches are copied there step by step, the
     clock waits for the device's queued work at each reading, and the recorded losses are
-    read from the device once, at the end (no host synchronisation per step of ours)."""
+    read from the device once, at the end (no host synchronisation per step of ours).
+
+    A generator: it trains the whole run and returns its :class:`RunResult` (``StopIteration
+    .value``; :func:`train_run` drives it). ``switch_every``: also pause (yield the step) every
+    that many steps, with the clock stopped and the global random state kept aside, so that
+    :func:`run_interleaved` can train several runs in turns in one process. A pause waits for
+    the policy's reference worker to go idle first (training goes on meanwhile, on the
+    clock): the worker's work then overlaps only its own run's training, as it would alone,
+    never the time of the run that trains next."""
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = model_fn().to(dev)
@@ -220,6 +230,7 @@ def train_run(
         marks = {round(steps_per_epoch * j / evals_per_epoch) for j in range(1, evals_per_epoch)}
 
     losses: list[tuple[int, torch.Tensor]] = []
+    paused_at = 0
 
     def evaluate(epoch_pos: float) -> float:
         acc = accuracy(net, test_batches(), dev)
@@ -264,6 +275,15 @@ def train_run(
                 net.train()
                 synchronize(dev)
                 t0 = time.perf_counter()
+            if switch_every and step - paused_at >= switch_every and not _reference_busy(fm):
+                synchronize(dev)
+                wall += time.perf_counter() - t0
+                rng = _rng_state(dev)
+                yield step
+                _set_rng_state(dev, rng)  # the other runs drew from it meanwhile
+                paused_at = step
+                synchronize(dev)
+                t0 = time.perf_counter()
         synchronize(dev)
         wall += time.perf_counter() - t0
         if max_steps is not None and step >= max_steps:
@@ -295,3 +315,80 @@ def train_run(
             res.extra["backends"] = dict(getattr(pol, "backends", {}))
         fm.freezer.detach()
     return res
+
+
+def _reference_busy(fm: Any) -> bool:
+    """Whether the policy's reference worker (Egeria's) still has a job queued or running."""
+    worker = getattr(fm.freezer.policy, "worker", None) if fm is not None else None
+    return worker is not None and not worker.disabled and worker.pending > 0
+
+
+def _rng_state(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+
+
+def _set_rng_state(dev: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], dev)
+
+
+def train_run(
+    name: str,
+    model_fn: Callable[[], nn.Module],
+    train_batches: Callable[[int], Iterable[Batch]],
+    test_batches: Callable[[], Iterable[Batch]],
+    *,
+    epochs: int,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    make_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None,
+    steps_per_epoch: int | None = None,
+    policy: str | None = None,
+    config: dict[str, Any] | None = None,
+    example_inputs: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+    loss_every: int = 5,
+    evals_per_epoch: int = 1,
+    max_steps: int | None = None,
+    device: torch.device | str = "cpu",
+) -> RunResult:
+    """Train one run start to finish (:func:`train_steps`, which says what each argument
+    does) and return its record."""
+    gen = train_steps(name, model_fn, train_batches, test_batches, epochs=epochs, make_optimizer=make_optimizer,
+                      make_scheduler=make_scheduler, steps_per_epoch=steps_per_epoch, policy=policy, config=config,
+                      example_inputs=example_inputs, seed=seed, progress=progress, loss_every=loss_every,
+                      evals_per_epoch=evals_per_epoch, max_steps=max_steps, device=device)
+    return _drain(gen)
+
+
+def _drain(gen: Generator[int, None, RunResult]) -> RunResult:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_interleaved(runs: dict[str, Generator[int, None, RunResult]],
+                    on_done: Callable[[str, RunResult], None] | None = None) -> dict[str, RunResult]:
+    """Train the generators of :func:`train_steps` (made with ``switch_every``) in turns,
+    one stretch of steps each, until all are done; the results in the order given.
+
+    Why: on a shared or thermally throttled machine the speed drifts by 10-20% over minutes,
+    and runs trained one after the other each meet a different machine. Trained in turns of
+    a few seconds, every run meets the same machine, so their ratios (time to accuracy, total
+    time) measure the policies, not the drift. ``on_done(label, result)``: called as each run
+    finishes."""
+    done: dict[str, RunResult] = {}
+    active = list(runs)
+    while active:
+        for label in list(active):
+            try:
+                next(runs[label])
+            except StopIteration as stop:
+                done[label] = stop.value
+                active.remove(label)
+                if on_done is not None:
+                    on_done(label, stop.value)
+    return {label: done[label] for label in runs}

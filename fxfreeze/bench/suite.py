@@ -22,7 +22,7 @@ import torch
 from ..api import plan
 from ..config import FreezeConfig
 from ..errors import DataError
-from .runner import RunResult, train_run
+from .runner import RunResult, run_interleaved, train_run, train_steps
 from .workloads import Workload, cifar_resnet, minilm_text, mnist_resnet
 
 __all__ = ["POLICIES", "run_suite", "markdown", "merge_config", "TTA_MARGIN"]
@@ -101,6 +101,7 @@ def run_suite(
     mnist_schedules: tuple[str, ...] = ("step", "cosine"),
     overrides: Mapping[str, Any] | None = None,
     device: str = "cpu",
+    interleave: int = 25,
 ) -> dict[str, Any]:
     """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
 
@@ -116,7 +117,10 @@ def run_suite(
     (an experiment such as ``{"egeria": {"threshold": 1.0}}``); validated before anything
     runs, and recorded in the report, whose runs then no longer show the defaults.
     ``device``: where every run trains (``"cuda"``: the model on the GPU, Egeria's reference
-    on the CPU beside it); the report names the device."""
+    on the CPU beside it); the report names the device. ``interleave > 0``: the runs of a
+    workload train in turns of that many steps in one process
+    (:func:`fxfreeze.bench.runner.run_interleaved`), so that a machine whose speed drifts
+    slows all of them alike; 0: one after another."""
     overrides = dict(overrides or {})
     if overrides:
         FreezeConfig.from_dict(overrides)  # a typo fails now, not after the first hour of runs
@@ -135,7 +139,7 @@ def run_suite(
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": device_name},
         "quick": quick, "epochs": epochs, "seed": seed, "evals_per_epoch": evals_per_epoch, "long": long,
-        "warmup": warmup, "overrides": overrides, "workloads": {},
+        "warmup": warmup, "overrides": overrides, "interleave": interleave, "workloads": {},
     }
     default = FreezeConfig().policy
     for w, epochs in workloads:
@@ -146,19 +150,23 @@ def run_suite(
         for extra in range(1, default_seeds):
             jobs += [(f"{name} (seed {seed + extra})", name, seed + extra) for name in ("baseline", default) if name in policies]
 
-        def run(name: str, seed_: int, max_steps: int | None = None) -> RunResult:
+        def run(name: str, seed_: int, max_steps: int | None = None, switch_every: int | None = None) -> Any:
+            """One run's record; with ``switch_every``, its generator (train_steps)."""
             pr = POLICIES[name]
             cfg = pr.config(w, steps, max_frozen)
             if w.realistic and pr.policy is not None:
                 cfg = {"total_steps": steps, **cfg}
             if pr.policy is not None:
                 cfg = merge_config(cfg, overrides)
-            return train_run(
-                name, w.model_fn, w.train_batches, w.test_batches, epochs=epochs,
-                make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler, steps_per_epoch=w.steps_per_epoch,
-                policy=pr.policy, config=cfg, example_inputs=w.example_inputs, seed=seed_, progress=progress and max_steps is None,
-                evals_per_epoch=evals_per_epoch, max_steps=max_steps, device=device,
+            kw: dict[str, Any] = dict(
+                epochs=epochs, make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler,
+                steps_per_epoch=w.steps_per_epoch, policy=pr.policy, config=cfg, example_inputs=w.example_inputs,
+                seed=seed_, evals_per_epoch=evals_per_epoch, max_steps=max_steps, device=device,
             )
+            if switch_every:
+                return train_steps(name, w.model_fn, w.train_batches, w.test_batches, switch_every=switch_every, **kw)
+            return train_run(name, w.model_fn, w.train_batches, w.test_batches,
+                             progress=progress and max_steps is None, **kw)
 
         if warmup:
             t0 = time.perf_counter()
@@ -166,7 +174,16 @@ def run_suite(
                 run(name, seed, max_steps=1)
             log(f"{w.name}: warm-up (one untimed step of each configuration): {time.perf_counter() - t0:.0f}s")
         runs: dict[str, RunResult] = {}
-        for label, name, seed_ in jobs:
+        if interleave:
+            log(f"{w.name}: {', '.join(label for label, _, _ in jobs)}, in turns of {interleave} steps ...")
+            t0 = time.perf_counter()
+            runs = run_interleaved(
+                {label: run(name, seed_, switch_every=interleave) for label, name, seed_ in jobs},
+                on_done=lambda label, r: log(f"{w.name}: {label}: {r.final_accuracy:.2f}% in {r.wall_seconds:.1f}s "
+                                             f"(all runs {time.perf_counter() - t0:.0f}s so far)"))
+            for label, _, seed_ in jobs:
+                runs[label].extra["seed"] = seed_
+        for label, name, seed_ in ([] if interleave else jobs):
             log(f"{w.name}: {label} ...")
             t0 = time.perf_counter()
             runs[label] = run(name, seed_)
@@ -293,6 +310,8 @@ def markdown(report: dict[str, Any]) -> str:
              + f"; {report['epochs']} epochs, seed {report['seed']}"
              + (" (quick mode)" if report["quick"] else "")
              + ("; each configuration warmed up by one untimed step first" if report.get("warmup") else "")
+             + (f"; the runs of a workload trained in turns of {report['interleave']} steps in one process (peak RSS "
+                "is then the process's)" if report.get("interleave") else "")
              + (f"; config overrides in every fxfreeze run (not the defaults): {report['overrides']}"
                 if report.get("overrides") else "") + ".", ""]
     for name, wl in report["workloads"].items():

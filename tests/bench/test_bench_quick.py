@@ -22,6 +22,7 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     assert rc == 0
     rep = json.loads((tmp_path / "results.json").read_text())
     assert rep["quick"] is True and rep["machine"]["threads"] >= 1 and rep["warmup"] is True
+    assert rep["interleave"] == 25  # the runs trained in turns (the default)
     (wl,) = rep["workloads"].values()
     assert list(wl["runs"]) == RUNS
     for name, r in wl["runs"].items():
@@ -46,7 +47,7 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in RUNS) and "without 1st epoch" in md and "warmed up" in md
     assert "| TTA step |" in md
-    assert "not the defaults" in md
+    assert "not the defaults" in md and "in turns of 25 steps" in md
     assert "results.json" in capsys.readouterr().out
 
 
@@ -59,6 +60,8 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert "unknown policy 'warp'" in capsys.readouterr().err
     assert main(["bench", "--evals-per-epoch", "0", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "--evals-per-epoch must be positive" in capsys.readouterr().err
+    assert main(["bench", "--interleave", "-1", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
+    assert "--interleave must be 0" in capsys.readouterr().err
     for bad, says in (("egeria.thresold=1", "thresold"), ("egeria", "expected KEY=VALUE"), ("egeria=1", "egeria"),
                       ("egeria.threshold=[1", "not valid YAML"), ("total_steps=1", None)):
         rc = main(["bench", "--set", bad, "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])

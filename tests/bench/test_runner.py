@@ -120,3 +120,88 @@ def test_bench_refuses_a_device_it_cannot_use(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--mnist", str(tmp_path), "--device", "cuda", "-o", str(tmp_path / "o")]) == 2
         assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def _dropout_task():
+    model, batches, test = _task()
+
+    def with_dropout() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    return with_dropout, batches, test
+
+
+def test_runs_in_turns_equal_the_same_runs_one_after_another():
+    """``run_interleaved``: each run pauses every ``switch_every`` steps with its clock
+    stopped, and keeps its own random stream (dropout here) while the others train: the
+    records are those of the runs trained alone."""
+    from fxfreeze.bench.runner import run_interleaved, train_steps
+
+    model, batches, test = _dropout_task()
+    kw = dict(epochs=2, steps_per_epoch=8, evals_per_epoch=2,
+              make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    alone = {s: train_run(f"s{s}", model, batches, test, seed=s, **kw) for s in (0, 1)}
+    gens = {f"s{s}": train_steps(f"s{s}", model, batches, test, seed=s, switch_every=3, **kw) for s in (1, 0)}
+    pauses = {label: [] for label in gens}
+    order = []
+
+    together = run_interleaved({label: _passthrough(gen, pauses[label], order, label) for label, gen in gens.items()})
+    assert list(together) == ["s1", "s0"]  # in the order given
+    for s in (0, 1):
+        a, b = alone[s], together[f"s{s}"]
+        assert a.losses == b.losses and a.final_accuracy == b.final_accuracy
+        assert [e["accuracy"] for e in a.epochs] == [e["accuracy"] for e in b.epochs]
+        assert [e["step"] for e in a.epochs] == [e["step"] for e in b.epochs]
+        assert b.wall_seconds > 0
+    assert pauses["s0"] == [3, 6, 9, 12, 15] and pauses["s1"] == [3, 6, 9, 12, 15]
+    assert order[:4] == ["s1", "s0", "s1", "s0"]  # in turns
+
+
+def _passthrough(gen, seen, order, label):
+    """``gen``, recording the step of each pause and whose it was."""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        seen.append(step)
+        order.append(label)
+        yield step
+
+
+def test_a_run_pauses_only_when_its_reference_worker_is_idle(monkeypatch):
+    """Egeria's reference jobs run beside training; a run in turns pauses only once its
+    worker has nothing queued, so that the worker never takes the cores while another run
+    is on the clock."""
+    import fxfreeze
+    from fxfreeze.bench.runner import train_steps
+
+    from fxfreeze import zoo
+
+    made = []
+    real = fxfreeze.compile
+    monkeypatch.setattr(fxfreeze, "compile", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 1, 16, 16, generator=g), torch.randint(0, 10, (128,), generator=g)
+
+    def batches(epoch):
+        for i in range(0, 128, 32):
+            yield x[i : i + 32], y[i : i + 32]
+
+    gen = train_steps("egeria", lambda: zoo.resnet_cifar(depth=8, width=8, in_channels=1), batches,
+                      lambda: iter([(x[:32], y[:32])]), epochs=20, steps_per_epoch=4, policy="egeria",
+                      config={"egeria": {"eval_interval": 2, "asynchronous": True, "overhead_budget": 0,
+                                         "probe_size": 16, "freeze": False}},
+                      example_inputs=(x[:2],), switch_every=1,
+                      make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.05))
+    pauses = []
+    while True:
+        try:
+            pauses.append(next(gen))
+        except StopIteration as stop:
+            res = stop.value
+            break
+        worker = made[0].freezer.policy.worker
+        assert worker is not None and worker.pending == 0, f"paused at step {pauses[-1]} with a reference job queued"
+    assert res.steps == 80 and res.extra["worker_seconds"] > 0  # the worker did run its jobs meanwhile
+    assert pauses and pauses == sorted(set(pauses))
