@@ -371,7 +371,8 @@ def _drain(gen: Generator[int, None, RunResult]) -> RunResult:
 
 
 def run_interleaved(runs: dict[str, Generator[int, None, RunResult]],
-                    on_done: Callable[[str, RunResult], None] | None = None) -> dict[str, RunResult]:
+                    on_done: Callable[[str, RunResult], None] | None = None,
+                    on_pause: Callable[[str, int], None] | None = None) -> dict[str, RunResult]:
     """Train the generators of :func:`train_steps` (made with ``switch_every``) in turns,
     one stretch of steps each, until all are done; the results in the order given.
 
@@ -379,16 +380,19 @@ def run_interleaved(runs: dict[str, Generator[int, None, RunResult]],
     and runs trained one after the other each meet a different machine. Trained in turns of
     a few seconds, every run meets the same machine, so their ratios (time to accuracy, total
     time) measure the policies, not the drift. ``on_done(label, result)``: called as each run
-    finishes."""
+    finishes; ``on_pause(label, step)``: at each pause (progress)."""
     done: dict[str, RunResult] = {}
     active = list(runs)
     while active:
         for label in list(active):
             try:
-                next(runs[label])
+                step = next(runs[label])
             except StopIteration as stop:
                 done[label] = stop.value
                 active.remove(label)
                 if on_done is not None:
                     on_done(label, stop.value)
+            else:
+                if on_pause is not None:
+                    on_pause(label, step)
     return {label: done[label] for label in runs}

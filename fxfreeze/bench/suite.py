@@ -1,8 +1,9 @@
 """``fxfreeze bench``: every policy against plain PyTorch, same machine, same run.
 
-For each workload the baseline (plain PyTorch) and each policy train back to back with the
-same seed, data order, schedule and epochs (:func:`fxfreeze.bench.runner.train_run`). The
-report gives, per run: final accuracy, time to reach the baseline's final accuracy minus 0.5
+For each workload the baseline (plain PyTorch) and each policy train with the same seed,
+data order, schedule and epochs (:func:`fxfreeze.bench.runner.train_steps`), in turns of a
+few steps in one process (or one after another with ``interleave=0``). The
+report gives, per run: final accuracy, time to reach the baseline's final accuracy minus 0.3
 point (TTA) and its speed-up, total training time, the share of backward FLOPs skipped, the
 growth of peak RSS, and the policy's own overhead. It is written as JSON, a markdown table
 and, with matplotlib, a freeze-timeline PNG per workload.
@@ -177,10 +178,22 @@ def run_suite(
         if interleave:
             log(f"{w.name}: {', '.join(label for label, _, _ in jobs)}, in turns of {interleave} steps ...")
             t0 = time.perf_counter()
+            at: dict[str, int] = {}
+            shown = [t0]
+
+            def progress_(label: str, step_: int) -> None:
+                # a line every few minutes: a suite in turns says nothing else until a run ends
+                at[label] = step_
+                if time.perf_counter() - shown[0] >= 300:
+                    shown[0] = time.perf_counter()
+                    log(f"{w.name}: {time.perf_counter() - t0:.0f}s, steps so far: "
+                        + ", ".join(f"{k} {v}" for k, v in at.items()) + f" of {steps}")
+
             runs = run_interleaved(
                 {label: run(name, seed_, switch_every=interleave) for label, name, seed_ in jobs},
                 on_done=lambda label, r: log(f"{w.name}: {label}: {r.final_accuracy:.2f}% in {r.wall_seconds:.1f}s "
-                                             f"(all runs {time.perf_counter() - t0:.0f}s so far)"))
+                                             f"(all runs {time.perf_counter() - t0:.0f}s so far)"),
+                on_pause=progress_)
             for label, _, seed_ in jobs:
                 runs[label].extra["seed"] = seed_
         for label, name, seed_ in ([] if interleave else jobs):

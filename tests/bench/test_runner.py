@@ -145,7 +145,11 @@ def test_runs_in_turns_equal_the_same_runs_one_after_another():
     pauses = {label: [] for label in gens}
     order = []
 
-    together = run_interleaved({label: _passthrough(gen, pauses[label], order, label) for label, gen in gens.items()})
+    def paused(label, step):
+        pauses[label].append(step)
+        order.append(label)
+
+    together = run_interleaved(gens, on_pause=paused)
     assert list(together) == ["s1", "s0"]  # in the order given
     for s in (0, 1):
         a, b = alone[s], together[f"s{s}"]
@@ -157,26 +161,13 @@ def test_runs_in_turns_equal_the_same_runs_one_after_another():
     assert order[:4] == ["s1", "s0", "s1", "s0"]  # in turns
 
 
-def _passthrough(gen, seen, order, label):
-    """``gen``, recording the step of each pause and whose it was."""
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        seen.append(step)
-        order.append(label)
-        yield step
-
-
 def test_a_run_pauses_only_when_its_reference_worker_is_idle(monkeypatch):
     """Egeria's reference jobs run beside training; a run in turns pauses only once its
     worker has nothing queued, so that the worker never takes the cores while another run
     is on the clock."""
     import fxfreeze
-    from fxfreeze.bench.runner import train_steps
-
     from fxfreeze import zoo
+    from fxfreeze.bench.runner import train_steps
 
     made = []
     real = fxfreeze.compile
