@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
     b.add_argument("--interleave", type=int, default=25, metavar="STEPS",
                    help="train a workload's runs in turns of STEPS steps in one process, so that a machine whose speed "
-                        "drifts slows every run alike (default 25); 0: one run after another")
+                        "drifts slows every run alike (default 25; every run's model and optimizer are in memory at "
+                        "once); 0: one run after another")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="an fxfreeze config key for every fxfreeze run, dotted, the value read as YAML "
                         "(e.g. --set egeria.threshold=1.0); repeatable. For experiments: the runs no longer show the defaults")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable, ParamSpec
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch import nn
 __all__ = ["RunResult", "train_run", "train_steps", "run_interleaved", "accuracy", "call_model", "logits_of",
            "synchronize", "to_device"]
 
+P = ParamSpec("P")
 Batch = tuple[Any, torch.Tensor]  # (inputs: tensor, tuple of args or dict of kwargs; targets)
 
 
@@ -180,7 +181,9 @@ def train_steps(
     :func:`run_interleaved` can train several runs in turns in one process. A pause waits for
     the policy's reference worker to go idle first (training goes on meanwhile, on the
     clock): the worker's work then overlaps only its own run's training, as it would alone,
-    never the time of the run that trains next."""
+    never the time of the run that trains next. (Egeria's schedule takes a gap of more than
+    a few steps' time as a pause, as it does a validation loop, so the other runs' turns do
+    not change its evaluation spacing.)"""
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = model_fn().to(dev)
@@ -333,41 +336,23 @@ def _set_rng_state(dev: torch.device, state: tuple[torch.Tensor, torch.Tensor | 
         torch.cuda.set_rng_state(state[1], dev)
 
 
-def train_run(
-    name: str,
-    model_fn: Callable[[], nn.Module],
-    train_batches: Callable[[int], Iterable[Batch]],
-    test_batches: Callable[[], Iterable[Batch]],
-    *,
-    epochs: int,
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-    make_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None,
-    steps_per_epoch: int | None = None,
-    policy: str | None = None,
-    config: dict[str, Any] | None = None,
-    example_inputs: Any = None,
-    seed: int = 0,
-    progress: bool = False,
-    loss_every: int = 5,
-    evals_per_epoch: int = 1,
-    max_steps: int | None = None,
-    device: torch.device | str = "cpu",
-) -> RunResult:
-    """Train one run start to finish (:func:`train_steps`, which says what each argument
-    does) and return its record."""
-    gen = train_steps(name, model_fn, train_batches, test_batches, epochs=epochs, make_optimizer=make_optimizer,
-                      make_scheduler=make_scheduler, steps_per_epoch=steps_per_epoch, policy=policy, config=config,
-                      example_inputs=example_inputs, seed=seed, progress=progress, loss_every=loss_every,
-                      evals_per_epoch=evals_per_epoch, max_steps=max_steps, device=device)
-    return _drain(gen)
+def _to_the_end(steps: Callable[P, Generator[int, None, RunResult]], name: str, doc: str) -> Callable[P, RunResult]:
+    """``steps`` (a run as a generator) as a function that trains the run to its end."""
+    def run(*args: P.args, **kwargs: P.kwargs) -> RunResult:
+        gen = steps(*args, **kwargs)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = doc
+    return run
 
 
-def _drain(gen: Generator[int, None, RunResult]) -> RunResult:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+train_run = _to_the_end(train_steps, "train_run", """Train one run start to finish and return its record
+    (:func:`train_steps`, with the same arguments, says what each does).""")
 
 
 def run_interleaved(runs: dict[str, Generator[int, None, RunResult]],
@@ -376,7 +361,7 @@ def run_interleaved(runs: dict[str, Generator[int, None, RunResult]],
     """Train the generators of :func:`train_steps` (made with ``switch_every``) in turns,
     one stretch of steps each, until all are done; the results in the order given.
 
-    Why: on a shared or thermally throttled machine the speed drifts by 10-20% over minutes,
+    Why: on a shared or thermally throttled machine the speed drifts by 10% and more over minutes,
     and runs trained one after the other each meet a different machine. Trained in turns of
     a few seconds, every run meets the same machine, so their ratios (time to accuracy, total
     time) measure the policies, not the drift. ``on_done(label, result)``: called as each run

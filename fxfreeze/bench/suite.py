@@ -194,15 +194,15 @@ def run_suite(
                 on_done=lambda label, r: log(f"{w.name}: {label}: {r.final_accuracy:.2f}% in {r.wall_seconds:.1f}s "
                                              f"(all runs {time.perf_counter() - t0:.0f}s so far)"),
                 on_pause=progress_)
-            for label, _, seed_ in jobs:
-                runs[label].extra["seed"] = seed_
-        for label, name, seed_ in ([] if interleave else jobs):
-            log(f"{w.name}: {label} ...")
-            t0 = time.perf_counter()
-            runs[label] = run(name, seed_)
+        else:
+            for label, name, seed_ in jobs:
+                log(f"{w.name}: {label} ...")
+                t0 = time.perf_counter()
+                runs[label] = run(name, seed_)
+                log(f"{w.name}: {label}: {runs[label].final_accuracy:.2f}% in {runs[label].wall_seconds:.1f}s "
+                    f"({time.perf_counter() - t0:.0f}s with evaluation)")
+        for label, _, seed_ in jobs:
             runs[label].extra["seed"] = seed_
-            log(f"{w.name}: {label}: {runs[label].final_accuracy:.2f}% in {runs[label].wall_seconds:.1f}s "
-                f"({time.perf_counter() - t0:.0f}s with evaluation)")
         report["workloads"][w.name] = {**_summarise(w, runs), "epochs": epochs, "steps": steps}
         _plot(w.name, runs, out / f"timeline-{w.name}.png")
         # written after every workload: a long suite that stops half-way keeps what it measured
