@@ -281,9 +281,9 @@ def train_steps(
             if switch_every and step - paused_at >= switch_every and not _reference_busy(fm):
                 synchronize(dev)
                 wall += time.perf_counter() - t0
-                rng = _rng_state(dev)
-                yield step
-                _set_rng_state(dev, rng)  # the other runs drew from it meanwhile
+                # the other runs draw from the global random state meanwhile: this run's comes back
+                with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                    yield step
                 paused_at = step
                 synchronize(dev)
                 t0 = time.perf_counter()
@@ -324,16 +324,6 @@ def _reference_busy(fm: Any) -> bool:
     """Whether the policy's reference worker (Egeria's) still has a job queued or running."""
     worker = getattr(fm.freezer.policy, "worker", None) if fm is not None else None
     return worker is not None and not worker.disabled and worker.pending > 0
-
-
-def _rng_state(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
-
-
-def _set_rng_state(dev: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], dev)
 
 
 def _to_the_end(steps: Callable[P, Generator[int, None, RunResult]], name: str, doc: str) -> Callable[P, RunResult]:
