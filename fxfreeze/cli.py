@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "parse_input_shape", "load_target", "parse_overrides"]
+__all__ = ["main", "parse_input_shape", "load_target", "parse_overrides", "parse_variant"]
 
 _DTYPES = {
     "float32": "float32", "float": "float32", "f32": "float32",
@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="an fxfreeze config key for every fxfreeze run, dotted, the value read as YAML "
                         "(e.g. --set egeria.threshold=1.0); repeatable. For experiments: the runs no longer show the defaults")
+    b.add_argument("--variant", action="append", default=[], metavar="'NAME=POLICY KEY=VALUE ...'", dest="variants",
+                   help="an experiment run beside the default, in the same turns and with its seeds: the bench policy "
+                        "POLICY with the config keys set as in --set, e.g. --variant 'egeria-run=egeria "
+                        "egeria.freeze_run=true'; repeatable")
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")
     t = sub.add_parser("train-predictor", help="record training runs, train the SmartFRZ predictor, write its weights")
     t.add_argument("--mnist", metavar="DIR", default=None,
@@ -303,6 +307,35 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_variant(item: str) -> tuple[str, str, dict[str, Any]]:
+    """One ``--variant`` argument as ``(name, policy, overrides)``: ``NAME=POLICY`` and then
+    ``KEY=VALUE`` words as in ``--set`` (split as a shell splits, so a value may be quoted).
+
+    Raises :class:`CliError` naming the argument that is malformed; whether the policy and
+    the keys exist is checked by :func:`fxfreeze.bench.suite.run_suite`.
+
+    Example::
+
+        >>> parse_variant("egeria-run=egeria egeria.freeze_run=true egeria.patience=3")
+        ('egeria-run', 'egeria', {'egeria': {'freeze_run': True, 'patience': 3}})
+    """
+    import shlex
+
+    try:
+        words = shlex.split(item)
+    except ValueError as e:
+        raise CliError(f"--variant {item!r}: {e}") from None
+    name, sep, base = (words[0] if words else "").partition("=")
+    if not sep or not name.strip() or not base.strip():
+        raise CliError(f"--variant {item!r}: expected 'NAME=POLICY KEY=VALUE ...', "
+                       "e.g. --variant 'egeria-run=egeria egeria.freeze_run=true'")
+    try:
+        extra = parse_overrides(words[1:])
+    except CliError as e:
+        raise CliError(f"--variant {item!r}: {e}") from None
+    return name.strip(), base.strip(), extra
+
+
 def _bench(ns: argparse.Namespace) -> int:
     from .bench.suite import run_suite
 
@@ -332,12 +365,18 @@ def _bench(ns: argparse.Namespace) -> int:
     if ns.interleave < 0:
         raise CliError(f"--interleave must be 0 (one run after another) or a number of steps, got {ns.interleave}")
     overrides = parse_overrides(ns.overrides)
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    for item in ns.variants:
+        name, base, extra = parse_variant(item)
+        if name in variants:
+            raise CliError(f"--variant {item!r}: a variant named {name!r} was given before; give each its own name")
+        variants[name] = (base, extra)
     run_suite(ns.output, mnist=mnist, text=ns.text, cifar=ns.cifar, text_samples=ns.text_samples,
               text_epochs=ns.text_epochs, policies=policies, epochs=epochs, quick=ns.quick, seed=ns.seed,
               progress=sys.stderr.isatty(), evals_per_epoch=ns.evals_per_epoch, log=log, long=ns.long,
               default_seeds=ns.default_seeds, mnist_steps=ns.mnist_steps, warmup=not ns.no_warmup,
               mnist_schedules=schedules, overrides=overrides, device=ns.device,
-              interleave=ns.interleave)
+              interleave=ns.interleave, variants=variants)
     print((Path(ns.output) / "results.md").read_text().rstrip())
     print(f"\nwrote {Path(ns.output) / 'results.json'}")
     return 0

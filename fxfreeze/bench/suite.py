@@ -22,7 +22,7 @@ import torch
 
 from ..api import plan
 from ..config import FreezeConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .runner import RunResult, run_interleaved, train_run, train_steps
 from .workloads import Workload, cifar_resnet, minilm_text, mnist_resnet
 
@@ -66,6 +66,27 @@ POLICIES: dict[str, PolicyRun] = {p.name: p for p in (
 )}
 
 
+def _variant_runs(variants: Mapping[str, tuple[str, Mapping[str, Any]]],
+                  overrides: Mapping[str, Any]) -> dict[str, PolicyRun]:
+    """The runs of ``run_suite``'s ``variants``, checked before anything trains: a name of
+    its own, a bench policy that uses fxfreeze, and config keys fxfreeze knows."""
+    out: dict[str, PolicyRun] = {}
+    for name, (base, extra) in variants.items():
+        if not name or any(c.isspace() or c == "," for c in name) or name in POLICIES:
+            raise DataError(f"bench variant {name!r}: give it a name of its own, without spaces or commas, that is "
+                            f"not a bench policy ({', '.join(POLICIES)})")
+        pr = POLICIES.get(base)
+        if pr is None or pr.policy is None:
+            raise DataError(f"bench variant {name!r}: {base!r} is not a bench policy that uses fxfreeze; choose from "
+                            f"{', '.join(p for p, r in POLICIES.items() if r.policy is not None)}")
+        try:
+            FreezeConfig.from_dict(merge_config(overrides, extra))
+        except ConfigError as e:  # it names the key; say which variant it came from
+            raise ConfigError(f"bench variant {name!r}: {e}") from None
+        out[name] = PolicyRun(name, pr.policy, pr.config)
+    return out
+
+
 def _device_name(device: str) -> str:
     """The training device in words: the GPU's name on CUDA."""
     try:
@@ -103,6 +124,7 @@ def run_suite(
     overrides: Mapping[str, Any] | None = None,
     device: str = "cpu",
     interleave: int = 25,
+    variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Run the workloads that have data, write ``results.json``, ``results.md`` and plots.
 
@@ -121,7 +143,12 @@ def run_suite(
     on the CPU beside it); the report names the device. ``interleave > 0``: the runs of a
     workload train in turns of that many steps in one process
     (:func:`fxfreeze.bench.runner.run_interleaved`), so that a machine whose speed drifts
-    slows all of them alike; 0: one after another."""
+    slows all of them alike; 0: one after another.
+    ``variants``: experiments run beside the default, ``{name: (policy, overrides)}``: the
+    bench policy ``policy`` (e.g. ``"egeria"``) with ``overrides`` merged into its config
+    after ``overrides`` above. Each trains after ``policies``, in the same turns, and with
+    every seed the default gets, so that a change is measured against the default in one
+    process instead of across runs on a machine whose speed drifts."""
     overrides = dict(overrides or {})
     if overrides:
         FreezeConfig.from_dict(overrides)  # a typo fails now, not after the first hour of runs
@@ -129,8 +156,10 @@ def run_suite(
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise DataError(f"unknown policy {unknown[0]!r} for bench; choose from {', '.join(POLICIES)}")
+    table = {**POLICIES, **_variant_runs(variants or {}, overrides)}
     if "baseline" not in policies:
         policies = ["baseline"] + policies
+    policies = policies + [v for v in (variants or {}) if v not in policies]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workloads = _workloads(mnist, cifar, text, text_samples, text_epochs, epochs, quick, seed, long, mnist_steps,
@@ -140,7 +169,9 @@ def run_suite(
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": device_name},
         "quick": quick, "epochs": epochs, "seed": seed, "evals_per_epoch": evals_per_epoch, "long": long,
-        "warmup": warmup, "overrides": overrides, "interleave": interleave, "workloads": {},
+        "warmup": warmup, "overrides": overrides, "interleave": interleave,
+        "variants": {k: {"policy": b, "overrides": dict(o)} for k, (b, o) in (variants or {}).items()},
+        "workloads": {},
     }
     default = FreezeConfig().policy
     for w, epochs in workloads:
@@ -149,16 +180,19 @@ def run_suite(
         max_frozen = plan(w.model_fn(), w.example_inputs).max_frozen if "manual" in policies else 0
         jobs = [(name, name, seed) for name in policies]
         for extra in range(1, default_seeds):
-            jobs += [(f"{name} (seed {seed + extra})", name, seed + extra) for name in ("baseline", default) if name in policies]
+            jobs += [(f"{name} (seed {seed + extra})", name, seed + extra)
+                     for name in ("baseline", default, *(variants or {})) if name in policies]
 
         def run(name: str, seed_: int, max_steps: int | None = None, switch_every: int | None = None) -> Any:
             """One run's record; with ``switch_every``, its generator (train_steps)."""
-            pr = POLICIES[name]
+            pr = table[name]
             cfg = pr.config(w, steps, max_frozen)
             if w.realistic and pr.policy is not None:
                 cfg = {"total_steps": steps, **cfg}
             if pr.policy is not None:
                 cfg = merge_config(cfg, overrides)
+                if name in (variants or {}):
+                    cfg = merge_config(cfg, variants[name][1])  # type: ignore[index]
             kw: dict[str, Any] = dict(
                 epochs=epochs, make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler,
                 steps_per_epoch=w.steps_per_epoch, policy=pr.policy, config=cfg, example_inputs=w.example_inputs,
@@ -326,7 +360,9 @@ def markdown(report: dict[str, Any]) -> str:
              + (f"; the runs of a workload trained in turns of {report['interleave']} steps in one process (peak RSS "
                 "is then the process's)" if report.get("interleave") else "")
              + (f"; config overrides in every fxfreeze run (not the defaults): {report['overrides']}"
-                if report.get("overrides") else "") + ".", ""]
+                if report.get("overrides") else "")
+             + "".join(f"; variant {k}: {v['policy']} with {v['overrides']}"
+                       for k, v in (report.get("variants") or {}).items()) + ".", ""]
     for name, wl in report["workloads"].items():
         lines += [f"### {name}", "", wl["description"] + f"; {wl.get('steps', '?')} steps. TTA target: baseline's "
                   f"final accuracy - {TTA_MARGIN} point ({wl['target_accuracy']:.2f}% for seed {report['seed']}).", "",

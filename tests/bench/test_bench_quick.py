@@ -12,19 +12,23 @@ import pytest
 
 from fxfreeze.cli import main
 
-RUNS = ["baseline", "egeria+cache", "manual"]
+RUNS = ["baseline", "egeria+cache", "manual", "cache-every2"]
 
 
 @pytest.mark.slow
 def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     rc = main(["bench", "--quick", "--mnist", str(shared_data / "mnist10k"), "--evals-per-epoch", "2",
-               "--policies", ",".join(RUNS[1:]), "--set", "egeria.eval_interval=4", "-o", str(tmp_path)])
+               "--policies", ",".join(RUNS[1:-1]), "--set", "egeria.eval_interval=4",
+               "--variant", "cache-every2=egeria+cache egeria.eval_interval=2", "--default-seeds", "2",
+               "-o", str(tmp_path)])
     assert rc == 0
     rep = json.loads((tmp_path / "results.json").read_text())
     assert rep["quick"] is True and rep["machine"]["threads"] >= 1 and rep["warmup"] is True
     assert rep["interleave"] == 25  # the runs trained in turns (the default)
     (wl,) = rep["workloads"].values()
-    assert list(wl["runs"]) == RUNS
+    # a second seed for the baseline and the variant (the default, egeria, is not among the runs)
+    assert list(wl["runs"]) == RUNS + ["baseline (seed 1)", "cache-every2 (seed 1)"]
+    assert wl["runs"]["cache-every2 (seed 1)"]["seed"] == 1
     for name, r in wl["runs"].items():
         assert 10.0 < r["final_accuracy"] <= 100.0, name
         assert r["wall_seconds"] > 0 and math.isfinite(r["wall_seconds"])
@@ -44,6 +48,10 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     # the override reached the egeria run (its short-run settings evaluate every 10 steps)
     assert rep["overrides"] == {"egeria": {"eval_interval": 4}}
     assert [e["step"] for e in wl["runs"]["egeria+cache"]["timeline"][:2]] == [4, 8]
+    # the variant ran after the policies with its own key over the override, and the cache on
+    assert rep["variants"] == {"cache-every2": {"policy": "egeria+cache", "overrides": {"egeria": {"eval_interval": 2}}}}
+    assert [e["step"] for e in wl["runs"]["cache-every2"]["timeline"][:2]] == [2, 4]
+    assert "variant cache-every2: egeria+cache with" in (tmp_path / "results.md").read_text()
     md = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in md for name in RUNS) and "without 1st epoch" in md and "warmed up" in md
     assert "| TTA step |" in md
@@ -62,6 +70,17 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert "--evals-per-epoch must be positive" in capsys.readouterr().err
     assert main(["bench", "--interleave", "-1", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")]) == 2
     assert "--interleave must be 0" in capsys.readouterr().err
+    for bad, says in (("x", "expected 'NAME=POLICY"), ("=egeria", "expected 'NAME=POLICY"), ("v=egeria 'a", "quotation"),
+                      ("v=egeria egeria", "expected KEY=VALUE"), ("v=warp", "'warp' is not a bench policy"),
+                      ("v=baseline", "'baseline' is not a bench policy"), ("egeria=egeria", "a name of its own"),
+                      ("v=egeria egeria.thresold=1", "variant 'v': unknown key 'thresold'"),
+                      ("v=egeria egeria.threshold=2", None)):
+        rc = main(["bench", "--variant", bad, "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert (says or "does not exist") in err, (bad, err)  # a good --variant gets as far as the data path
+    rc = main(["bench", "--variant", "v=egeria", "--variant", "v=smartfrz", "--mnist", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert rc == 2 and "was given before" in capsys.readouterr().err
     for bad, says in (("egeria.thresold=1", "thresold"), ("egeria", "expected KEY=VALUE"), ("egeria=1", "egeria"),
                       ("egeria.threshold=[1", "not valid YAML"), ("total_steps=1", None)):
         rc = main(["bench", "--set", bad, "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
