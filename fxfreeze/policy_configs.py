@@ -105,8 +105,10 @@ class EgeriaConfig:
       it that have settled too (each at ``patience`` evaluations in a row) freeze with it, as
       a leading run. ``False`` (the default): one block per decision, as in Egeria. Measured
       faster in total time on the step schedule (1.30x of the control against 1.05x) but it
-      cost accuracy where it froze early: −0.40 on cosine, −0.66 on fine-tuning
-      (``docs/egeria.md``, "Freezing a settled run");
+      cost accuracy where it froze early: −0.40 on cosine, −0.66 on fine-tuning; beside the
+      default in one process, faster to accuracy on cosine (1.02x and 1.12x against 0.92x
+      and 0.94x) at −0.30 and −0.25 against −0.10 and −0.10 (``docs/egeria.md``, "Freezing
+      a settled run");
     - ``refresh_every``: re-take the reference snapshot every this many evaluations;
     - ``worker_threads``: PyTorch threads of the reference worker;
     - ``worker_nice``: how much lower the worker thread's CPU priority is than training's

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -38,6 +38,8 @@ class PolicyRun:
     policy: str | None
     #: the run's config from (workload, total steps, the plan's max_frozen)
     config: Callable[[Workload, int, int], dict[str, Any]]
+    #: a variant's config keys, merged last (after ``run_suite``'s ``overrides``)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 #: Egeria's short-run settings (docs/egeria.md) for the standard workloads (hundreds of
@@ -83,7 +85,7 @@ def _variant_runs(variants: Mapping[str, tuple[str, Mapping[str, Any]]],
             FreezeConfig.from_dict(merge_config(overrides, extra))
         except ConfigError as e:  # it names the key; say which variant it came from
             raise ConfigError(f"bench variant {name!r}: {e}") from None
-        out[name] = PolicyRun(name, pr.policy, pr.config)
+        out[name] = PolicyRun(name, pr.policy, pr.config, dict(extra))
     return out
 
 
@@ -190,9 +192,7 @@ def run_suite(
             if w.realistic and pr.policy is not None:
                 cfg = {"total_steps": steps, **cfg}
             if pr.policy is not None:
-                cfg = merge_config(cfg, overrides)
-                if name in (variants or {}):
-                    cfg = merge_config(cfg, variants[name][1])  # type: ignore[index]
+                cfg = merge_config(merge_config(cfg, overrides), pr.overrides)
             kw: dict[str, Any] = dict(
                 epochs=epochs, make_optimizer=w.make_optimizer, make_scheduler=w.make_scheduler,
                 steps_per_epoch=w.steps_per_epoch, policy=pr.policy, config=cfg, example_inputs=w.example_inputs,
