@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mnist-schedules", default="step,cosine",
                    help="learning-rate schedules of the long MNIST runs, comma-separated (step: /10 at 50%% and 75%%; cosine)")
     b.add_argument("--default-seeds", type=int, default=1,
-                   help="also run the baseline and the default policy with this many seeds in all (default 1)")
+                   help="also run the baseline, the default policy and each --variant with this many seeds in all (default 1)")
     b.add_argument("--device", default="cpu", metavar="DEVICE",
                    help="where the runs train, e.g. cuda (Egeria's reference stays on the CPU); default cpu")
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed step of each configuration before timing")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an fxfreeze config key for every fxfreeze run, dotted, the value read as YAML "
                         "(e.g. --set egeria.threshold=1.0); repeatable. For experiments: the runs no longer show the defaults")
     b.add_argument("--variant", action="append", default=[], metavar="'NAME=POLICY KEY=VALUE ...'", dest="variants",
-                   help="an experiment run beside the default, in the same turns and with its seeds: the bench policy "
+                   help="an experiment run beside the default, in the same turns and with --default-seeds seeds: the bench policy "
                         "POLICY with the config keys set as in --set, e.g. --variant 'egeria-run=egeria "
                         "egeria.freeze_run=true'; repeatable")
     b.add_argument("-o", "--output", default="fxfreeze-bench", metavar="DIR", help="where results.json/.md and plots go")

@@ -149,7 +149,7 @@ def run_suite(
     ``variants``: experiments run beside the default, ``{name: (policy, overrides)}``: the
     bench policy ``policy`` (e.g. ``"egeria"``) with ``overrides`` merged into its config
     after ``overrides`` above. Each trains after ``policies``, in the same turns, and with
-    every seed the default gets, so that a change is measured against the default in one
+    each of the ``default_seeds`` seeds, so that a change is measured against the default in one
     process instead of across runs on a machine whose speed drifts."""
     overrides = dict(overrides or {})
     if overrides:
