@@ -21,6 +21,7 @@ __all__ = [
     "DistributedError",
     "PredictorError",
     "PassError",
+    "CliError",
 ]
 
 
@@ -88,3 +89,7 @@ class PassError(FxFreezeError, RuntimeError):
 
     def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...], str]]:
         return (type(self), (self.pass_name, self.before, self.detail))
+
+
+class CliError(FxFreezeError, ValueError):
+    """A bad command-line argument (the ``fxfreeze`` command); the message names it."""
