@@ -14,6 +14,7 @@ from __future__ import annotations
 from .api import plan
 from .errors import (
     CallError,
+    CliError,
     ConfigError,
     DataError,
     DistributedError,
@@ -53,6 +54,7 @@ __all__ = [
     "DistributedError",
     "PredictorError",
     "PassError",
+    "CliError",
     "__version__",
 ]
 

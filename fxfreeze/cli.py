@@ -35,8 +35,6 @@ _DTYPES = {
 _MAX_EXAMPLE_ELEMENTS = 1 << 28
 
 
-
-
 def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...], str]:
     """Parse ``[name=]d0,d1,...[:dtype]``, e.g. ``1,3,224,224`` or ``input_ids=2,128:int64``."""
     name: str | None = None
