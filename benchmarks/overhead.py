@@ -42,6 +42,18 @@ is what a user pays over their own loop: the compiled graph, the controller's pe
 and the evaluations. Against the control it is Egeria's own work: its per-step bookkeeping,
 the evaluations on the training thread, and the reference worker's contention for the cores
 (what its 1% budget accounts for).
+
+``--null`` replaces Egeria's side by a second compiled control, the same model and graph as
+the plain side: the figure is then what the method reads when there is nothing to find (its
+bias and its noise at these settings). Two copies of one model can differ in speed by where
+their tensors lie in memory, and a 2-core machine's speed moves from second to second; an
+Egeria figure is resolved only where it stands clear of the null's.
+
+Besides the wall times, the report gives the reference worker's CPU seconds (the time its
+thread ran, measured in the thread): the core time it took from training. Training slows by
+at most about that much (a core it takes is a core training waits for), so Egeria's own
+cost is bounded by the training thread's seconds in the policy plus the worker's CPU
+seconds, a bound that does not depend on the machine's drift.
 """
 
 from __future__ import annotations
@@ -79,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", choices=["eager", "control"], default=None,
                    help="the plain side: eager PyTorch (default, except --text) or the compiled control "
                         "(fxfreeze.compile with a policy that never freezes or evaluates)")
+    p.add_argument("--null", action="store_true",
+                   help="measure a second compiled control instead of Egeria: the method's own bias and noise")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     if a.mnist and a.text:
@@ -89,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     def make_opt(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
 
-    against = a.against or ("control" if a.text else "eager")
+    if a.null and a.against == "eager":
+        p.error("--null compares two compiled controls: leave out --against eager")
+    if a.null and a.profile:
+        p.error("--null evaluates nothing to profile: leave out --profile")
+    against = "control" if a.null else (a.against or ("control" if a.text else "eager"))
     if a.text:
         from fxfreeze.bench.workloads import minilm_text
 
@@ -123,14 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     if against == "control":  # the same graph on both sides, one of them never evaluating
         plain = fxfreeze.compile(plain, example, optimizer=opt_p, config={"policy": "manual"})
         plain_side = "compiled control"
+    if a.null:
+        config = {"policy": "manual"}
     fm = fxfreeze.compile(comp, example, optimizer=opt_c, config=config)
     lossf = nn.CrossEntropyLoss()
     times = {"plain": 0.0, "egeria": 0.0}
     pol = fm.freezer.policy
+    worker = getattr(pol, "worker", None)
 
     def run(net: nn.Module, opt: torch.optim.Optimizer, start: int, n: int) -> float:
-        if net is plain and pol.worker is not None:
-            pol.worker.wait(60)  # untimed: the worker's job belongs to egeria's side
+        if net is plain and worker is not None:
+            worker.wait(60)  # untimed: the worker's job belongs to egeria's side
         synchronize(dev)
         t = time.perf_counter()
         for i in range(start, start + n):
@@ -147,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         import cProfile
 
         prof = cProfile.Profile()
-    evaluate = pol._evaluate
     eval_seconds: list[float] = []
 
     def timed(sig: Any) -> None:
@@ -162,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 prof.disable()
             eval_seconds.append(time.perf_counter() - t)
 
-    pol._evaluate = timed
+    if not a.null:
+        evaluate = pol._evaluate
+        pol._evaluate = timed
     run(plain, opt_p, 0, 2)  # warm-up both
     run(fm, opt_c, 0, 2)
     done = 0
@@ -178,23 +200,32 @@ def main(argv: list[str] | None = None) -> int:
             times[side] += pair[side]
         ratios.append(pair["egeria"] / pair["plain"])
         done += n
-    pol.worker.wait(60)
+    if worker is not None:
+        worker.wait(60)
     ratio = times["egeria"] / times["plain"]
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"{label}, {a.steps} steps in chunks of {a.chunk}, on {where}, {torch.get_num_threads()} threads")
     print(f"{plain_side + ':':22} {times['plain']:.1f} s ({1000 * times['plain'] / a.steps:.0f} ms/step)")
-    print(f"egeria (freeze=False): {times['egeria']:.1f} s ({1000 * times['egeria'] / a.steps:.0f} ms/step)")
-    print(f"overhead: {100 * (ratio - 1):+.2f}%  ({pol.evaluations} evaluations; policy on the training thread "
-          f"{pol.main_seconds:.2f} s, of which one-time set-up left to evaluations {pol.setup_seconds:.2f} s; "
-          f"reference worker busy {pol.worker.busy_seconds:.2f} s)")
+    if a.null:
+        print(f"{'second control (null):':22} {times['egeria']:.1f} s ({1000 * times['egeria'] / a.steps:.0f} ms/step)")
+        print(f"null difference: {100 * (ratio - 1):+.2f}%  (the same model and graph on both sides: the method's bias)")
+    else:
+        print(f"egeria (freeze=False): {times['egeria']:.1f} s ({1000 * times['egeria'] / a.steps:.0f} ms/step)")
+        print(f"overhead: {100 * (ratio - 1):+.2f}%  ({pol.evaluations} evaluations; policy on the training thread "
+              f"{pol.main_seconds:.2f} s, of which one-time set-up left to evaluations {pol.setup_seconds:.2f} s; "
+              f"reference worker busy {worker.busy_seconds:.2f} s, of which {worker.cpu_seconds:.2f} s on a core)")
+        bound = pol.main_seconds + worker.cpu_seconds
+        print(f"bound on Egeria's own cost (training thread in the policy + the worker's CPU seconds): "
+              f"{bound:.2f} s, {100 * bound / times['egeria']:.2f}% of its training time")
     print(f"per pair of chunks ({len(ratios)} pairs): median {100 * (q[1] - 1):+.2f}%, quartiles "
           f"{100 * (q[0] - 1):+.2f}% to {100 * (q[2] - 1):+.2f}% (the spread is the measurement's noise)")
     if eval_seconds:
         print(f"evaluations on the training thread: {len(eval_seconds)}, {1000 * sum(eval_seconds):.1f} ms in all, "
               f"{1000 * sum(eval_seconds) / len(eval_seconds):.2f} ms each on average, {1000 * max(eval_seconds):.2f} ms at most")
-    print(f"one-time set-up in fxfreeze.compile, before the timed steps (eval-mode capture, block graphs, "
-          f"reference builders): {pol.compile_seconds:.2f} s")
+    if not a.null:
+        print(f"one-time set-up in fxfreeze.compile, before the timed steps (eval-mode capture, block graphs, "
+              f"reference builders): {pol.compile_seconds:.2f} s")
     if prof is not None:
         import pstats
 

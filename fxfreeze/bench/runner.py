@@ -315,6 +315,7 @@ def train_steps(
         worker = getattr(pol, "worker", None)
         if worker is not None:
             res.extra["worker_seconds"] = worker.busy_seconds
+            res.extra["worker_cpu_seconds"] = worker.cpu_seconds
             res.extra["backends"] = dict(getattr(pol, "backends", {}))
         fm.freezer.detach()
     return res

@@ -335,6 +335,8 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
             # training; benchmarks/overhead.py measures that)
             "policy_main_seconds": r.controller_seconds,
             "worker_busy_seconds": r.extra.get("worker_seconds"),
+            # and the CPU seconds its thread used: the core time it took from training
+            "worker_cpu_seconds": r.extra.get("worker_cpu_seconds"),
             "compile_seconds": r.compile_seconds,
             "final_num_frozen": r.epochs[-1]["num_frozen"] if r.epochs else 0,
             "num_blocks": r.num_blocks,

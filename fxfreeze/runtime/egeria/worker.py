@@ -51,13 +51,16 @@ logger = logging.getLogger("fxfreeze")
 
 @dataclass
 class JobResult:
-    """What one job returned (``value``) or raised (``error``), and its CPU-side seconds."""
+    """What one job returned (``value``) or raised (``error``), its wall seconds on the
+    worker (``seconds``, which include the time the worker waited for a core) and the CPU
+    seconds its thread used (``cpu_seconds``: what it took from the cores training uses)."""
 
     job_id: int
     tag: Any
     value: Any = None
     error: str | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 class _Stop:
@@ -103,7 +106,11 @@ class ReferenceWorker:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: wall seconds the worker spent in jobs (at its lower priority, mostly waiting for a
+        #: core while training keeps them busy)
         self.busy_seconds = 0.0
+        #: CPU seconds the worker's thread used in jobs: the core time it took from training
+        self.cpu_seconds = 0.0
         _LIVE.add(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -134,17 +141,19 @@ class ReferenceWorker:
             with self._lock:
                 self._running = (job_id, tag)
                 self._running_since = time.monotonic()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 value = fn()
                 res = JobResult(job_id, tag, value=value)
             except Exception as e:  # noqa: BLE001 - reported to the caller, never raised here
                 res = JobResult(job_id, tag, error=f"{type(e).__name__}: {e}")
             res.seconds = time.perf_counter() - t0
+            res.cpu_seconds = time.thread_time() - c0
             with self._lock:
                 self._running = None
                 self._pending.discard(job_id)
                 self.busy_seconds += res.seconds
+                self.cpu_seconds += res.cpu_seconds
             self._results.put(res)
 
     def check(self) -> bool:
