@@ -195,4 +195,5 @@ def test_a_run_pauses_only_when_its_reference_worker_is_idle(monkeypatch):
         worker = made[0].freezer.policy.worker
         assert worker is not None and worker.pending == 0, f"paused at step {pauses[-1]} with a reference job queued"
     assert res.steps == 80 and res.extra["worker_seconds"] > 0  # the worker did run its jobs meanwhile
+    assert 0 < res.extra["worker_cpu_seconds"] <= res.extra["worker_seconds"] + 0.01  # its core time, within its wall time
     assert pauses and pauses == sorted(set(pauses))

@@ -334,7 +334,7 @@ class EgeriaPolicy(Policy):
                 continue
             rec: dict[str, Any] = {"step": step, "evaluation": eval_no, "num_frozen": s.num_frozen, "plasticity": {},
                                    "normalized": {}, "trend": {}, "backend": dict(res.value["backend"]),
-                                   "worker_seconds": round(res.seconds, 4)}
+                                   "worker_seconds": round(res.seconds, 4), "worker_cpu_seconds": round(res.cpu_seconds, 4)}
             for j in res.value["missing"]:
                 self._anchor.pop(j, None)
                 self._anchor_state.pop(j, None)
