@@ -2,15 +2,17 @@
 
 Two copies of the same model train side by side in one process, alternating in chunks of
 steps (so that drifts in machine speed hit both alike): plain PyTorch, and fxfreeze with
-``policy="egeria"`` at its default settings except ``freeze=False`` (plasticity measured,
-nothing frozen). Reports the ratio of their training times, the number of evaluations, and
-the policy's own time on the training thread and the reference worker's busy time.
+``policy="egeria"`` at its default settings (or those ``--set`` gives) except
+``freeze=False`` (plasticity measured, nothing frozen). Reports the ratio of their training
+times, the number of evaluations, the policy's own time on the training thread and the
+reference worker's busy time.
 
     python benchmarks/overhead.py [--model resnet20] [--steps 400] [--batch 128]
     python benchmarks/overhead.py --mnist ../shared/data/mnist10k --steps 600 --chunk 50
     python benchmarks/overhead.py --text ../shared/data/movie-review-polarity --steps 240 --chunk 30
     python benchmarks/overhead.py --device cuda --mnist ../shared/data/mnist10k --steps 2000 --chunk 100
     python benchmarks/overhead.py --mnist ../shared/data/mnist10k --steps 1600 --chunk 50 --against control
+    python benchmarks/overhead.py --mnist ../shared/data/mnist10k --steps 1600 --chunk 50 --null
 
 ``--device cuda`` trains both copies on the GPU (the batches are put there once, before
 timing) while Egeria's reference runs on the CPU, as in its design; each chunk is timed
@@ -69,7 +71,10 @@ from torch import nn
 
 import fxfreeze
 from fxfreeze import zoo
+from fxfreeze.bench.command import parse_overrides
 from fxfreeze.bench.runner import call_model, logits_of, synchronize, to_device
+from fxfreeze.bench.suite import merge_config
+from fxfreeze.errors import CliError
 
 
 def _real_batches(w: Any, steps: int) -> list[tuple[Any, Any]]:
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", choices=["eager", "control"], default=None,
                    help="the plain side: eager PyTorch (default, except --text) or the compiled control "
                         "(fxfreeze.compile with a policy that never freezes or evaluates)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a config key for Egeria's side, as in fxfreeze bench (repeatable), e.g. "
+                        "--set egeria.lookahead=9; freezing stays off")
     p.add_argument("--null", action="store_true",
                    help="measure a second compiled control instead of Egeria: the method's own bias and noise")
     a = p.parse_args(argv)
@@ -107,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--null compares two compiled controls: leave out --against eager")
     if a.null and a.profile:
         p.error("--null evaluates nothing to profile: leave out --profile")
+    if a.null and a.overrides:
+        p.error("--null trains two compiled controls: leave out --set")
+    try:
+        overrides = parse_overrides(a.overrides)
+    except CliError as e:
+        p.error(str(e))
     against = "control" if a.null else (a.against or ("control" if a.text else "eager"))
     if a.text:
         from fxfreeze.bench.workloads import minilm_text
@@ -141,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if against == "control":  # the same graph on both sides, one of them never evaluating
         plain = fxfreeze.compile(plain, example, optimizer=opt_p, config={"policy": "manual"})
         plain_side = "compiled control"
+    config = merge_config(config, overrides)
+    if not isinstance(config.get("egeria"), dict):
+        p.error("--set egeria=...: give the section's keys one by one, e.g. --set egeria.lookahead=9")
+    config["egeria"]["freeze"] = False  # Egeria's cost alone: nothing may freeze
     if a.null:
         config = {"policy": "manual"}
     fm = fxfreeze.compile(comp, example, optimizer=opt_c, config=config)
