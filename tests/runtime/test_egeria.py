@@ -561,6 +561,7 @@ def test_anchor_building_is_charged_in_instalments_over_a_window():
     fm, opt, x, y = _setup({"freeze": False, "overhead_budget": 0.01, "window": 4})
     pol = fm.freezer.policy
     sched = pol.schedule
+    sched.charge_cpu = False  # the contention estimate (a worker beside an accelerator)
     sched.interval, sched.step_seconds, sched.idle_step = 1, 0.1, 0.1  # 1% of a 0.1 s step: 1 ms per step
 
     def schedule(step, contention, share=0.0):
@@ -580,6 +581,43 @@ def test_anchor_building_is_charged_in_instalments_over_a_window():
     # without building, the whole contention is charged before the next evaluation, as before
     assert schedule(5, 2.0) == pytest.approx(2000, abs=1)
     fm.freezer.detach()
+
+
+def test_on_cores_training_keeps_busy_the_worker_is_charged_its_cpu_seconds():
+    """Where the worker shares training's cores, an evaluation is charged the CPU seconds of
+    the jobs finished since the last one (their build share in instalments), whatever the
+    noisy contention estimate reads; where it does not, the contention as before."""
+    from fxfreeze.runtime.policies.egeria_schedule import EvaluationSchedule, shares_cores
+
+    assert shares_cores(True, 2, 1, 2) and not shares_cores(True, 1, 1, 2) and not shares_cores(False, 8, 1, 2)
+    sched = EvaluationSchedule(eval_interval=1, overhead_budget=0.01, window=4, evaluations_per_run=0, min_window_steps=1)
+    sched.step_seconds, sched.idle_step = 0.1, 0.1  # 1% of a 0.1 s step: 1 ms per step
+    sched.charge_cpu = True
+    sched.job_done(3.0, 0.0, cpu_seconds=0.2)  # 3 s on the worker's clock, 0.2 s of it on a core
+    sched.job_done(1.0, 0.0, cpu_seconds=0.1)
+    sched.contention = 5.0  # ignored
+    sched.plan(0, 0.05)
+    assert sched.next_eval == pytest.approx(350, abs=1)  # 0.05 + 0.2 + 0.1 s
+    sched.plan(400, 0.0)
+    assert sched.next_eval == 401  # nothing charged twice: back to the interval
+    sched.job_done(2.0, 1.5, cpu_seconds=0.4)  # 75% building: 0.1 s now, 0.3 s over four instalments
+    sched.plan(500, 0.0)
+    assert sched.next_eval == pytest.approx(500 + 175, abs=1)
+    sched.charge_cpu = False
+    sched.contention = 0.5
+    sched.plan(700, 0.0)
+    assert sched.next_eval == pytest.approx(700 + 500 + 75, abs=1)  # the contention, and an instalment still owed
+
+
+def test_the_policy_charges_cpu_seconds_where_training_uses_every_core(monkeypatch):
+    """The policy decides at attach from where training runs and how many threads it uses."""
+    from fxfreeze.runtime.policies import egeria as eg
+
+    for cores, expected in ((torch.get_num_threads(), True), (torch.get_num_threads() + 8, False)):
+        monkeypatch.setattr(eg, "usable_cores", lambda cores=cores: cores)
+        fm, opt, x, y = _setup({"freeze": False})
+        assert fm.freezer.policy.schedule.charge_cpu is expected
+        fm.freezer.detach()
 
 
 def test_the_probe_graphs_set_up_once_are_not_charged_to_the_schedule(monkeypatch):

@@ -46,7 +46,7 @@ from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
 from ..host_tier import HostFuture, to_host_later
 from .base import Decision, Policy, Signals
-from .egeria_schedule import EvaluationSchedule
+from .egeria_schedule import EvaluationSchedule, shares_cores, usable_cores
 from .rules import egeria_rule, lr_step_rule
 
 __all__ = ["EgeriaPolicy"]
@@ -107,6 +107,12 @@ class EgeriaPolicy(Policy):
         nice = int(self.cfg.worker_nice) if self.cfg.asynchronous else 0
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
                                       nice=nice)
+        # on cores training keeps busy, the worker's cost is the CPU time it takes (egeria_schedule.py)
+        on_cpu = all(t.device.type == "cpu" for t in self.module.parameters())
+        self.schedule.charge_cpu = shares_cores(on_cpu, torch.get_num_threads(), int(self.cfg.worker_threads), usable_cores())
+        logger.info("egeria: the reference worker's cost is charged as %s",
+                    "its CPU seconds (it shares training's cores)" if self.schedule.charge_cpu
+                    else "the slowdown of the training steps it overlaps")
         self._set_up()
 
     def _set_up(self) -> None:
@@ -320,7 +326,8 @@ class EgeriaPolicy(Policy):
                     logger.warning("egeria: reference job failed: %s", res.error)
                 continue
             _, eval_no, step = tag
-            self.schedule.job_done(res.seconds, float(res.value.get("build_seconds", 0.0)) if res.error is None else 0.0)
+            self.schedule.job_done(res.seconds, float(res.value.get("build_seconds", 0.0)) if res.error is None else 0.0,
+                                   res.cpu_seconds)
             if res.error is not None:
                 logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
                 self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
