@@ -329,13 +329,13 @@ def _summarise(w: Workload, runs: dict[str, RunResult]) -> dict[str, Any]:
             "wall_after_first_epoch": r.extra.get("wall_after_first_epoch"),
             "backward_flops_skipped": r.backward_flops_skipped,
             "peak_rss_mb": r.peak_rss_mb,
-            "controller_seconds": r.controller_seconds + float(r.extra.get("worker_seconds", 0.0)),
-            # the split: seconds on the training thread, and the reference worker's busy wall
-            # time (at a lower priority it waits for cores, so this overstates what it costs
-            # training; benchmarks/overhead.py measures that)
+            # the policy's cost: its seconds on the training thread and the CPU seconds of the
+            # reference worker's thread, the core time it can take from training (a bound on
+            # what it costs: benchmarks/overhead.py); until stop 35 the worker's busy wall time,
+            # which at its lower priority is mostly waiting for a core
+            "controller_seconds": r.controller_seconds + float(r.extra.get("worker_cpu_seconds", 0.0)),
             "policy_main_seconds": r.controller_seconds,
             "worker_busy_seconds": r.extra.get("worker_seconds"),
-            # and the CPU seconds its thread used: the core time it took from training
             "worker_cpu_seconds": r.extra.get("worker_cpu_seconds"),
             "compile_seconds": r.compile_seconds,
             "final_num_frozen": r.epochs[-1]["num_frozen"] if r.epochs else 0,

@@ -48,6 +48,10 @@ def test_bench_quick_writes_a_complete_report(shared_data, tmp_path, capsys):
     # the override reached the egeria run (its short-run settings evaluate every 10 steps)
     assert rep["overrides"] == {"egeria": {"eval_interval": 4}}
     assert [e["step"] for e in wl["runs"]["egeria+cache"]["timeline"][:2]] == [4, 8]
+    # its policy cost: the training thread's seconds and the worker's CPU seconds, not its busy wall time
+    eg = wl["runs"]["egeria+cache"]
+    assert 0 < eg["worker_cpu_seconds"] <= eg["worker_busy_seconds"] + 0.01
+    assert eg["controller_seconds"] == pytest.approx(eg["policy_main_seconds"] + eg["worker_cpu_seconds"])
     # the variant ran after the policies with its own key over the override, and the cache on
     assert rep["variants"] == {"cache-every2": {"policy": "egeria+cache", "overrides": {"egeria": {"eval_interval": 2}}}}
     assert [e["step"] for e in wl["runs"]["cache-every2"]["timeline"][:2]] == [2, 4]

@@ -584,9 +584,10 @@ def test_anchor_building_is_charged_in_instalments_over_a_window():
 
 
 def test_on_cores_training_keeps_busy_the_worker_is_charged_its_cpu_seconds():
-    """Where the worker shares training's cores, an evaluation is charged the CPU seconds of
-    the jobs finished since the last one (their build share in instalments), whatever the
-    noisy contention estimate reads; where it does not, the contention as before."""
+    """Where the worker shares training's cores, an evaluation is charged at least the CPU
+    seconds of the jobs finished since the last one (their build share in instalments), also
+    when the noisy contention estimate reads less; the estimate where it reads more; where the
+    worker does not share training's cores, the contention as before."""
     from fxfreeze.runtime.policies.egeria_schedule import EvaluationSchedule, shares_cores
 
     assert shares_cores(True, 2, 1, 2) and not shares_cores(True, 1, 1, 2) and not shares_cores(False, 8, 1, 2)
@@ -595,11 +596,17 @@ def test_on_cores_training_keeps_busy_the_worker_is_charged_its_cpu_seconds():
     sched.charge_cpu = True
     sched.job_done(3.0, 0.0, cpu_seconds=0.2)  # 3 s on the worker's clock, 0.2 s of it on a core
     sched.job_done(1.0, 0.0, cpu_seconds=0.1)
-    sched.contention = 5.0  # ignored
+    sched.contention = 0.1  # the estimate reads less than the worker's core time
     sched.plan(0, 0.05)
     assert sched.next_eval == pytest.approx(350, abs=1)  # 0.05 + 0.2 + 0.1 s
     sched.plan(400, 0.0)
     assert sched.next_eval == 401  # nothing charged twice: back to the interval
+    sched.job_done(1.0, 0.0, cpu_seconds=0.1)
+    sched.contention = 0.6  # the estimate reads more: it is charged
+    sched.plan(401, 0.0)
+    assert sched.next_eval == pytest.approx(401 + 600, abs=1)
+    sched.plan(1100, 0.0)
+    assert sched.next_eval == 1101
     sched.job_done(2.0, 1.5, cpu_seconds=0.4)  # 75% building: 0.1 s now, 0.3 s over four instalments
     sched.plan(500, 0.0)
     assert sched.next_eval == pytest.approx(500 + 175, abs=1)
@@ -610,12 +617,15 @@ def test_on_cores_training_keeps_busy_the_worker_is_charged_its_cpu_seconds():
 
 
 def test_the_policy_charges_cpu_seconds_where_training_uses_every_core(monkeypatch):
-    """The policy decides at attach from where training runs and how many threads it uses."""
+    """The policy decides at attach from where training runs and how many threads it uses;
+    in synchronous mode training waits for each job, so its time is on the training thread's
+    account already and is not charged twice."""
     from fxfreeze.runtime.policies import egeria as eg
 
-    for cores, expected in ((torch.get_num_threads(), True), (torch.get_num_threads() + 8, False)):
+    for cores, asynchronous, expected in ((torch.get_num_threads(), True, True), (torch.get_num_threads() + 8, True, False),
+                                          (torch.get_num_threads(), False, False)):
         monkeypatch.setattr(eg, "usable_cores", lambda cores=cores: cores)
-        fm, opt, x, y = _setup({"freeze": False})
+        fm, opt, x, y = _setup({"freeze": False, "asynchronous": asynchronous})
         assert fm.freezer.policy.schedule.charge_cpu is expected
         fm.freezer.detach()
 

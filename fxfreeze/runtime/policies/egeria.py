@@ -107,11 +107,13 @@ class EgeriaPolicy(Policy):
         nice = int(self.cfg.worker_nice) if self.cfg.asynchronous else 0
         self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
                                       nice=nice)
-        # on cores training keeps busy, the worker's cost is the CPU time it takes (egeria_schedule.py)
+        # on cores training keeps busy, the worker costs at least the CPU time it takes (egeria_schedule.py);
+        # in synchronous mode training waits for each job, which the training thread's time already counts
         on_cpu = all(t.device.type == "cpu" for t in self.module.parameters())
-        self.schedule.charge_cpu = shares_cores(on_cpu, torch.get_num_threads(), int(self.cfg.worker_threads), usable_cores())
+        self.schedule.charge_cpu = bool(self.cfg.asynchronous) and shares_cores(
+            on_cpu, torch.get_num_threads(), int(self.cfg.worker_threads), usable_cores())
         logger.info("egeria: the reference worker's cost is charged as %s",
-                    "its CPU seconds (it shares training's cores)" if self.schedule.charge_cpu
+                    "at least its CPU seconds (it shares training's cores)" if self.schedule.charge_cpu
                     else "the slowdown of the training steps it overlaps")
         self._set_up()
 
