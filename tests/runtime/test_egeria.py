@@ -620,11 +620,11 @@ def test_the_policy_charges_cpu_seconds_where_training_uses_every_core(monkeypat
     """The policy decides at attach from where training runs and how many threads it uses;
     in synchronous mode training waits for each job, so its time is on the training thread's
     account already and is not charged twice."""
-    from fxfreeze.runtime.policies import egeria as eg
+    from fxfreeze.runtime.policies import egeria_schedule as es
 
     for cores, asynchronous, expected in ((torch.get_num_threads(), True, True), (torch.get_num_threads() + 8, True, False),
                                           (torch.get_num_threads(), False, False)):
-        monkeypatch.setattr(eg, "usable_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(es, "usable_cores", lambda cores=cores: cores)
         fm, opt, x, y = _setup({"freeze": False, "asynchronous": asynchronous})
         assert fm.freezer.policy.schedule.charge_cpu is expected
         fm.freezer.detach()

@@ -46,7 +46,7 @@ from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
 from ..host_tier import HostFuture, to_host_later
 from .base import Decision, Policy, Signals
-from .egeria_schedule import EvaluationSchedule, shares_cores, usable_cores
+from .egeria_schedule import EvaluationSchedule, worker_shares_cores
 from .rules import egeria_rule, lr_step_rule
 
 __all__ = ["EgeriaPolicy"]
@@ -104,17 +104,10 @@ class EgeriaPolicy(Policy):
         self.module.probe_hook = self.probe.offer
         # a lower priority only where the worker runs beside training: in synchronous mode
         # training waits for it, so starving it would stall training (and, under DDP, every rank)
-        nice = int(self.cfg.worker_nice) if self.cfg.asynchronous else 0
-        self.worker = ReferenceWorker(num_threads=int(self.cfg.worker_threads), job_timeout=float(self.cfg.reference_timeout),
-                                      nice=nice)
-        # on cores training keeps busy, the worker costs at least the CPU time it takes (egeria_schedule.py);
-        # in synchronous mode training waits for each job, which the training thread's time already counts
-        on_cpu = all(t.device.type == "cpu" for t in self.module.parameters())
-        self.schedule.charge_cpu = bool(self.cfg.asynchronous) and shares_cores(
-            on_cpu, torch.get_num_threads(), int(self.cfg.worker_threads), usable_cores())
-        logger.info("egeria: the reference worker's cost is charged as %s",
-                    "at least its CPU seconds (it shares training's cores)" if self.schedule.charge_cpu
-                    else "the slowdown of the training steps it overlaps")
+        nice, threads = (int(self.cfg.worker_nice) if self.cfg.asynchronous else 0), int(self.cfg.worker_threads)
+        self.worker = ReferenceWorker(num_threads=threads, job_timeout=float(self.cfg.reference_timeout), nice=nice)
+        # on cores training keeps busy, the worker costs at least the CPU time it takes
+        self.schedule.charge_cpu = worker_shares_cores(self.module.parameters(), threads, bool(self.cfg.asynchronous))
         self._set_up()
 
     def _set_up(self) -> None:
@@ -328,16 +321,14 @@ class EgeriaPolicy(Policy):
                     logger.warning("egeria: reference job failed: %s", res.error)
                 continue
             _, eval_no, step = tag
-            self.schedule.job_done(res.seconds, float(res.value.get("build_seconds", 0.0)) if res.error is None else 0.0,
-                                   res.cpu_seconds)
-            if res.error is not None:
-                logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
-                self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.error})
-                self._anchor, self._anchor_state, self._rebuild = {}, {}, set()  # anchors it was to build may be missing
-                self.tracker.reset()
-                continue
-            if res.value.get("skipped"):  # a probe found non-finite on the worker
-                self.timeline.append({"step": step, "evaluation": eval_no, "skipped": res.value["skipped"]})
+            build = float(res.value.get("build_seconds", 0.0)) if res.error is None else 0.0
+            self.schedule.job_done(res.seconds, build, res.cpu_seconds)
+            # a failed job (anchors it was to build may be missing), or a probe found non-finite on the worker
+            skipped = res.error if res.error is not None else res.value.get("skipped")
+            if skipped:
+                if res.error is not None:
+                    logger.warning("egeria: evaluation at step %d failed on the reference worker: %s", step, res.error)
+                self.timeline.append({"step": step, "evaluation": eval_no, "skipped": skipped})
                 self._anchor, self._anchor_state, self._rebuild = {}, {}, set()
                 self.tracker.reset()
                 continue

@@ -29,12 +29,17 @@ Kept apart from the policy's decisions so that the accounting is one object with
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+from typing import Any, Iterable
+
+import torch
 
 from .rules import evaluation_gap, instalment, run_length_interval
 
-__all__ = ["EvaluationSchedule", "PAUSE", "shares_cores", "usable_cores"]
+__all__ = ["EvaluationSchedule", "PAUSE", "shares_cores", "usable_cores", "worker_shares_cores"]
+
+logger = logging.getLogger("fxfreeze")
 
 #: a gap between two optimizer steps this many times the average step is a pause, not a step
 PAUSE = 5.0
@@ -60,6 +65,18 @@ def shares_cores(training_on_cpu: bool, training_threads: int, worker_threads: i
         (True, False, False)
     """
     return bool(training_on_cpu) and training_threads + worker_threads > cores
+
+
+def worker_shares_cores(params: Iterable[torch.Tensor], worker_threads: int, asynchronous: bool) -> bool:
+    """Should the schedule charge the worker at least its CPU seconds? Where it shares the
+    cores of training on the CPU (:func:`shares_cores`, with the calling thread's intra-op
+    thread count as training's), in asynchronous mode: in synchronous mode training waits for
+    each job, which the training thread's seconds count already. Logged."""
+    on_cpu = all(t.device.type == "cpu" for t in params)
+    shares = bool(asynchronous) and shares_cores(on_cpu, torch.get_num_threads(), worker_threads, usable_cores())
+    logger.info("egeria: the reference worker's cost is charged as %s", "at least its CPU seconds (it shares "
+                "training's cores)" if shares else "the slowdown of the training steps it overlaps")
+    return shares
 
 
 class EvaluationSchedule:
