@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.mnist and a.text:
         p.error("give --mnist or --text, not both")
     torch.manual_seed(0)
-    config: dict = {"egeria": {"freeze": False}}
+    config: dict = {"egeria": {}}  # freeze=False is set after any --set keys
 
     def make_opt(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)

@@ -114,9 +114,10 @@ class EgeriaConfig:
     - ``worker_nice``: how much lower the worker thread's CPU priority is than training's
       (Linux; 0 = the same): it uses idle cores and yields the ones training needs. Only in
       the asynchronous mode: when training waits for the worker, it keeps training's priority;
-    - ``overhead_budget``: the share of training time evaluations may take (training-side
-      probe plus the reference worker's busy time); evaluations are spaced out to stay
-      under it (0 = no limit);
+    - ``overhead_budget``: the share of training time evaluations may take (the training
+      thread's time in them plus what the reference worker costs training: the slowdown of
+      the steps it overlaps, and at least its CPU seconds where it shares training's cores);
+      evaluations are spaced out to stay under it (0 = no limit);
     - ``freeze``: ``False`` measures and records plasticity (``policy.timeline``) without
       ever freezing: for tuning the threshold, and for measuring the overhead;
     - ``asynchronous``: consume reference results whenever they are ready (default). With
