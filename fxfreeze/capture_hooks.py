@@ -1,6 +1,11 @@
-"""The last-resort capture, for planning only: forward hooks record the execution order of
-leaf modules on the example inputs, and tensor identity links them into a graph. Such a
-graph can be partitioned and drawn but not executed."""
+"""The last-resort capture: forward hooks record the execution order of leaf modules on the
+example inputs, and tensor identity links them into a graph. Such a graph can be
+partitioned and drawn but not executed (a model captured this way runs its own forward).
+
+A tensor made by code between modules (a residual ``x + f(x)`` at the end of a block) has no
+producing leaf. When it leaves an enclosing module, it is linked to the last leaf that ran
+inside that module: the block's output then feeds the next block, as in the model, and the
+partitioner sees one block after another instead of disconnected pieces."""
 
 from __future__ import annotations
 
@@ -54,10 +59,17 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
             produced[id(t)] = node
         last[:] = [node]
 
+    def container_hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        if not last:
+            return
+        keep_alive.append(out)
+        for t in flat_tensors(out):
+            produced.setdefault(id(t), last[0])  # made between the leaves inside: the last one
+
     handles = [
-        m.register_forward_hook(hook)
+        m.register_forward_hook(hook if len(m._modules) == 0 else container_hook)
         for n, m in model.named_modules()
-        if n and len(m._modules) == 0
+        if n
     ]
     try:
         with preserved_state(model), torch.no_grad():

@@ -247,3 +247,44 @@ def test_compiled_at_batch_one_then_other_batches_dtypes_and_a_bool_mask():
     with torch.no_grad():
         y = _batch(False, 2, 8)
         torch.testing.assert_close(fm(**y).logits, ref(**y).logits)
+
+
+def test_a_model_export_cannot_capture_runs_eagerly_and_freezes():
+    """DeBERTa-v2's classification loss branches on the labels' values (``nonzero``, then
+    ``if label_index.size(0) > 0``): neither fx nor export captures the call the Trainer
+    makes. It runs its own forward from a module-order plan (one block per layer) and
+    freezes: the same loss and gradients as eager with those blocks frozen, frozen weights
+    unchanged by a step."""
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.DebertaV2ForSequenceClassification(cfg)
+    ref = copy.deepcopy(model)
+    x = {**_batch(False, 4, 12), "labels": torch.randint(0, 2, (4,))}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fm = fxfreeze.compile(model, x, optimizer=opt, policy="manual")
+    assert fm.eager_only and fm.strategy == "hooks"
+    assert [b.name for b in fm.plan.blocks] == ["stem", *[f"deberta.encoder.layer.{i}" for i in range(3)]]
+    fm.freeze_prefix(2)
+    frozen = set(fm.frozen_parameter_names())
+    assert any(n.startswith("deberta.encoder.layer.0.") for n in frozen)
+    assert not any(n.startswith("deberta.encoder.layer.1.") for n in frozen)
+    for n, q in ref.named_parameters():
+        q.requires_grad_(n not in frozen)
+    for b in fm.plan.blocks[:2]:
+        for m in b.modules:
+            ref.get_submodule(m).eval()
+    got, exp = fm(**x), ref(**x)
+    torch.testing.assert_close(got.loss, exp.loss, rtol=1e-6, atol=1e-7)
+    got.loss.backward()
+    exp.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in fm.named_parameters():
+        assert (p.grad is None) == (ref_params[n].grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-6, atol=1e-7, msg=f"gradient of {n}")
+    before = {n: fm.params_by_name[n].detach().clone() for n in frozen}
+    opt.step()
+    assert all(torch.equal(fm.params_by_name[n], t) for n, t in before.items())

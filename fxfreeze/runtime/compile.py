@@ -64,6 +64,10 @@ def compile(
       scheduler of ``optimizer`` is looked for at the first step
       (:mod:`fxfreeze.runtime.horizon`).
 
+    A model that neither fx nor ``torch.export`` can capture (data-dependent control flow)
+    is compiled from its module order and runs its own forward (``fm.eager_only``, with a
+    warning that says why): freezing works, the activation cache and Egeria's probe do not.
+
     Compiling a model that is already compiled detaches the earlier module (its
     controller stops; see :meth:`FreezableModule.detach`).
 
@@ -98,13 +102,10 @@ def compile(
         )
         previous.detach()
     analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout, strict=strict)
-    if not analysis.capture.executable:
-        raise ModelError(
-            f"{type(model).__name__} could only be captured as module order (hooks strategy), which "
-            "cannot run: " + "; ".join(analysis.capture.reasons)
-        )
     fm = FreezableModule(model, analysis, max_graphs=max_graphs, capture_timeout=capture_timeout)
-    if cfg.cache.enabled:
+    if cfg.cache.enabled and fm.eager_only:
+        logger.warning("fxfreeze cache: caching stays off because %s has no graph to read it from", type(model).__name__)
+    elif cfg.cache.enabled:
         if cfg.cache.random_augmentation:
             logger.warning(
                 "fxfreeze cache: caching stays off because the config declares random augmentation "
@@ -118,5 +119,14 @@ def compile(
                                        host_budget_mb=c.host_budget_mb)
             fm._cached = CachedGraph(fm._cache)
     fm.freezer = Freezer(fm, cfg, optimizer, scheduler=scheduler)
+    if fm.eager_only:
+        logger.warning(
+            "fxfreeze: %s could not be captured as a graph (%s). It runs its own forward, with the plan made "
+            "from its module order (%d blocks): frozen blocks get no gradient and run in eval mode, but "
+            "there is no activation cache%s",
+            type(model).__name__, "; ".join(analysis.capture.reasons), len(analysis.plan.blocks),
+            f", and the {cfg.policy} policy, which measures activations on a graph, makes no freezing decisions: "
+            "choose smartfrz, freezeout or autofreeze, or freeze by hand" if getattr(fm.freezer.policy, "needs_graph", False) else "",
+        )
     register_owner(model, fm)
     return fm

@@ -22,6 +22,10 @@ sequence lengths from ``padding="longest"`` do not capture again.
 At most ``max_graphs`` graphs are kept. Past the bound, and for a call whose capture
 fails, the module runs the model's own ``forward`` (eagerly: correct, frozen parameters
 still get no gradient, but no activation cache), with one warning that says why.
+
+A model whose example call could only be captured as module order (``hooks``: neither fx
+nor ``torch.export`` could capture it) has no graph at all: :attr:`GraphCache.eager_only`,
+and every call runs the model's own forward (``fxfreeze.compile`` says so once).
 """
 
 from __future__ import annotations
@@ -143,7 +147,12 @@ class GraphCache:
         self._entries: dict[tuple[Any, ...], list[GraphEntry]] = {}
         self._eager: dict[tuple[Any, ...], str] = {}
         self._warned_bound = False
-        self._add(GraphEntry(call_key(primary.training, *self.primary_call), primary))
+        #: no graph can run (the example call was captured as module order only): every
+        #: call runs the model's own forward, without a capture attempt or a warning each
+        self.eager_only = not primary.executable
+        self.eager_reason = "; ".join(primary.reasons) if self.eager_only else ""
+        if not self.eager_only:
+            self._add(GraphEntry(call_key(primary.training, *self.primary_call), primary))
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _add(self, entry: GraphEntry) -> GraphEntry:
@@ -171,6 +180,8 @@ class GraphCache:
     # -- lookup ------------------------------------------------------------------------------
     def lookup(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GraphEntry | None:
         """The graph for this canonical call, captured if needed; None: run eagerly."""
+        if self.eager_only:
+            return None
         key = call_key(training, args, kwargs)
         for e in self._entries.get(key, ()):
             if e.capture.accepts(args, kwargs):
@@ -213,6 +224,10 @@ class GraphCache:
     def primary(self, training: bool) -> GraphEntry:
         """The graph for the example call's structure in the given mode (the probe and the
         activation cache use it); captured on first use."""
+        if self.eager_only:
+            raise FxFreezeError(
+                f"{type(self.model).__name__} runs its own forward: no graph of it could be captured ({self.eager_reason})"
+            )
         args, kwargs = self.primary_inputs()
         key = call_key(training, args, kwargs)
         for e in self._entries.get(key, ()):

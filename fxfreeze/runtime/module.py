@@ -10,7 +10,13 @@ running statistics stop updating, dropout is off).
 
 - **Any call.** Graphs are kept per kind of call (:mod:`fxfreeze.runtime.graphs`): another
   keyword set, dtype or shape that a graph cannot take is captured again, up to
-  ``max_graphs``; beyond, or when a capture fails, the model's own forward runs.
+  ``max_graphs``; beyond, or when a capture fails, the model's own forward runs, with the
+  same frozen prefix: its parameters get no gradient, its modules run in eval mode and the
+  outputs of its modules are detached, so autograd never enters it (:meth:`_cut_eagerly`).
+- **Any model.** A model that neither fx nor ``torch.export`` can capture (data-dependent
+  control flow in its forward) runs its own forward on every call, frozen the same way, from
+  a plan made from its module order (:attr:`eager_only`): no activation cache, and no
+  policy that needs a graph (Egeria's probe).
   ``inspect.signature(fm.forward)`` is the model's, so libraries that inspect it (the HF
   Trainer drops dataset columns the signature does not name) see the model.
 - **One training mode.** The module and the model share one mode: ``fm.training`` *is*
@@ -121,6 +127,12 @@ class FreezableModule(Routing, nn.Module):
         return self._analysis.capture.strategy
 
     @property
+    def eager_only(self) -> bool:
+        """True when no graph of the model could be captured: every call runs its own forward
+        (frozen blocks still get no gradient and run in eval mode; no activation cache)."""
+        return self.graphs.eager_only
+
+    @property
     def model(self) -> nn.Module:
         """The original model (shares every parameter with this module)."""
         return self._model
@@ -212,10 +224,31 @@ class FreezableModule(Routing, nn.Module):
             torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
 
     def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._installed is not None:  # model(...) would route back here: call its forward
-            with self._bypass():
-                return self._eager_forward(*args, **kwargs)
-        return self._model(*args, **kwargs)
+        with self._cut_eagerly():
+            if self._installed is not None:  # model(...) would route back here: call its forward
+                with self._bypass():
+                    return self._eager_forward(*args, **kwargs)
+            return self._model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _cut_eagerly(self) -> Iterator[None]:
+        """The frozen prefix's cut in the model's own forward: what :class:`CutBackward` does
+        in a graph. Frozen parameters already get no gradient; detaching the outputs of the
+        frozen blocks' modules also keeps autograd out of the prefix when something in it
+        still requires a gradient (a parameter shared with a trainable block, which then
+        trains from its trainable uses only, as in the graphs; inputs that require one). A
+        block lists only modules that run inside it (a module reused elsewhere, such as a
+        shared dropout, belongs to no block), so no output that a trainable block makes is
+        detached."""
+        if not self._eval_modules or not torch.is_grad_enabled():
+            yield
+            return
+        handles = [m.register_forward_hook(_detach_outputs) for m in self._eval_modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def detach(self) -> None:
         """Give the model back: unfreeze every block, stop the controller (optimizer hook,
@@ -327,8 +360,16 @@ class FreezableModule(Routing, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), "
-            f"num_frozen={self._num_frozen}, graphs={len(self.graphs)}"
+            f"num_frozen={self._num_frozen}, " + ("eager only" if self.eager_only else f"graphs={len(self.graphs)}")
         )
+
+
+def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
+    lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:

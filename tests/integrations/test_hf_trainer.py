@@ -102,3 +102,39 @@ def test_callback_added_after_the_trainer_was_built_and_default_policy(tmp_path)
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
     # added late, over accelerate's bf16 wrapper: the graphs still run under bf16 autocast
     assert any(e.key[1] for e in cb.module.graphs.entries())
+
+
+class _Classified(_Tokens):
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "attention_mask": torch.ones_like(self.x[i]), "labels": int(self.x[i, 0] % 2)}
+
+
+def test_trainer_with_a_model_export_cannot_capture(tmp_path):
+    """DeBERTa-v2 with labels (data-dependent loss code): compiled on the Trainer's first call
+    from its module order, it runs its own forward and freezes on schedule."""
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    ))
+    cb = _callback()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=1e-3,
+        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no",
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Classified(48, 0), callbacks=[cb])
+    at_freeze: dict[str, torch.Tensor] = {}
+
+    class _Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 8:
+                at_freeze.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
+
+    trainer.add_callback(_Snapshot())
+    trainer.train()
+    fm = cb.module
+    assert fm.eager_only and fm.freezer.step_count == 12
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(4, 1), (8, 2)]
+    assert set(at_freeze) == set(fm.frozen_parameter_names()) and at_freeze
+    for n, t in at_freeze.items():
+        assert torch.equal(fm.params_by_name[n], t), f"frozen {n} changed"

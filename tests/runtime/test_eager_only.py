@@ -1,0 +1,182 @@
+"""A model neither fx nor torch.export can capture runs its own forward, frozen all the same.
+
+The model below branches on a tensor's value in its root forward (as DeBERTa-v2's loss code
+and wav2vec2's masking do): fx cannot trace it and export cannot guard on it. Its twin without
+the branch is captured as a graph. With the same weights and the same frozen prefix, the
+eager-only module must compute what the graph computes (outputs and every gradient, tolerance
+1e-6 relative: the same ops in the same order), including a parameter shared between the
+frozen stem and the trainable head, which trains from its trainable use only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfreeze
+from fxfreeze.errors import FxFreezeError
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.bn(self.fc(x)))
+
+
+class _Net(nn.Module):
+    """Stem, three residual blocks, a head whose weight is the stem's (tied)."""
+
+    def __init__(self, branchy: bool, d: int = 8) -> None:
+        super().__init__()
+        self.branchy = branchy
+        self.stem = nn.Linear(d, d, bias=False)
+        self.blocks = nn.Sequential(*[_Block(d) for _ in range(3)])
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Linear(d, d)
+        self.head.weight = self.stem.weight  # shared by the stem and the head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x))
+        if self.branchy and bool((h.abs().sum() > -1).item()):  # data-dependent: always true
+            h = h * 1.0
+        return self.head(self.drop(h))
+
+
+def _pair(**compile_kwargs):
+    torch.manual_seed(0)
+    graph_model = _Net(branchy=False)
+    eager_model = _Net(branchy=True)
+    eager_model.load_state_dict(graph_model.state_dict())
+    x = torch.randn(6, 8)
+    g = fxfreeze.compile(graph_model, (x,), policy="manual")
+    e = fxfreeze.compile(eager_model, (x,), **compile_kwargs)
+    return g, e, x
+
+
+def _step(fm, x, y):
+    fm.zero_grad(set_to_none=True)
+    out = fm(x)
+    F.mse_loss(out, y).backward()
+    return out.detach(), {n: (None if p.grad is None else p.grad.clone()) for n, p in fm.named_parameters()}
+
+
+def test_compiles_with_a_warning_that_says_why_and_what_is_lost(caplog):
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        g, e, _ = _pair(optimizer=None, config={"policy": "egeria", "cache": {"enabled": True}})
+    assert not g.eager_only and e.eager_only and e.strategy == "hooks"
+    assert [b.name for b in e.plan.blocks] == [b.name for b in g.plan.blocks]
+    text = caplog.text
+    assert "_Net could not be captured as a graph" in text and "control flow" in text
+    assert "the egeria policy, which measures activations on a graph, makes no freezing decisions" in text
+    assert "caching stays off" in text and e.activation_cache is None
+    assert e.freezer.policy.worker is None and e.probe_hook is None
+    with pytest.raises(FxFreezeError, match="runs its own forward"):
+        e.graph_module(True)
+    assert "eager only" in repr(e)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_equals_the_graph_with_the_same_prefix_frozen(k):
+    g, e, x = _pair(policy="manual")
+    assert "stem.weight" in g.plan.shared_params
+    y = torch.randn(6, 8)
+    g.freeze_prefix(k)
+    e.freeze_prefix(k)
+    assert e.frozen_parameter_names() == g.frozen_parameter_names()
+    for _ in range(2):  # train mode; BatchNorm statistics of trainable blocks move alike
+        out_g, grads_g = _step(g, x, y)
+        out_e, grads_e = _step(e, x, y)
+        torch.testing.assert_close(out_e, out_g, rtol=1e-6, atol=1e-7)
+        for n, gg in grads_g.items():
+            ge = grads_e[n]
+            assert (gg is None) == (ge is None), n
+            if gg is not None:
+                torch.testing.assert_close(ge, gg, rtol=1e-6, atol=1e-7, msg=f"gradient of {n}")
+    for n in e.frozen_parameter_names():
+        assert grads_e[n] is None
+    assert grads_e["stem.weight"] is not None  # the head's use keeps training it
+
+
+def test_autograd_does_not_enter_the_frozen_prefix():
+    _, e, x = _pair(policy="manual")
+    e.freeze_prefix(2)  # the stem (its weight shared with the head) and the first block
+    seen: list[bool] = []
+    h = e.model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    e(x).sum().backward()
+    h.remove()
+    assert seen == [False]  # without the cut, the stem's shared weight would pull autograd through block 0
+    e.freeze_prefix(1)  # the stem alone: its weight keeps training, from the head's use only
+    e.zero_grad(set_to_none=True)
+    h = e.model.blocks(e.model.stem(x)).detach()
+    F.linear(h, e.model.head.weight, e.model.head.bias).sum().backward()
+    from_head = e.model.stem.weight.grad.clone()
+    e.zero_grad(set_to_none=True)
+    e(x).sum().backward()
+    torch.testing.assert_close(e.model.stem.weight.grad, from_head, rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_batchnorm_statistics_stay_and_an_unfreeze_restores_training():
+    _, e, x = _pair(policy="manual")
+    e.freeze_prefix(2)
+    bn0, bn1 = e.model.blocks[0].bn, e.model.blocks[1].bn
+    before0, before1 = bn0.running_mean.clone(), bn1.running_mean.clone()
+    e.train()
+    e(x).sum().backward()
+    assert torch.equal(bn0.running_mean, before0) and not bn0.training
+    assert not torch.equal(bn1.running_mean, before1)
+    e.freeze_prefix(0)
+    assert bn0.training and all(p.requires_grad for p in e.parameters())
+
+
+def test_a_weight_policy_freezes_and_a_resume_restores_the_prefix():
+    torch.manual_seed(0)
+    model = _Net(branchy=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(6, 8), torch.randn(6, 8)
+    cfg = {"policy": "freezeout", "total_steps": 40, "freezeout": {"t0": 0.3}}
+    fm = fxfreeze.compile(model, (x,), optimizer=opt, config=cfg)
+    assert fm.eager_only
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(fm(x), y).backward()
+        opt.step()
+    assert fm.num_frozen > 0
+    frozen = fm.frozen_parameter_names()
+    state = fm.freezer.state_dict()
+
+    model2 = _Net(branchy=True)
+    model2.load_state_dict(model.state_dict())
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.01)
+    fm2 = fxfreeze.compile(model2, (x,), optimizer=opt2, config=cfg)
+    fm2.freezer.load_state_dict(state)
+    assert fm2.num_frozen == fm.num_frozen and fm2.frozen_parameter_names() == frozen
+    assert not any(fm2.params_by_name[n].requires_grad for n in frozen)
+
+
+def test_the_default_policy_trains_without_freezing_and_saves_its_state():
+    torch.manual_seed(0)
+    model = _Net(branchy=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(6, 8), torch.randn(6, 8)
+    fm = fxfreeze.compile(model, (x,), optimizer=opt, total_steps=60)
+    ref = copy.deepcopy(model)
+    for _ in range(60):
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(fm(x), y).backward()
+        opt.step()
+    assert fm.num_frozen == 0 and fm.freezer.policy.evaluations == 0
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():  # a bias right before BatchNorm gets no gradient
+        assert n.endswith("fc.bias") or not torch.equal(p, ref_params[n]), f"{n} did not learn"
+    state = fm.freezer.state_dict()
+    fm.freezer.load_state_dict(state)
+    fm.detach()
