@@ -21,7 +21,7 @@ __all__ = ["trace_hooks"]
 
 
 def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Graph:
-    """Record leaf-module execution order with forward hooks (planning only)."""
+    """Record leaf-module execution order with forward hooks (a graph that cannot run)."""
     graph = fx.Graph()
     produced: dict[int, fx.Node] = {}
     placeholders: list[fx.Node] = []

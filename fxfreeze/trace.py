@@ -19,9 +19,10 @@ Three strategies, tried in order until one gives a usable graph:
     module hierarchy the partitioner needs. The graph is at ATen level and is specialised to
     the training mode the model was in, so a graph is captured per mode.
 ``hooks``
-    Last resort, for planning only: forward hooks record the execution order of leaf modules
-    on the example inputs and tensor identity links them into a graph. Such a graph can be
-    partitioned and drawn but not executed, so :func:`fxfreeze.compile` refuses it.
+    Last resort: forward hooks record the execution order of leaf modules on the example
+    inputs and tensor identity links them into a graph. Such a graph can be partitioned and
+    drawn but not executed: :func:`fxfreeze.compile` runs the model's own forward with the
+    plan made from it (``FreezableModule.eager_only``).
 
 The chosen strategy and the reasons for leaving the earlier ones are recorded in
 :class:`Capture` and, from there, in the freeze plan.
@@ -158,7 +159,7 @@ class Capture:
         if not self.executable:
             raise TraceError(
                 "this graph was captured with the 'hooks' strategy, which records module "
-                "order only and cannot run; fxfreeze can plan this model but not compile it"
+                "order only and cannot run (a compiled module of this model runs its own forward)"
             )
         root = self.attributes(model)
         gm = fx.GraphModule(root, self.graph, class_name=type(model).__name__ + "Graph")
@@ -341,6 +342,6 @@ def _capture(
                 graph = trace_hooks(model, args, kwargs)
         except CaptureTimeout:
             raise TraceError(f"{name}: every capture strategy took longer than {bound} ({'; '.join(reasons)})") from None
-        reasons.append("captured module execution order with forward hooks (plan only)")
+        reasons.append("captured module execution order with forward hooks (no graph that can run)")
         return Capture(graph, "hooks", reasons=reasons, executable=False, **common)  # type: ignore[arg-type]
     raise TraceError(f"{name}: " + "; ".join(reasons))
