@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import logging
+import sys
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -34,6 +37,8 @@ from .graph_utils import resolve_attr
 from .forwards import bound, forward_with, temporary_forward
 
 __all__ = ["ExportResult", "export_graph", "unknown_outputs"]
+
+logger = logging.getLogger("fxfreeze")
 
 _PLAIN = (torch.Tensor, int, float, bool, str, torch.SymInt, torch.SymFloat, torch.SymBool)
 
@@ -168,10 +173,32 @@ def _meta_guard(graph: fx.Graph, ranges: dict[Any, Any]) -> Callable[..., None]:
     return guard
 
 
+@contextlib.contextmanager
+def _partial_graph_to_debug_log() -> Iterator[None]:
+    """``torch.export`` prints the partial graph of a failed export to stderr (a screenful
+    per attempt, and a model no strategy captures makes several): kept off the user's
+    terminal, on the ``fxfreeze`` debug log instead. Everything else written to stderr
+    meanwhile (by any thread) is passed on when the export ends, so nothing is lost."""
+    real, buf = sys.stderr, io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    except BaseException as e:
+        text = buf.getvalue()
+        dump = getattr(e, "partial_fx_graph", None)
+        if isinstance(dump, str) and dump and dump + "\n" in text:
+            text = text.replace(dump + "\n", "")  # printed once per wrapper it passes
+            logger.debug("fxfreeze: torch.export failed (%s: %s); its partial graph:\n%s", type(e).__name__, e, dump)
+        real.write(text)
+        raise
+    real.write(buf.getvalue())
+
+
 def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool, strip: bool) -> ExportResult:
     """Export ``model`` on the example call and return its unlifted graph (see the module
     docstring). Raises whatever ``torch.export`` raises."""
-    with warnings.catch_warnings(), _export_forward(model, strip, _named_signature(model, args, kwargs)):
+    with warnings.catch_warnings(), _export_forward(model, strip, _named_signature(model, args, kwargs)), \
+            _partial_graph_to_debug_log():
         warnings.simplefilter("ignore")
         dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 import pytest
 import torch
@@ -180,3 +181,22 @@ def test_the_default_policy_trains_without_freezing_and_saves_its_state():
     state = fm.freezer.state_dict()
     fm.freezer.load_state_dict(state)
     fm.detach()
+
+
+class _Talks(_Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("the model's own line", file=sys.stderr)
+        return super().forward(x)
+
+
+def test_failed_exports_keep_their_partial_graphs_off_stderr_and_nothing_else(capfd, caplog):
+    """torch.export prints a failed export's partial graph to stderr, once per wrapper: a
+    model no strategy captures filled the terminal with them. They go to the debug log; what
+    the model itself writes to stderr meanwhile still reaches it."""
+    with caplog.at_level(logging.DEBUG, logger="fxfreeze"):
+        p = fxfreeze.plan(_Talks(branchy=True), (torch.randn(4, 8),))
+    assert p.strategy == "hooks"
+    err = capfd.readouterr().err
+    assert "def forward(self" not in err
+    assert "the model's own line" in err
+    assert any("partial graph" in r.getMessage() and "def forward(self" in r.getMessage() for r in caplog.records)
