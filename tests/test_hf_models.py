@@ -288,3 +288,30 @@ def test_a_model_export_cannot_capture_runs_eagerly_and_freezes():
     before = {n: fm.params_by_name[n].detach().clone() for n in frozen}
     opt.step()
     assert all(torch.equal(fm.params_by_name[n], t) for n, t in before.items())
+
+
+def test_egeria_on_a_model_export_cannot_capture_judges_each_layer_captured_alone():
+    """Egeria's probe on the eager-only DeBERTa-v2: the embeddings and each encoder layer are
+    captured alone (export) at compile time, with a reference builder each, and evaluations
+    measure every tracked block."""
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = transformers.DebertaV2ForSequenceClassification(cfg)
+    x = {**_batch(False, 8, 12), "labels": torch.randint(0, 2, (8,))}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    egeria = {"asynchronous": False, "overhead_budget": 0, "eval_interval": 2, "evaluations_per_run": 0, "min_window_steps": 2}
+    fm = fxfreeze.compile(model, x, optimizer=opt, config={"policy": "egeria", "egeria": egeria})
+    p = fm.freezer.policy
+    assert fm.eager_only and not p.unmeasurable
+    assert sorted(p.refs.builders) == [0, 1, 2, 3]  # made in compile, on the example call
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        fm(**x).loss.backward()
+        opt.step()
+    measured = [t["plasticity"] for t in p.timeline if "plasticity" in t]
+    assert measured and set(measured[-1]) == {0, 1, 2}  # the front block and lookahead 2
+    assert all(v >= 0 for m in measured for v in m.values())
+    fm.detach()

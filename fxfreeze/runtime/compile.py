@@ -123,10 +123,8 @@ def compile(
         logger.warning(
             "fxfreeze: %s could not be captured as a graph (%s). It runs its own forward, with the plan made "
             "from its module order (%d blocks): frozen blocks get no gradient and run in eval mode, but "
-            "there is no activation cache%s",
+            "there is no activation cache, and egeria judges only blocks that are one module each (captured alone)",
             type(model).__name__, "; ".join(analysis.capture.reasons), len(analysis.plan.blocks),
-            f", and the {cfg.policy} policy, which measures activations on a graph, makes no freezing decisions: "
-            "choose smartfrz, freezeout or autofreeze, or freeze by hand" if getattr(fm.freezer.policy, "needs_graph", False) else "",
         )
     register_owner(model, fm)
     return fm

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -77,9 +78,9 @@ def test_compiles_with_a_warning_that_says_why_and_what_is_lost(caplog):
     assert [b.name for b in e.plan.blocks] == [b.name for b in g.plan.blocks]
     text = caplog.text
     assert "_Net could not be captured as a graph" in text and "control flow" in text
-    assert "the egeria policy, which measures activations on a graph, makes no freezing decisions" in text
+    assert "egeria judges only blocks that are one module each" in text
     assert "caching stays off" in text and e.activation_cache is None
-    assert e.freezer.policy.worker is None and e.probe_hook is None
+    assert type(e.freezer.policy.probe).__name__ == "EagerProbe"
     with pytest.raises(FxFreezeError, match="runs its own forward"):
         e.graph_module(True)
     assert "eager only" in repr(e)
@@ -163,18 +164,18 @@ def test_a_weight_policy_freezes_and_a_resume_restores_the_prefix():
     assert not any(fm2.params_by_name[n].requires_grad for n in frozen)
 
 
-def test_the_default_policy_trains_without_freezing_and_saves_its_state():
+def test_the_default_policy_evaluates_trains_and_saves_its_state():
     torch.manual_seed(0)
     model = _Net(branchy=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(6, 8), torch.randn(6, 8)
-    fm = fxfreeze.compile(model, (x,), optimizer=opt, total_steps=60)
+    fm = fxfreeze.compile(model, (x,), optimizer=opt, total_steps=30)
     ref = copy.deepcopy(model)
-    for _ in range(60):
+    for _ in range(30):
         opt.zero_grad(set_to_none=True)
         F.mse_loss(fm(x), y).backward()
         opt.step()
-    assert fm.num_frozen == 0 and fm.freezer.policy.evaluations == 0
+    assert fm.freezer.policy.evaluations > 0 and not fm.freezer.policy.unmeasurable
     ref_params = dict(ref.named_parameters())
     for n, p in model.named_parameters():  # a bias right before BatchNorm gets no gradient
         assert n.endswith("fc.bias") or not torch.equal(p, ref_params[n]), f"{n} did not learn"
@@ -200,3 +201,81 @@ def test_failed_exports_keep_their_partial_graphs_off_stderr_and_nothing_else(ca
     assert "def forward(self" not in err
     assert "the model's own line" in err
     assert any("partial graph" in r.getMessage() and "def forward(self" in r.getMessage() for r in caplog.records)
+
+
+def _egeria_run(branchy: bool, steps: int = 90) -> tuple[Any, list[dict[str, Any]]]:
+    torch.manual_seed(0)
+    model = _Net(branchy=branchy, d=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)) for _ in range(4)]
+    # fixed steps (no budget), synchronous: the two runs evaluate at the same steps
+    cfg = {"policy": "egeria", "egeria": {"asynchronous": False, "overhead_budget": 0, "eval_interval": 10,
+                                          "evaluations_per_run": 0, "min_window_steps": 10, "window": 3}}
+    fm = fxfreeze.compile(model, (data[0][0],), optimizer=opt, config=cfg)
+    for s in range(steps):
+        x, y = data[s % 4]
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(fm(x), y).backward()
+        opt.step()
+    return fm, [t for t in fm.freezer.policy.timeline if "plasticity" in t]
+
+
+def test_egeria_measures_an_eager_model_as_it_measures_its_graph_twin():
+    """Each block of the eager-only model is captured alone (its module on its recorded
+    call); the probe's values come from the model's own forward with hooks. The plasticity
+    series must be the graph twin's (same seeds, same steps, synchronous), and so must the
+    decisions."""
+    fm_g, tl_g = _egeria_run(branchy=False)
+    fm_e, tl_e = _egeria_run(branchy=True)
+    assert fm_e.eager_only and not fm_g.eager_only
+    pe = fm_e.freezer.policy
+    assert not pe.unmeasurable and sorted(pe.refs.builders) == sorted(fm_g.freezer.policy.refs.builders)
+    assert len(tl_e) == len(tl_g) >= 8
+    for a, b in zip(tl_e, tl_g):
+        assert a["step"] == b["step"] and set(a["plasticity"]) == set(b["plasticity"])
+        for j, v in a["plasticity"].items():
+            assert v == pytest.approx(b["plasticity"][j], rel=1e-4), (a["step"], j)
+    assert [(e["step"], e["num_frozen"]) for e in fm_e.freezer.history] == \
+        [(e["step"], e["num_frozen"]) for e in fm_g.freezer.history]
+    fm_e.detach()
+    fm_g.detach()
+
+
+class _GluedStem(nn.Module):
+    """A stem of two modules joined by code at the root: no single module to capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.blocks = nn.Sequential(*[_Block(8) for _ in range(2)])
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.tanh(self.a(x)) * 2)
+        h = self.blocks(h)
+        if bool((h.abs().sum() > -1).item()):
+            h = h * 1.0
+        return self.head(h)
+
+
+def test_a_block_that_is_not_one_module_is_never_judged_and_training_goes_on(caplog):
+    torch.manual_seed(0)
+    model = _GluedStem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    cfg = {"policy": "egeria", "egeria": {"asynchronous": False, "overhead_budget": 0, "eval_interval": 5,
+                                          "evaluations_per_run": 0, "min_window_steps": 5}}
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        fm = fxfreeze.compile(model, (x,), optimizer=opt, config=cfg)
+        for _ in range(30):
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(fm(x), y).backward()
+            opt.step()
+    p = fm.freezer.policy
+    assert fm.eager_only and len(fm.plan.blocks[0].modules) == 2
+    assert 0 in p.unmeasurable and "modules joined by the model's own code" in p.unmeasurable[0]
+    assert "block 0 (stem) has no reference" in caplog.text
+    assert fm.num_frozen == 0 and p.evaluations > 0
+    fm.detach()

@@ -48,9 +48,6 @@ class Policy(ABC):
     #: decides from evidence gathered while training (the safety net watches its freezes);
     #: False for a schedule the user wrote (``manual``, ``freezeout``)
     adaptive: bool = True
-    #: measures activations on the model's captured graph (Egeria's probe): on a model that
-    #: runs eagerly (``FreezableModule.eager_only``) it makes no decisions, and compile says so
-    needs_graph: bool = False
 
     def __init__(self, config: FreezeConfig, plan: FreezePlan) -> None:
         self.config = config

@@ -40,6 +40,7 @@ import torch
 from ...errors import FreezeError
 from ..egeria.builder import all_finite
 from ..egeria.plasticity import PlasticityTracker
+from ..egeria.eager_probe import EagerProbe
 from ..egeria.probe import ActivationProbe
 from ..egeria.references import References
 from ..egeria.regime import Regimes
@@ -56,7 +57,6 @@ logger = logging.getLogger("fxfreeze")
 
 class EgeriaPolicy(Policy):
     name = "egeria"
-    needs_graph = True
 
     def __init__(self, config: Any, plan: Any) -> None:
         super().__init__(config, plan)
@@ -83,8 +83,7 @@ class EgeriaPolicy(Policy):
         self._small_probe_reported = False
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
-        # block -> its weights at the anchor (kept for checkpoints: a resume rebuilds the
-        # reference), possibly still on their way from an accelerator
+        # block -> its weights at the anchor (a resume rebuilds the reference), maybe still in transit
         self._anchor_state: dict[int, dict[str, torch.Tensor] | HostFuture] = {}
         self._rebuild: set[int] = set()
         self._anchor_ids = 0
@@ -97,10 +96,11 @@ class EgeriaPolicy(Policy):
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, freezer: Any) -> None:
         self.module = freezer.module
-        if self.hi == 0 or self.module.eager_only:  # nothing to judge, or no graph to probe
+        if self.hi == 0:
             return
         self._judge_regime()
-        self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi)
+        self.probe = ActivationProbe(self.module, int(self.cfg.probe_size), self.hi) if not self.module.eager_only else \
+            EagerProbe(self.module, int(self.cfg.probe_size), self.hi, self.refs.unmeasurable, self.module.graphs.timeout)
         self.module.probe_hook = self.probe.offer
         # a lower priority only where the worker runs beside training: in synchronous mode
         # training waits for it, so starving it would stall training (and, under DDP, every rank)
