@@ -279,3 +279,48 @@ def test_a_block_that_is_not_one_module_is_never_judged_and_training_goes_on(cap
     assert "block 0 (stem) has no reference" in caplog.text
     assert fm.num_frozen == 0 and p.evaluations > 0
     fm.detach()
+
+
+def test_egeria_on_an_eager_model_resumes_exactly():
+    """Saved mid-run (anchors and evidence in the policy's state) and resumed in a new
+    compile: the same plasticity values at the same steps, and the same freezes."""
+    import io
+
+    cfg = {"policy": "egeria", "egeria": {"asynchronous": False, "overhead_budget": 0, "eval_interval": 10,
+                                          "evaluations_per_run": 0, "min_window_steps": 10, "window": 3}}
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)) for _ in range(4)]
+
+    def make() -> tuple[Any, Any, Any]:
+        torch.manual_seed(0)
+        model = _Net(branchy=True, d=16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, opt, fxfreeze.compile(model, (data[0][0],), optimizer=opt, config=cfg)
+
+    def train(fm: Any, opt: Any, a: int, b: int) -> None:
+        for s in range(a, b):
+            x, y = data[s % 4]
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(fm(x), y).backward()
+            opt.step()
+
+    def after(fm: Any, step: int) -> list[tuple[int, dict[int, float]]]:
+        return [(t["step"], t["plasticity"]) for t in fm.freezer.policy.timeline if "plasticity" in t and t["step"] > step]
+
+    model, opt, fm = make()
+    train(fm, opt, 0, 45)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "freezer": fm.freezer.state_dict()}, buf)
+    train(fm, opt, 45, 90)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2, opt2, fm2 = make()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    fm2.freezer.load_state_dict(saved["freezer"])
+    train(fm2, opt2, 45, 90)
+    assert after(fm2, 45) == after(fm, 45) and len(after(fm, 45)) >= 4
+    assert fm2.num_frozen == fm.num_frozen > 0
+    assert [e for e in fm2.freezer.history if e["step"] > 45] == [e for e in fm.freezer.history if e["step"] > 45]
+    fm.detach()
+    fm2.detach()
