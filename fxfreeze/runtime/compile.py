@@ -66,7 +66,8 @@ def compile(
 
     A model that neither fx nor ``torch.export`` can capture (data-dependent control flow)
     is compiled from its module order and runs its own forward (``fm.eager_only``, with a
-    warning that says why): freezing works, the activation cache and Egeria's probe do not.
+    warning that says why): freezing and every policy work (Egeria captures each block that
+    is one module alone), the activation cache does not.
 
     Compiling a model that is already compiled detaches the earlier module (its
     controller stops; see :meth:`FreezableModule.detach`).

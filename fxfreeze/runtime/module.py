@@ -13,12 +13,12 @@ running statistics stop updating, dropout is off).
   ``max_graphs``; beyond, or when a capture fails, the model's own forward runs, with the
   same frozen prefix: its parameters get no gradient, its modules run in eval mode and the
   outputs of its modules are detached, so autograd never enters it (:meth:`_cut_eagerly`).
-- **Any model.** A model that neither fx nor ``torch.export`` can capture (data-dependent
-  control flow in its forward) runs its own forward on every call, frozen the same way, from
-  a plan made from its module order (:attr:`eager_only`): no activation cache, and no
-  policy that needs a graph (Egeria's probe).
   ``inspect.signature(fm.forward)`` is the model's, so libraries that inspect it (the HF
   Trainer drops dataset columns the signature does not name) see the model.
+- **Any model.** A model that neither fx nor ``torch.export`` can capture (data-dependent
+  control flow in its forward) runs its own forward on every call, frozen the same way, from
+  a plan made from its module order (:attr:`eager_only`): no activation cache; Egeria
+  captures each block that is one module alone (``runtime/egeria/eager_probe.py``).
 - **One training mode.** The module and the model share one mode: ``fm.training`` *is*
   ``model.training``, and ``train()``/``eval()`` on either object switch both. Frozen
   modules stay in eval mode whoever calls ``train()``.
