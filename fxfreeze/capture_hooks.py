@@ -2,10 +2,13 @@
 example inputs, and tensor identity links them into a graph. Such a graph can be
 partitioned and drawn but not executed (a model captured this way runs its own forward).
 
-A tensor made by code between modules (a residual ``x + f(x)`` at the end of a block) has no
-producing leaf. When it leaves an enclosing module, it is linked to the last leaf that ran
-inside that module: the block's output then feeds the next block, as in the model, and the
-partitioner sees one block after another instead of disconnected pieces."""
+A tensor made by code between modules (a residual ``x + f(x)``) has no producing leaf. When
+it leaves an enclosing module, it is linked to the last leaf that ran inside that module; a
+floating-point tensor a leaf reads that is still unknown (made by the root's own code) is
+linked to the last leaf that ran before it. A block's output then feeds the next block, as
+in the model, and the partitioner sees one block after another instead of disconnected
+pieces. (Integer and boolean tensors, ids and masks, are usually made from the inputs: they
+stay unlinked.)"""
 
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 
     def hook(mod: nn.Module, inp: Any, out: Any) -> None:
         path = names.get(mod, "")
-        srcs = [produced[id(t)] for t in flat_tensors(inp) if id(t) in produced]
+        srcs = [produced[id(t)] if id(t) in produced else last[0]
+                for t in flat_tensors(inp) if id(t) in produced or (last and t.is_floating_point())]
         node = graph.create_node("call_module", path, tuple(dict.fromkeys(srcs)), {}, name=path.replace(".", "_") or "root")
         stack = {}
         parts = path.split(".")

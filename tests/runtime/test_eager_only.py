@@ -324,3 +324,30 @@ def test_egeria_on_an_eager_model_resumes_exactly():
     assert [e for e in fm2.freezer.history if e["step"] > 45] == [e for e in fm.freezer.history if e["step"] > 45]
     fm.detach()
     fm2.detach()
+
+
+class _RootResiduals(nn.Module):
+    """The residual adds at the root, between the layers (``h = h + layer(h)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU()) for _ in range(3)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def test_the_module_order_links_tensors_made_between_modules():
+    """A hooks capture links a tensor made by code between leaves to the leaf before it: the
+    plan is one block per layer, as fx finds, not one block for all the layers."""
+    x = torch.randn(4, 8)
+    by_fx = fxfreeze.plan(_RootResiduals(), (x,))
+    by_hooks = fxfreeze.plan(_RootResiduals(), (x,), strategy="hooks")
+    assert by_fx.strategy == "fx" and by_hooks.strategy == "hooks"
+    assert [b.name for b in by_hooks.blocks] == [b.name for b in by_fx.blocks] == ["stem", "layers.0", "layers.1", "layers.2"]
+    assert [b.params for b in by_hooks.blocks] == [b.params for b in by_fx.blocks]
