@@ -205,9 +205,6 @@ class EagerProbe(ActivationProbe):
             self.run(hi=j + 1)
         return self._subs[j]
 
-    def blocks(self, hi: int | None = None) -> Subgraph:
-        raise NotImplementedError("a model that runs eagerly has no graph of several blocks")
-
     def depth(self, stop: int) -> int:
         return min(self.hi, stop)  # the forward stops after the last tracked block anyway
 
