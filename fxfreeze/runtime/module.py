@@ -367,8 +367,10 @@ class FreezableModule(Routing, nn.Module):
 def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
     lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``)."""
-    from torch.utils._pytree import tree_map
+    from torch.utils._pytree import tree_flatten, tree_map
 
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
+        return None  # nothing to cut: the module's own output object, untouched
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
 
 
