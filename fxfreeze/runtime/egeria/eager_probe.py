@@ -169,6 +169,9 @@ class EagerProbe(ActivationProbe):
                 j, self._names[j], why,
             )
 
+    def _glued(self, j: int) -> None:
+        self._unmeasurable(j, f"it is {len(self.module.plan.blocks[j].modules)} modules joined by the model's own code")
+
     def _isolate(self, j: int, leaves: list[Any], spec: Any, recorded: list[Any]) -> None:
         """Block ``j``'s module captured on its recorded call, as a one-block graph."""
         call = _block_call(self.module.model.get_submodule(self._paths[j]), leaves, spec)
@@ -214,14 +217,14 @@ class EagerProbe(ActivationProbe):
             self.run(hi=hi)
         for j in range(lo, hi):
             if j not in self._subs and self._paths[j] is None:
-                self._unmeasurable(j, f"it is {len(self.module.plan.blocks[j].modules)} modules joined by the model's own code")
+                self._glued(j)
 
     def set_up(self, prepare: Callable[[int, Subgraph, list[Any]], Any], stops: Iterable[int]) -> None:
         """The one-time set-up on the example call: every block isolated and its reference
         builder prepared (``prepare(j, block_graph, block_inputs)``)."""
         for j, p in enumerate(self._paths):
             if p is None:
-                self._unmeasurable(j, f"it is {len(self.module.plan.blocks[j].modules)} modules joined by the model's own code")
+                self._glued(j)
         values = self.example_values()
         for j, sub in sorted(self._subs.items()):
             prepare(j, sub, [values[n] for n in sub.inputs])
