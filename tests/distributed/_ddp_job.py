@@ -10,6 +10,7 @@ automatic, 0 with gloo).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ def _data(rank: int, step: int):
 
 def run(rank: int, mode: str, out: str, steps: int, ckpt_at: int, rendezvous: str, lag: int | None = None) -> None:
     out_dir = Path(out)
+    faulthandler.enable(all_threads=True)  # an abort in C++ (at exit, say) shows every thread's Python stack
     # a rendezvous file of this job only: torch's FileStore must start from a missing file, and
     # a file left by an earlier job in the same folder (part1 then part2) sends the new ranks
     # to the old ranks' addresses ("Connection refused")
