@@ -46,8 +46,9 @@ def compile(
     - ``optimizer``: when given, the controller runs after every ``optimizer.step()``
       (``register_step_post_hook``) and releases optimizer state of frozen parameters; a
       list of optimizers: the first one's steps are the clock, all are watched and released;
-      one that holds none of the model's parameters is refused (ConfigError);
-      otherwise call ``fm.freezer.step()`` yourself.
+      one that holds none of the model's parameters is refused (ConfigError). Without
+      one, the controller follows the first optimizer that steps the model's parameters
+      (built after ``compile``; logged), unless the loop calls ``fm.freezer.step()`` itself.
     - ``policy`` / ``config``: a policy name, and a :class:`FreezeConfig` (object, dict or
       YAML path). The default policy is ``egeria``, whose one-time set-up (the eval-mode
       graph and a reference builder per block structure: about 0.3-3 s) happens here when

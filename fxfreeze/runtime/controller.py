@@ -1,7 +1,8 @@
 """The freezing controller: owns the frozen prefix and the policy, runs after each step.
 
 ``step()`` runs after every optimizer step (automatically through
-``Optimizer.register_step_post_hook`` when ``compile`` got the optimizer). It tracks the
+``Optimizer.register_step_post_hook`` when ``compile`` got the optimizer; without one, the
+first optimizer that steps the model's parameters is adopted: :mod:`.adopt`). It tracks the
 step, epoch and learning rate, asks the policy, applies freeze and unfreeze decisions,
 releases optimizer state of newly frozen parameters and records every event in
 ``history`` and on the standard logger ``fxfreeze`` (whose level it never touches).
@@ -22,6 +23,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import ConfigError, FreezeError
+from .adopt import OptimizerWatch
 from .horizon import PlannedLength
 from .loss_reader import LossReader
 from .safety import SafetyNet
@@ -51,7 +53,10 @@ class Freezer:
         self.optimizers: list[torch.optim.Optimizer] = []
         self._loss: float | torch.Tensor | None = None
         self._hook: Any = None
+        self._watch: OptimizerWatch | None = None
         self.attach_optimizer(optimizer)
+        if self.optimizer is None:  # no clock yet: follow the first optimizer that steps the model
+            self._watch = OptimizerWatch(list(module.parameters()), self._adopt)
         self._agree: Callable[[int], int | None] | None = None
         self._agreement_state: Any = None
         self.safety = SafetyNet(config.safety_net)
@@ -101,6 +106,9 @@ class Freezer:
             opts.append(o)
         if opts:
             self._check_holds(opts)
+        if self._watch is not None:  # chosen explicitly: nothing to adopt
+            self._watch.close()
+            self._watch = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -207,11 +215,52 @@ class Freezer:
         self._last_lrs = list(lrs)
         return changed, what
 
+    def _adopt(self, optimizer: torch.optim.Optimizer, first: bool) -> None:
+        """An optimizer ``compile`` was not given stepped the model's parameters (inside its
+        ``step``, after the update): the first becomes the clock and this step counts; later
+        ones are watched for learning-rate steps and frozen parameters' state."""
+        self.optimizers.append(optimizer)
+        if self.config.release_optimizer_state and self.num_frozen:
+            self._release(self.module.frozen_parameter_names())
+        if not first:
+            logger.info("fxfreeze: %s also steps %s's parameters; its frozen parameters' state is released too",
+                        type(optimizer).__name__, self.plan.model)
+            return
+        logger.info("fxfreeze: compile got no optimizer; the controller follows the steps of the %s that steps %s's "
+                    "parameters (pass optimizer= to choose)", type(optimizer).__name__, self.plan.model)
+        self.optimizer = optimizer
+        self._hook = optimizer.register_step_post_hook(self._after_step)  # from its next step on
+        self._step()  # this step: its own post-step hooks have already run
+
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.step()
+        if self._watch is not None:
+            self._watch.tidy()  # a finished watch's global hook goes here, outside torch's loop over them
+        self._step()
 
     def step(self, loss: float | torch.Tensor | None = None) -> Decision | None:
-        """Run once after each optimizer step; returns the decision applied, if any."""
+        """Run once after each optimizer step; returns the decision applied, if any.
+
+        Called by hand, it is the clock: an optimizer followed because ``compile`` got none
+        (:mod:`.adopt`) stops driving the controller. Such a call right after that optimizer
+        counted its step stands for the same step (only its ``loss`` is taken)."""
+        if self._watch is not None:
+            followed = self._hook is not None
+            self._watch.close()
+            self._watch = None
+            if followed:
+                self._hook.remove()
+                self._hook = None
+                logger.warning(
+                    "fxfreeze: fm.freezer.step() was called by hand while the controller followed %s's steps; "
+                    "from now on it counts only these calls (pass optimizer= to compile to let it follow the "
+                    "optimizer instead, without calling step())", type(self.optimizer).__name__,
+                )
+                if loss is not None:
+                    self.observe_loss(loss)
+                return None
+        return self._step(loss)
+
+    def _step(self, loss: float | torch.Tensor | None = None) -> Decision | None:
         if loss is not None:
             self.observe_loss(loss)
         self.step_count += 1
@@ -312,6 +361,9 @@ class Freezer:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self.policy.close()
 
     # -- checkpointing ----------------------------------------------------------------------

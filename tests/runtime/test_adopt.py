@@ -1,0 +1,136 @@
+"""An optimizer built after ``fxfreeze.compile`` (which got none) drives the controller as if
+it had been given: the same steps, the same freezes, its frozen parameters' state released;
+a loop that calls ``fm.freezer.step()`` by hand keeps its own clock."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import _global_optimizer_post_hooks
+
+import fxfreeze
+
+SCHEDULE = {"policy": "manual", "manual": {"schedule": {3: 2, 6: 4}}}
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), *[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4)], nn.Linear(16, 3))
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _train(fm: nn.Module, opt: torch.optim.Optimizer, steps: int, by_hand: str = "") -> list[float]:
+    losses = []
+    for i in range(steps):
+        x, y = _batch(i)
+        loss = nn.functional.cross_entropy(fm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if by_hand == "before":
+            fm.freezer.step()
+        opt.step()
+        if by_hand == "after":
+            fm.freezer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _events(fm) -> list[tuple[int, str, int]]:
+    return [(e["step"], e["action"], e["num_frozen"]) for e in fm.freezer.history]
+
+
+def test_an_optimizer_built_after_compile_drives_the_controller_like_a_given_one(caplog):
+    given = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), optimizer=None, config=SCHEDULE)
+    opt_g = torch.optim.SGD(given.parameters(), lr=0.1, momentum=0.9)
+    given.freezer.attach_optimizer(opt_g)  # the explicit way
+    later = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        opt_l = torch.optim.SGD(later.parameters(), lr=0.1, momentum=0.9)
+        losses_l = _train(later, opt_l, 8)
+    losses_g = _train(given, opt_g, 8)
+    assert later.freezer.step_count == given.freezer.step_count == 8
+    assert _events(later) == _events(given) == [(3, "freeze", 2), (6, "freeze", 4)]
+    assert later.freezer.optimizer is opt_l
+    assert any("follows the steps of the SGD" in r.getMessage() for r in caplog.records)
+    # the same training, bit for bit (frozen momentum released at the same steps)
+    assert losses_l == losses_g
+    for (n, p), q in zip(later.named_parameters(), given.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    frozen = [later.params_by_name[n] for n in later.frozen_parameter_names()]
+    assert frozen and not any(p in opt_l.state for p in frozen)
+
+
+def test_a_second_optimizer_of_the_models_parameters_is_watched_but_is_not_a_clock():
+    model = _mlp()
+    fm = fxfreeze.compile(model, (torch.randn(2, 8),), policy="manual")
+    head = torch.optim.SGD(list(model[2:].parameters()), lr=0.1, momentum=0.9)
+    front = torch.optim.Adam(list(model[:2].parameters()), lr=1e-3)
+    for i in range(3):
+        x, y = _batch(i)
+        head.zero_grad()
+        front.zero_grad()
+        nn.functional.cross_entropy(fm(x), y).backward()
+        head.step()
+        front.step()
+    assert fm.freezer.step_count == 3  # the first to step is the clock
+    assert fm.freezer.optimizer is head and fm.freezer.optimizers == [head, front]
+    assert all(p in front.state for p in model[0].parameters())
+    fm.freeze_prefix(2)
+    frozen = [fm.params_by_name[n] for n in fm.frozen_parameter_names()]
+    assert not any(p in front.state or p in head.state for p in frozen)  # released in both
+
+
+def test_an_optimizer_of_another_model_is_not_adopted():
+    fm = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    other = nn.Linear(4, 4)
+    o = torch.optim.SGD(other.parameters(), lr=0.1)
+    for _ in range(4):
+        other(torch.randn(2, 4)).sum().backward()
+        o.step()
+    assert fm.freezer.step_count == 0 and fm.freezer.optimizer is None
+    opt = torch.optim.SGD(fm.parameters(), lr=0.1)
+    _train(fm, opt, 4)
+    assert fm.freezer.step_count == 4 and _events(fm) == [(3, "freeze", 2)]
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_a_loop_that_steps_the_controller_by_hand_keeps_its_own_clock(order, caplog):
+    hooks = len(_global_optimizer_post_hooks)
+    fm = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    assert len(_global_optimizer_post_hooks) == hooks + 1
+    opt = torch.optim.SGD(fm.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        _train(fm, opt, 8, by_hand=order)
+    # one count per iteration, never two: the by-hand call is the clock
+    assert fm.freezer.step_count == 8
+    assert _events(fm) == [(3, "freeze", 2), (6, "freeze", 4)]
+    assert len(_global_optimizer_post_hooks) == hooks  # the watch is gone
+    warned = [r for r in caplog.records if "called by hand" in r.getMessage()]
+    # called after the optimizer's step, the first call finds the step counted already (said once)
+    assert len(warned) == (1 if order == "after" else 0)
+
+
+def test_an_explicit_optimizer_or_detach_ends_the_watch_and_a_dropped_model_is_not_kept_alive():
+    hooks = len(_global_optimizer_post_hooks)
+    fm = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    fm.freezer.attach_optimizer(torch.optim.SGD(fm.parameters(), lr=0.1))
+    assert len(_global_optimizer_post_hooks) == hooks
+    fm2 = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    fm2.detach()
+    assert len(_global_optimizer_post_hooks) == hooks
+    fm3 = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    ref = weakref.ref(fm3.freezer)
+    del fm3
+    gc.collect()
+    assert ref() is None  # the global hook holds the controller weakly
+    opt = torch.optim.SGD(_mlp().parameters(), lr=0.1)
+    opt.step()  # an inert hook left behind does nothing
