@@ -77,6 +77,21 @@ def _concrete_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return concrete
 
 
+def _drop_var_placeholders(graph: fx.Graph) -> list[str]:
+    """fx gives ``*args`` / ``**kwargs`` one placeholder each, a proxy the forward's code
+    inspects symbolically. Unused (a forward that accepts extra keywords and ignores them),
+    the placeholder is removed: the graph's inputs are then the named parameters, as a call
+    binds them. Used, the graph would be wrong for some calls: their targets are returned."""
+    used = []
+    for n in list(graph.nodes):
+        if n.op == "placeholder" and str(n.target).startswith("*"):
+            if n.users:
+                used.append(str(n.target))
+            else:
+                graph.erase_node(n)
+    return used
+
+
 def trace_fx(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[fx.Graph | None, dict[str, str], str | None]:
@@ -89,6 +104,10 @@ def trace_fx(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = tracer.trace(model, concrete_args=concrete or None)
+            used = _drop_var_placeholders(graph)
+            if used:
+                return None, leaves, (f"fx cannot specialise the forward's {', '.join(used)} to a call (it traces them "
+                                      "as one opaque input: `kw.get(...) is not None` would always hold)")
             return graph, leaves, None
         except Exception as e:  # noqa: BLE001 - any tracing failure drives escalation
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

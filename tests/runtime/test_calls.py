@@ -60,6 +60,49 @@ def test_other_keyword_sets_get_their_own_graph_and_match_eager():
         assert any(node.meta.get("fxfreeze.inserted") for node in gm.graph.nodes)
 
 
+class _KwNet(_Net):
+    """A forward that takes ``**kw``: ignored (``used=False``) or read (``kw.get``)."""
+
+    def __init__(self, used: bool) -> None:
+        super().__init__()
+        self.used = used
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor, **kw: float) -> torch.Tensor:  # type: ignore[override]
+        h = self.bn(self.inp(x))
+        for b in self.blocks:
+            h = h + b(h)
+        y = self.out(h)
+        if self.used and kw.get("scale") is not None:
+            y = y * kw["scale"]
+        return y
+
+
+@pytest.mark.parametrize("used", [False, True])
+def test_a_forward_with_var_keywords_matches_eager_on_every_call(used):
+    """fx gives ``*rest``/``**kw`` one opaque placeholder each: ignored by the forward, they
+    are dropped and the fx graph stands; read by it, the fx graph would take the
+    ``kw.get(...) is not None`` branch on every call, so the capture goes to export, which
+    specialises each call's keywords."""
+    torch.manual_seed(0)
+    model = _KwNet(used)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, policy="manual")
+    assert fm.strategy == ("export" if used else "fx")
+    if used:  # the plan says why fx was left
+        assert "**kw" in " ".join(fm.plan.notes)
+    x = torch.randn(5, 8)
+    for call in ({}, {"scale": 2.0}):
+        torch.testing.assert_close(fm(x, **call), ref(x, **call), rtol=1e-6, atol=1e-7)
+    fm.freeze_prefix(2)
+    for e in fm.graphs.entries():
+        gm = fm.graph_module_of(e)
+        gm.graph.lint()
+        assert not any(n.op == "placeholder" and str(n.target).startswith("*") for n in gm.graph.nodes)
+    fm(x, scale=3.0).sum().backward()
+    assert all(p.grad is None for n, p in fm.named_parameters() if n in set(fm.frozen_parameter_names()))
+
+
 def test_signature_is_the_models():
     model = _Net()
     fm = fxfreeze.compile(model, (torch.randn(4, 8),), policy="manual")
