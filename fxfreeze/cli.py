@@ -67,11 +67,47 @@ def parse_input_shape(spec: str) -> tuple[str | None, tuple[int, ...], str]:
     return name, tuple(dims), dtype
 
 
+def _import_module(mod_name: str) -> Any:
+    cwd = os.getcwd()  # a model file in the current folder imports; installed modules win
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is a bad argument
+        raise CliError(f"cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
+
+
+def _import_file(path: str) -> Any:
+    """A model file named by its path (``models/net.py:make``), run as a module the way
+    ``python models/net.py`` would see its folder: its sibling modules import."""
+    import importlib.util
+
+    file = os.path.abspath(path)
+    if not os.path.isfile(file):
+        raise CliError(f"model file {path!r} does not exist")
+    folder = os.path.dirname(file)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = os.path.splitext(os.path.basename(file))[0]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise CliError(f"cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is a bad argument
+        sys.modules.pop(name, None)
+        raise CliError(f"cannot import {path!r}: {type(e).__name__}: {e}") from e
+    return module
+
+
 def load_target(target: str, kwargs_json: str | None) -> Any:
-    """Import ``MODULE:CALLABLE`` and call it (with ``--kwargs``) to get a model."""
+    """Import ``MODULE:CALLABLE`` (or ``path/to/file.py:CALLABLE``) and call it (with
+    ``--kwargs``) to get a model."""
     if ":" not in target:
         raise CliError(f"model {target!r} must be given as MODULE:CALLABLE, e.g. fxfreeze.zoo:resnet56")
-    mod_name, attr = target.split(":", 1)
+    mod_name, _, attr = target.rpartition(":")
     kwargs: dict[str, Any] = {}
     if kwargs_json:
         try:
@@ -80,13 +116,7 @@ def load_target(target: str, kwargs_json: str | None) -> Any:
             raise CliError(f"--kwargs is not valid JSON: {e.msg} at column {e.colno}") from e
         if not isinstance(kwargs, dict):
             raise CliError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    cwd = os.getcwd()  # a model file in the current folder imports; installed modules win
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is a bad argument
-        raise CliError(f"cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
+    module = _import_file(mod_name) if mod_name.endswith(".py") else _import_module(mod_name)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -155,7 +185,8 @@ def _seconds(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODULE:CALLABLE", help="factory returning an nn.Module, e.g. fxfreeze.zoo:resnet56")
+    p.add_argument("model", metavar="MODULE:CALLABLE", help="factory returning an nn.Module (or the module itself), e.g. fxfreeze.zoo:resnet56 "
+                   "or models/net.py:make")
     p.add_argument(
         "--input-shape",
         action="append",

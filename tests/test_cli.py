@@ -41,6 +41,51 @@ def test_plan_with_example_inputs_file_and_kwargs(capsys, tmp_path):
     assert "10 blocks" in capsys.readouterr().out
 
 
+_NET = """
+import torch
+from torch import nn
+from helper_blocks import Block
+
+
+class Net(nn.Module):
+    def __init__(self, depth=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Block() for _ in range(depth)])
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def make(depth=4):
+    return Net(depth)
+"""
+
+
+def test_a_model_file_named_by_its_path_with_a_sibling_import(tmp_path):
+    """``path/to/net.py:make`` from another folder: the file runs as a module, and a module
+    beside it imports, as ``python path/to/net.py`` would see it."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "net.py").write_text(_NET)
+    (folder / "helper_blocks.py").write_text(
+        "from torch import nn\n\n\nclass Block(nn.Sequential):\n    def __init__(self):\n"
+        "        super().__init__(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())\n"
+    )
+    proc = run("plan", f"{folder / 'net.py'}:make", "--kwargs", '{"depth": 3}', "--input-shape", "2,3,16,16")
+    assert proc.returncode == 0, proc.stderr
+    assert "Net: 4 blocks" in proc.stdout and "blocks.2" in proc.stdout
+    missing = run("plan", f"{folder / 'nope.py'}:make")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    (folder / "broken.py").write_text("import no_such_module_xyz\n")
+    broken = run("plan", f"{folder / 'broken.py'}:make")
+    assert broken.returncode == 2 and "no_such_module_xyz" in broken.stderr and "Traceback" not in broken.stderr
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
