@@ -31,7 +31,8 @@ here knows any class name: blocks are found from structure alone.
 4. **Stem and head.** Everything before the first unit is block 0, the stem (merged into the
    first block when it holds no parameters); nodes between two units go to the preceding
    block (a block runs from its first node to the next block's first node); everything
-   after the last unit is the head, which is never frozen.
+   after the last unit is the head, which is never frozen, except parameter-free nodes
+   right after it that narrow the cut (a residual join in the parent's code).
 5. **Fallback.** With no run anywhere, the contiguous parametrised children of the model
    (descending through wrappers that hold nearly all parameters) are the blocks, and the
    last of them is the head.
@@ -233,6 +234,13 @@ def propose(index: GraphIndex) -> Proposal:
         head_start = head.lo
     else:
         head_start = units[-1].hi + 1
+        # A join right after the last unit that narrows the cut (``h + block(h)`` written in
+        # the parent's forward) belongs to that unit, as such joins between units belong to
+        # the unit before them: otherwise the last block's frontier, what the cache holds
+        # when everything is frozen, is the join's two inputs instead of its one output.
+        while (head_start < ix.end and ix.width(head_start + 1) < ix.width(head_start)
+               and not ix.params_in(head_start, head_start + 1)):
+            head_start += 1
     starts: list[int] = []
     names: list[str] = []
     if units[0].lo > 0 and ix.params_in(0, units[0].lo):

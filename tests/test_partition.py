@@ -90,6 +90,37 @@ def test_data_dependent_control_flow_becomes_leaf_blocks():
     assert any("leaves" in n for n in p.notes)
 
 
+def test_a_residual_join_after_the_last_block_belongs_to_it():
+    """``h = h + block(h)`` in the parent's forward: the join after each block is that
+    block's, the last one's too, so every frontier is the one joined tensor (the cache of a
+    fully frozen prefix holds one tensor per sample, not the join's two inputs)."""
+    import torch
+    from torch import nn
+
+    import fxfreeze
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(3)
+            )
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            for b in self.blocks:
+                h = h + b(h)
+            return self.fc(h.mean((2, 3)))
+
+    p = fxfreeze.plan(Net(), (torch.randn(2, 3, 16, 16),))
+    assert [b.name for b in p.blocks] == ["stem", "blocks.0", "blocks.1", "blocks.2"]
+    assert [len(b.frontier) for b in p.blocks] == [1, 1, 1, 1]
+    assert len({b.frontier_bytes for b in p.blocks}) == 1
+    assert p.head.modules == ["fc"]
+
+
 def test_multi_input_and_dict_output():
     p = _plan("multi_input_net")
     assert [b.name for b in p.blocks[1:]] == ["blocks.0", "blocks.1", "blocks.2"]
