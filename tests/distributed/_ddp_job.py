@@ -114,8 +114,8 @@ def _leave() -> None:
     free the tensors' Python objects: it is made to exit mid-destructor and the process
     aborts ("terminate called without an active exception"; a core dump of such a rank:
     ``ProcessGroupGloo::AsyncWork::~AsyncWork`` -> ``decref_pyobject`` -> ``take_gil`` ->
-    ``pthread_exit`` -> ``std::terminate``). It took a loaded machine and about one job in
-    40. Everything this job reports is written by now."""
+    ``pthread_exit`` -> ``std::terminate``). It took a loaded machine to
+    see it (1 run of the four tests in 5-8). Everything this job reports is written by now."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
