@@ -1,5 +1,6 @@
 """Lightning with one added callback, the LightningModule unchanged: accumulate_grad_batches,
-bf16-mixed, gradient clipping, validation, ModelCheckpoint and an exact ckpt_path resume."""
+bf16-mixed, gradient clipping, validation, ModelCheckpoint and an exact ckpt_path resume;
+and a submodule compiled in the LightningModule, with no callback."""
 
 from __future__ import annotations
 
@@ -80,3 +81,26 @@ def test_module_by_name_and_a_clear_error_for_a_wrong_one(tmp_path):
     cb = FxFreezeCallback(module="nope", policy="manual")
     with pytest.raises(Exception, match="no submodule 'nope'"):
         _fit(tmp_path, cb)
+
+
+def test_a_compiled_submodule_without_the_callback_follows_lightnings_optimizer():
+    """``self.net = fxfreeze.compile(net, x)`` inside the LightningModule, no callback: the
+    optimizer ``configure_optimizers`` builds later (stepped through Lightning's wrapper,
+    with gradient accumulation) drives the controller, one step per optimizer step."""
+    import fxfreeze
+
+    class _Sub(_Lit):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = fxfreeze.compile(self.net, (torch.randn(2, 3, 16, 16),),
+                                        config={"policy": "manual", "manual": {"schedule": {2: 2, 3: 3}}})
+
+    lit = _Sub()
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, _loader())
+    fm = lit.net
+    assert fm.freezer.step_count == 4 and fm.freezer.optimizer is trainer.optimizers[0]
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(2, 2), (3, 3)]
+    frozen = [fm.params_by_name[n] for n in fm.frozen_parameter_names()]
+    assert frozen and not any(p in trainer.optimizers[0].state for p in frozen)
