@@ -246,8 +246,14 @@ def capture_call(
         if args or kwargs:
             args, kwargs = canonical_call(forward_signature(model), args, kwargs)
     except TypeError as e:
+        params = forward_signature(model).parameters.values()
+        sig = "(" + ", ".join(str(p.replace(annotation=p.empty)) for p in params) + ")"
+        hint = ""
+        if "too many positional" in str(e) and isinstance(args, tuple) and len(args) >= 2:
+            hint = "; a whole (inputs, labels) batch? pass the forward's arguments only, e.g. (batch[0],)"
         raise ExampleInputError(
-            f"the example inputs ({describe_call(args, kwargs)}) do not fit {type(model).__name__}.forward: {e}"
+            f"the example inputs ({describe_call(args, kwargs)}) do not fit {type(model).__name__}.forward{sig}: "
+            f"{e}{hint}"
         ) from e
     with torch.enable_grad():  # a first call may come under no_grad
         return _capture(model, args, kwargs, strategy, timeout)

@@ -29,6 +29,14 @@ def test_wrong_input_container():
         fxfreeze.plan(zoo.resnet20(), 3.0)
 
 
+def test_a_whole_batch_as_example_inputs_names_the_forward_and_the_fix():
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    with pytest.raises(fxfreeze.ExampleInputError) as e:
+        fxfreeze.compile(zoo.resnet20(), (x, y))  # next(iter(loader)) as it comes
+    msg = str(e.value)
+    assert "ResNetCifar.forward(x)" in msg and "too many positional" in msg and "(batch[0],)" in msg
+
+
 def test_errors_share_a_base():
     for cls in (fxfreeze.ModelError, fxfreeze.PlanError, fxfreeze.TraceError, fxfreeze.ConfigError):
         assert issubclass(cls, fxfreeze.FxFreezeError)
