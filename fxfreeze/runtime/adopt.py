@@ -1,4 +1,5 @@
-"""Following an optimizer that ``fxfreeze.compile`` was not given.
+"""The optimizers the controller follows: one given is checked to hold the model's
+parameters (:func:`check_holds`); without one, the first that steps them is adopted.
 
 A common loop compiles first and builds the optimizer afterwards
 (``fm = fxfreeze.compile(model, x)`` then ``opt = AdamW(fm.parameters())``). Without the
@@ -29,9 +30,32 @@ from typing import Any, Callable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["OptimizerWatch"]
+from ..errors import ConfigError
+
+__all__ = ["OptimizerWatch", "check_holds"]
 
 logger = logging.getLogger("fxfreeze")
+
+
+def check_holds(module: Any, opts: list[torch.optim.Optimizer]) -> None:
+    """An optimizer that holds none of the model's trainable parameters would leave the
+    model untrained: refuse it; one that holds only some is named in a warning."""
+    held = {id(p) for o in opts for g in o.param_groups for p in g["params"]}
+    frozen = set(module.frozen_parameter_names())
+    trainable = [n for n, p in module.params_by_name.items() if p.requires_grad or n in frozen]
+    missing = [n for n in trainable if id(module.params_by_name[n]) not in held]
+    model = module.plan.model
+    if trainable and len(missing) == len(trainable):
+        raise ConfigError(
+            f"the optimizer holds none of {model}'s {len(trainable)} trainable parameters "
+            f"(e.g. {', '.join(missing[:3])}): build it from the model being compiled, "
+            "e.g. torch.optim.AdamW(model.parameters())"
+        )
+    if missing:
+        logger.warning(
+            "fxfreeze: the optimizer does not hold %d of %s's trainable parameters (%s%s); they will not train",
+            len(missing), model, ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
+        )
 
 
 class OptimizerWatch:
@@ -57,10 +81,6 @@ class OptimizerWatch:
                 watch._on_step(optimizer)
 
         self._handle = register_optimizer_step_post_hook(hook)
-
-    @property
-    def active(self) -> bool:
-        return not self._finished
 
     def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._finished or optimizer in self._seen:

@@ -22,10 +22,11 @@ from typing import Any, Callable
 import torch
 
 from ..config import FreezeConfig
-from ..errors import ConfigError, FreezeError
-from .adopt import OptimizerWatch
+from ..errors import FreezeError
+from .adopt import OptimizerWatch, check_holds
 from .horizon import PlannedLength
 from .loss_reader import LossReader
+from .lr_steps import LrSteps, learning_rates
 from .safety import SafetyNet
 from .policies import Decision, Signals, make_policy
 
@@ -48,8 +49,7 @@ class Freezer:
         self.step_count = 0
         self._epoch = 0
         self._epoch_set = False
-        self._last_lrs: list[float | None] = []
-        self._last_log_ratios: list[float] = []
+        self._lr_steps = LrSteps(config.lr_change_factor)
         self.optimizers: list[torch.optim.Optimizer] = []
         self._loss: float | torch.Tensor | None = None
         self._hook: Any = None
@@ -105,7 +105,7 @@ class Freezer:
                 raise FreezeError(f"optimizer must be a torch.optim.Optimizer, got {type(o).__name__}")
             opts.append(o)
         if opts:
-            self._check_holds(opts)
+            check_holds(self.module, opts)
         if self._watch is not None:  # chosen explicitly: nothing to adopt
             self._watch.close()
             self._watch = None
@@ -138,25 +138,6 @@ class Freezer:
         learned, else None."""
         return self.config.total_steps or self._planned.learned
 
-    def _check_holds(self, opts: list[torch.optim.Optimizer]) -> None:
-        """An optimizer that holds none of the model's trainable parameters would leave the
-        model untrained: refuse it; one that holds only some is named in a warning."""
-        held = {id(p) for o in opts for g in o.param_groups for p in g["params"]}
-        frozen = set(self.module.frozen_parameter_names())
-        trainable = [n for n, p in self.module.params_by_name.items() if p.requires_grad or n in frozen]
-        missing = [n for n in trainable if id(self.module.params_by_name[n]) not in held]
-        if trainable and len(missing) == len(trainable):
-            raise ConfigError(
-                f"the optimizer holds none of {self.plan.model}'s {len(trainable)} trainable parameters "
-                f"(e.g. {', '.join(missing[:3])}): build it from the model being compiled, "
-                "e.g. torch.optim.AdamW(model.parameters())"
-            )
-        if missing:
-            logger.warning(
-                "fxfreeze: the optimizer does not hold %d of %s's trainable parameters (%s%s); they will not train",
-                len(missing), self.plan.model, ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
-            )
-
     def _release(self, names: list[str]) -> None:
         """Drop optimizer state (momentum, Adam moments) of these parameters, everywhere."""
         for o in self.optimizers:
@@ -185,35 +166,6 @@ class Freezer:
         model output with a scalar ``loss``; a loop that computes its loss outside the model
         calls this once per step (the integrations do)."""
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
-
-    def _lrs(self) -> list[float | None]:
-        """The learning rate of every param group of every optimizer."""
-        out: list[float | None] = []
-        for o in self.optimizers:
-            for g in o.param_groups:
-                lr = g.get("lr")
-                out.append(float(lr) if isinstance(lr, (int, float)) or torch.is_tensor(lr) else None)
-        return out
-
-    def _lr_step(self, lrs: list[float | None]) -> tuple[bool, str]:
-        """Did a param group's learning rate just drop by a step? A *step*: a fall by
-        ``lr_change_factor`` right after a step at which the rate barely moved. A smooth
-        schedule changes by large ratios only near zero (the tail of a cosine), where the
-        ratio was already far from 1 the step before; a rising rate (warm-up) is no step."""
-        log_f = math.log(float(self.config.lr_change_factor))
-        if len(self._last_lrs) != len(lrs):
-            self._last_lrs, self._last_log_ratios = list(lrs), [0.0] * len(lrs)
-            return False, ""
-        changed, what = False, ""
-        for i, (lr, last) in enumerate(zip(lrs, self._last_lrs)):
-            if lr is None or last is None or lr <= 0 or last <= 0:
-                continue
-            log_r = math.log(last / lr)  # > 0: the rate fell
-            if log_r >= log_f and self._last_log_ratios[i] < log_f / 4 and not changed:
-                changed, what = True, f"learning rate {last:g} -> {lr:g}" + (f" (param group {i})" if len(lrs) > 1 else "")
-            self._last_log_ratios[i] = abs(log_r)
-        self._last_lrs = list(lrs)
-        return changed, what
 
     def _adopt(self, optimizer: torch.optim.Optimizer, first: bool) -> None:
         """An optimizer ``compile`` was not given stepped the model's parameters (inside its
@@ -266,9 +218,9 @@ class Freezer:
         self.step_count += 1
         if not self.config.total_steps:
             self._planned.observe(self.step_count, self.optimizers)
-        lrs = self._lrs()
+        lrs = learning_rates(self.optimizers)
         lr = lrs[0] if lrs else None
-        changed, what = self._lr_step(lrs)
+        changed, what = self._lr_steps.observe(lrs)
         if changed:
             self._record("lr_change", self.num_frozen, self.num_frozen, what)
         # read without a host synchronisation per step: on an accelerator the losses of
@@ -378,9 +330,7 @@ class Freezer:
             "step": self.step_count,
             "epoch": self._epoch,
             "epoch_set": self._epoch_set,
-            "last_lr": self._last_lrs[0] if self._last_lrs else None,
-            "last_lrs": list(self._last_lrs),
-            "last_log_ratios": list(self._last_log_ratios),
+            **self._lr_steps.state_dict(),
             "learned_total_steps": self._planned.learned,
             "policy_name": self.config.policy,
             "policy": self.policy.state_dict(),
@@ -434,10 +384,7 @@ class Freezer:
         self.step_count = int(state["step"])
         self._epoch = int(state["epoch"])
         self._epoch_set = bool(state.get("epoch_set", False))
-        lrs = state.get("last_lrs")
-        self._last_lrs = list(lrs) if isinstance(lrs, list) else ([state["last_lr"]] if state.get("last_lr") is not None else [])
-        ratios = state.get("last_log_ratios")
-        self._last_log_ratios = list(ratios) if isinstance(ratios, list) and len(ratios) == len(self._last_lrs) else [0.0] * len(self._last_lrs)
+        self._lr_steps.load_state_dict(state)
         self.history = [dict(e) for e in state["history"]]
         learned = state.get("learned_total_steps")
         self._planned.learned = int(learned) if isinstance(learned, int) and not isinstance(learned, bool) and learned > 0 else None
