@@ -78,17 +78,18 @@ def _import_module(mod_name: str) -> Any:
 
 
 def _import_file(path: str) -> Any:
-    """A model file named by its path (``models/net.py:make``), run as a module the way
-    ``python models/net.py`` would see its folder: its sibling modules import."""
+    """A model file named by its path (``models/net.py:make``), run as a module; its folder
+    is importable, so its sibling modules import (after installed modules of the same name)."""
     import importlib.util
 
     file = os.path.abspath(path)
     if not os.path.isfile(file):
         raise CliError(f"model file {path!r} does not exist")
     folder = os.path.dirname(file)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    name = os.path.splitext(os.path.basename(file))[0]
+    if folder not in sys.path:  # after the installed modules, which win (as for the working directory)
+        sys.path.append(folder)
+    # its own module name: a file called torch.py or yaml.py must not replace those modules
+    name = "_fxfreeze_file_" + os.path.splitext(os.path.basename(file))[0]
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
         raise CliError(f"cannot load {path!r} as a Python module")

@@ -79,6 +79,11 @@ def test_a_model_file_named_by_its_path_with_a_sibling_import(tmp_path):
     proc = run("plan", f"{folder / 'net.py'}:make", "--kwargs", '{"depth": 3}', "--input-shape", "2,3,16,16")
     assert proc.returncode == 0, proc.stderr
     assert "Net: 4 blocks" in proc.stdout and "blocks.2" in proc.stdout
+    # a file named like an installed module does not replace it (the YAML output needs yaml)
+    (folder / "yaml.py").write_text(_NET)
+    same_name = run("plan", f"{folder / 'yaml.py'}:make", "--input-shape", "2,3,16,16", "--format", "yaml")
+    assert same_name.returncode == 0, same_name.stderr
+    assert "model: Net" in same_name.stdout
     missing = run("plan", f"{folder / 'nope.py'}:make")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     (folder / "broken.py").write_text("import no_such_module_xyz\n")
