@@ -7,11 +7,12 @@ import inspect
 from typing import Any, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import ExampleInputError
 
-__all__ = ["Inputs", "normalize_inputs", "canonical_call", "forward_signature", "describe_call"]
+__all__ = ["Inputs", "normalize_inputs", "canonical_call", "plain_mappings", "forward_signature", "describe_call"]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -53,6 +54,21 @@ def canonical_call(
         return args, kwargs
     bound = signature.bind(*args, **kwargs)
     return bound.args, bound.kwargs
+
+
+def _foreign_mapping(x: Any) -> bool:
+    return isinstance(x, Mapping) and not isinstance(x, dict) and type(x) not in pytree.SUPPORTED_NODES
+
+
+def plain_mappings(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with each argument that is a mapping of a type graphs cannot take (a
+    tokenizer's ``BatchEncoding``, a ``UserDict``) as a plain dict of the same items, so that
+    ``model(tokenizer(texts, return_tensors="pt"))`` runs a graph like the same call with a
+    dict. Other arguments are passed through; a call with none is returned as it is."""
+    if not any(_foreign_mapping(a) for a in args) and not any(_foreign_mapping(v) for v in kwargs.values()):
+        return args, kwargs
+    plain = lambda x: dict(x) if _foreign_mapping(x) else x  # noqa: E731
+    return tuple(plain(a) for a in args), {k: plain(v) for k, v in kwargs.items()}
 
 
 def forward_signature(model: nn.Module) -> inspect.Signature | None:

@@ -51,7 +51,13 @@ class Block:
 
 @dataclass
 class Head:
-    """What follows the last block; never frozen. Ownership as for :class:`Block`."""
+    """What follows the last block; never frozen. Ownership as for :class:`Block`.
+
+    ``trains`` says whether any of the head's parameters reaches one of the model's outputs.
+    A head whose only parameters feed a result the model drops (BERT's pooler inside a
+    sentence-transformers model, which pools the token embeddings itself) trains nothing:
+    freezing every block would leave the loss without a gradient, so the last block never
+    freezes (:attr:`FreezePlan.max_frozen`)."""
 
     start: str | None
     modules: list[str] = field(default_factory=list)
@@ -59,6 +65,7 @@ class Head:
     flops: int | None = None
     params: list[str] = field(default_factory=list)
     buffers: list[str] = field(default_factory=list)
+    trains: bool = True
 
 
 @dataclass
@@ -87,9 +94,11 @@ class FreezePlan:
 
     @property
     def max_frozen(self) -> int:
-        """The deepest prefix that may be frozen: all blocks when the head trains, else all
-        but the last (something must stay trainable)."""
-        return len(self.blocks) if self.head.num_params > 0 else max(0, len(self.blocks) - 1)
+        """The deepest prefix that may be frozen: all blocks when the head trains (has
+        parameters that reach an output), else all but the last (something must stay
+        trainable)."""
+        trains = self.head.num_params > 0 and self.head.trains
+        return len(self.blocks) if trains else max(0, len(self.blocks) - 1)
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

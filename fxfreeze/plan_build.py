@@ -55,6 +55,25 @@ def param_uses(ix: GraphIndex) -> tuple[dict[str, list[int]], dict[str, int]]:
     return tensor_uses(ix)
 
 
+def _live(ix: GraphIndex) -> set[int]:
+    """Compute positions whose result reaches the graph's output (the rest is dead code a
+    capture kept, such as a pooler whose output the model drops)."""
+    live: set[int] = set()
+    seen: set[fx.Node] = set()
+    out = [n for n in ix.nodes if n.op == "output"]
+    stack = [a for o in out for a in o.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        i = ix.cidx.get(n)
+        if i is not None:
+            live.add(i)
+        stack.extend(n.all_input_nodes)
+    return live
+
+
 def _owned_modules(ix: GraphIndex, owners: Sequence[str], lo: int, hi: int) -> list[str]:
     """The top-most modules whose every compute node lies in ``[lo, hi)``, found from the
     owners of the nodes in that range; an owner whose own nodes spill out of the range
@@ -192,6 +211,7 @@ def build_plan(
                 buffers=block_buffers[k],
             )
         )
+    live = _live(ix)
     head = Head(
         start=ix.compute[head_start].name if head_start < ix.end else None,
         modules=_owned_modules(ix, head_owners, head_start, ix.end),
@@ -199,8 +219,15 @@ def build_plan(
         flops=head_flops if have_meta else None,
         params=head_params,
         buffers=head_buffers,
+        trains=any(i in live for p in head_params for i in uses[p] if i >= head_start),
     )
     total_params = sum(numel.values())
+    if head.num_params and not head.trains:
+        notes = [
+            *notes,
+            f"no parameter of the head ({', '.join(head.modules) or head.start}) reaches an output: "
+            "the last block stays trainable",
+        ]
     return FreezePlan(
         model=model_name,
         strategy=strategy,

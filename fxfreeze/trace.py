@@ -50,11 +50,11 @@ from torch import nn
 from .capture_export import export_graph, unknown_outputs
 from .capture_fx import hides_structure, trace_fx
 from .capture_hooks import trace_hooks
-from .calls import canonical_call, describe_call, forward_signature, normalize_inputs
+from .calls import canonical_call, describe_call, forward_signature, normalize_inputs, plain_mappings
 from .errors import ExampleInputError, ModelError, TraceError
 from .graph_utils import resolve_attr
 from .timebound import CaptureTimeout, time_bound
-from .trace_state import preserved_state
+from .trace_state import fresh_containers, preserved_state
 
 __all__ = [
     "Capture",
@@ -244,7 +244,7 @@ def capture_call(
     timeout = _check_timeout(timeout)
     try:
         if args or kwargs:
-            args, kwargs = canonical_call(forward_signature(model), args, kwargs)
+            args, kwargs = plain_mappings(*canonical_call(forward_signature(model), args, kwargs))
     except TypeError as e:
         params = forward_signature(model).parameters.values()
         sig = "(" + ", ".join(str(p.replace(annotation=p.empty)) for p in params) + ")"
@@ -266,7 +266,7 @@ def _capture(
     have_inputs = bool(args or kwargs)
     strip: list[str] = []
     if have_inputs:
-        strip = unknown_outputs(_run_eager(model, args, kwargs))
+        strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
     reasons: list[str] = []
     common = dict(training=model.training, example_args=args, example_kwargs=kwargs)
     bound = f"{timeout:g} s" if timeout else ""
@@ -276,7 +276,7 @@ def _capture(
     if strategy in ("auto", "fx"):
         try:
             with time_bound(timeout):
-                fx_graph, leaves, failure = trace_fx(model, args, kwargs)
+                fx_graph, leaves, failure = trace_fx(model, *fresh_containers(args, kwargs))
         except CaptureTimeout:
             fx_graph, failure = None, f"fx tracing took longer than {bound}"
         if fx_graph is not None:
@@ -314,7 +314,7 @@ def _capture(
             for dynamic in (True, False):
                 try:
                     with preserved_state(model), time_bound(timeout):
-                        res = export_graph(model, args, kwargs, dynamic=dynamic, strip=bool(strip))
+                        res = export_graph(model, *fresh_containers(args, kwargs), dynamic=dynamic, strip=bool(strip))
                     if not dynamic:
                         reasons.append("exported with static shapes: other shapes get their own capture")
                     return Capture(
@@ -345,7 +345,7 @@ def _capture(
             )
         try:
             with time_bound(timeout):
-                graph = trace_hooks(model, args, kwargs)
+                graph = trace_hooks(model, *fresh_containers(args, kwargs))
         except CaptureTimeout:
             raise TraceError(f"{name}: every capture strategy took longer than {bound} ({'; '.join(reasons)})") from None
         reasons.append("captured module execution order with forward hooks (no graph that can run)")

@@ -121,6 +121,50 @@ def test_a_residual_join_after_the_last_block_belongs_to_it():
     assert p.head.modules == ["fc"]
 
 
+def test_a_head_whose_parameters_reach_no_output_keeps_the_last_block_trainable():
+    """A pooler whose result the model drops (BERT's inside a sentence-transformers model)
+    is a head with parameters that trains nothing: freezing every block would leave the
+    loss without a gradient. The plan says so and the last block never freezes."""
+    import torch
+    from torch import nn
+
+    import fxfreeze
+    from fxfreeze.errors import FreezeError
+
+    class Net(nn.Module):
+        def __init__(self, use_pool: bool) -> None:
+            super().__init__()
+            self.use_pool = use_pool
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+            self.pool = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            for b in self.blocks:
+                x = x + b(x)
+            pooled = self.pool(x[:, 0])  # computed either way, returned only when used
+            return {"emb": x.mean(1), "pooled": pooled} if self.use_pool else {"emb": x.mean(1)}
+
+    x = torch.randn(4, 5, 8)
+    dead = Net(use_pool=False)
+    p = fxfreeze.plan(dead, (x,))
+    assert p.head.num_params == 8 * 8 + 8 and p.head.trains is False
+    assert p.max_frozen == len(p.blocks) - 1
+    assert any("reaches an output" in n for n in p.notes)
+    assert fxfreeze.FreezePlan.from_yaml(p.to_yaml()) == p
+    fm = fxfreeze.compile(dead, (x,), config={"policy": "manual"})
+    with pytest.raises(FreezeError, match="trains no parameter that reaches an output"):
+        fm.freeze_prefix(len(p.blocks))
+    fm.freeze_prefix(p.max_frozen)
+    fm(x)["emb"].sum().backward()  # the last block still gives the loss a gradient
+    assert dead.blocks[-1][0].weight.grad is not None and dead.blocks[0][0].weight.grad is None
+    for e in fm.graphs.entries():
+        fm.graph_module_of(e).graph.lint()
+
+    live = fxfreeze.plan(Net(use_pool=True), (x,))
+    assert live.head.trains is True and live.max_frozen == len(live.blocks)
+    assert not any("reaches an output" in n for n in live.notes)
+
+
 def test_multi_input_and_dict_output():
     p = _plan("multi_input_net")
     assert [b.name for b in p.blocks[1:]] == ["blocks.0", "blocks.1", "blocks.2"]

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..api import Analysis
-from ..calls import canonical_call, describe_call
+from ..calls import canonical_call, describe_call, plain_mappings
 from ..errors import CallError, FreezeError
 from ..forwards import forward_with
 from ..passes import CutBackward
@@ -206,11 +206,13 @@ class FreezableModule(Routing, nn.Module):
             raise CallError(
                 f"{type(model).__name__}.forward does not accept this call ({describe_call(args, kwargs)}): {e}"
             ) from e
+        eager_args, eager_kwargs = args, kwargs
+        args, kwargs = plain_mappings(args, kwargs)  # a BatchEncoding argument: its dict
         if training and self.probe_hook is not None:
             self.probe_hook(args, kwargs)
         entry = self.graphs.lookup(training, args, kwargs)
         if entry is None:
-            return self._run_eager(args, kwargs)
+            return self._run_eager(eager_args, eager_kwargs)
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
                 and self._cached.pays(self._num_frozen, self.freezer):
@@ -276,7 +278,9 @@ class FreezableModule(Routing, nn.Module):
         if k > self.plan.max_frozen:
             raise FreezeError(
                 f"cannot freeze {k} blocks: the plan of {self.plan.model} has {len(self.plan.blocks)} "
-                f"blocks and at most {self.plan.max_frozen} may be frozen (the head is never frozen)"
+                f"blocks and at most {self.plan.max_frozen} may be frozen (the head is never frozen"
+                + ("" if self.plan.max_frozen == len(self.plan.blocks) else ", and it trains no parameter that reaches an output")
+                + ")"
             )
         return k
 

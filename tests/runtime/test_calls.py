@@ -285,3 +285,114 @@ def test_a_call_the_model_itself_fails_on_raises_its_own_error_and_is_retried():
         fm(torch.randn(4, 5), scale=3.0)  # 5 features where the model takes 8
     assert not fm.graphs.eager_calls
     assert fm(torch.randn(4, 8), scale=3.0).shape == (4, 4)  # the same kind of call, now valid: a graph
+
+
+class _Features(nn.Module):
+    """sentence-transformers' calling convention: a dict of features in, the same dict out
+    with the model's outputs written into it; a constant position buffer indexes an
+    embedding (its index is saved for the backward pass), as in BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)
+        self.pos = nn.Embedding(32, 16)
+        self.register_buffer("position_ids", torch.arange(32).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, features: dict) -> dict:
+        ids = features["input_ids"]
+        h = self.tok(ids) + self.pos(self.position_ids[:, : ids.shape[1]])
+        if "boost" in features:
+            h = h * features["boost"]
+        for b in self.blocks:
+            h = h + b(h)
+        features.update({"token_embeddings": h, "embedding": self.out(h.mean(1))})
+        return features
+
+
+def test_a_forward_that_writes_into_its_input_dict_gets_one_graph_and_keeps_the_example():
+    """Capturing runs the model: its writes into the input dict must not reach the example
+    inputs the graph is keyed on (else every later call, with the caller's own fresh dict,
+    would miss that graph and capture again) nor the caller's dict."""
+    torch.manual_seed(0)
+    model = _Features()
+    ids = torch.randint(0, 50, (4, 7))
+    example = {"input_ids": ids}
+    fm = fxfreeze.compile(model, (example,), config={"policy": "manual"})
+    assert list(example) == ["input_ids"]
+    for n in (7, 9):
+        out = fm({"input_ids": torch.randint(0, 50, (4, n))})
+        assert set(out) >= {"input_ids", "embedding"}
+    assert len(fm.graphs) == 1
+    model.eval()
+    x = {"input_ids": ids}
+    torch.testing.assert_close(fm(dict(x))["embedding"], model(dict(x))["embedding"], rtol=1e-5, atol=1e-6)
+    for e in fm.graphs.entries():
+        fm.graph_module_of(e).graph.lint()
+
+
+def test_a_capture_between_a_forward_and_its_backward_leaves_the_saved_buffers_alone():
+    """A step that calls the model twice (a Siamese loss), the second time with a new kind
+    of call: the capture it triggers runs the model under preserved state. It must not
+    write back a buffer it did not change, or the first forward's backward, which saved a
+    slice of that buffer (the position ids), fails with "modified by an inplace operation"."""
+    torch.manual_seed(0)
+    model = _Features()
+    ids = torch.randint(0, 50, (4, 7))
+    fm = fxfreeze.compile(model, ({"input_ids": ids},), config={"policy": "manual"})
+    fm.train()
+    version = model.position_ids._version
+    a = fm({"input_ids": ids})["embedding"]
+    b = fm({"input_ids": ids, "boost": torch.tensor(2.0)})["embedding"]  # a new kind: captured now
+    assert len(fm.graphs) == 2 and model.position_ids._version == version
+    (a - b).pow(2).sum().backward()
+    ref = _Features()
+    ref.load_state_dict(model.state_dict())
+    ra = ref({"input_ids": ids})["embedding"]
+    rb = ref({"input_ids": ids, "boost": torch.tensor(2.0)})["embedding"]
+    (ra - rb).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for e in fm.graphs.entries():
+        fm.graph_module_of(e).graph.lint()
+
+
+def test_a_capture_between_a_forward_and_its_backward_leaves_batchnorm_stats_usable():
+    """The same with BatchNorm in training mode: the capture's forward changes the running
+    stats and preserved state puts them back; the first forward's backward still runs, and
+    gradients and running stats equal the eager model's two calls."""
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(8, 8)
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
+    fm.train()
+    ref = copy.deepcopy(model)
+    a = fm(x)
+    b = fm(x, scale=2.0)  # a new kind of call: captured between a's forward and its backward
+    assert len(fm.graphs) == 2
+    (a - b).pow(2).sum().backward()
+    (ref(x) - ref(x, scale=2.0)).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, buf), rbuf in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(buf, rbuf, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_mapping_graphs_cannot_take_runs_as_its_dict():
+    """A tokenizer's BatchEncoding (a UserDict) as the model's argument, at compile and at
+    every call: the graph takes the same items as a dict, instead of the whole model running
+    eagerly because torch.export refuses the type."""
+    from collections import UserDict
+
+    torch.manual_seed(0)
+    model = _Features()
+    ids = torch.randint(0, 50, (4, 7))
+    fm = fxfreeze.compile(model, (UserDict(input_ids=ids),), config={"policy": "manual"})
+    assert not fm.eager_only and fm.plan.strategy in ("fx", "export")
+    model.eval()
+    for call in (UserDict(input_ids=ids), {"input_ids": ids}):
+        torch.testing.assert_close(fm(call)["embedding"], model(dict(call))["embedding"], rtol=1e-5, atol=1e-6)
+    assert len(fm.graphs) == 2  # the compile's training graph and one eval graph for both calls
+    for e in fm.graphs.entries():
+        fm.graph_module_of(e).graph.lint()
