@@ -190,6 +190,7 @@ class FreezableModule(Routing, nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.training_calls += self._model.training
         out = self._run_graphs(args, kwargs)
         if self.freezer is not None and self._model.training:
             loss = _loss_of(out)  # a model that computes its own loss (labels=): the safety net reads it

@@ -11,6 +11,7 @@ steps aside: such calls must reach the model's own forward, not the graphs again
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import types
 import weakref
@@ -21,6 +22,8 @@ from torch import nn
 from ..forwards import forward_with, restore_forward, saved_forward, temporary_forward
 
 __all__ = ["Routing"]
+
+logger = logging.getLogger("fxfreeze")
 
 #: per thread: ids of compiled modules whose installed route steps aside (captures, eager calls)
 _BYPASS = threading.local()
@@ -34,6 +37,31 @@ class Routing:
     graphs: Any
     _installed: tuple[bool, Any] | None
     _eager_forward: Any
+    #: training-mode calls that reached the compiled module (its graphs or the model's forward)
+    training_calls: int = 0
+    _route_checked: bool = False
+
+    def check_route(self) -> None:
+        """Called at each optimizer step; acts at the first only. A backward reached the
+        model's parameters but no training call reached this module: the loop calls the model
+        itself, through something that holds it (a sentence-transformers loss, a parent
+        module, a closure). Then no graph ran and the policies saw nothing (Egeria's probe, the
+        safety net's loss, the cache's batches), so nothing would ever freeze. Route the
+        model's calls here (:meth:`install`) and say so."""
+        if self._route_checked:
+            return
+        self._route_checked = True
+        if self.training_calls or self._installed is not None:
+            return
+        if not any(p.grad is not None for p in self._model.parameters()):
+            return  # no backward yet (a step by hand, say): nothing to tell
+        self.install()
+        logger.warning(
+            "fxfreeze: the first optimizer step trained %s without a call of the compiled module (something "
+            "calls the model itself); from now on model(...) runs the compiled module (fm.install()). Call "
+            "fm(...) in the loop, or fm.install() after compile, to make this explicit",
+            type(self._model).__name__,
+        )
 
     @contextlib.contextmanager
     def _bypass(self) -> Iterator[None]:

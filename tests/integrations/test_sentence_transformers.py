@@ -61,7 +61,10 @@ def test_a_plain_loop_with_a_pair_loss_trains_freezes_to_the_last_layer_and_matc
         opt.step()
     assert fm.num_frozen == plan.max_frozen == 6
     assert not torch.equal(last, before)  # the last layer kept training
-    assert len(fm.graphs) == 1  # the caller's dicts all fit the one training graph
+    # the loss calls the model itself: routed to the compiled module after the first step,
+    # and the caller's dicts all fit the one training graph
+    assert fm.installed and fm.training_calls == 2 * 9
+    assert len(fm.graphs) == 1
     model.eval()
     feats = _features(model, GOOD + BAD)
     torch.testing.assert_close(

@@ -134,3 +134,52 @@ def test_an_explicit_optimizer_or_detach_ends_the_watch_and_a_dropped_model_is_n
     assert ref() is None  # the global hook holds the controller weakly
     opt = torch.optim.SGD(_mlp().parameters(), lr=0.1)
     opt.step()  # an inert hook left behind does nothing
+
+
+class _Loss(nn.Module):
+    """A loss that holds the model and calls it itself (sentence-transformers' losses do)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.model(x), y)
+
+
+def test_a_loop_that_calls_the_model_itself_is_routed_to_the_compiled_module(caplog):
+    """Nothing reached the compiled module in the first step, though a backward reached the
+    model's parameters: the model's calls are routed to it from then on (one warning), so
+    the graphs run and the policies see the training calls; the run equals one that called
+    ``fm`` from the start."""
+    model = _mlp()
+    fm = fxfreeze.compile(model, (torch.randn(2, 8),), config=SCHEDULE)
+    loss_fn = _Loss(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        for i in range(8):
+            x, y = _batch(i)
+            loss = loss_fn(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    warned = [r.getMessage() for r in caplog.records if "without a call of the compiled module" in r.getMessage()]
+    assert len(warned) == 1 and "fm.install()" in warned[0]
+    assert fm.installed and fm.training_calls == 7  # every call after the first step
+    assert _events(fm) == [(3, "freeze", 2), (6, "freeze", 4)]
+
+    twin = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+    _train(twin, torch.optim.SGD(twin.parameters(), lr=0.1), 8)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_no_route_when_the_loop_calls_the_compiled_module_or_no_backward_ran(caplog):
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        fm = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+        _train(fm, torch.optim.SGD(fm.parameters(), lr=0.1), 3)
+        assert not fm.installed and fm.training_calls == 3
+        by_hand = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
+        by_hand.freezer.step()  # a step with no backward: nothing to tell
+        assert not by_hand.installed
+    assert not [r for r in caplog.records if "without a call of the compiled module" in r.getMessage()]

@@ -698,3 +698,27 @@ def test_the_probe_runs_to_a_handful_of_depths_each_deep_enough_for_its_tracked_
     assert all(pol._tracked(k).stop <= pol.probe.depth(pol._tracked(k).stop) <= pol.hi for k in range(pol.hi))
     assert len(depths) <= 9 and set(pol.probe._ranges) == depths | {pol.hi}
     fm.freezer.detach()
+
+
+def test_the_probe_batch_takes_its_samples_from_inside_a_dict_of_features():
+    """A model called with one dict of features (sentence-transformers): the probe keeps the
+    first ``size`` samples of every tensor in it, as copies, and fills from later batches of
+    the same structure when the first held a single sample."""
+    from fxfreeze.runtime.egeria.probe import ActivationProbe
+
+    ids = torch.arange(24).view(8, 3)
+    feats = {"input_ids": ids, "attention_mask": torch.ones(8, 3, dtype=torch.long), "kind": "text"}
+    from types import SimpleNamespace
+
+    probe = ActivationProbe(SimpleNamespace(probe_hook=None), size=4, hi=1)
+    probe.offer((feats,), {})
+    (got,) = probe.args
+    assert probe.ready and probe.samples == 4 and got["kind"] == "text"
+    assert torch.equal(got["input_ids"], ids[:4]) and got["input_ids"].data_ptr() != ids.data_ptr()
+    assert got is not feats
+
+    small = ActivationProbe(SimpleNamespace(probe_hook=None), size=3, hi=1)
+    for i in range(4):
+        small.offer(({"input_ids": ids[i : i + 1], "attention_mask": torch.ones(1, 3, dtype=torch.long)},), {})
+    assert small.ready and small.samples == 3
+    assert torch.equal(small.args[0]["input_ids"], ids[:3])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.utils._pytree as pytree
 
 from ...analysis import batch_size_of
 from ...passes.subgraph import Subgraph, extract
@@ -23,12 +24,18 @@ __all__ = ["ActivationProbe", "all_finite"]
 
 
 def _take(x: Any, bs: int | None, n: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        y = x.detach()
-        if bs is not None and y.dim() > 0 and y.shape[0] == bs:
-            y = y[:n]
-        return y.clone()
-    return x
+    """The first ``n`` samples of every tensor in ``x`` (a dict of features included), copied:
+    the probe must not share the caller's containers or storage."""
+
+    def one(y: Any) -> Any:
+        if isinstance(y, torch.Tensor):
+            y = y.detach()
+            if bs is not None and y.dim() > 0 and y.shape[0] == bs:
+                y = y[:n]
+            return y.clone()
+        return y
+
+    return pytree.tree_map(one, x)
 
 
 class ActivationProbe:
@@ -71,12 +78,19 @@ class ActivationProbe:
             return
         take = min(bs, self.size - self.samples)
 
-        def join(old: Any, new: Any) -> Any:
+        def leaf(old: Any, new: Any) -> Any:
             if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
                 if old.dim() == 0 or new.dim() != old.dim() or new.shape[0] != bs or new.shape[1:] != old.shape[1:]:
                     raise ValueError("shapes differ")
                 return torch.cat([old, new.detach()[:take].to(old.device)])
             return old
+
+        def join(old: Any, new: Any) -> Any:  # through dicts and lists of the same structure
+            old_leaves, spec = pytree.tree_flatten(old)
+            new_leaves, new_spec = pytree.tree_flatten(new)
+            if spec != new_spec:
+                raise ValueError("structures differ")
+            return pytree.tree_unflatten([leaf(o, n) for o, n in zip(old_leaves, new_leaves)], spec)
 
         try:
             joined_args = tuple(join(o, n) for o, n in zip(self.args, args))
