@@ -55,6 +55,19 @@ class Routing:
             return
         if not any(p.grad is not None for p in self._model.parameters()):
             return  # no backward yet (a step by hand, say): nothing to tell
+        if "forward" in self._model.__dict__:
+            # something wrapped the model's forward already (accelerate's mixed precision,
+            # prepared by the HF Trainer): a route would replace that wrapper (its autocast
+            # lost) and captures would run through it (its autocast region baked into the
+            # graph as one piece): say what to do instead
+            logger.warning(
+                "fxfreeze: the first optimizer step trained %s without a call of the compiled module, through a "
+                "wrapper of its forward (accelerate's mixed precision, say), which fxfreeze does not route under: "
+                "call fm(...) in the loop, or give the HF Trainer / Lightning the FxFreezeCallback (the policies "
+                "that read training calls, the default's included, see none and will not freeze)",
+                type(self._model).__name__,
+            )
+            return
         self.install()
         logger.warning(
             "fxfreeze: the first optimizer step trained %s without a call of the compiled module (something "

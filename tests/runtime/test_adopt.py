@@ -183,3 +183,31 @@ def test_no_route_when_the_loop_calls_the_compiled_module_or_no_backward_ran(cap
         by_hand.freezer.step()  # a step with no backward: nothing to tell
         assert not by_hand.installed
     assert not [r for r in caplog.records if "without a call of the compiled module" in r.getMessage()]
+
+
+def test_a_model_whose_forward_a_wrapper_holds_is_not_routed_and_the_warning_says_what_to_do(caplog):
+    """accelerate's mixed precision (the HF Trainer with bf16, no callback) makes the model's
+    forward an instance wrapper; a route would replace it and captures would run through it,
+    so the model is left as it is and the warning names the ways that work."""
+    import types
+
+    model = _mlp()
+    fm = fxfreeze.compile(model, (torch.randn(2, 8),), config=SCHEDULE)
+    plain = type(model).forward
+
+    def under_autocast(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain(self, x)
+
+    model.forward = types.MethodType(under_autocast, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        for i in range(4):
+            x, y = _batch(i)
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    warned = [r.getMessage() for r in caplog.records if "without a call of the compiled module" in r.getMessage()]
+    assert len(warned) == 1 and "wrapper of its forward" in warned[0] and "FxFreezeCallback" in warned[0]
+    assert not fm.installed and model.forward.__func__ is under_autocast
