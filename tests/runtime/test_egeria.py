@@ -722,3 +722,22 @@ def test_the_probe_batch_takes_its_samples_from_inside_a_dict_of_features():
         small.offer(({"input_ids": ids[i : i + 1], "attention_mask": torch.ones(1, 3, dtype=torch.long)},), {})
     assert small.ready and small.samples == 3
     assert torch.equal(small.args[0]["input_ids"], ids[:3])
+
+
+def test_a_block_with_nothing_to_quantize_gets_rounded_outputs_without_a_warning(caplog):
+    """An embedding block (lookup + LayerNorm) has no linear or convolution: int8_outputs is
+    its natural reference, told at INFO; a real backend failure stays a warning (above)."""
+    from fxfreeze.runtime.egeria.builder import build_reference
+
+    class Emb(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.norm = nn.Embedding(50, 16), nn.LayerNorm(16)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.emb(ids))
+
+    ref = build_reference(torch.fx.symbolic_trace(Emb()), [torch.randint(0, 50, (4, 6))], "int8")
+    assert ref.backend == "int8_outputs" and ref.routine and len(ref.fallbacks) == 2
+    lin = build_reference(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), nn.ReLU())), [torch.randn(4, 8)], "int8")
+    assert lin.backend == "int8_dynamic" and lin.routine and not lin.fallbacks

@@ -47,6 +47,7 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = [
+    "NothingToQuantize",
     "ReferenceBackend",
     "register_backend",
     "available_backends",
@@ -62,6 +63,11 @@ _QUIET = (
     r"must run observer before calling calculate_qparams",
     r"QConfig must specify a FixedQParamsObserver",
 )
+
+
+class NothingToQuantize(RuntimeError):
+    """A backend finds nothing of its kind in the block (an embedding lookup has no linear
+    module): the next backend is the block's natural one, not a workaround worth a warning."""
 
 
 def _quiet_quantization_warnings() -> None:
@@ -207,7 +213,7 @@ class _Int8Static(ReferenceBackend):
 
         _quiet_quantization_warnings()
         if not _has_module(template, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            raise RuntimeError("no convolution or linear module to quantize")
+            raise NothingToQuantize("no convolution or linear module to quantize")
         torch.backends.quantized.engine = _engine()
         qconfig = QConfig(
             # quant_max 127: the x86/fbgemm kernels need a reduced activation range
@@ -267,7 +273,7 @@ class _Int8Dynamic(ReferenceBackend):
         gm = snap
         names = [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Linear)]
         if not names:
-            raise RuntimeError("no linear module called by the graph to quantize")
+            raise NothingToQuantize("no linear module called by the graph to quantize")
         return quantize_dynamic(gm, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8)
 
 

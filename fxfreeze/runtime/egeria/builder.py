@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from ...passes.normalize import normalize
-from .backends import PRECISIONS, ReferenceBackend, backend
+from .backends import PRECISIONS, NothingToQuantize, ReferenceBackend, backend
 
 __all__ = ["BuiltReference", "ReferenceBuilder", "build_reference", "snapshot", "all_finite", "relative_error"]
 
@@ -99,6 +99,8 @@ class BuiltReference:
     backend: str
     input_dtype: torch.dtype
     fallbacks: list[str] = field(default_factory=list)
+    #: every fallback was a backend finding nothing of its kind to quantize (expected, not news)
+    routine: bool = True
 
     def cast(self, inputs: Sequence[Any]) -> list[Any]:
         return [x.to(self.input_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
@@ -150,6 +152,7 @@ class ReferenceBuilder:
         self.raw = snapshot(block, weights=self.has_weights)
         template = normalize(copy.deepcopy(self.raw))
         self.fallbacks: list[str] = []
+        self.routine = True  # only NothingToQuantize so far
         self.candidates: list[tuple[ReferenceBackend, Any]] = []
         for name in PRECISIONS[precision](template):
             impl = backend(name)
@@ -161,6 +164,7 @@ class ReferenceBuilder:
                 self.candidates.append((impl, prepared))
             except Exception as e:  # noqa: BLE001 - any failure means: try the next backend
                 self.fallbacks.append(_reason(name, e))
+                self.routine = self.routine and isinstance(e, NothingToQuantize)
 
     def build(self, state: Mapping[str, torch.Tensor] | None, example_inputs: Sequence[Any]) -> BuiltReference:
         """A reference with the weights in ``state`` (keys of the block's state dict; None
@@ -172,16 +176,18 @@ class ReferenceBuilder:
         if state is not None:
             snap.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         normalize(snap)
-        fallbacks = list(self.fallbacks)
+        fallbacks, routine = list(self.fallbacks), self.routine
         for i, (impl, prepared) in enumerate(self.candidates):
             src = snap if i == len(self.candidates) - 1 else copy.deepcopy(snap)
             try:
-                built = BuiltReference(impl.convert(src, prepared, example_inputs), impl.name, impl.input_dtype, fallbacks)
+                built = BuiltReference(impl.convert(src, prepared, example_inputs), impl.name, impl.input_dtype,
+                                       fallbacks, routine)
                 if not all_finite(built(example_inputs)):
                     raise RuntimeError("its output on the calibration inputs is not finite")
                 return built
             except Exception as e:  # noqa: BLE001 - any failure means: try the next backend
                 fallbacks.append(_reason(impl.name, e))
+                routine = routine and isinstance(e, NothingToQuantize)
         raise RuntimeError("no reference backend works for this block: " + "; ".join(fallbacks))
 
 

@@ -99,7 +99,9 @@ class References:
                 built = self.builders[j].build(state, inputs)
                 out["build_seconds"] += time.perf_counter() - tb
                 if built.fallbacks and self.backends.get(j) != built.backend:
-                    logger.warning("egeria: block %d reference falls back to %s (%s)", j, built.backend, "; ".join(built.fallbacks))
+                    # a block with nothing to quantize (embeddings) is told at INFO: it is the design
+                    log = logger.info if built.routine else logger.warning
+                    log("egeria: block %d reference falls back to %s (%s)", j, built.backend, "; ".join(built.fallbacks))
                 self.backends[j] = built.backend
                 self.fallbacks[j] = built.fallbacks
                 self.built[j] = (built, anchor_id)
