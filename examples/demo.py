@@ -62,6 +62,8 @@ def train(name: str, model, opt, data, epochs: int, batch: int, seed: int) -> tu
             idx = perm[i : i + batch]
             opt.zero_grad()
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            if hasattr(model, "freezer"):
+                model.freezer.observe_loss(loss)  # the safety net's input: the model returns logits
             loss.backward()
             opt.step()
             sched.step()

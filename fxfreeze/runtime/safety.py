@@ -21,11 +21,14 @@ it what to do. Its state is saved with the controller's, so a resume keeps holds
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from typing import Any
 
 __all__ = ["SafetyNet"]
+
+logger = logging.getLogger("fxfreeze")
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -79,6 +82,7 @@ class SafetyNet:
         self.hold_until: dict[int, int] = {}
         #: block -> how many times the net has undone its freeze
         self.strikes: dict[int, int] = {}
+        self._blind_told = False
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +102,13 @@ class SafetyNet:
         """The prefix went from ``old`` to ``new`` blocks at ``step``: a freeze starts a
         watch (when ``watch`` and a baseline is there); anything else ends any watch."""
         self.post.clear()
+        if watch and new > old and self.enabled and not self.recent and not self._blind_told:
+            self._blind_told = True
+            logger.warning(
+                "fxfreeze: step %d: the safety net has seen no training loss, so it cannot undo this freeze if it "
+                "hurts: the model returns no `loss`. Call fm.freezer.observe_loss(loss) each step (or "
+                "config={'safety_net': {'enabled': False}} to go without)", step,
+            )
         if watch and new > old and len(self.recent) >= max(5, self.recent.maxlen // 2):  # type: ignore[operator]
             level, se = _level(list(self.recent))
             self.watching = (step, new - 1, level, se)

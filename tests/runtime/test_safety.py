@@ -159,3 +159,34 @@ def test_the_users_schedule_is_not_watched():
 def test_bad_safety_config_is_refused(bad):
     with pytest.raises(fxfreeze.ConfigError, match="safety_net"):
         fxfreeze.FreezeConfig.from_dict({"safety_net": bad})
+
+
+def test_a_freeze_with_no_loss_seen_says_the_net_is_blind_once(caplog):
+    """A plain loop whose model returns logits and which never calls ``observe_loss``: the
+    first watched freeze warns (once) that the net cannot undo it; with losses, no warning."""
+    import logging
+
+    def run(observe: bool) -> list[str]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), *[nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3)], nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, config={"policy": "freeze_at", "freeze_at": {"step": 12, "blocks": 1}})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+            for step in range(30):
+                if step == 20:
+                    fm.freezer.policy.config.section("freeze_at").blocks = 2  # a second freeze: no second warning
+                x = torch.randn(16, 8)
+                loss = nn.functional.cross_entropy(fm(x), (x[:, 0] > 0).long())
+                if observe:
+                    fm.freezer.observe_loss(loss)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        assert fm.num_frozen == 2
+        fm.freezer.detach()
+        return [r.getMessage() for r in caplog.records if "safety net has seen no training loss" in r.getMessage()]
+
+    blind = run(observe=False)
+    assert len(blind) == 1 and "step 12" in blind[0] and "observe_loss" in blind[0]
+    assert run(observe=True) == []
