@@ -106,8 +106,10 @@ class SafetyNet:
             self._blind_told = True
             logger.warning(
                 "fxfreeze: step %d: the safety net has seen no training loss, so it cannot undo this freeze if it "
-                "hurts: the model returns no `loss`. Call fm.freezer.observe_loss(loss) each step (or "
-                "config={'safety_net': {'enabled': False}} to go without)", step,
+                "hurts (the model returns no `loss`). Report it each step with fm.freezer.observe_loss(loss) (with a "
+                "trainer's FxFreezeCallback: callback.module.freezer.observe_loss(loss) where the loss is computed, "
+                "e.g. a Trainer's compute_loss with label smoothing), or turn the net off with "
+                "config={'safety_net': {'enabled': False}}", step,
             )
         if watch and new > old and len(self.recent) >= max(5, self.recent.maxlen // 2):  # type: ignore[operator]
             level, se = _level(list(self.recent))
