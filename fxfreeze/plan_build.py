@@ -60,18 +60,31 @@ def _live(ix: GraphIndex) -> set[int]:
     capture kept, such as a pooler whose output the model drops)."""
     live: set[int] = set()
     seen: set[fx.Node] = set()
-    out = [n for n in ix.nodes if n.op == "output"]
-    stack = [a for o in out for a in o.all_input_nodes]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        i = ix.cidx.get(n)
-        if i is not None:
-            live.add(i)
-        stack.extend(n.all_input_nodes)
+
+    def reach(stack: list[fx.Node]) -> None:
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            i = ix.cidx.get(n)
+            if i is not None:
+                live.add(i)
+            stack.extend(n.all_input_nodes)
+
+    reach([a for o in ix.nodes if o.op == "output" for a in o.all_input_nodes])
+    # an in-place op nobody reads (``y.add_(self.bias)``) is live when what it writes is
+    for n in reversed(ix.nodes):
+        if not n.users and n.op in ("call_method", "call_function") and n.args and n.args[0] in seen \
+                and _writes_in_place(n):
+            reach([n])
     return live
+
+
+def _writes_in_place(n: fx.Node) -> bool:
+    t = getattr(n.target, "overloadpacket", n.target)  # aten.mul_.Tensor -> aten.mul_
+    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return name.endswith("_") and not name.endswith("__") or name in ("iadd", "isub", "imul", "itruediv")
 
 
 def _owned_modules(ix: GraphIndex, owners: Sequence[str], lo: int, hi: int) -> list[str]:

@@ -164,6 +164,17 @@ def test_a_head_whose_parameters_reach_no_output_keeps_the_last_block_trainable(
     assert live.head.trains is True and live.max_frozen == len(live.blocks)
     assert not any("reaches an output" in n for n in live.notes)
 
+    class InPlace(Net):  # the head's parameter reaches the output through an in-place op nobody reads
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for b in self.blocks:
+                x = x + b(x)
+            y = x.mean(1).clone()
+            y.mul_(self.pool.weight.diagonal())
+            return y
+
+    written = fxfreeze.plan(InPlace(use_pool=False), (x,))
+    assert written.head.trains is True and written.max_frozen == len(written.blocks)
+
 
 def test_multi_input_and_dict_output():
     p = _plan("multi_input_net")
