@@ -54,7 +54,7 @@ from .calls import canonical_call, describe_call, forward_signature, normalize_i
 from .errors import ExampleInputError, ModelError, TraceError
 from .graph_utils import resolve_attr
 from .timebound import CaptureTimeout, time_bound
-from .trace_state import fresh_containers, preserved_state
+from .trace_state import fresh_containers, preserved_state, watch_checkpoints
 
 __all__ = [
     "Capture",
@@ -119,6 +119,8 @@ class Capture:
     #: export only: checks a call's flattened inputs against the graph's shape guards
     guard: Any = None
     in_spec: Any = None
+    #: the model's forward called ``torch.utils.checkpoint`` on the example call
+    checkpoints: bool = False
 
     def accepts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Does the call ``(args, kwargs)`` (canonical, same structure as the example)
@@ -265,10 +267,12 @@ def _capture(
     name = type(model).__name__
     have_inputs = bool(args or kwargs)
     strip: list[str] = []
+    checkpoints: list[str] = []
     if have_inputs:
-        strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
+        with watch_checkpoints() as checkpoints:
+            strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
     reasons: list[str] = []
-    common = dict(training=model.training, example_args=args, example_kwargs=kwargs)
+    common = dict(training=model.training, example_args=args, example_kwargs=kwargs, checkpoints=bool(checkpoints))
     bound = f"{timeout:g} s" if timeout else ""
 
     fx_graph: fx.Graph | None = None

@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["preserved_state", "fresh_containers"]
+__all__ = ["preserved_state", "fresh_containers", "watch_checkpoints", "checkpoint_flags"]
 
 
 @contextlib.contextmanager
@@ -50,3 +50,50 @@ def fresh_containers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tup
     the caller's dict."""
     args, kwargs = pytree.tree_map(lambda x: x, (tuple(args), dict(kwargs)))
     return tuple(args), dict(kwargs)
+
+
+@contextlib.contextmanager
+def watch_checkpoints() -> Iterator[list[str]]:
+    """Record whether code run inside calls ``torch.utils.checkpoint`` (activation
+    checkpointing). A captured graph inlines a checkpointed region: it keeps every activation
+    the model meant to recompute, which is what the user turned checkpointing on to avoid.
+    The entry points are looked up at call time, so a model that imported ``checkpoint``
+    by name is seen too. Yields the list the calls are recorded in."""
+    import torch.utils.checkpoint as cp
+
+    seen: list[str] = []
+    saved: dict[str, Any] = {}
+    gen = getattr(cp, "_checkpoint_without_reentrant_generator", None)
+    if gen is not None:
+        def generator(*a: Any, **k: Any) -> Any:
+            seen.append("non-reentrant")
+            return gen(*a, **k)
+
+        saved["_checkpoint_without_reentrant_generator"] = gen
+        cp._checkpoint_without_reentrant_generator = generator  # type: ignore[attr-defined]
+    fn = getattr(cp, "CheckpointFunction", None)
+    if fn is not None:
+        class Watched(fn):  # type: ignore[misc, valid-type]
+            @classmethod
+            def apply(cls, *a: Any, **k: Any) -> Any:
+                seen.append("reentrant")
+                return fn.apply(*a, **k)
+
+        saved["CheckpointFunction"] = fn
+        cp.CheckpointFunction = Watched  # type: ignore[attr-defined]
+    try:
+        yield seen
+    finally:
+        for name, value in saved.items():
+            setattr(cp, name, value)
+
+
+#: attributes by which libraries switch a module's activation checkpointing on
+#: (Hugging Face's ``gradient_checkpointing``, timm's ``grad_checkpointing``)
+CHECKPOINT_FLAGS = ("gradient_checkpointing", "grad_checkpointing")
+
+
+def checkpoint_flags(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that carry a checkpointing switch (on or off now: the HF
+    Trainer turns it on after compile, at the start of ``train()``)."""
+    return [m for m in model.modules() if any(isinstance(getattr(m, f, None), bool) for f in CHECKPOINT_FLAGS)]

@@ -46,6 +46,7 @@ from ..passes import CutBackward
 from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
 from ..trace import DEFAULT_TIMEOUT
+from .checkpointing import CheckpointWatch, leaf_outputs
 from .cached_graph import CachedGraph, prefix_fingerprint
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .loader import SampleIdLoader
@@ -85,6 +86,7 @@ class FreezableModule(Routing, nn.Module):
         self.graphs = GraphCache(
             model, analysis.capture, max_graphs=max_graphs, timeout=capture_timeout, bypass=self._capturing
         )
+        self._checkpoints = CheckpointWatch(model)
         self._num_frozen = 0
         self._saved_requires_grad: dict[str, bool] = {}
         self._eval_modules: list[nn.Module] = []
@@ -213,7 +215,9 @@ class FreezableModule(Routing, nn.Module):
             self.probe_hook(args, kwargs)
         entry = self.graphs.lookup(training, args, kwargs)
         if entry is None:
-            return self._run_eager(eager_args, eager_kwargs)
+            return self._run_eager(eager_args, eager_kwargs, leaves=training and self._checkpoints.on(self._analysis.capture))
+        if training and self._checkpoints.on(entry.capture):  # the model's own forward keeps its checkpoints
+            return self._run_eager(eager_args, eager_kwargs, leaves=True)
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
                 and self._cached.pays(self._num_frozen, self.freezer):
@@ -226,15 +230,15 @@ class FreezableModule(Routing, nn.Module):
         finally:
             torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
 
-    def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        with self._cut_eagerly():
+    def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: bool = False) -> Any:
+        with self._cut_eagerly(leaves):
             if self._installed is not None:  # model(...) would route back here: call its forward
                 with self._bypass():
                     return self._eager_forward(*args, **kwargs)
             return self._model(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _cut_eagerly(self) -> Iterator[None]:
+    def _cut_eagerly(self, leaves: bool = False) -> Iterator[None]:
         """The frozen prefix's cut in the model's own forward: what :class:`CutBackward` does
         in a graph. Frozen parameters already get no gradient; detaching the outputs of the
         frozen blocks' modules also keeps autograd out of the prefix when something in it
@@ -242,11 +246,14 @@ class FreezableModule(Routing, nn.Module):
         trains from its trainable uses only, as in the graphs; inputs that require one). A
         block lists only modules that run inside it (a module reused elsewhere, such as a
         shared dropout, belongs to no block), so no output that a trainable block makes is
-        detached."""
+        detached. With ``leaves`` (a model that checkpoints) they become leaves that require a
+        gradient: reentrant ``torch.utils.checkpoint`` computes no gradient for a block whose
+        inputs need none, so the first trainable block after the prefix would not train."""
         if not self._eval_modules or not torch.is_grad_enabled():
             yield
             return
-        handles = [m.register_forward_hook(_detach_outputs) for m in self._eval_modules]
+        hook = leaf_outputs if leaves else _detach_outputs
+        handles = [m.register_forward_hook(hook) for m in self._eval_modules]
         try:
             yield
         finally:
