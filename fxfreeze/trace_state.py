@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["preserved_state", "fresh_containers", "watch_checkpoints", "checkpoint_flags"]
+__all__ = ["preserved_state", "fresh_containers", "watch_checkpoints", "checkpoint_flags", "CHECKPOINT_FLAGS"]
 
 
 @contextlib.contextmanager
