@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import networkx as nx
 import torch.fx as fx
 
 from .analysis import META_BYTES, META_DTYPE, META_FLOPS, META_SHAPE
@@ -58,33 +59,23 @@ def param_uses(ix: GraphIndex) -> tuple[dict[str, list[int]], dict[str, int]]:
 def _live(ix: GraphIndex) -> set[int]:
     """Compute positions whose result reaches the graph's output (the rest is dead code a
     capture kept, such as a pooler whose output the model drops)."""
-    live: set[int] = set()
-    seen: set[fx.Node] = set()
-
-    def reach(stack: list[fx.Node]) -> None:
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            i = ix.cidx.get(n)
-            if i is not None:
-                live.add(i)
-            stack.extend(n.all_input_nodes)
-
-    reach([a for o in ix.nodes if o.op == "output" for a in o.all_input_nodes])
+    names: set[str] = set()
+    for n in ix.nodes:
+        if n.op == "output":
+            names |= nx.ancestors(ix.dg, n.name)
     # an in-place op nobody reads (``y.add_(self.bias)``) is live when what it writes is
     for n in reversed(ix.nodes):
-        if not n.users and n.op in ("call_method", "call_function") and n.args and n.args[0] in seen \
-                and _writes_in_place(n):
-            reach([n])
-    return live
+        if not n.users and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in names and _writes_in_place(n):
+            names |= {n.name} | nx.ancestors(ix.dg, n.name)
+    return {i for i, n in enumerate(ix.compute) if n.name in names}
 
 
 def _writes_in_place(n: fx.Node) -> bool:
+    if n.op not in ("call_method", "call_function"):
+        return False
     t = getattr(n.target, "overloadpacket", n.target)  # aten.mul_.Tensor -> aten.mul_
     name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-    return name.endswith("_") and not name.endswith("__") or name in ("iadd", "isub", "imul", "itruediv")
+    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
 
 
 def _owned_modules(ix: GraphIndex, owners: Sequence[str], lo: int, hi: int) -> list[str]:

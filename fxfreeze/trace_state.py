@@ -93,7 +93,7 @@ def watch_checkpoints() -> Iterator[list[str]]:
 CHECKPOINT_FLAGS = ("gradient_checkpointing", "grad_checkpointing")
 
 
-def checkpoint_flags(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that carry a checkpointing switch (on or off now: the HF
-    Trainer turns it on after compile, at the start of ``train()``)."""
-    return [m for m in model.modules() if any(isinstance(getattr(m, f, None), bool) for f in CHECKPOINT_FLAGS)]
+def checkpoint_flags(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The checkpointing switches of ``model``'s modules, as (module, attribute), on or off
+    now (the HF Trainer turns them on after compile, at the start of ``train()``)."""
+    return [(m, f) for m in model.modules() for f in CHECKPOINT_FLAGS if isinstance(getattr(m, f, None), bool)]

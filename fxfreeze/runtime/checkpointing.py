@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..trace_state import CHECKPOINT_FLAGS, checkpoint_flags
+from ..trace_state import checkpoint_flags
 
 __all__ = ["CheckpointWatch", "leaf_outputs"]
 
@@ -41,9 +41,7 @@ class CheckpointWatch:
     def on(self, capture: Any) -> bool:
         """Checkpointing for a training call whose graph came from ``capture``; the first
         time it is, one INFO line says what runs instead."""
-        on = bool(getattr(capture, "checkpoints", False)) or any(
-            getattr(m, f, None) is True for m in self.switches for f in CHECKPOINT_FLAGS
-        )
+        on = bool(getattr(capture, "checkpoints", False)) or any(getattr(m, f) is True for m, f in self.switches)
         if on and not self.told:
             self.told = True
             logger.info(
