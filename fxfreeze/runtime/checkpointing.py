@@ -3,7 +3,7 @@
 A captured graph inlines what ``torch.utils.checkpoint`` wraps: the graph saves every
 activation the model meant to recompute, so a model that needed checkpointing to fit in
 memory would run out of it under fxfreeze (BERT with ``gradient_checkpointing_enable()``
-saved 15x the bytes for its backward). Until the graphs checkpoint blocks themselves,
+saved 25x the bytes for its backward at MiniLM's shape: ``benchmarks/checkpoint_memory.py``). Until the graphs checkpoint blocks themselves,
 training calls of such a model run the model's own forward, which checkpoints as the user
 asked; the frozen prefix is still cut from autograd there (no gradient, eval mode, nothing
 recomputed in it). Evaluation keeps the graphs.
