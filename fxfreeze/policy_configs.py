@@ -96,6 +96,10 @@ class EgeriaConfig:
       pretrained block freezes only once its distance has levelled off. Blocks trained from
       scratch converge front first and are held to ``threshold``: diffusing counts as
       settled. ``detect_pretrained=False`` holds every block to ``threshold``;
+    - ``pretrained_floor_ratio``: a pretrained block also counts as settled once, over a
+      whole window, its function has moved less since the anchor than this multiple of the
+      reference's own int8 error (the plasticity at the anchor). 0 (the default): off. See
+      ``docs/egeria.md``, "Moved less than the reference's error";
     - ``reference_precision``: ``int8`` (static for convolutional blocks, dynamic for
       Linear ones; blocks with nothing to quantize run in fp32 with their outputs rounded to
       int8), ``int8_static``, ``int8_dynamic``, ``bf16`` or ``fp32``;
@@ -140,6 +144,7 @@ class EgeriaConfig:
     window: int = 5
     threshold: float = 1.5
     pretrained_threshold: float = 0.5
+    pretrained_floor_ratio: float = 0.0
     detect_pretrained: bool = True
     noise_limit: float = 1.0
     patience: int = 2
@@ -171,6 +176,8 @@ class EgeriaConfig:
         for name in ("threshold", "pretrained_threshold", "noise_limit"):
             if not number(getattr(self, name), f"egeria.{name}") > 0:
                 raise ConfigError(f"egeria.{name} must be a positive number, got {getattr(self, name)!r}")
+        if not number(self.pretrained_floor_ratio, "egeria.pretrained_floor_ratio") >= 0:
+            raise ConfigError(f"egeria.pretrained_floor_ratio must be 0 (off) or positive, got {self.pretrained_floor_ratio!r}")
         if not 0 <= number(self.overhead_budget, "egeria.overhead_budget") < 1:
             raise ConfigError(f"egeria.overhead_budget must be in [0, 1), got {self.overhead_budget!r}")
         for name in ("asynchronous", "freeze", "detect_pretrained", "freeze_run"):

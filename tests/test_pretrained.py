@@ -94,7 +94,13 @@ def test_egeria_holds_each_regime_to_its_threshold_and_keeps_the_verdict_on_resu
     judged = [j for j in range(pol.hi) if pol.plan.blocks[j].num_params > 1000]
     assert judged and all(pol.pretrained[j] for j in judged)
     assert all(pol.tracker.threshold_of(j) == cfg.pretrained_threshold for j in judged)
+    assert pol.tracker.floor_ratios == {}  # off by default
     state = fm.freezer.state_dict()
+    fm.detach()
+    fm = fxfreeze.compile(tuned, (x,), optimizer=torch.optim.SGD(tuned.parameters(), lr=0.1),
+                          config={"egeria": {"pretrained_floor_ratio": 1.5}})
+    ratios = fm.freezer.policy.tracker.floor_ratios
+    assert all(ratios[j] == 1.5 for j in judged) and set(ratios) == {j for j in range(pol.hi) if pol.pretrained[j]}
     fm.detach()
 
     # a resume restores the verdicts made on the weights as first compiled

@@ -118,7 +118,11 @@ def parse_variant(item: str) -> tuple[str, str, dict[str, Any]]:
     try:
         extra = parse_overrides(words[1:])
     except CliError as e:
-        raise CliError(f"--variant {item!r}: {e}") from None
+        # a value with spaces (a mapping, a list) is split into words unless quoted
+        hint = ("; a value with spaces must be quoted inside the variant, e.g. --variant \"m=manual "
+                "'manual.schedule={90: 1, 180: 3}'\"" if any("=" not in w for w in words[1:])
+                or "valid YAML" in str(e) else "")
+        raise CliError(f"--variant {item!r}: {e}{hint}") from None
     return name.strip(), base.strip(), extra
 
 

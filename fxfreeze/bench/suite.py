@@ -86,6 +86,19 @@ def _variant_runs(variants: Mapping[str, tuple[str, Mapping[str, Any]]],
     return out
 
 
+def _needs_plan(policies: list[str], variants: Mapping[str, tuple[str, Mapping[str, Any]]]) -> bool:
+    """Only the manual schedule needs the plan's ``max_frozen`` (one more trace of the
+    model): the ``manual`` run, or a variant of it (which would otherwise unfreeze to 0 at
+    mid-run on top of its own schedule).
+
+    Example::
+
+        >>> _needs_plan(["egeria"], {}), _needs_plan(["egeria"], {"early": ("manual", {})}), _needs_plan(["manual"], {})
+        (False, True, True)
+    """
+    return "manual" in policies or any(base == "manual" for base, _ in variants.values())
+
+
 def _device_name(device: str) -> str:
     """The training device in words: the GPU's name on CUDA."""
     try:
@@ -175,8 +188,7 @@ def run_suite(
     default = FreezeConfig().policy
     for w, epochs in workloads:
         steps = epochs * w.steps_per_epoch
-        # only the manual schedule needs the plan (one more trace of the model)
-        max_frozen = plan(w.model_fn(), w.example_inputs).max_frozen if "manual" in policies else 0
+        max_frozen = plan(w.model_fn(), w.example_inputs).max_frozen if _needs_plan(policies, variants or {}) else 0
         jobs = [(name, name, seed) for name in policies]
         for extra in range(1, default_seeds):
             jobs += [(f"{name} (seed {seed + extra})", name, seed + extra)
@@ -278,8 +290,9 @@ def _workloads(mnist: Any, cifar: Any, text: Any, text_samples: int | None, text
 
 
 def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` merged in: a section (a mapping) key by key, anything
-    else replaced.
+    """``base`` with ``overrides`` merged in: a config section (``egeria``, ``cache``, ...)
+    key by key, anything else replaced, a mapping-valued key of a section included (a
+    variant's ``manual.schedule`` is its schedule, not an addition to the base run's).
 
     Args:
         base: a run's fxfreeze config as a dict.
@@ -289,13 +302,12 @@ def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[
 
         >>> merge_config({"cache": {"enabled": True}, "total_steps": 10}, {"cache": {"memory_budget_mb": 64}})
         {'cache': {'enabled': True, 'memory_budget_mb': 64}, 'total_steps': 10}
+        >>> merge_config({"manual": {"schedule": {448: 3}}}, {"manual": {"schedule": {90: 1}}})
+        {'manual': {'schedule': {90: 1}}}
     """
     out = dict(base)
     for k, v in overrides.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge_config(out[k], v)
-        else:
-            out[k] = v
+        out[k] = {**out[k], **v} if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
 
 

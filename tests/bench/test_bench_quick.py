@@ -78,7 +78,8 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
                       ("v=egeria egeria", "expected KEY=VALUE"), ("v=warp", "'warp' is not a bench policy"),
                       ("v=baseline", "'baseline' is not a bench policy"), ("egeria=egeria", "a name of its own"),
                       ("v=egeria egeria.thresold=1", "variant 'v': unknown key 'thresold'"),
-                      ("v=egeria egeria.threshold=2", None)):
+                      ("v=manual manual.schedule={90: 1}", "must be quoted inside the variant"),
+                      ("v=manual 'manual.schedule={90: 1}'", None), ("v=egeria egeria.threshold=2", None)):
         rc = main(["bench", "--variant", bad, "--mnist", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
         assert rc == 2
         err = capsys.readouterr().err
@@ -91,3 +92,18 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
         assert rc == 2
         err = capsys.readouterr().err
         assert (says or "does not exist") in err, (bad, err)  # a good --set gets as far as the data path
+
+
+def test_a_variant_of_the_manual_run_has_its_own_schedule_and_the_plan():
+    """A variant's ``manual.schedule`` replaces the base run's (mid-run half) instead of
+    adding to it, and a manual variant gets the plan's ``max_frozen`` even without the
+    ``manual`` run: before, ``--variant "early=manual 'manual.schedule={90: 1}'"`` also
+    unfroze everything at mid-run ({448: 0})."""
+    from fxfreeze.bench.suite import POLICIES, _needs_plan, merge_config
+
+    base = POLICIES["manual"].config(None, 897, 6)
+    assert base == {"manual": {"schedule": {448: 3}}}
+    assert merge_config(base, {"manual": {"schedule": {90: 1, 180: 3}}}) == {"manual": {"schedule": {90: 1, 180: 3}}}
+    assert merge_config({"egeria": {"window": 5}, "total_steps": 9}, {"egeria": {"patience": 3}}) == {
+        "egeria": {"window": 5, "patience": 3}, "total_steps": 9}
+    assert _needs_plan(["egeria"], {"early": ("manual", {})}) and not _needs_plan(["egeria"], {"v": ("egeria", {})})

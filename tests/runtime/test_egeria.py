@@ -110,6 +110,44 @@ def test_tracker_takes_the_floor_from_the_anchors_own_evaluation():
     assert tr.floor[0] == 7.0 and not tr.series.get(0)
 
 
+def test_a_block_that_moved_less_than_the_references_error_is_settled_when_a_floor_ratio_is_set():
+    """Measured on MiniLM's embeddings in fine-tuning (docs/egeria.md): their distance from
+    the anchor still grows with the learning rate (elasticity about 2) while it stays within
+    a small multiple of the int8 reference's own error. With ``floor_ratio`` that counts as
+    settled; without it, or once the excess passes the ratio anywhere in the window, not."""
+    floor, xs = 2.26e-9, [85, 99, 113, 127, 141]
+    vals = [3.15e-9, 3.45e-9, 4.48e-9, 5.32e-9, 5.22e-9]  # excess 0.89 .. 3.06e-9: at most 1.35x the floor
+    ok, t = flat_trend(vals, 0.5, xs, origin=15, floor=floor)
+    assert not ok and t.elasticity > 1.5 and not t.small
+    ok, t = flat_trend(vals, 0.5, xs, origin=15, floor=floor, floor_ratio=1.5)
+    assert ok and t.small and t.elasticity > 1.5
+    assert not flat_trend(vals, 0.5, xs, origin=15, floor=floor, floor_ratio=1.0)[0]  # 1.35x > 1.0x
+    # without a floor (no anchor evaluation seen) the ratio has nothing to judge against
+    assert not flat_trend(vals, 0.5, xs, origin=15, floor_ratio=1.5)[0]
+    # in the tracker: per block, described in words, kept through a resume
+    tr = PlasticityTracker(window=5, threshold=0.5, floor_ratios={0: 1.5})
+    for j in (0, 1):
+        tr.add(j, floor, step=15, origin=15)
+        for x, v in zip(xs, vals):
+            tr.add(j, v, step=x, origin=15)
+    assert tr.flat_count == {0: 1, 1: 0}
+    assert "less than 1.5x the reference's own error" in tr.describe(0)
+    tr2 = PlasticityTracker(window=5, threshold=0.5)
+    tr2.load_state_dict(tr.state_dict())
+    assert tr2.last_trend[0].small and not tr2.last_trend[1].small
+
+
+def test_the_floor_ratio_applies_to_pretrained_blocks_only_and_is_validated():
+    from fxfreeze.runtime.egeria.regime import Regimes
+
+    r = Regimes(3, 1.5, 0.5, pretrained_floor_ratio=1.5)
+    r.pretrained = [True, False, True]
+    assert r.floor_ratios() == {0: 1.5, 2: 1.5}
+    assert Regimes(3, 1.5, 0.5).floor_ratios() == {}
+    with pytest.raises(fxfreeze.ConfigError, match="pretrained_floor_ratio"):
+        FreezeConfig.from_dict({"egeria": {"pretrained_floor_ratio": -1}})
+
+
 def test_tracker_counts_consecutive_flat_evaluations_and_resets_on_nan():
     tr = PlasticityTracker(window=5, threshold=0.5)
     for i, v in enumerate([1, 2, 3, 4, 5, 5.1, 5.0, 5.05, 4.95, 5.0]):

@@ -111,9 +111,12 @@ class Trend:
     #: False: the window's excess over the anchor's floor is not distinguishable from zero
     #: (no motion the reference can resolve), which counts as flat
     resolved: bool = True
+    #: True: the block moved less than ``floor_ratio`` times the reference's own
+    #: quantization error (the floor) over the whole window, which counts as flat
+    small: bool = False
 
     def flat(self, threshold: float, noise_limit: float) -> bool:
-        if not self.resolved:
+        if not self.resolved or self.small:
             return True
         # one-sided: the question is whether the block is still moving *away* from its
         # anchor. A distance that shrinks (negative elasticity) is a block fluctuating around
@@ -128,6 +131,7 @@ def flat_trend(
     origin: float | None = None,
     noise_limit: float = 1.0,
     floor: float | None = None,
+    floor_ratio: float = 0.0,
 ) -> tuple[bool, Trend | None]:
     """Has the series levelled off? ``values`` is the window (oldest first), ``xs`` the
     steps it was measured at (default 0, 1, ...) and ``origin`` the anchor's step (default:
@@ -138,6 +142,13 @@ def flat_trend(
     the block's own motion, which a large floor would otherwise flatten out; and a window
     whose excess and slope are both within two standard errors of zero passes as settled
     (``Trend.resolved`` False): no motion the reference can resolve.
+
+    ``floor_ratio`` (with ``floor``; 0: off): a window whose excess stays under this multiple
+    of the floor at every value passes as settled whatever its trend (``Trend.small``): the
+    block's function has moved less since the anchor than an int8 copy of it differs from it,
+    a change too small to be learning anything the rest of the network depends on. Egeria
+    uses it for pretrained blocks (``egeria.pretrained_floor_ratio``), whose front layers move
+    that little in fine-tuning while their distance still grows with the learning rate.
 
     Example::
 
@@ -170,10 +181,11 @@ def flat_trend(
     if floor is not None and mean <= 2.0 * math.sqrt(rss / n) and slope <= 2.0 * se:
         t = Trend(elasticity=0.0, noise=0.0, mean=mean, resolved=False)
         return True, t
+    small = floor is not None and floor > 0 and floor_ratio > 0 and max(v) <= floor_ratio * float(floor)
     if mean <= 0:
-        return False, None
+        return (True, Trend(elasticity=0.0, noise=0.0, mean=mean, small=True)) if small else (False, None)
     age = max(xm - float(origin), 1e-12)
-    t = Trend(elasticity=slope * age / mean, noise=2.0 * se * (xs[-1] - xs[0]) / mean, mean=mean)
+    t = Trend(elasticity=slope * age / mean, noise=2.0 * se * (xs[-1] - xs[0]) / mean, mean=mean, small=small)
     return t.flat(threshold, noise_limit), t
 
 
@@ -194,6 +206,8 @@ class PlasticityTracker:
     last_trend: dict[int, Trend | None] = field(default_factory=dict)
     #: block -> its own threshold (a pretrained block's), instead of ``threshold``
     thresholds: dict[int, float] = field(default_factory=dict)
+    #: block -> its ``floor_ratio`` (:func:`flat_trend`; a pretrained block's); absent: off
+    floor_ratios: dict[int, float] = field(default_factory=dict)
 
     def threshold_of(self, block: int) -> float:
         return self.thresholds.get(block, self.threshold)
@@ -225,7 +239,8 @@ class PlasticityTracker:
         if origin is not None:
             self.origin[block] = float(origin)
         ok, trend = (
-            flat_trend(s, self.threshold_of(block), xs, self.origin.get(block), self.noise_limit, self.floor.get(block))
+            flat_trend(s, self.threshold_of(block), xs, self.origin.get(block), self.noise_limit, self.floor.get(block),
+                       self.floor_ratios.get(block, 0.0))
             if len(s) == self.window
             else (False, None)
         )
@@ -239,6 +254,8 @@ class PlasticityTracker:
             return "flat"
         if not t.resolved:
             return "no motion above the reference's floor"
+        if t.small:
+            return f"moved less than {self.floor_ratios.get(block, 0.0):g}x the reference's own error since the anchor"
         return f"elasticity {t.elasticity:+.3f} < {self.threshold_of(block):g}, noise {t.noise:.3f}"
 
     def normalized(self, block: int) -> float | None:
@@ -270,7 +287,8 @@ class PlasticityTracker:
             "floor": {int(k): float(v) for k, v in self.floor.items()},
             "flat_count": {int(k): int(v) for k, v in self.flat_count.items()},
             "last_trend": {
-                int(k): None if t is None else [t.elasticity, t.noise, t.mean, t.resolved] for k, t in self.last_trend.items()
+                int(k): None if t is None else [t.elasticity, t.noise, t.mean, t.resolved, t.small]
+                for k, t in self.last_trend.items()
             },
         }
 
@@ -282,6 +300,6 @@ class PlasticityTracker:
         self.floor = {int(k): float(v) for k, v in state.get("floor", {}).items()}
         self.flat_count = {int(k): int(v) for k, v in state.get("flat_count", {}).items()}
         self.last_trend = {
-            int(k): None if t is None else Trend(float(t[0]), float(t[1]), float(t[2]), bool(t[3]))
+            int(k): None if t is None else Trend(float(t[0]), float(t[1]), float(t[2]), bool(t[3]), bool(t[4:5] and t[4]))
             for k, t in state.get("last_trend", {}).items()
         }

@@ -22,9 +22,11 @@ __all__ = ["Regimes"]
 class Regimes:
     """Per block of the tracked range: pretrained or not, and its threshold."""
 
-    def __init__(self, num_blocks: int, threshold: float, pretrained_threshold: float) -> None:
+    def __init__(self, num_blocks: int, threshold: float, pretrained_threshold: float,
+                 pretrained_floor_ratio: float = 0.0) -> None:
         self.threshold = float(threshold)
         self.pretrained_threshold = float(pretrained_threshold)
+        self.pretrained_floor_ratio = float(pretrained_floor_ratio)
         #: per block: are its weights pretrained?
         self.pretrained: list[bool] = [False] * int(num_blocks)
 
@@ -41,6 +43,11 @@ class Regimes:
     def overrides(self) -> dict[int, float]:
         """The thresholds that differ from the tracker's default (``threshold``)."""
         return {j: self.pretrained_threshold for j, p in enumerate(self.pretrained) if p}
+
+    def floor_ratios(self) -> dict[int, float]:
+        """The blocks held to a floor ratio (pretrained ones, when it is on)."""
+        r = self.pretrained_floor_ratio
+        return {j: r for j, p in enumerate(self.pretrained) if p} if r > 0 else {}
 
     def describe(self) -> str:
         """One line for the log: which blocks look pretrained, and the thresholds in use."""

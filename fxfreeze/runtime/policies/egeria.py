@@ -91,7 +91,8 @@ class EgeriaPolicy(Policy):
         self.refs = References(self.cfg.reference_precision)
         self.backends, self.fallbacks, self.unmeasurable = self.refs.backends, self.refs.fallbacks, self.refs.unmeasurable
         #: per block: pretrained (held to ``pretrained_threshold``) or from scratch (``threshold``)
-        self.regimes = Regimes(self.hi, float(self.cfg.threshold), float(self.cfg.pretrained_threshold))
+        self.regimes = Regimes(self.hi, float(self.cfg.threshold), float(self.cfg.pretrained_threshold),
+                               float(self.cfg.pretrained_floor_ratio))
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, freezer: Any) -> None:
@@ -141,7 +142,7 @@ class EgeriaPolicy(Policy):
         named = self.module.params_by_name
         self.regimes.judge([[named[n] for n in b.params if n in named] for b in self.plan.blocks[: self.hi]],
                            detect=bool(self.cfg.detect_pretrained))
-        self.tracker.thresholds = self.regimes.overrides()
+        self.tracker.thresholds, self.tracker.floor_ratios = self.regimes.overrides(), self.regimes.floor_ratios()
         logger.info("egeria: %s", self.regimes.describe())
 
     @property
@@ -392,7 +393,7 @@ class EgeriaPolicy(Policy):
         if probe is not None and self.probe is not None:
             self.probe.load_state_dict(probe)
         if self.regimes.load_state_dict(state.get("pretrained")):  # judged on the weights as first compiled
-            self.tracker.thresholds = self.regimes.overrides()
+            self.tracker.thresholds, self.tracker.floor_ratios = self.regimes.overrides(), self.regimes.floor_ratios()
 
 
 def _landed(state: Any) -> Any:
