@@ -145,10 +145,11 @@ def flat_trend(
 
     ``floor_ratio`` (with ``floor``; 0: off): a window whose excess stays under this multiple
     of the floor at every value passes as settled whatever its trend (``Trend.small``): the
-    block's function has moved less since the anchor than an int8 copy of it differs from it,
-    a change too small to be learning anything the rest of the network depends on. Egeria
-    uses it for pretrained blocks (``egeria.pretrained_floor_ratio``), whose front layers move
-    that little in fine-tuning while their distance still grows with the learning rate.
+    block's function has moved less since the anchor than an int8 copy of it differs from it.
+    Egeria offers it for pretrained blocks (``egeria.pretrained_floor_ratio``, off by
+    default), whose front layers move that little in fine-tuning while their distance still
+    grows with the learning rate; small as they are, those moves were measured to matter for
+    accuracy when frozen early (docs/egeria.md, "Moved less than the reference's error").
 
     Example::
 
