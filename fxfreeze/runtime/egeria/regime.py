@@ -22,6 +22,9 @@ __all__ = ["Regimes"]
 class Regimes:
     """Per block of the tracked range: pretrained or not, and its threshold."""
 
+    #: the ``egeria`` config keys the constructor takes, in order
+    KEYS = ("threshold", "pretrained_threshold", "pretrained_floor_ratio")
+
     def __init__(self, num_blocks: int, threshold: float, pretrained_threshold: float,
                  pretrained_floor_ratio: float = 0.0) -> None:
         self.threshold = float(threshold)

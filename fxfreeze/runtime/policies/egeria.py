@@ -90,9 +90,8 @@ class EgeriaPolicy(Policy):
         # builders (training thread) and built anchors (worker thread), per block
         self.refs = References(self.cfg.reference_precision)
         self.backends, self.fallbacks, self.unmeasurable = self.refs.backends, self.refs.fallbacks, self.refs.unmeasurable
-        #: per block: pretrained (held to ``pretrained_threshold``) or from scratch (``threshold``)
-        self.regimes = Regimes(self.hi, float(self.cfg.threshold), float(self.cfg.pretrained_threshold),
-                               float(self.cfg.pretrained_floor_ratio))
+        #: per block: pretrained (held to ``pretrained_threshold`` and ``pretrained_floor_ratio``) or not
+        self.regimes = Regimes(self.hi, *(float(getattr(self.cfg, k)) for k in Regimes.KEYS))
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, freezer: Any) -> None:
