@@ -60,14 +60,14 @@ def trace_text(data: str | Path, steps: int) -> dict[str, Any]:
     return {"workload": "minilm-finetune", "timeline": r.timeline, "events": r.events}
 
 
-def floor_multiples(timeline: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+def floor_multiples(timeline: list[dict[str, Any]]) -> dict[Any, list[tuple[int, float]]]:
     """Per block, ``(step, excess / floor)`` over its first anchor's span: the floor is the
     plasticity at the block's first evaluation (the anchor's own: the reference's error
     alone); the span ends where a block that had a trend has none again (a new anchor)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    floor: dict[str, float] = {}
-    trended: set[str] = set()
-    done: set[str] = set()
+    out: dict[Any, list[tuple[int, float]]] = {}  # keyed by block as the timeline keys it
+    floor: dict[Any, float] = {}
+    trended: set[Any] = set()
+    done: set[Any] = set()
     for rec in timeline:
         for j, v in (rec.get("plasticity") or {}).items():
             if j in done or v is None:
