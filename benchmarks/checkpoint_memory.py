@@ -22,19 +22,13 @@ from typing import Any, Callable
 import torch
 
 import fxfreeze
+from fxfreeze.bench.memory import saved_bytes
 
 
 def saved_mb(f: Callable[[], Any]) -> float:
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = f()
+    total, out = saved_bytes(f)
     out.backward()
-    return total[0] / 2**20
+    return total / 2**20
 
 
 def main() -> None:

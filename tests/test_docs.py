@@ -37,6 +37,7 @@ PUBLIC = [
     "fxfreeze.runtime.egeria.backends",
     "fxfreeze.runtime.egeria.builder",
     "fxfreeze.runtime.egeria.plasticity",
+    "fxfreeze.bench.memory",
 ]
 
 #: modules whose examples run as doctests here (the others need a model, data or ranks)
@@ -54,6 +55,7 @@ RUNNABLE = [
     "fxfreeze.runtime.egeria.backends",
     "fxfreeze.runtime.egeria.builder",
     "fxfreeze.runtime.egeria.plasticity",
+    "fxfreeze.bench.memory",
 ]
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint  # bound by name, as model code does
 
 import fxfreeze
+from fxfreeze.bench.memory import saved_bytes
 
 
 class _Net(nn.Module):
@@ -28,18 +29,6 @@ class _Net(nn.Module):
         for b in self.blocks:
             h = h + (checkpoint(b, h, use_reentrant=self.reentrant) if self.training else b(h))
         return self.out(h)
-
-
-def _saved_bytes(f) -> tuple[int, torch.Tensor]:
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = f()
-    return total[0], out
 
 
 class _Branchy(_Net):
@@ -73,8 +62,8 @@ def test_a_forward_that_checkpoints_keeps_its_memory_and_gradients_and_freezes(r
         fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
         assert fm._analysis.capture.checkpoints
         fm.train()
-        got, out = _saved_bytes(lambda: fm(x))
-    want, ref_out = _saved_bytes(lambda: ref(x))
+        got, out = saved_bytes(lambda: fm(x))
+    want, ref_out = saved_bytes(lambda: ref(x))
     assert got == want  # without the fix the graph saved every block's activations
     out.sum().backward()
     ref_out.sum().backward()
@@ -100,12 +89,12 @@ def test_hugging_face_gradient_checkpointing_switched_on_after_compile_is_kept()
     model = transformers.BertForSequenceClassification(cfg).train()
     batch = {"input_ids": torch.randint(0, 100, (4, 16)), "labels": torch.randint(0, 2, (4,))}
     fm = fxfreeze.compile(model, batch, config={"policy": "manual"})
-    plain, _ = _saved_bytes(lambda: fm(**batch).loss)
+    plain, _ = saved_bytes(lambda: fm(**batch).loss)
     # what the HF Trainer does at the start of train(), after the callback compiled the model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = copy.deepcopy(model)
-    got, out = _saved_bytes(lambda: fm(**batch).loss)
-    want, ref_out = _saved_bytes(lambda: ref(**batch).loss)
+    got, out = saved_bytes(lambda: fm(**batch).loss)
+    want, ref_out = saved_bytes(lambda: ref(**batch).loss)
     assert got == want and got < plain / 4
     out.backward()
     ref_out.backward()
