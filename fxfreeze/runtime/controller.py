@@ -29,6 +29,7 @@ from .loss_reader import LossReader
 from .lr_steps import LrSteps, learning_rates
 from .safety import SafetyNet
 from .policies import Decision, Signals, make_policy
+from .untrainable import UntrainableBlocks
 
 __all__ = ["Freezer"]
 
@@ -66,6 +67,7 @@ class Freezer:
         self._planned = PlannedLength()
         if scheduler is not None:
             self.attach_scheduler(scheduler)
+        self._untrainable = UntrainableBlocks(module)
         self.policy.attach(self)
 
     def set_agreement(self, hook: Callable[[int], int | None] | None) -> None:
@@ -237,19 +239,17 @@ class Freezer:
             self.safety.observe(st, v)
             if st == self.step_count:
                 loss_v = v
+        k, top, adaptive = self.num_frozen, self.plan.max_frozen, bool(getattr(self.policy, "adaptive", True))
+        seen = self._untrainable.seen(k, top) if adaptive else k  # judged from the first block that trains
         signals = Signals(
-            step=self.step_count,
-            epoch=self.epoch,
-            loss=loss_v,
-            lr=lr,
-            lr_changed=changed,
-            num_frozen=self.num_frozen,
-            max_frozen=self.plan.max_frozen,
-            loss_nonfinite=nonfinite,
+            step=self.step_count, epoch=self.epoch, loss=loss_v, lr=lr, lr_changed=changed,
+            num_frozen=seen, max_frozen=top, loss_nonfinite=nonfinite,
             epoch_known=bool(self.config.steps_per_epoch) or self._epoch_set,
             total_steps=self.planned_steps,
         )
         decision = self.policy.decide(signals)
+        if adaptive:
+            decision = self._untrainable.widen(decision, k, seen, top)
         undo = self.safety.verdict(self.step_count, self.num_frozen)
         if undo is not None:  # the last freeze made the loss worse: it wins over the policy
             decision = Decision(*undo)
@@ -267,7 +267,7 @@ class Freezer:
             if agreed != proposed or decision is None:
                 decision = None if agreed == self.num_frozen else Decision(agreed, "decided on rank 0")
         if decision is not None and decision.num_frozen != self.num_frozen:
-            self._apply(decision.num_frozen, decision.reason, watched=bool(getattr(self.policy, "adaptive", True)))
+            self._apply(decision.num_frozen, decision.reason, watched=adaptive)
             return decision
         return None
 

@@ -1,0 +1,80 @@
+"""Blocks the user froze: an adaptive policy has nothing to decide about them.
+
+Fine-tuning scripts often freeze part of a model before training (the embeddings,
+``requires_grad_(False)`` on the first layers, a distillation teacher inside the model).
+Such a block trains nothing, so freezing it saves no backward of its own and risks no
+accuracy; yet an adaptive policy judged it like any other and spent its evaluation windows
+on it (Egeria took 351 of 400 steps to "settle" a stem the user had frozen, and would have
+spent as long on each further frozen block) before it reached a block that trains.
+
+So the controller shows an adaptive policy the frozen prefix *widened* over the blocks right
+after it whose parameters all have ``requires_grad=False`` (:meth:`UntrainableBlocks.seen`):
+the policy's first candidate is the first block that trains. A decision to freeze past them
+freezes them too (:meth:`UntrainableBlocks.widen`), and only then do they run in eval mode:
+until a decision reaches them they stay as the user left them (dropout on, BatchNorm
+statistics updating), so training is what it would be without fxfreeze. Blocks without
+parameters are not counted as frozen by the user. Schedules the user wrote (``manual``,
+``freezeout``) see the prefix as it is.
+
+The test is made at each step from ``requires_grad`` itself, so a block the user unfreezes
+later (Lightning's ``BaseFinetuning``) is a candidate again from that step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from .policies import Decision
+
+__all__ = ["UntrainableBlocks"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+class UntrainableBlocks:
+    """The blocks of a compiled module whose parameters the user froze."""
+
+    def __init__(self, module: Any) -> None:
+        names = [b.name for b in module.plan.blocks]
+        self._names = names
+        #: per block, the parameters it owns (their last use lies in it)
+        self._params: list[list[nn.Parameter]] = [[] for _ in names]
+        for name, last in module._param_last_block.items():
+            if last < len(names):
+                self._params[last].append(module.params_by_name[name])
+        self._told: tuple[int, int] | None = None
+
+    def untrainable(self, i: int) -> bool:
+        """Block ``i`` has parameters and none of them requires a gradient."""
+        params = self._params[i]
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    def seen(self, k: int, max_frozen: int) -> int:
+        """The frozen prefix ``k`` widened over the untrainable blocks right after it."""
+        widened = k
+        while widened < max_frozen and self.untrainable(widened):
+            widened += 1
+        if widened != k and self._told != (k, widened):
+            self._told = (k, widened)
+            logger.info(
+                "fxfreeze: %s train no parameter (requires_grad=False, frozen by the user): the policy judges "
+                "from %s on, and freezes them with the next freeze that reaches past them",
+                ", ".join(self._names[k:widened]),
+                self._names[widened] if widened < len(self._names) else "the head",
+            )
+        return widened
+
+    def widen(self, decision: Decision | None, k: int, seen: int, max_frozen: int) -> Decision | None:
+        """A policy's decision on the widened prefix ``seen`` as one on the real prefix ``k``:
+        a freeze past ``seen`` also takes the untrainable blocks after its end; a freeze
+        that stays within ``seen`` changes nothing (those blocks train nothing already)."""
+        if decision is None:
+            return None
+        if decision.num_frozen > seen:
+            return Decision(self.seen(decision.num_frozen, max_frozen), decision.reason)
+        if k < decision.num_frozen <= seen:
+            return None
+        return decision

@@ -1,0 +1,147 @@
+"""Blocks the user froze (``requires_grad=False``) are not judged by an adaptive policy: it
+sees the prefix widened over them, its freezes take them along, and until then they run as
+the user left them. Schedules the user wrote see the prefix as it is."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+import fxfreeze
+from fxfreeze.registry import unregister_policy
+from fxfreeze.runtime.policies import Decision, Policy
+
+
+@dataclass
+class _PlanConfig:
+    """``decisions``: step -> the number of frozen blocks asked for at that step."""
+
+    decisions: dict = field(default_factory=dict)
+
+
+class _Scripted(Policy):
+    """Records the prefix each step shows it; asks for what ``decisions`` says."""
+
+    name = "scripted"
+
+    def __init__(self, config, plan):
+        super().__init__(config, plan)
+        self.seen: list[int] = []
+
+    def decide(self, s):
+        self.seen.append(s.num_frozen)
+        k = self.config.section("scripted").decisions.get(s.step)
+        return None if k is None else Decision(k, "scripted")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    fxfreeze.register_policy("scripted", _Scripted, _PlanConfig, replace=True)
+    yield
+    unregister_policy("scripted")
+
+
+class _Res(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(torch.relu(self.lin(x)))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(*[_Res(16) for _ in range(5)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _compile(frozen: list[str], decisions: dict, policy: str = "scripted"):
+    torch.manual_seed(0)
+    model = _Net()
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    sections = {"scripted": {"decisions": decisions}, "manual": {"schedule": decisions}}
+    cfg = {"policy": policy, "safety_net": {"enabled": False}}
+    if policy in sections:
+        cfg[policy] = sections[policy]
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, config=cfg)
+    assert fm.plan.names == ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"]
+    return model, fm, opt
+
+
+def _train(fm, opt, steps: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 8, generator=g)
+        loss = fm(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_leading_blocks_the_user_froze_are_skipped_and_frozen_with_the_next_freeze(caplog):
+    model, fm, opt = _compile(["stem", "blocks.0", "blocks.1"], {2: 2, 4: 4})
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        _train(fm, opt, 3)
+        assert fm.freezer.policy.seen == [3, 3, 3] and fm.num_frozen == 0  # asking for 2: nothing to do
+        # the user's blocks run as the user left them until a freeze reaches past them
+        assert model.blocks[0].drop.training and model.stem.weight.grad is None
+        _train(fm, opt, 1)
+    assert fm.num_frozen == 4 and fm.freezer.policy.seen[-1] == 3
+    assert not model.blocks[0].drop.training and not model.blocks[2].drop.training
+    assert not model.blocks[2].lin.weight.requires_grad and model.blocks[3].lin.weight.requires_grad
+    assert [(e["step"], e["blocks"]) for e in fm.freezer.history if e["action"] == "freeze"] == [
+        (4, ["stem", "blocks.0", "blocks.1", "blocks.2"])
+    ]
+    told = [r.getMessage() for r in caplog.records if "frozen by the user" in r.getMessage()]
+    assert len(told) == 1 and "stem, blocks.0, blocks.1" in told[0] and "from blocks.2 on" in told[0]
+    fm.freeze_prefix(0)  # an unfreeze gives back the user's choice, not a trainable block
+    assert not model.stem.weight.requires_grad and model.blocks[2].lin.weight.requires_grad
+
+
+def test_a_freeze_that_reaches_frozen_blocks_in_the_middle_takes_them_along():
+    """A distillation teacher or layers the user froze mid-model: not candidates either."""
+    model, fm, opt = _compile(["blocks.1", "blocks.2"], {2: 1, 3: 2, 5: 3})
+    _train(fm, opt, 5)
+    # step 2: stem; step 3: blocks.0, and with it the frozen blocks.1-2 (seen 4 from step 4);
+    # step 5 sets the prefix to 3, as asked: blocks.2 leaves eval mode, still frozen by the user
+    assert fm.freezer.policy.seen == [0, 0, 1, 4, 4]
+    assert [(e["action"], e["num_frozen"]) for e in fm.freezer.history] == [("freeze", 1), ("freeze", 4), ("unfreeze", 3)]
+    assert model.blocks[2].drop.training and not model.blocks[2].lin.weight.requires_grad
+
+
+def test_a_block_the_user_unfreezes_is_a_candidate_again():
+    model, fm, opt = _compile(["stem", "blocks.0"], {})
+    _train(fm, opt, 2)
+    model.blocks[0].requires_grad_(True)
+    opt.add_param_group({"params": list(model.blocks[0].parameters())})
+    _train(fm, opt, 2)
+    assert fm.freezer.policy.seen == [2, 2, 1, 1]
+
+
+def test_a_schedule_the_user_wrote_sees_the_prefix_as_it_is():
+    model, fm, opt = _compile(["stem", "blocks.0"], {2: 1}, policy="manual")
+    _train(fm, opt, 3)
+    assert [e["num_frozen"] for e in fm.freezer.history if e["action"] == "freeze"] == [1]
+
+
+def test_smartfrz_judges_only_blocks_that_train():
+    """SmartFRZ's predictor rates a block whose weights never move as converged; it used to
+    include the user's three blocks in its judgement (and, on a harder task, to spend its
+    first freeze on them alone). Now its first candidate is blocks.2."""
+    model, fm, opt = _compile(["stem", "blocks.0", "blocks.1"], {}, policy="smartfrz")
+    _train(fm, opt, 160)
+    [event] = [e for e in fm.freezer.history if e["action"] == "freeze"]
+    assert "for blocks 3..5" in event["reason"] and event["num_frozen"] == 6
