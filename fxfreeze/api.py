@@ -10,6 +10,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .amp import plain_capture
 from .analysis import batch_size_of, propagate
 from .errors import PlanError
 from .graph_index import GraphIndex
@@ -65,13 +66,14 @@ def analyze(
         >>> len(a.plan.blocks) > 3
         True
     """
-    cap = capture(model, example_inputs, strategy=strategy, timeout=capture_timeout)
-    args, kwargs = cap.example_args, cap.example_kwargs
-    if cap.executable:
-        gm = cap.build(model)
-        if args or kwargs:
-            propagate(gm, model, cap, args, kwargs)
-    else:
+    with plain_capture(model):  # a mixed-precision wrapper's autocast, around its plain forward
+        cap = capture(model, example_inputs, strategy=strategy, timeout=capture_timeout)
+        args, kwargs = cap.example_args, cap.example_kwargs
+        if cap.executable:
+            gm = cap.build(model)
+            if args or kwargs:
+                propagate(gm, model, cap, args, kwargs)
+    if not cap.executable:
         gm = _plain_graph_module(cap.graph)
     ix = GraphIndex(cap.graph, model)
     if plan is not None:

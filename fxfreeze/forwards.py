@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
-__all__ = ["ForwardState", "saved_forward", "restore_forward", "forward_with", "temporary_forward", "bound"]
+__all__ = [
+    "ForwardState", "saved_forward", "restore_forward", "forward_with", "temporary_forward", "bound", "forward_of_copy",
+]
 
 #: (had an instance ``forward``, its value)
 ForwardState = tuple[bool, Any]
@@ -66,3 +68,16 @@ def temporary_forward(model: nn.Module, state: ForwardState | None) -> Iterator[
 def bound(model: nn.Module, fn: Any) -> ForwardState:
     """The state of ``model`` with ``fn`` bound as its forward."""
     return (True, types.MethodType(fn, model))
+
+
+def forward_of_copy(state: ForwardState, original: nn.Module | None, model: nn.Module) -> Any:
+    """What ``model`` runs when it holds a route installed on ``original`` that is not its
+    own: a ``copy.deepcopy`` of a routed model (an EMA or SWA copy, a best-model snapshot)
+    keeps the route, which must not send its calls to the original's compiled module. It
+    runs the forward the original had before the route (``state``), rebound to itself."""
+    had, value = state
+    if not had:
+        return types.MethodType(type(model).forward, model)
+    if isinstance(value, types.MethodType) and original is not None and value.__self__ is original:
+        return types.MethodType(value.__func__, model)
+    return value

@@ -50,6 +50,7 @@ from torch import nn
 from .capture_export import export_graph, unknown_outputs
 from .capture_fx import hides_structure, trace_fx
 from .capture_hooks import trace_hooks
+from .amp import plain_capture
 from .calls import canonical_call, describe_call, forward_signature, normalize_inputs, plain_mappings
 from .errors import ExampleInputError, ModelError, TraceError
 from .graph_utils import resolve_attr
@@ -257,7 +258,9 @@ def capture_call(
             f"the example inputs ({describe_call(args, kwargs)}) do not fit {type(model).__name__}.forward{sig}: "
             f"{e}{hint}"
         ) from e
-    with torch.enable_grad():  # a first call may come under no_grad
+    # a first call may come under no_grad; a mixed-precision wrapper of model.forward is
+    # captured as its plain forward under its autocast (fxfreeze.amp)
+    with torch.enable_grad(), plain_capture(model):
         return _capture(model, args, kwargs, strategy, timeout)
 
 

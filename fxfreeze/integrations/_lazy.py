@@ -13,7 +13,6 @@ state may arrive before or after that first call.
 from __future__ import annotations
 
 import base64
-import contextlib
 import inspect
 import io
 import logging
@@ -28,7 +27,7 @@ from torch import nn
 
 from ..calls import forward_signature
 from ..errors import FreezeError
-from ..forwards import forward_with, restore_forward, saved_forward
+from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward
 
 __all__ = ["LazyCompile", "encode_state", "decode_state"]
 
@@ -115,9 +114,6 @@ class LazyCompile:
         self.on_compiled: Any = None
         #: seconds the first call spent compiling (capture, plan, controller)
         self.compile_seconds = 0.0
-        #: (device type, dtype): run the graphs under this autocast (installed on top of a
-        #: forward that a mixed-precision wrapper already wrapped, which the route replaces)
-        self.autocast: tuple[str, torch.dtype] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, compile_kwargs: dict[str, Any]) -> "LazyCompile":
@@ -139,19 +135,21 @@ class LazyCompile:
         if self._previous is not None:
             return
         model = self.model
-        self._previous = saved_forward(model)
+        self._previous = previous = saved_forward(model)
         self._original = model.forward
-        me = weakref.ref(self)
+        me, original = weakref.ref(self), weakref.ref(model)
 
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             lazy = me()
-            if lazy is None or _passing():
-                original = lazy._original if lazy is not None else type(model_self).forward.__get__(model_self)
-                return original(*args, **kwargs)
-            with torch.autocast(lazy.autocast[0], dtype=lazy.autocast[1]) if lazy.autocast else contextlib.nullcontext():
-                if lazy.module is None:
-                    lazy._compile(args, kwargs)
-                return lazy.module.route(args, kwargs)
+            if lazy is None or model_self is not original():  # a deep copy (an EMA, SWA): not routed
+                return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
+            if _passing():
+                return lazy._original(*args, **kwargs)
+            # installed over a mixed-precision wrapper (accelerate's), the route replaced it: the
+            # compiled module applies its autocast (fxfreeze.amp)
+            if lazy.module is None:
+                lazy._compile(args, kwargs)
+            return lazy.module.route(args, kwargs)
 
         model.__dict__["forward"] = types.MethodType(forward_with(forward_signature(model), run), model)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -95,12 +94,9 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         if model is not None and (self.lazy is None or self.lazy.model is not model):
             # added after the Trainer was built: route now. Mixed precision has already
-            # wrapped model.forward, which the route replaces: apply its autocast ourselves.
-            wrapped = "forward" in model.__dict__
+            # wrapped model.forward; the route replaces the wrapper and the compiled module
+            # applies its autocast (fxfreeze.amp)
             self._install(model)
-            if wrapped and (args.bf16 or args.fp16):
-                device = "cuda" if str(getattr(args, "device", "cpu")).startswith("cuda") else "cpu"
-                self.lazy.autocast = (device, torch.bfloat16 if args.bf16 else torch.float16)
         if self.lazy is None:
             return
         if optimizer is not None:

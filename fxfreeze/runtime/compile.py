@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..amp import plain_capture
 from ..api import analyze
 from ..config import FreezeConfig, load_config
 from ..errors import ModelError
@@ -78,7 +79,6 @@ def compile(
         fm = fxfreeze.compile(model, {"input_ids": ids, "attention_mask": mask}, optimizer=opt)
         loss = fm(**batch, labels=labels).loss   # another keyword set: captured once more
     """
-    from .controller import Freezer
 
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
@@ -103,6 +103,16 @@ def compile(
             "its controller stopped) and this one takes over", type(model).__name__,
         )
         previous.detach()
+    with plain_capture(model):  # a mixed-precision wrapper (accelerate's): its autocast keys the first graphs
+        return _compile(model, example_inputs, cfg, optimizer, scheduler, plan, strategy, max_graphs, capture_timeout, strict)
+
+
+def _compile(
+    model: nn.Module, example_inputs: Any, cfg: FreezeConfig, optimizer: Any, scheduler: Any,
+    plan: FreezePlan | str | None, strategy: str, max_graphs: int, capture_timeout: float | None, strict: bool,
+) -> FreezableModule:
+    from .controller import Freezer
+
     analysis = analyze(model, example_inputs, plan=plan, strategy=strategy, capture_timeout=capture_timeout, strict=strict)
     fm = FreezableModule(model, analysis, max_graphs=max_graphs, capture_timeout=capture_timeout)
     if cfg.cache.enabled and fm.eager_only:

@@ -193,12 +193,14 @@ class FreezableModule(Routing, nn.Module):
     # -- forward -------------------------------------------------------------------------------------
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.training_calls += self._model.training
-        out = self._run_graphs(args, kwargs)
+        amp = self.wrapper_amp()  # accelerate's mixed precision, which the graphs bypass: apply it
+        with amp.region() if amp is not None else contextlib.nullcontext():
+            out = self._run_graphs(args, kwargs)
         if self.freezer is not None and self._model.training:
             loss = _loss_of(out)  # a model that computes its own loss (labels=): the safety net reads it
             if loss is not None:
                 self.freezer.observe_loss(loss)
-        return out
+        return amp.outputs(out) if amp is not None else out
 
     def _run_graphs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         model = self._model

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ..forwards import forward_with, restore_forward, saved_forward, temporary_forward
+from ..amp import WrapperAutocast, wrapper_autocast
+from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward, temporary_forward
 
 __all__ = ["Routing"]
 
@@ -40,6 +41,8 @@ class Routing:
     #: training-mode calls that reached the compiled module (its graphs or the model's forward)
     training_calls: int = 0
     _route_checked: bool = False
+    #: (the forward wrapper last read, its autocast): see :meth:`wrapper_amp`
+    _amp_seen: tuple[Any, WrapperAutocast | None] = (None, None)
 
     def check_route(self) -> None:
         """Called at each optimizer step; acts at the first only. A backward reached the
@@ -55,7 +58,7 @@ class Routing:
             return
         if not any(p.grad is not None for p in self._model.parameters()):
             return  # no backward yet (a step by hand, say): nothing to tell
-        if "forward" in self._model.__dict__:
+        if "forward" in self._model.__dict__ and self.wrapper_amp() is None:
             # something wrapped the model's forward already (accelerate's mixed precision,
             # prepared by the HF Trainer): a route would replace that wrapper (its autocast
             # lost) and captures would run through it (its autocast region baked into the
@@ -75,6 +78,21 @@ class Routing:
             "fm(...) in the loop, or fm.install() after compile, to make this explicit",
             type(self._model).__name__,
         )
+
+    def wrapper_amp(self) -> WrapperAutocast | None:
+        """The mixed precision of a wrapper around the model's forward (accelerate's, set by
+        ``accelerator.prepare`` or the HF Trainer), under an installed route the one it
+        replaced: the graphs run under its autocast and its conversion of outputs
+        (:mod:`fxfreeze.amp`). Read again only when the forward changes."""
+        if self._installed is not None:
+            forward = self._installed[1] if self._installed[0] else None
+        else:
+            forward = self._model.__dict__.get("forward")
+        seen, amp = self._amp_seen
+        if forward is not seen:
+            amp = wrapper_autocast(self._model, forward)
+            self._amp_seen = (forward, amp)
+        return amp
 
     @contextlib.contextmanager
     def _bypass(self) -> Iterator[None]:
@@ -110,13 +128,14 @@ class Routing:
         if self._installed is not None:
             return
         model = self._model
-        self.adopt_route(saved_forward(model), model.forward)
-        me = weakref.ref(self)
+        previous = saved_forward(model)
+        self.adopt_route(previous, model.forward)
+        me, original = weakref.ref(self), weakref.ref(model)
 
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             fm = me()
-            if fm is None:
-                return type(model_self).forward(model_self, *args, **kwargs)
+            if fm is None or model_self is not original():  # a deep copy of the model, or no compiled module
+                return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
             return fm.route(args, kwargs)
 
         model.__dict__["forward"] = types.MethodType(forward_with(self.graphs.signature, run), model)
