@@ -17,7 +17,7 @@ from .graph_index import GraphIndex
 from .partition import Proposal, propose
 from .plan import FreezePlan
 from .plan_build import build_plan, starts_from_plan
-from .trace import DEFAULT_TIMEOUT, Capture, capture
+from .trace import DEFAULT_TIMEOUT, Capture, capture, unwrap_compiled
 
 __all__ = ["plan", "analyze", "Analysis"]
 
@@ -66,6 +66,7 @@ def analyze(
         >>> len(a.plan.blocks) > 3
         True
     """
+    model = unwrap_compiled(model)  # torch.compile(model): the model inside
     with plain_capture(model):  # a mixed-precision wrapper's autocast, around its plain forward
         cap = capture(model, example_inputs, strategy=strategy, timeout=capture_timeout)
         args, kwargs = cap.example_args, cap.example_kwargs

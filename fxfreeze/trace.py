@@ -39,6 +39,7 @@ graphs per autocast state (:mod:`fxfreeze.runtime.graphs`).
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,7 @@ __all__ = [
     "capture_call",
     "describe_call",
     "forward_signature",
+    "unwrap_compiled",
     "STRATEGIES",
     "DEFAULT_TIMEOUT",
 ]
@@ -167,6 +169,17 @@ class Capture:
         root = self.attributes(model)
         gm = fx.GraphModule(root, self.graph, class_name=type(model).__name__ + "Graph")
         return gm
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module inside ``torch.compile(model)`` (an ``OptimizedModule``), else ``model``.
+    Captured through the wrapper, the plan's names carried its ``_orig_mod.`` prefix and
+    fxfreeze's graphs replaced torch.compile's, which then did nothing."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # only imported once torch.compile ran
+    optimized = getattr(frames, "OptimizedModule", None)
+    if optimized is not None and isinstance(model, optimized) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod
+    return model
 
 
 def _check_model(model: Any) -> nn.Module:

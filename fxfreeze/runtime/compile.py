@@ -13,7 +13,7 @@ from ..api import analyze
 from ..config import FreezeConfig, load_config
 from ..errors import ModelError
 from ..plan import FreezePlan
-from ..trace import DEFAULT_TIMEOUT
+from ..trace import DEFAULT_TIMEOUT, unwrap_compiled
 from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS
 from .module import FreezableModule
@@ -82,6 +82,13 @@ def compile(
 
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    if unwrap_compiled(model) is not model:
+        logger.warning(
+            "fxfreeze: compiling the model inside torch.compile's wrapper (%s): fxfreeze's graphs would replace "
+            "torch.compile's; to compile them, call torch.compile(fm) on the module this returns",
+            type(model._orig_mod).__name__,
+        )
+        model = unwrap_compiled(model)
     if isinstance(model, FreezableModule):
         raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
     for o in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:

@@ -46,18 +46,19 @@ from ..passes import CutBackward
 from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
 from ..trace import DEFAULT_TIMEOUT
-from .checkpointing import CheckpointWatch, leaf_outputs
+from .checkpointing import CheckpointWatch
 from .cached_graph import CachedGraph, prefix_fingerprint
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .loader import SampleIdLoader
 from .ownership import hold_eval, release_eval, release_owner
+from .eager_cut import EagerCut
 from .routing import Routing
 
 __all__ = ["FreezableModule", "SampleIdLoader"]
 
 logger = logging.getLogger("fxfreeze")
 _INF = 1 << 30
-class FreezableModule(Routing, nn.Module):
+class FreezableModule(Routing, EagerCut, nn.Module):
     """The compiled model. Use it exactly like the original; see :func:`compile`."""
 
     def __init__(
@@ -192,17 +193,39 @@ class FreezableModule(Routing, nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.training_calls += self._model.training
-        amp = self.wrapper_amp()  # accelerate's mixed precision, which the graphs bypass: apply it
+        amp = self._begin_call()  # accelerate's mixed precision, which the graphs bypass: apply it
         with amp.region() if amp is not None else contextlib.nullcontext():
             out = self._run_graphs(args, kwargs)
+        self._end_call(out)
+        return amp.outputs(out) if amp is not None else out
+
+    # torch.compile(fm) traces the graphs' run; the bookkeeping around it stays Python (its
+    # counters and lookups would make dynamo guard on them and recompile at every call)
+    @torch.compiler.disable
+    def _begin_call(self) -> Any:
+        self.training_calls += self._model.training
+        return self.wrapper_amp()
+
+    @torch.compiler.disable
+    def _end_call(self, out: Any) -> None:
         if self.freezer is not None and self._model.training:
             loss = _loss_of(out)  # a model that computes its own loss (labels=): the safety net reads it
             if loss is not None:
                 self.freezer.observe_loss(loss)
-        return amp.outputs(out) if amp is not None else out
 
     def _run_graphs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        leaves, entry, gm, args, kwargs = self._pick(args, kwargs)
+        if entry is None or gm is None:
+            return self._run_eager(args, kwargs, leaves=leaves)
+        grad_mode = torch.is_grad_enabled()
+        try:
+            return entry.run(gm, self._model, args, kwargs, self.graphs.signature)
+        finally:
+            torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
+
+    @torch.compiler.disable
+    def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any, Any, Any, Any]:
+        """(checkpointing, entry, graph module, args, kwargs) for this call; entry None: run eagerly."""
         model = self._model
         training = model.training
         try:
@@ -217,50 +240,16 @@ class FreezableModule(Routing, nn.Module):
             self.probe_hook(args, kwargs)
         entry = self.graphs.lookup(training, args, kwargs)
         if entry is None:
-            return self._run_eager(eager_args, eager_kwargs, leaves=training and self._checkpoints.on(self._analysis.capture))
+            return training and self._checkpoints.on(self._analysis.capture), None, None, eager_args, eager_kwargs
         if training and self._checkpoints.on(entry.capture):  # the model's own forward keeps its checkpoints
-            return self._run_eager(eager_args, eager_kwargs, leaves=True)
+            return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
                 and self._cached.pays(self._num_frozen, self.freezer):
             cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, lambda: self.prefix_key(self._num_frozen))
             if cgm is not None:
                 gm = cgm
-        grad_mode = torch.is_grad_enabled()
-        try:
-            return entry.run(gm, model, args, kwargs, self.graphs.signature)
-        finally:
-            torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
-
-    def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: bool = False) -> Any:
-        with self._cut_eagerly(leaves):
-            if self._installed is not None:  # model(...) would route back here: call its forward
-                with self._bypass():
-                    return self._eager_forward(*args, **kwargs)
-            return self._model(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _cut_eagerly(self, leaves: bool = False) -> Iterator[None]:
-        """The frozen prefix's cut in the model's own forward: what :class:`CutBackward` does
-        in a graph. Frozen parameters already get no gradient; detaching the outputs of the
-        frozen blocks' modules also keeps autograd out of the prefix when something in it
-        still requires a gradient (a parameter shared with a trainable block, which then
-        trains from its trainable uses only, as in the graphs; inputs that require one). A
-        block lists only modules that run inside it (a module reused elsewhere, such as a
-        shared dropout, belongs to no block), so no output that a trainable block makes is
-        detached. With ``leaves`` (a model that checkpoints) they become leaves that require a
-        gradient: reentrant ``torch.utils.checkpoint`` computes no gradient for a block whose
-        inputs need none, so the first trainable block after the prefix would not train."""
-        if not self._eval_modules or not torch.is_grad_enabled():
-            yield
-            return
-        hook = leaf_outputs if leaves else _detach_outputs
-        handles = [m.register_forward_hook(hook) for m in self._eval_modules]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return False, entry, gm, args, kwargs
 
     def detach(self) -> None:
         """Give the model back: unfreeze every block, stop the controller (optimizer hook,
@@ -376,16 +365,6 @@ class FreezableModule(Routing, nn.Module):
             f"plan={self.plan.model} ({len(self.plan.blocks)} blocks, {self.strategy}), "
             f"num_frozen={self._num_frozen}, " + ("eager only" if self.eager_only else f"graphs={len(self.graphs)}")
         )
-
-
-def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
-    """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
-    lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``)."""
-    from torch.utils._pytree import tree_flatten, tree_map
-
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
-        return None  # nothing to cut: the module's own output object, untouched
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:

@@ -1,0 +1,71 @@
+"""The eager path of a compiled module: the model's own forward, with the frozen prefix cut.
+
+A call no graph takes (past ``max_graphs``, a capture that failed, a model that checkpoints,
+a model only ``hooks`` could capture) runs the model's own forward. The frozen prefix must
+be cut there as :class:`~fxfreeze.passes.CutBackward` cuts it in a graph: forward hooks on
+the frozen blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .checkpointing import leaf_outputs
+
+__all__ = ["EagerCut"]
+
+
+class EagerCut:
+    """The eager half of :class:`~fxfreeze.runtime.module.FreezableModule` (which provides
+    ``_model``, ``_eval_modules``, ``_installed``, ``_eager_forward`` and ``_bypass``)."""
+
+    _model: nn.Module
+    _eval_modules: list[nn.Module]
+    _installed: Any
+    _eager_forward: Any
+    _bypass: Any
+
+    @torch.compiler.disable  # hooks registered per call: the model's forward runs as it is
+    def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: bool = False) -> Any:
+        with self._cut_eagerly(leaves):
+            if self._installed is not None:  # model(...) would route back here: call its forward
+                with self._bypass():
+                    return self._eager_forward(*args, **kwargs)
+            return self._model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _cut_eagerly(self, leaves: bool = False) -> Iterator[None]:
+        """The frozen prefix's cut in the model's own forward: what :class:`CutBackward` does
+        in a graph. Frozen parameters already get no gradient; detaching the outputs of the
+        frozen blocks' modules also keeps autograd out of the prefix when something in it
+        still requires a gradient (a parameter shared with a trainable block, which then
+        trains from its trainable uses only, as in the graphs; inputs that require one). A
+        block lists only modules that run inside it (a module reused elsewhere, such as a
+        shared dropout, belongs to no block), so no output that a trainable block makes is
+        detached. With ``leaves`` (a model that checkpoints) they become leaves that require a
+        gradient: reentrant ``torch.utils.checkpoint`` computes no gradient for a block whose
+        inputs need none, so the first trainable block after the prefix would not train."""
+        if not self._eval_modules or not torch.is_grad_enabled():
+            yield
+            return
+        hook = leaf_outputs if leaves else _detach_outputs
+        handles = [m.register_forward_hook(hook) for m in self._eval_modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
+    lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``)."""
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
+        return None  # nothing to cut: the module's own output object, untouched
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
