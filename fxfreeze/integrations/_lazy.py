@@ -162,6 +162,7 @@ class LazyCompile:
             restore_forward(self.model, self._previous)
             self._previous = None
 
+    @torch.compiler.disable  # the Trainer's torch_compile=True: capture outside dynamo's trace
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         from ..runtime.compile import compile as fx_compile
         from ..forwards import temporary_forward

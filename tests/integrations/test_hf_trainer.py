@@ -138,3 +138,24 @@ def test_trainer_with_a_model_export_cannot_capture(tmp_path):
     assert set(at_freeze) == set(fm.frozen_parameter_names()) and at_freeze
     for n, t in at_freeze.items():
         assert torch.equal(fm.params_by_name[n], t), f"frozen {n} changed"
+
+
+def test_trainer_with_torch_compile_freezes_on_schedule(tmp_path):
+    """``torch_compile=True``: the Trainer wraps the routed model in ``torch.compile``; the
+    first call compiles fxfreeze outside dynamo's trace and the freezes apply."""
+    torch._dynamo.reset()
+    model = _model()
+    cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {2: 1, 4: 2}}})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3, report_to="none",
+        use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no", torch_compile=True,
+        torch_compile_backend="aot_eager",
+    )
+    try:
+        transformers.Trainer(model=model, args=args, train_dataset=_Tokens(24, 0), callbacks=[cb]).train()
+    finally:
+        torch._dynamo.reset()
+    fm = cb.module
+    assert fm is not None and fm.plan.names == ["stem", "transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    assert fm.num_frozen == 2 and fm.training_calls == 6
+    assert not model.transformer.h[0].attn.c_attn.weight.requires_grad
