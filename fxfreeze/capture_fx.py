@@ -13,6 +13,7 @@ import logging
 import warnings
 from typing import Any, Mapping
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -26,15 +27,46 @@ _HIDDEN_STRUCTURE_SHARE = 0.25
 _MAX_ESCALATIONS = 256
 
 
+def _modes() -> tuple[Any, ...]:
+    """The ambient modes a forward may switch inside (``torch.no_grad()``,
+    ``torch.autocast``): fx records none of them."""
+    amp = tuple(
+        (d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)
+    )
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), amp)
+
+
 class _LeafTracer(fx.Tracer):
-    """fx tracer whose leaves are childless modules plus escalated ones, and which
-    remembers which module was executing when tracing failed."""
+    """fx tracer whose leaves are childless modules plus escalated ones, which remembers
+    which module was executing when tracing failed, and which notices a forward that
+    switches grad mode or autocast inside (``with torch.no_grad():`` around a momentum
+    encoder or a teacher, ``with torch.autocast(...)`` around the body). fx runs such a
+    context while tracing but records nothing of it: its graph would compute that region
+    with gradients, or in float32, unlike the model."""
 
     def __init__(self, leaves: set[str]) -> None:
         super().__init__()
         self._leaves = leaves
         self._stack: list[str] = []
         self.failed_stack: list[str] | None = None
+        self._start: tuple[Any, ...] | None = None
+        #: where the first node created under other modes than the trace began with came from
+        self.mode_switch: str | None = None
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        self._start = _modes()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if self.mode_switch is None and kind != "placeholder" and _modes() != self._start:
+            grad, inference, amp = _modes()
+            what = "autocast " + ", ".join(f"{d} {t}" for d, t in amp) if amp != self._start[2] else (
+                "inference mode" if inference else f"grad mode {'on' if grad else 'off'}")
+            where = self._stack[-1] if self._stack else "the root forward"
+            self.mode_switch = f"{what} switched inside the forward (in {where})"
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self._leaves or len(m._modules) == 0
@@ -104,6 +136,9 @@ def trace_fx(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = tracer.trace(model, concrete_args=concrete or None)
+            if tracer.mode_switch is not None:
+                return None, leaves, (f"fx cannot record a mode the forward switches: {tracer.mode_switch}; its graph "
+                                      "would compute that region otherwise than the model")
             used = _drop_var_placeholders(graph)
             if used:
                 return None, leaves, (f"fx cannot specialise the forward's {', '.join(used)} to a call (it traces them "

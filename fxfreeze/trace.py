@@ -8,7 +8,9 @@ Three strategies, tried in order until one gives a usable graph:
     control flow, ``if src.is_nested`` in ``nn.TransformerEncoderLayer``...) is made a leaf
     and the trace is retried. Arguments the example inputs do not give are specialised to
     their defaults (``concrete_args``), so ``if attention_mask is None`` branches follow the
-    call the user actually makes.
+    call the user actually makes. fx records no grad mode or autocast: a forward that
+    switches either inside (``with torch.no_grad():`` around a momentum encoder,
+    ``with torch.autocast(...)`` around its body) is left to export, which records both.
 ``export``
     ``torch.export.export(..., strict=False)`` on the example inputs, with every input
     dimension dynamic. Used when the root's own ``forward`` cannot be traced (Hugging Face

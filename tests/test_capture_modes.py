@@ -1,0 +1,99 @@
+"""A forward that switches grad mode or autocast inside (a momentum encoder under
+``torch.no_grad()``, a body under ``torch.autocast``) is not captured by fx, which would
+record none of it: its graph computed the encoder with gradients (an optimizer over all
+parameters then trained it) and the body in float32. ``torch.export`` records both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxfreeze
+from fxfreeze.errors import TraceError
+from fxfreeze.trace import capture
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+
+
+class _Momentum(nn.Module):
+    """BYOL/MoCo-style: the target encoder runs without gradients inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.online, self.target, self.head = _mlp(), _mlp(), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.target(x)
+        return ((self.head(self.online(x)) - t) ** 2).mean()
+
+
+class _Res(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.lin(x))
+
+
+class _AutocastBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(*[_Res(16) for _ in range(3)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.blocks(self.stem(x))
+        return self.head(h.float())
+
+
+def test_a_no_grad_region_in_the_forward_is_captured_by_export_and_keeps_its_gradients_out():
+    torch.manual_seed(0)
+    model, x = _Momentum(), torch.randn(4, 8)
+    with pytest.raises(TraceError, match=r"grad mode off switched inside the forward \(in target"):
+        capture(model, (x,), strategy="fx")
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
+    assert fm.strategy == "export" and any("grad mode off" in r for r in fm.plan.notes)
+    assert "target" in fm.plan.names and "online" in fm.plan.names
+    gm = fm.graph_module()
+    gm.graph.lint()
+    loss = fm(x)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    expected = type(model).forward(model, x)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    assert not any(n.startswith("target.") for n in grads)  # as in eager: no gradient reaches it
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-6, atol=1e-7, msg=n)
+    assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_an_autocast_body_is_captured_by_export_and_computes_in_its_dtype():
+    torch.manual_seed(0)
+    model, x = _AutocastBody(), torch.randn(4, 8)
+    with pytest.raises(TraceError, match="autocast cpu torch.bfloat16 switched inside the forward"):
+        capture(model, (x,), strategy="fx")
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
+    assert fm.strategy == "export"
+    fm.graph_module().graph.lint()
+    torch.testing.assert_close(fm(x), type(model).forward(model, x), rtol=0, atol=0)  # bf16 inside, as eager
+
+
+def test_an_autocast_around_the_call_is_not_a_switch_inside_the_forward():
+    """The caller's own autocast (a training loop's) is the mode the trace starts in: fx
+    still captures, and the graph is kept for that autocast state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _Res(16), _Res(16), nn.Linear(16, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert capture(model, (torch.randn(4, 8),)).strategy == "fx"
+        with torch.no_grad():  # a first call under no_grad: captured with gradients on
+            assert capture(model, (torch.randn(4, 8),)).strategy == "fx"
