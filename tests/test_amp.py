@@ -169,3 +169,19 @@ def test_a_wrapper_added_after_compile_applies_to_the_compiled_module():
     assert {e.key[1] for e in fm.graphs.entries()} == {(), (("cpu", torch.bfloat16),)}
     del model.forward
     assert fm(x).dtype == torch.float32
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_accelerate_unwrap_model_after_a_route_gives_a_plain_model():
+    """``accelerator.unwrap_model(model, keep_fp32_wrapper=False)`` follows ``__wrapped__``
+    from ``model.forward``: through an installed route it reaches the model's own forward
+    (before, it bound the route to the model twice: "too many positional arguments")."""
+    accelerate = pytest.importorskip("accelerate")
+    acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    model = acc.prepare(_net())
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), config=SCHEDULE)
+    fm.install()
+    plain = acc.unwrap_model(model, keep_fp32_wrapper=False)
+    x = torch.randn(4, 8)
+    assert plain is model and model.forward.__func__ is _Net.forward
+    torch.testing.assert_close(plain(x), _Net.forward(model, x), rtol=0, atol=0)

@@ -138,7 +138,10 @@ class Routing:
                 return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
             return fm.route(args, kwargs)
 
-        model.__dict__["forward"] = types.MethodType(forward_with(self.graphs.signature, run), model)
+        fn = forward_with(self.graphs.signature, run)
+        if previous[0]:  # what unwrappers that follow __wrapped__ (accelerate's unwrap_model) reach
+            fn.__wrapped__ = previous[1]  # type: ignore[attr-defined]
+        model.__dict__["forward"] = types.MethodType(fn, model)
 
     def adopt_route(self, previous: tuple[bool, Any], eager_forward: Any) -> None:
         """Record that ``model.forward`` routes to :meth:`route` (installed by
