@@ -60,8 +60,8 @@ class UntrainableBlocks:
         if widened != k and self._told != (k, widened):
             self._told = (k, widened)
             logger.info(
-                "fxfreeze: %s train no parameter (requires_grad=False, frozen by the user): the policy judges "
-                "from %s on, and freezes them with the next freeze that reaches past them",
+                "fxfreeze: no parameter of %s requires a gradient (frozen by the user): the policy judges from %s "
+                "on, and freezes them with the next freeze that reaches past them",
                 ", ".join(self._names[k:widened]),
                 self._names[widened] if widened < len(self._names) else "the head",
             )
