@@ -79,7 +79,6 @@ def compile(
         fm = fxfreeze.compile(model, {"input_ids": ids, "attention_mask": mask}, optimizer=opt)
         loss = fm(**batch, labels=labels).loss   # another keyword set: captured once more
     """
-
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
     if unwrap_compiled(model) is not model:

@@ -248,8 +248,6 @@ class Freezer:
             total_steps=self.planned_steps,
         )
         decision = self.policy.decide(signals)
-        if adaptive:
-            decision = self._untrainable.widen(decision, k, seen, top)
         undo = self.safety.verdict(self.step_count, self.num_frozen)
         if undo is not None:  # the last freeze made the loss worse: it wins over the policy
             decision = Decision(*undo)
@@ -259,6 +257,8 @@ class Freezer:
                 decision = None
             elif capped != decision.num_frozen:
                 decision = Decision(capped, decision.reason)
+        if adaptive:  # a freeze within the blocks the user froze changes nothing; past them, takes them
+            decision = self._untrainable.widen(decision, k, seen, top)
         if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
             agreed = self._agree(proposed)

@@ -145,3 +145,19 @@ def test_smartfrz_judges_only_blocks_that_train():
     _train(fm, opt, 160)
     [event] = [e for e in fm.freezer.history if e["action"] == "freeze"]
     assert "for blocks 3..5" in event["reason"] and event["num_frozen"] == 6
+
+
+def test_widen_drops_a_freeze_within_the_users_blocks_and_passes_unfreezes_as_they_are():
+    """Also what a freeze capped by the safety net's hold becomes (the controller widens
+    after the cap): capped into the user's blocks, it is dropped, not applied to them."""
+    from fxfreeze.runtime.untrainable import UntrainableBlocks
+
+    model, fm, opt = _compile(["stem", "blocks.0", "blocks.1", "blocks.3"], {})
+    u = UntrainableBlocks(fm)
+    top = fm.plan.max_frozen
+    assert u.seen(0, top) == 3
+    assert u.widen(Decision(2, "x"), 0, 3, top) is None
+    assert u.widen(Decision(3, "x"), 0, 3, top) is None
+    assert u.widen(Decision(4, "x"), 0, 3, top) == Decision(5, "x")  # blocks.3 after blocks.2: taken too
+    assert u.widen(Decision(1, "undo"), 4, 5, top) == Decision(1, "undo")
+    assert u.widen(None, 0, 3, top) is None
