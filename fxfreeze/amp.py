@@ -63,9 +63,6 @@ class WrapperAutocast:
     def outputs(self, out: Any) -> Any:
         return self.convert_outputs(out) if self.convert_outputs is not None else out
 
-    def describe(self) -> str:
-        return f"torch.autocast({self.device_type!r}, dtype={self.dtype})"
-
 
 def _callables(fn: Any) -> Iterator[Any]:
     """``fn``, then what it wraps (``__wrapped__``), outermost first."""

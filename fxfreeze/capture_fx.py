@@ -62,7 +62,7 @@ class _LeafTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if self.mode_switch is None and kind != "placeholder" and _modes() != self._start:
             grad, inference, amp = _modes()
-            what = "autocast " + ", ".join(f"{d} {t}" for d, t in amp) if amp != self._start[2] else (
+            what = "autocast " + (", ".join(f"{d} {t}" for d, t in amp) or "off") if amp != self._start[2] else (
                 "inference mode" if inference else f"grad mode {'on' if grad else 'off'}")
             where = self._stack[-1] if self._stack else "the root forward"
             self.mode_switch = f"{what} switched inside the forward (in {where})"
