@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import sys
 import warnings
 from typing import Any, Mapping
 
@@ -36,6 +38,21 @@ def _modes() -> tuple[Any, ...]:
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), amp)
 
 
+def _in_checkpoint() -> bool:
+    """Called from inside ``torch.utils.checkpoint``: reentrant checkpointing runs its
+    region under ``no_grad`` and recomputes it with gradients in the backward, which a
+    compiled module leaves to the model's own forward (``runtime/checkpointing.py``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
 class _LeafTracer(fx.Tracer):
     """fx tracer whose leaves are childless modules plus escalated ones, which remembers
     which module was executing when tracing failed, and which notices a forward that
@@ -60,7 +77,7 @@ class _LeafTracer(fx.Tracer):
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
                     type_expr: Any = None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        if self.mode_switch is None and kind != "placeholder" and _modes() != self._start:
+        if self.mode_switch is None and kind != "placeholder" and _modes() != self._start and not _in_checkpoint():
             grad, inference, amp = _modes()
             what = "autocast " + (", ".join(f"{d} {t}" for d, t in amp) or "off") if amp != self._start[2] else (
                 "inference mode" if inference else f"grad mode {'on' if grad else 'off'}")

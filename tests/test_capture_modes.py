@@ -97,3 +97,24 @@ def test_an_autocast_around_the_call_is_not_a_switch_inside_the_forward():
         assert capture(model, (torch.randn(4, 8),)).strategy == "fx"
         with torch.no_grad():  # a first call under no_grad: captured with gradients on
             assert capture(model, (torch.randn(4, 8),)).strategy == "fx"
+
+
+def test_reentrant_checkpointing_is_not_a_switch_the_graph_would_lose():
+    """``checkpoint(..., use_reentrant=True)`` runs its region under ``no_grad`` and
+    recomputes it with gradients in the backward; a compiled module leaves training calls of
+    such a model to its own forward, so fx's graph may stand (it did before this check)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class _Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.blocks = nn.Linear(8, 16), nn.ModuleList(_Res(16) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            for b in self.blocks:
+                h = checkpoint(b, h, use_reentrant=True)
+            return h
+
+    cap = capture(_Checkpointed(), (torch.randn(4, 8, requires_grad=True),))
+    assert cap.strategy == "fx" and cap.checkpoints
