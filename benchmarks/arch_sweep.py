@@ -91,6 +91,15 @@ def _hf() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Any
             num_conv_pos_embedding_groups=2, num_labels=2, hidden_dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0)),
             lambda: {"input_values": torch.randn(4, 400), "labels": torch.randint(0, 2, (4,))}),
+        "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=1, **dec)), lambda: _lm(_ids())),
+        "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=1, head_dim=16, **dec)),
+                  lambda: _lm(_ids())),
+        "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)), lambda: _lm(_ids())),
+        "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(patch_size=8, **vit)),
+                   lambda: {"pixel_values": torch.randn(4, 3, 32, 32)}),
         "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
             vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
@@ -171,12 +180,53 @@ class _Branchy(nn.Module):
         return self.head(h)
 
 
+class _Momentum(nn.Module):
+    """BYOL-style: a target encoder under ``torch.no_grad()`` inside the forward (fx would lose it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def enc() -> nn.Module:
+            return nn.Sequential(nn.Linear(8, 16), *[_Res(16) for _ in range(3)])
+
+        self.online, self.target, self.head = enc(), enc(), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.target(x)
+        return (self.head(self.online(x)) - t).pow(2).mean()
+
+
+class _Res(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.lin(x))
+
+
+class _AutocastBody(nn.Module):
+    """Its body under ``torch.autocast`` inside the forward (fx would lose it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = nn.Linear(8, 16), nn.Sequential(*[_Res(16) for _ in range(3)]), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.blocks(self.stem(x))
+        return self.head(h.float())
+
+
 def _custom() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]]]:
     return {
         "unet": (_UNet, lambda: (torch.randn(4, 1, 16, 16),)),
         "lstm": (_LSTMNet, lambda: (torch.randint(0, 50, (4, 7)),)),
         "densenet-like": (_Dense, lambda: (torch.randn(4, 1, 8, 8),)),
         "branchy-root": (_Branchy, lambda: (torch.randn(4, 8),)),
+        "momentum-encoder": (_Momentum, lambda: (torch.randn(4, 8),)),
+        "autocast-body": (_AutocastBody, lambda: (torch.randn(4, 8),)),
     }
 
 
