@@ -36,7 +36,7 @@ from .calls import forward_signature
 from .graph_utils import resolve_attr
 from .forwards import bound, forward_with, temporary_forward
 
-__all__ = ["ExportResult", "export_graph", "unknown_outputs"]
+__all__ = ["ExportResult", "export_graph", "mode_region_notes", "unknown_outputs"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -220,3 +220,45 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     if guard is None:
         guard = _meta_guard(graph, dict(ep.range_constraints))
     return ExportResult(graph, extra, guard, getattr(unlifted, "_in_spec", None))
+
+
+#: export's node for a region the forward runs under ``torch.autocast``, and which argument is its body
+_MODE_REGIONS = {"wrap_with_autocast": ("torch.autocast", 4)}
+
+
+def mode_region_notes(graph: fx.Graph, extra: dict[str, Any]) -> list[str]:
+    """Notes on the regions of an exported graph that run under an autocast the forward
+    enters itself (``with torch.autocast(...)`` inside it). Export records each as one node,
+    so the modules inside cannot fall in different blocks: a region that spans several is
+    worth a word, and the way out (enter it around the call, in the training loop, or inside
+    each block). A ``torch.no_grad()`` region is one node too, but its modules get no
+    gradient to save: one block costs nothing there."""
+    notes = []
+    for node in graph.nodes:
+        kind = _MODE_REGIONS.get(getattr(node.target, "__name__", "")) if node.op == "call_function" else None
+        if kind is None or len(node.args) <= kind[1]:
+            continue
+        body_ref = node.args[kind[1]]
+        body = extra.get(str(body_ref.target)) if isinstance(body_ref, fx.Node) else None
+        if not isinstance(body, fx.GraphModule):
+            continue
+        paths = []
+        for n in body.graph.nodes:
+            stack = n.meta.get("nn_module_stack") or {}
+            path = next(reversed(stack.values()))[0] if stack else ""
+            if path:
+                paths.append(path.split("."))
+        if not paths:
+            continue
+        depth = 0  # the modules' deepest common ancestor, then its children the region reaches
+        while all(len(p) > depth + 1 for p in paths) and len({p[depth] for p in paths}) == 1:
+            depth += 1
+        children = list(dict.fromkeys(".".join(p[: depth + 1]) for p in paths))
+        if len(children) >= 2:
+            notes.append(
+                f"a {kind[0]} region inside the forward spans {', '.join(children)}: export records it as one node, so "
+                "they fall in one block; enter it around the model call (in the training loop) or inside each block "
+                "to let them freeze apart"
+            )
+    return notes
+

@@ -50,7 +50,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture_export import export_graph, unknown_outputs
+from .capture_export import export_graph, mode_region_notes, unknown_outputs
 from .capture_fx import hides_structure, trace_fx
 from .capture_hooks import trace_hooks
 from .amp import plain_capture
@@ -339,6 +339,7 @@ def _capture(
                         res = export_graph(model, *fresh_containers(args, kwargs), dynamic=dynamic, strip=bool(strip))
                     if not dynamic:
                         reasons.append("exported with static shapes: other shapes get their own capture")
+                    reasons.extend(mode_region_notes(res.graph, res.extra))
                     return Capture(
                         res.graph, "export", reasons=reasons, extra_attrs=res.extra,
                         guard=res.guard, in_spec=res.in_spec, **common,  # type: ignore[arg-type]

@@ -60,6 +60,7 @@ def test_a_no_grad_region_in_the_forward_is_captured_by_export_and_keeps_its_gra
         capture(model, (x,), strategy="fx")
     fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
     assert fm.strategy == "export" and any("grad mode off" in r for r in fm.plan.notes)
+    assert not any("region inside the forward spans" in n for n in fm.plan.notes)  # no_grad: nothing to split
     assert "target" in fm.plan.names and "online" in fm.plan.names
     gm = fm.graph_module()
     gm.graph.lint()
@@ -84,6 +85,9 @@ def test_an_autocast_body_is_captured_by_export_and_computes_in_its_dtype():
         capture(model, (x,), strategy="fx")
     fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
     assert fm.strategy == "export"
+    # export records the region as one node, so stem and blocks are one block: the notes say why
+    assert fm.plan.names == ["stem", "blocks"]
+    assert any("torch.autocast region inside the forward spans stem, blocks" in n for n in fm.plan.notes)
     fm.graph_module().graph.lint()
     torch.testing.assert_close(fm(x), type(model).forward(model, x), rtol=0, atol=0)  # bf16 inside, as eager
 
