@@ -15,33 +15,14 @@ from torch import nn
 
 import fxfreeze
 from fxfreeze.amp import wrapper_autocast
+from _nets import ResidualMLP
 
 SCHEDULE = {"policy": "manual", "manual": {"schedule": {2: 2}}}
 
 
-class _Res(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.relu(self.lin(x))
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, 16)
-        self.blocks = nn.Sequential(*[_Res(16) for _ in range(4)])
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-def _net() -> _Net:
+def _net() -> ResidualMLP:
     torch.manual_seed(0)
-    return _Net()
+    return ResidualMLP()
 
 
 def _decorated(model: nn.Module, dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> nn.Module:
@@ -73,7 +54,7 @@ def test_the_autocast_of_a_wrapper_is_read_from_it_without_calling_it():
         return run
 
     m = _net()  # an autocast two wrappers deep, its inner forward the class's
-    m.forward = types.MethodType(outer(torch.autocast("cpu", dtype=torch.bfloat16)(_Net.forward)), m)
+    m.forward = types.MethodType(outer(torch.autocast("cpu", dtype=torch.bfloat16)(ResidualMLP.forward)), m)
     amp = wrapper_autocast(m, m.__dict__["forward"])
     assert amp is not None and amp.dtype == torch.bfloat16 and amp.plain == (False, None)
 
@@ -183,5 +164,5 @@ def test_accelerate_unwrap_model_after_a_route_gives_a_plain_model():
     fm.install()
     plain = acc.unwrap_model(model, keep_fp32_wrapper=False)
     x = torch.randn(4, 8)
-    assert plain is model and model.forward.__func__ is _Net.forward
-    torch.testing.assert_close(plain(x), _Net.forward(model, x), rtol=0, atol=0)
+    assert plain is model and model.forward.__func__ is ResidualMLP.forward
+    torch.testing.assert_close(plain(x), ResidualMLP.forward(model, x), rtol=0, atol=0)

@@ -12,6 +12,7 @@ from torch import nn
 import fxfreeze
 from fxfreeze.errors import TraceError
 from fxfreeze.trace import capture
+from _nets import AutocastBody, Res
 
 
 def _mlp() -> nn.Sequential:
@@ -29,28 +30,6 @@ class _Momentum(nn.Module):
         with torch.no_grad():
             t = self.target(x)
         return ((self.head(self.online(x)) - t) ** 2).mean()
-
-
-class _Res(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.relu(self.lin(x))
-
-
-class _AutocastBody(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, 16)
-        self.blocks = nn.Sequential(*[_Res(16) for _ in range(3)])
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = self.blocks(self.stem(x))
-        return self.head(h.float())
 
 
 def test_a_no_grad_region_in_the_forward_is_captured_by_export_and_keeps_its_gradients_out():
@@ -80,7 +59,7 @@ def test_a_no_grad_region_in_the_forward_is_captured_by_export_and_keeps_its_gra
 
 def test_an_autocast_body_is_captured_by_export_and_computes_in_its_dtype():
     torch.manual_seed(0)
-    model, x = _AutocastBody(), torch.randn(4, 8)
+    model, x = AutocastBody(depth=3), torch.randn(4, 8)
     with pytest.raises(TraceError, match="autocast cpu torch.bfloat16 switched inside the forward"):
         capture(model, (x,), strategy="fx")
     fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
@@ -96,7 +75,7 @@ def test_an_autocast_around_the_call_is_not_a_switch_inside_the_forward():
     """The caller's own autocast (a training loop's) is the mode the trace starts in: fx
     still captures, and the graph is kept for that autocast state."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), _Res(16), _Res(16), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(8, 16), Res(16), Res(16), nn.Linear(16, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert capture(model, (torch.randn(4, 8),)).strategy == "fx"
         with torch.no_grad():  # a first call under no_grad: captured with gradients on
@@ -112,7 +91,7 @@ def test_reentrant_checkpointing_is_not_a_switch_the_graph_would_lose():
     class _Checkpointed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.stem, self.blocks = nn.Linear(8, 16), nn.ModuleList(_Res(16) for _ in range(3))
+            self.stem, self.blocks = nn.Linear(8, 16), nn.ModuleList(Res(16) for _ in range(3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.stem(x)
