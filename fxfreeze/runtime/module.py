@@ -49,6 +49,7 @@ from ..trace import DEFAULT_TIMEOUT
 from .checkpointing import CheckpointWatch
 from .cached_graph import CachedGraph, prefix_fingerprint
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
+from .hook_watch import HookWatch
 from .loader import SampleIdLoader
 from .ownership import hold_eval, release_eval, release_owner
 from .eager_cut import EagerCut
@@ -96,6 +97,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         self.probe_hook: Any = None
         self._cache: Any = None  # an ActivationCache when caching is on (set by compile)
         self._cached: CachedGraph | None = None
+        #: the hooks the graphs were captured with (a change captures again: hook_watch.py)
+        self._hooks = None if self.graphs.eager_only else HookWatch(model)
         ix = analysis.index
         proposal = starts_from_plan(ix, self.plan)
         uses, _ = param_uses(ix)
@@ -185,11 +188,15 @@ class FreezableModule(Routing, EagerCut, nn.Module):
             self._model._buffers[name] = self._buffers[name]
         for name in list(self._parameters):
             self._model._parameters[name] = self._parameters[name]
+        self._reset_graphs()
+        self._named_params = dict(self._model.named_parameters())
+        return self
+
+    def _reset_graphs(self) -> None:
+        """Forget every captured graph (and the cache's rewritten ones): the next calls capture anew."""
         self.graphs.reset()
         if self._cached is not None:
             self._cached.reset()
-        self._named_params = dict(self._model.named_parameters())
-        return self
 
     # -- forward -------------------------------------------------------------------------------------
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -227,6 +234,10 @@ class FreezableModule(Routing, EagerCut, nn.Module):
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any, Any, Any, Any]:
         """(checkpointing, entry, graph module, args, kwargs) for this call; entry None: run eagerly."""
         model = self._model
+        changed = self._hooks.changed() if self._hooks is not None else None
+        if changed:
+            logger.info("fxfreeze: %s since %s's graphs were captured: capturing again", changed, type(model).__name__)
+            self._reset_graphs()
         training = model.training
         try:
             args, kwargs = canonical_call(self.graphs.signature, args, kwargs)
@@ -238,6 +249,16 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         args, kwargs = plain_mappings(args, kwargs)  # a BatchEncoding argument: its dict
         if training and self.probe_hook is not None:
             self.probe_hook(args, kwargs)
+        if training and self._checkpoints.on(self._analysis.capture):  # before a capture it would not use
+            return True, None, None, eager_args, eager_kwargs
+        if self._hooks is not None and self._hooks.backward:
+            if not self._hooks.backward_told():
+                logger.warning(
+                    "fxfreeze: backward hooks on %s, which a captured graph cannot run: %s runs its own forward while "
+                    "they are registered (frozen blocks still cut, no activation cache)",
+                    self._hooks.backward, type(model).__name__,
+                )
+            return False, None, None, eager_args, eager_kwargs
         entry = self.graphs.lookup(training, args, kwargs)
         if entry is None:
             return training and self._checkpoints.on(self._analysis.capture), None, None, eager_args, eager_kwargs
