@@ -6,8 +6,8 @@ record their ops. A module the graph does not call as a module (every module und
 every module with children under fx) then never runs a hook added later, and keeps running
 one removed since; backward hooks it never runs at all (the compiled module runs the
 model's own forward while one is registered). These went unnoticed: a forward hook added after ``compile`` (activation
-logging, a feature-matching loss, Grad-CAM) saw nothing, and a removed one (the HF Trainer's
-NEFTune noise, taken off at the end of ``train()``) stayed in the training graph.
+logging, a feature-matching loss, Grad-CAM) saw nothing, and a removed one stayed in the
+training graph.
 
 :class:`HookWatch` notices such a change at the next call, and the compiled module captures
 again. It is cheap when nothing changed: torch numbers every hook handle it makes
