@@ -13,7 +13,8 @@ training graph.
 again. It is cheap when nothing changed: torch numbers every hook handle it makes
 (``RemovableHandle.next_id``), so an added hook shows as a new number, and a removed one as
 a shorter hook dict among those that held hooks at the last look; only then are the
-modules walked.
+modules walked. Hooks the model's own forward installs during a call (Hugging Face's output
+recorders) are taken as they are after that call (:meth:`HookWatch.absorb`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class HookWatch:
         now = self.backward
         told, self._told = self._told == now, now
         return told
+
+    def absorb(self) -> None:
+        """After a call of the compiled module: hooks the model's own forward added or
+        removed meanwhile are part of what that call ran (Hugging Face models install their
+        output recorders at the first ``output_hidden_states=True`` call, inert otherwise);
+        they become the hooks of the last look, without capturing again."""
+        self.changed()
 
     def changed(self) -> str | None:
         """None when the hooks are as at the last look; else which modules' hooks changed

@@ -215,6 +215,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
 
     @torch.compiler.disable
     def _end_call(self, out: Any) -> None:
+        if self._hooks is not None:
+            self._hooks.absorb()  # hooks the model's own forward installed are no change of the user's
         if self.freezer is not None and self._model.training:
             loss = _loss_of(out)  # a model that computes its own loss (labels=): the safety net reads it
             if loss is not None:

@@ -110,3 +110,32 @@ def test_a_model_with_backward_hooks_runs_its_own_forward_while_they_are_registe
     model.zero_grad()
     fm(torch.randn(4, 8)).sum().backward()  # graphs again
     assert len(fired) == 2 and len(fm.graphs) >= 1
+
+
+def test_hooks_the_models_own_forward_installs_capture_nothing_again(caplog):
+    """Hugging Face models install inert output recorders on their layers at the first
+    ``output_hidden_states=True`` call, from inside their forward: that call's graph saw
+    them, and the other graphs stay."""
+
+    class _Recording(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.blocks, self.head = nn.Linear(8, 16), nn.Sequential(*[_Res(16) for _ in range(3)]), nn.Linear(16, 3)
+            self.recorded: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
+            if record and not self.blocks[0]._forward_hooks:
+                for b in self.blocks:
+                    b.register_forward_hook(lambda m, i, o: None)  # inert, as HF's are outside a recording
+            return self.head(self.blocks(self.stem(x)))
+
+    torch.manual_seed(0)
+    model = _Recording()
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), strategy="export", config={"policy": "manual"})
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm(torch.randn(4, 8))
+        fm(torch.randn(4, 8), record=True)
+        n = len(fm.graphs)
+        fm(torch.randn(4, 8))
+        fm(torch.randn(4, 8), record=True)
+    assert n == 2 and len(fm.graphs) == 2 and not _captures(caplog)
