@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .checkpointing import leaf_outputs
+from .dynamo import outside_dynamo
 
 __all__ = ["EagerCut"]
 
@@ -29,7 +30,7 @@ class EagerCut:
     _eager_forward: Any
     _bypass: Any
 
-    @torch.compiler.disable  # hooks registered per call: the model's forward runs as it is
+    @outside_dynamo  # hooks registered per call: the model's forward runs as it is
     def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: bool = False) -> Any:
         with self._cut_eagerly(leaves):
             if self._installed is not None:  # model(...) would route back here: call its forward

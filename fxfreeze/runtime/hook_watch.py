@@ -63,7 +63,7 @@ class HookWatch:
         self._model = model
         self._next_id = RemovableHandle.next_id
         self._state, self._dicts, self._names = _scan(model)
-        self._sizes = [len(d) for d in self._dicts]
+        self._sizes = tuple(map(len, self._dicts))
         self._told: str | None = None
         #: the modules with a backward hook ("" if none), which no captured graph runs: a
         #: graph does not call its modules as modules, and tracing leaves the hooks' autograd
@@ -90,11 +90,11 @@ class HookWatch:
     def changed(self) -> str | None:
         """None when the hooks are as at the last look; else which modules' hooks changed
         (and the new hooks become the ones the graphs are captured with)."""
-        if RemovableHandle.next_id == self._next_id and all(len(d) == n for d, n in zip(self._dicts, self._sizes)):
+        if RemovableHandle.next_id == self._next_id and tuple(map(len, self._dicts)) == self._sizes:
             return None
         self._next_id = RemovableHandle.next_id
         state, dicts, names = _scan(self._model)
-        self._dicts, self._sizes = dicts, [len(d) for d in dicts]
+        self._dicts, self._sizes = dicts, tuple(map(len, dicts))
         if state == self._state:
             return None
         added, removed = state - self._state, self._state - state

@@ -52,6 +52,7 @@ from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .hook_watch import HookWatch
 from .loader import SampleIdLoader
 from .ownership import hold_eval, release_eval, release_owner
+from .dynamo import outside_dynamo
 from .eager_cut import EagerCut
 from .routing import Routing
 
@@ -208,12 +209,12 @@ class FreezableModule(Routing, EagerCut, nn.Module):
 
     # torch.compile(fm) traces the graphs' run; the bookkeeping around it stays Python (its
     # counters and lookups would make dynamo guard on them and recompile at every call)
-    @torch.compiler.disable
+    @outside_dynamo
     def _begin_call(self) -> Any:
         self.training_calls += self._model.training
         return self.wrapper_amp()
 
-    @torch.compiler.disable
+    @outside_dynamo
     def _end_call(self, out: Any) -> None:
         if self._hooks is not None:
             self._hooks.absorb()  # hooks the model's own forward installed are no change of the user's
@@ -232,7 +233,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         finally:
             torch._C._set_grad_enabled(grad_mode)  # an exception inside a frozen prefix
 
-    @torch.compiler.disable
+    @outside_dynamo
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any, Any, Any, Any]:
         """(checkpointing, entry, graph module, args, kwargs) for this call; entry None: run eagerly."""
         model = self._model
