@@ -3,9 +3,8 @@ when nothing is being compiled.
 
 ``torch.compile(fm)`` should trace the graphs fxfreeze runs, not the Python around them:
 its counters and lookups would make dynamo guard on them and recompile at every call. A
-``torch.compiler.disable`` wrapper keeps dynamo out but costs about 2 us per call in plain
-eager training (three per call: 6-7 us, measured on this 2-core CPU), so
-:func:`outside_dynamo` calls it only while dynamo traces (``torch.compiler.is_compiling()``,
+``torch.compiler.disable`` wrapper keeps dynamo out but adds microseconds to every call in
+plain eager training too, so :func:`outside_dynamo` calls it only while dynamo traces (``torch.compiler.is_compiling()``,
 which dynamo reads as True and then follows the disabled branch), and the plain function
 otherwise.
 """
