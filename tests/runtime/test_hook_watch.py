@@ -11,20 +11,12 @@ import torch
 from torch import nn
 
 import fxfreeze
-
-
-class _Res(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.relu(self.lin(x))
+from _nets import Res
 
 
 def _compiled(strategy: str):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), *[_Res(16) for _ in range(3)], nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(8, 16), *[Res(16) for _ in range(3)], nn.Linear(16, 3))
     fm = fxfreeze.compile(model, (torch.randn(4, 8),), strategy=strategy, config={"policy": "manual"})
     return model, fm
 
@@ -96,7 +88,7 @@ def test_a_model_with_backward_hooks_runs_its_own_forward_while_they_are_registe
     """No graph runs a module's backward hooks (neither capture records their autograd
     functions): before, such a hook silently never fired in training."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), *[_Res(16) for _ in range(3)], nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(8, 16), *[Res(16) for _ in range(3)], nn.Linear(16, 3))
     fired = []
     h = model[1].register_full_backward_hook(lambda m, gi, go: fired.append(go[0].shape))
     with caplog.at_level(logging.WARNING, logger="fxfreeze"):
@@ -120,7 +112,7 @@ def test_hooks_the_models_own_forward_installs_capture_nothing_again(caplog):
     class _Recording(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.stem, self.blocks, self.head = nn.Linear(8, 16), nn.Sequential(*[_Res(16) for _ in range(3)]), nn.Linear(16, 3)
+            self.stem, self.blocks, self.head = nn.Linear(8, 16), nn.Sequential(*[Res(16) for _ in range(3)]), nn.Linear(16, 3)
             self.recorded: list[torch.Tensor] = []
 
         def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
