@@ -222,8 +222,8 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return ExportResult(graph, extra, guard, getattr(unlifted, "_in_spec", None))
 
 
-#: export's node for a region the forward runs under ``torch.autocast``, and which argument is its body
-_MODE_REGIONS = {"wrap_with_autocast": ("torch.autocast", 4)}
+#: which argument of export's ``wrap_with_autocast`` node is the region's body
+_AUTOCAST_BODY = 4
 
 
 def mode_region_notes(graph: fx.Graph, extra: dict[str, Any]) -> list[str]:
@@ -235,10 +235,10 @@ def mode_region_notes(graph: fx.Graph, extra: dict[str, Any]) -> list[str]:
     gradient to save: one block costs nothing there."""
     notes = []
     for node in graph.nodes:
-        kind = _MODE_REGIONS.get(getattr(node.target, "__name__", "")) if node.op == "call_function" else None
-        if kind is None or len(node.args) <= kind[1]:
+        if node.op != "call_function" or getattr(node.target, "__name__", "") != "wrap_with_autocast" \
+                or len(node.args) <= _AUTOCAST_BODY:
             continue
-        body_ref = node.args[kind[1]]
+        body_ref = node.args[_AUTOCAST_BODY]
         body = extra.get(str(body_ref.target)) if isinstance(body_ref, fx.Node) else None
         if not isinstance(body, fx.GraphModule):
             continue
@@ -256,7 +256,7 @@ def mode_region_notes(graph: fx.Graph, extra: dict[str, Any]) -> list[str]:
         children = list(dict.fromkeys(".".join(p[: depth + 1]) for p in paths))
         if len(children) >= 2:
             notes.append(
-                f"a {kind[0]} region inside the forward spans {', '.join(children)}: export records it as one node, so "
+                f"a torch.autocast region inside the forward spans {', '.join(children)}: export records it as one node, so "
                 "they fall in one block; enter it around the model call (in the training loop) or inside each block "
                 "to let them freeze apart"
             )

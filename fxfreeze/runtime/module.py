@@ -263,8 +263,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
                 )
             return False, None, None, eager_args, eager_kwargs
         entry = self.graphs.lookup(training, args, kwargs)
-        if entry is None:
-            return training and self._checkpoints.on(self._analysis.capture), None, None, eager_args, eager_kwargs
+        if entry is None:  # (a training call of a model that checkpoints returned above)
+            return False, None, None, eager_args, eager_kwargs
         if training and self._checkpoints.on(entry.capture):  # the model's own forward keeps its checkpoints
             return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)

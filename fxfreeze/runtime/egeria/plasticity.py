@@ -301,6 +301,6 @@ class PlasticityTracker:
         self.floor = {int(k): float(v) for k, v in state.get("floor", {}).items()}
         self.flat_count = {int(k): int(v) for k, v in state.get("flat_count", {}).items()}
         self.last_trend = {
-            int(k): None if t is None else Trend(float(t[0]), float(t[1]), float(t[2]), bool(t[3]), bool(t[4:5] and t[4]))
+            int(k): None if t is None else Trend(float(t[0]), float(t[1]), float(t[2]), bool(t[3]), len(t) > 4 and bool(t[4]))
             for k, t in state.get("last_trend", {}).items()
         }

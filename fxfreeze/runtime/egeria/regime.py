@@ -47,6 +47,10 @@ class Regimes:
         """The thresholds that differ from the tracker's default (``threshold``)."""
         return {j: self.pretrained_threshold for j, p in enumerate(self.pretrained) if p}
 
+    def apply_to(self, tracker: Any) -> None:
+        """Hold ``tracker``'s blocks to their regime: thresholds and floor ratios."""
+        tracker.thresholds, tracker.floor_ratios = self.overrides(), self.floor_ratios()
+
     def floor_ratios(self) -> dict[int, float]:
         """The blocks held to a floor ratio (pretrained ones, when it is on)."""
         r = self.pretrained_floor_ratio

@@ -141,7 +141,7 @@ class EgeriaPolicy(Policy):
         named = self.module.params_by_name
         self.regimes.judge([[named[n] for n in b.params if n in named] for b in self.plan.blocks[: self.hi]],
                            detect=bool(self.cfg.detect_pretrained))
-        self.tracker.thresholds, self.tracker.floor_ratios = self.regimes.overrides(), self.regimes.floor_ratios()
+        self.regimes.apply_to(self.tracker)
         logger.info("egeria: %s", self.regimes.describe())
 
     @property
@@ -392,7 +392,7 @@ class EgeriaPolicy(Policy):
         if probe is not None and self.probe is not None:
             self.probe.load_state_dict(probe)
         if self.regimes.load_state_dict(state.get("pretrained")):  # judged on the weights as first compiled
-            self.tracker.thresholds, self.tracker.floor_ratios = self.regimes.overrides(), self.regimes.floor_ratios()
+            self.regimes.apply_to(self.tracker)
 
 
 def _landed(state: Any) -> Any:
