@@ -16,6 +16,7 @@ from .errors import (
     CallError,
     CliError,
     ConfigError,
+    CopyError,
     DataError,
     DistributedError,
     ExampleInputError,
@@ -55,6 +56,7 @@ __all__ = [
     "PredictorError",
     "PassError",
     "CliError",
+    "CopyError",
     "__version__",
 ]
 

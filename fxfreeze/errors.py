@@ -22,6 +22,7 @@ __all__ = [
     "PredictorError",
     "PassError",
     "CliError",
+    "CopyError",
 ]
 
 
@@ -93,3 +94,8 @@ class PassError(FxFreezeError, RuntimeError):
 
 class CliError(FxFreezeError, ValueError):
     """A bad command-line argument (the ``fxfreeze`` command); the message names it."""
+
+
+class CopyError(FxFreezeError, TypeError):
+    """A compiled module was pickled or deep-copied. It drives a live run (the controller,
+    its optimizer hook, background threads): save or copy the model and the freeze state."""

@@ -6,11 +6,14 @@
 - A frozen block runs in eval mode (BatchNorm on its running statistics, no dropout)
   whoever calls ``train()`` later: :func:`hold_eval` gives the module an instance ``train``
   that keeps it there; :func:`release_eval` takes it away and sets the mode asked for.
+  The hold is fxfreeze's, not the module's: a copy (``copy.deepcopy`` for an EMA, SWA or
+  best-model snapshot; ``torch.save(model)`` then ``torch.load``) is a frozen block of no
+  compiled module and gets its class's own ``train``, and a saved file names nothing of
+  fxfreeze, so it loads where fxfreeze is not installed.
 """
 
 from __future__ import annotations
 
-import types
 import weakref
 from typing import Any
 
@@ -33,9 +36,21 @@ def register_owner(model: nn.Module, fm: Any) -> None:
     _OWNERS[model] = weakref.ref(fm)
 
 
-def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+class _EvalHold:
     """``train`` of a frozen module: it stays in eval mode, whoever asks."""
-    return type(self).train(self, False)
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return type(self.module).train(self.module, False)
+
+    def __reduce__(self) -> tuple[Any, tuple[nn.Module, str]]:
+        # Copied and pickled as ``getattr(copy, "train")``: pickle and deepcopy both build
+        # the new module before they set its state, so this finds the class's ``train``.
+        return (getattr, (self.module, "train"))
 
 
 def release_owner(model: nn.Module, fm: Any) -> None:
@@ -47,7 +62,7 @@ def release_owner(model: nn.Module, fm: Any) -> None:
 
 def hold_eval(m: nn.Module) -> None:
     """Put ``m`` in eval mode and keep it there (an instance ``train`` that refuses)."""
-    m.__dict__["train"] = types.MethodType(_frozen_train, m)
+    m.__dict__["train"] = _EvalHold(m)
     m.train(False)
 
 

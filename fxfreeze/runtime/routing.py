@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from ..amp import WrapperAutocast, wrapper_autocast
+from ..errors import CopyError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward, temporary_forward
 
 __all__ = ["Routing"]
@@ -43,6 +44,17 @@ class Routing:
     _route_checked: bool = False
     #: (the forward wrapper last read, its autocast): see :meth:`wrapper_amp`
     _amp_seen: tuple[Any, WrapperAutocast | None] = (None, None)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickling or deep-copying the compiled module is refused with what to do instead:
+        it holds a live run (controller, optimizer hook, threads), which a copy cannot share
+        and a file cannot carry. The model itself copies and saves as a plain model."""
+        raise CopyError(
+            "a compiled module (fxfreeze.compile's result) cannot be pickled or deep-copied: it "
+            "drives a live training run. Save `fm.model` (torch.save(fm.model) or its "
+            "state_dict(), which has the same keys as fm.state_dict()) and the freeze state "
+            "`fm.freezer.state_dict()`; copy `fm.model` (copy.deepcopy gives a plain model)"
+        )
 
     def check_route(self) -> None:
         """Called at each optimizer step; acts at the first only. A backward reached the
