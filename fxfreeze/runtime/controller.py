@@ -218,7 +218,7 @@ class Freezer:
         if loss is not None:
             self.observe_loss(loss)
         self.step_count += 1
-        self.module.check_route()  # a loop that calls the model itself: route it here (once)
+        self.module.check_calls()  # a loop that trains in eval mode, or calls the model itself (routed here once)
         if not self.config.total_steps:
             self._planned.observe(self.step_count, self.optimizers)
         lrs = learning_rates(self.optimizers)

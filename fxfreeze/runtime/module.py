@@ -211,14 +211,14 @@ class FreezableModule(Routing, EagerCut, nn.Module):
     # counters and lookups would make dynamo guard on them and recompile at every call)
     @outside_dynamo
     def _begin_call(self) -> Any:
-        self.training_calls += self._model.training
+        self.count_call()
         return self.wrapper_amp()
 
     @outside_dynamo
     def _end_call(self, out: Any) -> None:
         if self._hooks is not None:
             self._hooks.absorb()  # hooks the model's own forward installed are no change of the user's
-        if self.freezer is not None and self._model.training:
+        if self.freezer is not None and self._call_trains:
             loss = _loss_of(out)  # a model that computes its own loss (labels=): the safety net reads it
             if loss is not None:
                 self.freezer.observe_loss(loss)
@@ -250,7 +250,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
             ) from e
         eager_args, eager_kwargs = args, kwargs
         args, kwargs = plain_mappings(args, kwargs)  # a BatchEncoding argument: its dict
-        if training and self.probe_hook is not None:
+        if self._call_trains and self.probe_hook is not None:
             self.probe_hook(args, kwargs)
         if training and self._checkpoints.on(self._analysis.capture):  # before a capture it would not use
             return True, None, None, eager_args, eager_kwargs

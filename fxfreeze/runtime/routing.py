@@ -17,6 +17,7 @@ import types
 import weakref
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from ..amp import WrapperAutocast, wrapper_autocast
@@ -39,8 +40,17 @@ class Routing:
     graphs: Any
     _installed: tuple[bool, Any] | None
     _eager_forward: Any
-    #: training-mode calls that reached the compiled module (its graphs or the model's forward)
+    #: training calls that reached the compiled module (its graphs or the model's forward):
+    #: calls in training mode, or with gradients on in a loop that trains in eval mode
     training_calls: int = 0
+    #: other calls with gradients on (eval mode): a loop that trains in eval mode makes them
+    grad_calls: int = 0
+    #: the loop trains the model in eval mode (see :meth:`check_calls`)
+    _trains_in_eval: bool = False
+    #: whether the call running now is a training call (its probe, its loss)
+    _call_trains: bool = False
+    #: (training_calls, grad_calls) at the last optimizer step
+    _calls_at_step: tuple[int, int] = (0, 0)
     _route_checked: bool = False
     #: (the forward wrapper last read, its autocast): see :meth:`wrapper_amp`
     _amp_seen: tuple[Any, WrapperAutocast | None] = (None, None)
@@ -56,6 +66,34 @@ class Routing:
             "`fm.freezer.state_dict()`; copy `fm.model` (copy.deepcopy gives a plain model)"
         )
 
+    def count_call(self) -> None:
+        """Count this call: a training call is one in training mode, or, in a loop that trains
+        in eval mode, one with gradients on (its evaluation runs under ``no_grad``)."""
+        training = self._model.training
+        grad = torch.is_grad_enabled()
+        if training:
+            self._trains_in_eval = False  # the loop trains in training mode (again)
+        self._call_trains = call = training or (grad and self._trains_in_eval)
+        self.training_calls += call
+        self.grad_calls += grad and not call
+
+    def check_calls(self) -> None:
+        """Called at each optimizer step. A step since the last one with no training call
+        but calls with gradients on: the loop trains the model in eval mode (``model.eval()``
+        to keep dropout off or BatchNorm fixed, or an evaluation's ``eval()`` never undone).
+        Its calls with gradients on count as training calls from now on, so that Egeria gets
+        its probe, the safety net its losses; until a call in training mode again."""
+        now = (self.training_calls, self.grad_calls)
+        (t, g), self._calls_at_step = self._calls_at_step, now
+        if now[0] == t and now[1] > g and not self._trains_in_eval:
+            self._trains_in_eval = True
+            logger.info(
+                "fxfreeze: %s is trained in eval mode (an optimizer step after calls with gradients on and none in "
+                "training mode): calls with gradients on count as training calls until one in training mode",
+                type(self._model).__name__,
+            )
+        self.check_route()
+
     def check_route(self) -> None:
         """Called at each optimizer step; acts at the first only. A backward reached the
         model's parameters but no training call reached this module: the loop calls the model
@@ -66,7 +104,7 @@ class Routing:
         if self._route_checked:
             return
         self._route_checked = True
-        if self.training_calls or self._installed is not None:
+        if self.training_calls or self.grad_calls or self._installed is not None:
             return
         if not any(p.grad is not None for p in self._model.parameters()):
             return  # no backward yet (a step by hand, say): nothing to tell
