@@ -2,7 +2,8 @@
 
 For each model (small random configurations, no download): ``fxfreeze.compile`` with the
 default policy, one training call compared with the eager model (loss and every gradient,
-1e-5 relative), two blocks frozen and an optimizer step (frozen weights unchanged), and one
+1e-5 relative), three blocks frozen, a training call compared with the eager model whose same
+blocks are frozen and in eval mode, and an optimizer step (frozen weights unchanged), and one
 line: the capture strategy, whether the model runs eagerly (no graph: ``fm.eager_only``),
 the blocks, and how many blocks Egeria may freeze (it never freezes an ``unmeasurable``
 block, one it has no reference for, nor anything after it).
@@ -10,9 +11,10 @@ A failure prints its error and the sweep goes on; the exit status counts the fai
 
     .venv/bin/python benchmarks/arch_sweep.py [--only deberta-v2,unet,...]
 
-Dropout is off in every configuration, so that the two forwards compare; wav2vec2 keeps
-its SpecAugment masking (numpy randomness, which is what makes it uncapturable), so its
-comparison runs in eval mode.
+Dropout is off in most configurations; ConvNeXt and Swin keep stochastic depth
+(``drop_path_rate``), whose draws a frozen block must not make: both forwards of a
+comparison start from one seed. wav2vec2 keeps its SpecAugment masking (numpy randomness,
+which is what makes it uncapturable), so its comparisons run in eval mode.
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ def _hf() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Any
         "hf-resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
             embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], num_labels=3)), _pixels),
         "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
-            num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], num_labels=3)), _pixels),
+            num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], num_labels=3, drop_path_rate=0.5,
+            layer_scale_init_value=1.0)), _pixels),
         "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
             image_size=32, patch_size=4, embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=3,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)), _pixels),
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.5)), _pixels),
         "wav2vec2": (lambda: T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(
             vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
             conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16,
@@ -241,6 +244,11 @@ def _call(m: nn.Module, x: Any) -> Any:
     return m(**x) if isinstance(x, dict) else m(*x)
 
 
+def _seeded(m: nn.Module, x: Any, seed: int) -> Any:
+    torch.manual_seed(seed)
+    return _call(m, x)
+
+
 def check(name: str, factory: Callable[[], nn.Module], inputs: Callable[[], Any]) -> str:
     torch.manual_seed(0)
     model = factory()
@@ -251,7 +259,7 @@ def check(name: str, factory: Callable[[], nn.Module], inputs: Callable[[], Any]
     if name == "wav2vec2":  # masking draws from numpy: compare in eval mode
         fm.eval()
         ref.eval()
-    got, exp = _loss(_call(fm, x)), _loss(_call(ref, x))
+    got, exp = _loss(_seeded(fm, x, 1)), _loss(_seeded(ref, x, 1))
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
     got.backward()
     exp.backward()
@@ -261,11 +269,21 @@ def check(name: str, factory: Callable[[], nn.Module], inputs: Callable[[], Any]
         if (p.grad is None) != (q.grad is None) or (p.grad is not None and not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)):
             raise AssertionError(f"gradient of {n} differs from eager")
     fm.train()
-    k = min(2, fm.plan.max_frozen)
+    k = min(3, fm.plan.max_frozen)
     fm.freeze_prefix(k)
     frozen = {n: fm.params_by_name[n].detach().clone() for n in fm.frozen_parameter_names()}
+    names = {id(m): n for n, m in model.named_modules()}
+    for m in fm.frozen_modules:  # the eager meaning of a frozen block
+        ref.get_submodule(names[id(m)]).eval().requires_grad_(False)
+    x = inputs()
+    if name == "wav2vec2":
+        fm.eval()
+        ref.eval()
+    got, exp = _loss(_seeded(fm, x, 2)), _loss(_seeded(ref, x, 2))
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6, msg=lambda m: f"with {k} blocks frozen: {m}")
+    fm.train()
     opt.zero_grad(set_to_none=True)
-    _loss(_call(fm, inputs())).backward()
+    _loss(_seeded(fm, x, 2)).backward()
     opt.step()
     if any(not torch.equal(fm.params_by_name[n], t) for n, t in frozen.items()):
         raise AssertionError("a frozen parameter changed")

@@ -4,6 +4,12 @@ Childless modules are leaves. When tracing raises inside a submodule (the tracer
 stack of modules being traced), that submodule becomes a leaf and the trace is retried.
 Forward arguments the example call does not pass are specialised to their defaults, and
 plain non-tensor ones it passes to their values (``concrete_args``).
+
+fx proxies parameters, not buffers: code that writes a buffer in place (an EMA
+``self.ema.mul_(0.9).add_(...)``, a counter ``self.steps += 1``) runs on the real tensor while
+tracing and leaves nothing in the graph, which would then never update it. The trace
+watches the buffers: one written or rebound while tracing is put back and the trace is
+refused with its name, so that ``torch.export``, which records such writes, is tried.
 """
 
 from __future__ import annotations
@@ -141,6 +147,37 @@ def _drop_var_placeholders(graph: fx.Graph) -> list[str]:
     return used
 
 
+_Buffer = tuple[nn.Module, str, Any, "torch.Tensor | None", int]
+
+
+def _buffers(model: nn.Module) -> dict[str, _Buffer]:
+    """Each buffer: its module, its name there, the object, a copy of its values and its
+    version counter (an in-place write that leaves the values as they were bumps it)."""
+    out: dict[str, _Buffer] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for name, buf in mod._buffers.items():
+            key = f"{mod_name}.{name}" if mod_name else name
+            if key not in out and isinstance(buf, torch.Tensor):
+                out[key] = (mod, name, buf, buf.detach().clone(), buf._version)
+    return out
+
+
+def _written(before: dict[str, _Buffer]) -> list[str]:
+    """Buffers that tracing rebound or wrote, each put back as it was."""
+    written = []
+    for key, (mod, name, buf, saved, version) in before.items():
+        rebound = mod._buffers.get(name) is not buf
+        if rebound:
+            mod._buffers[name] = buf
+        changed = not torch.equal(buf, saved)
+        if changed:
+            with torch.no_grad():
+                buf.data.copy_(saved)  # as preserved_state does
+        if rebound or changed or buf._version != version:
+            written.append(key)
+    return written
+
+
 def trace_fx(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[fx.Graph | None, dict[str, str], str | None]:
@@ -149,10 +186,17 @@ def trace_fx(
     concrete = _concrete_args(model, args, kwargs)
     for _ in range(_MAX_ESCALATIONS):
         tracer = _LeafTracer(set(leaves))
+        before = _buffers(model)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = tracer.trace(model, concrete_args=concrete or None)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    graph = tracer.trace(model, concrete_args=concrete or None)
+            finally:
+                written = _written(before)
+            if written:
+                return None, leaves, (f"fx cannot record the forward's writes to buffers ({', '.join(written[:3])}): it "
+                                      "ran them on the buffers while tracing, and its graph would never update them")
             if tracer.mode_switch is not None:
                 return None, leaves, (f"fx cannot record a mode the forward switches: {tracer.mode_switch}; its graph "
                                       "would compute that region otherwise than the model")

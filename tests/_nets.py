@@ -38,3 +38,51 @@ class AutocastBody(ResidualMLP):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = self.blocks(self.stem(x))
         return self.head(h.float())
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm and Hugging Face write it: in training mode a whole sample's
+    branch is dropped at random and the rest rescaled; in eval mode the identity."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class EmaRes(nn.Module):
+    """A residual block with stochastic depth that keeps, while training, a moving average
+    of its pre-activations in a buffer (as an EMA codebook or a custom normalisation does)."""
+
+    def __init__(self, d: int, p: float = 0.5, no_grad: bool = False) -> None:
+        super().__init__()
+        self.no_grad = no_grad  # the update under torch.no_grad(), with a step counter (export only)
+        self.lin = nn.Linear(d, d)
+        self.drop = DropPath(p)
+        self.register_buffer("ema", torch.zeros(d))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if self.training and self.no_grad:
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(h.mean(0), alpha=0.1)
+                self.steps += 1
+        elif self.training:  # one in-place op whose operand is traced: what fx can record
+            self.ema.lerp_(h.detach().mean(0), 0.1)
+        return x + self.drop(torch.relu(h - self.ema))
+
+
+class StochasticDepthMLP(ResidualMLP):
+    """A stem and ``depth`` :class:`EmaRes` blocks: what a frozen block does in training mode
+    beyond dropout and batch norm."""
+
+    def __init__(self, depth: int = 4, no_grad: bool = False) -> None:
+        super().__init__(depth)
+        self.blocks = nn.Sequential(*[EmaRes(16, no_grad=no_grad) for _ in range(depth)])

@@ -101,3 +101,37 @@ def test_reentrant_checkpointing_is_not_a_switch_the_graph_would_lose():
 
     cap = capture(_Checkpointed(), (torch.randn(4, 8, requires_grad=True),))
     assert cap.strategy == "fx" and cap.checkpoints
+
+
+class _Counting(nn.Module):
+    """Writes its buffers in the forward as EMA layers and counters do, on the buffers
+    themselves (fx runs these on the real tensors while tracing and records nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("ema", torch.zeros(8))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.ema.mul_(0.9).add_(h.detach().mean(0), alpha=0.1)
+        self.steps += 1
+        return self.head(h - self.ema)
+
+
+def test_writes_to_buffers_fx_cannot_record_send_the_capture_to_export():
+    torch.manual_seed(0)
+    model, x = _Counting(), torch.randn(4, 8)
+    ref = _Counting()
+    ref.load_state_dict(model.state_dict())
+    with pytest.raises(TraceError, match=r"writes to buffers \(ema, steps\)"):
+        capture(model, (x,), strategy="fx")
+    assert torch.equal(model.ema, torch.zeros(8)) and int(model.steps) == 0  # what the trace ran was put back
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
+    assert fm.strategy == "export" and any("writes to buffers" in n for n in fm.plan.notes)
+    for _ in range(3):  # before, fx's graph left both buffers as compiled: outputs drifted from the second call
+        x = torch.randn(4, 8)
+        torch.testing.assert_close(fm(x), ref(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.ema, ref.ema, rtol=1e-6, atol=1e-7)
+    assert int(model.steps) == int(ref.steps) == 3

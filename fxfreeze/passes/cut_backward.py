@@ -12,7 +12,9 @@ autograd records nothing for blocks ``0..k-1``:
 3. ops with a baked-in training flag inside the prefix (``F.dropout(..., training=True)``,
    ``F.batch_norm``, ATen dropout/batch-norm from ``torch.export``) are switched to
    inference, and attention dropout probabilities (``scaled_dot_product_attention``'s
-   ``dropout_p``) to 0, matching the frozen blocks' ``eval()`` mode.
+   ``dropout_p``) to 0, matching the frozen blocks' ``eval()`` mode; a BatchNorm's step
+   counter (``num_batches_tracked.add_(1)``, which ``torch.export`` records apart from the
+   batch norm) adds 0. What is left acting as in training mode, :mod:`.residue` finds.
 
 The pass is idempotent and reversible: it first removes what an earlier run inserted and
 restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter flags
@@ -41,6 +43,7 @@ __all__ = [
     "MODE_SENSITIVE",
     "META_INSERTED",
     "META_ORIG_ARGS",
+    "copy_graph",
 ]
 
 META_ORIG_ARGS = "fxfreeze.orig_args"
@@ -117,8 +120,21 @@ for _name, _flag in (
         MODE_SENSITIVE[_op] = _flag
 
 
+_ADD_ = aten_op("aten.add_.Tensor")
+
+
+def _counts_batches(n: fx.Node) -> bool:
+    """``num_batches_tracked.add_(1)`` of a BatchNorm, as ``torch.export`` records it."""
+    if n.op != "call_function" or n.target is not _ADD_ or not n.args:
+        return False
+    buf = n.args[0]
+    return isinstance(buf, fx.Node) and buf.op == "get_attr" and str(buf.target).split(".")[-1] == "num_batches_tracked"
+
+
 def _set_inference(n: fx.Node) -> bool:
     spec = MODE_SENSITIVE.get(n.target) if n.op == "call_function" else None
+    if spec is None and _counts_batches(n):
+        spec = ("other", 1, 0)  # counts no batch, as a BatchNorm in eval mode
     if spec is None:
         return False
     name, idx, value = spec
@@ -159,6 +175,30 @@ def undo_cut(graph: fx.Graph) -> bool:
             graph.erase_node(n)
             changed = True
     return changed
+
+
+def copy_graph(base: fx.Graph) -> fx.Graph:
+    """A copy of ``base`` (nodes, meta, calling convention) whose cut, if any, stays
+    reversible: the arguments :class:`CutBackward` saved refer to the copy's nodes. A
+    GraphModule owns its graph, so a pass applied to another GraphModule built over the
+    same graph would rewrite both.
+
+    Example::
+
+        >>> gm = fx.symbolic_trace(torch.nn.ReLU())
+        >>> copy = copy_graph(gm.graph)
+        >>> copy is not gm.graph, [n.op for n in copy.nodes] == [n.op for n in gm.graph.nodes]
+        (True, True)
+    """
+    graph = fx.Graph()
+    graph._codegen = base._codegen  # torch.export's pytree calling convention
+    val_map: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(base, val_map))
+    for n in graph.nodes:
+        saved = n.meta.get(META_ORIG_ARGS)
+        if saved is not None:
+            n.meta[META_ORIG_ARGS] = tuple(fx.map_arg(a, lambda x: val_map[x]) for a in saved)
+    return graph
 
 
 class UndoCut(GraphPass):

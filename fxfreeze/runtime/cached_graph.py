@@ -26,7 +26,7 @@ from torch import nn
 
 from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
 from ..errors import PassError
-from ..passes.cut_backward import META_ORIG_ARGS
+from ..passes.cut_backward import copy_graph
 from ..passes.subgraph import extract
 from .cache import cache_pays
 from .graphs import GraphEntry
@@ -101,16 +101,7 @@ class CachedGraph:
         if self.gm is not None and self.k == k:
             return self.gm
         root = entry.capture.attributes(model)
-        graph = fx.Graph()
-        graph._codegen = base.graph._codegen  # torch.export's pytree calling convention
-        val_map: dict[fx.Node, fx.Node] = {}
-        out = graph.graph_copy(base.graph, val_map)
-        graph.output(out)
-        for n in graph.nodes:  # arguments CutBackward saved refer to the source graph's nodes
-            saved = n.meta.get(META_ORIG_ARGS)
-            if saved is not None:
-                n.meta[META_ORIG_ARGS] = tuple(fx.map_arg(a, lambda x: val_map[x]) for a in saved)
-        gm = fx.GraphModule(root, graph, class_name=type(model).__name__ + "Cached")
+        gm = fx.GraphModule(root, copy_graph(base.graph), class_name=type(model).__name__ + "Cached")
         res = CacheLoad(k, self.cache)(gm)
         if not res.modified:
             self.gm, self.k = None, k

@@ -19,6 +19,14 @@ plan's blocks (:func:`fxfreeze.passes.labels.transfer_blocks`), and runs on the 
 parameters with the same frozen prefix as every other graph. Dynamic dimensions mean that
 sequence lengths from ``padding="longest"`` do not capture again.
 
+A frozen block runs in eval mode, and each graph's frozen prefix is cut
+(:class:`~fxfreeze.passes.cut_backward.CutBackward`), which switches dropout and batch norm
+to inference. Where a block's training-mode code leaves more in the graph (stochastic depth,
+noise, a buffer it updates: :func:`~fxfreeze.passes.residue.training_residue`, looked for
+once on the example call's training graph), training graphs are captured with the frozen
+blocks in eval mode instead, and again whenever the frozen prefix changes
+(:meth:`GraphCache.set_prefix`).
+
 At most ``max_graphs`` graphs are kept. Past the bound, and for a call whose capture
 fails, the module runs the model's own ``forward`` (eagerly: correct, frozen parameters
 still get no gradient, but no activation cache), with one warning that says why.
@@ -41,7 +49,9 @@ from torch.utils._pytree import SUPPORTED_NODES
 
 from ..analysis import placeholder_values
 from ..errors import ExampleInputError, FxFreezeError
+from ..passes.cut_backward import CutBackward, copy_graph
 from ..passes.labels import transfer_blocks
+from ..passes.residue import training_residue
 from ..calls import describe_call, forward_signature
 from ..trace import Capture, capture_call, preserved_state
 
@@ -95,9 +105,11 @@ class GraphEntry:
     """One captured graph and the GraphModule built over it (lazily, on the model's
     current parameters and buffers)."""
 
-    def __init__(self, key: tuple[Any, ...], capture: Capture) -> None:
+    def __init__(self, key: tuple[Any, ...], capture: Capture, held: int = 0) -> None:
         self.key = key
         self.capture = capture
+        #: captured with the first ``held`` blocks in eval mode (frozen), the rest in the key's mode
+        self.held = held
         self.graph_module: fx.GraphModule | None = None
         self._n_placeholders: int | None = None
 
@@ -147,6 +159,10 @@ class GraphCache:
         self._entries: dict[tuple[Any, ...], list[GraphEntry]] = {}
         self._eager: dict[tuple[Any, ...], str] = {}
         self._warned_bound = False
+        #: blocks whose training-mode code the cut cannot switch to eval (None: not looked yet)
+        self.residue: dict[int, list[str]] | None = None
+        #: (frozen blocks, their modules) that training captures hold in eval mode
+        self._held: tuple[int, tuple[nn.Module, ...]] = (0, ())
         #: no graph can run (the example call was captured as module order only): every
         #: call runs the model's own forward, without a capture attempt or a warning each
         self.eager_only = not primary.executable
@@ -177,6 +193,50 @@ class GraphCache:
         self._eager.clear()
         self._warned_bound = False
 
+    def set_prefix(self, k: int, frozen: list[nn.Module], n_blocks: int) -> bool:
+        """The first ``k`` blocks are now frozen (``frozen``: their modules, in eval mode).
+        Cut every built graph at ``k``. Where the frozen blocks' training-mode code would
+        still act (:attr:`residue`), training graphs are captured with those blocks in eval
+        mode: the ones captured for another prefix are dropped (the next call of their kind
+        captures anew). Returns whether any was dropped."""
+        for e in self.entries():
+            if e.graph_module is not None:
+                CutBackward(k)(e.graph_module)
+        if self.eager_only:
+            return False
+        if k and self.residue is None:
+            self.residue = self._find_residue(n_blocks)
+        residue = {b: w for b, w in (self.residue or {}).items() if b < k}
+        held = k if residue else 0
+        if held:
+            logger.info(
+                "fxfreeze: frozen blocks of %s would go on acting as in training mode in a graph captured in that "
+                "mode (%s): its training graphs are captured with the %d frozen blocks in eval mode",
+                type(self.model).__name__, "; ".join(f"block {b}: {', '.join(w[:2])}" for b, w in sorted(residue.items())), k,
+            )
+        self._held = (held, tuple(frozen) if held else ())
+        dropped = False
+        for key in list(self._entries):
+            keep = [e for e in self._entries[key] if not e.training or e.held == held]
+            dropped |= len(keep) < len(self._entries[key])
+            if keep:
+                self._entries[key] = keep
+            else:
+                del self._entries[key]
+        return dropped
+
+    def _find_residue(self, n_blocks: int) -> dict[int, list[str]]:
+        """:func:`training_residue` of every block in a training graph: one already captured
+        in the call's modes (its key's autocast state is the loop's), else the example call's."""
+        entry = next((e for e in self.entries() if e.training and not e.held), None)
+        try:
+            entry = entry or self.primary(True)
+        except FxFreezeError:
+            return {}  # no training graph: training calls run the model's own forward
+        gm = fx.GraphModule(entry.capture.attributes(self.model), copy_graph(entry.capture.graph))  # the entry's stays as cut
+        CutBackward(n_blocks)(gm)
+        return training_residue(gm, n_blocks)
+
     # -- lookup ------------------------------------------------------------------------------
     def lookup(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GraphEntry | None:
         """The graph for this canonical call, captured if needed; None: run eagerly."""
@@ -200,7 +260,7 @@ class GraphCache:
                 )
             return None
         try:
-            cap = self._capture(training, args, kwargs)
+            cap, held = self._capture(training, args, kwargs)
         except ExampleInputError as e:
             # the model itself fails on this call (a wrong shape, say): its own error, and
             # the next call of this kind is tried again
@@ -213,7 +273,7 @@ class GraphCache:
                 "training" if training else "eval", e,
             )
             return None
-        return self._add(GraphEntry(key, cap))
+        return self._add(GraphEntry(key, cap, held))
 
     def primary_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The example call's arguments, moved to the model's device (and floating ones to its
@@ -233,15 +293,21 @@ class GraphCache:
         for e in self._entries.get(key, ()):
             if e.capture.accepts(args, kwargs):
                 return e
-        return self._add(GraphEntry(key, self._capture(training, args, kwargs)))
+        return self._add(GraphEntry(key, *self._capture(training, args, kwargs)))
 
-    def _capture(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Capture:
+    def _capture(self, training: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Capture, int]:
+        """The capture and how many frozen blocks it holds in eval mode."""
         model = self.model
+        held, frozen = self._held if training else (0, ())
         with preserved_state(model), (self._bypass() if self._bypass else contextlib.nullcontext()):
             # every module in the capture's mode, frozen ones included: the graph must not
-            # bake in a frozen block's eval mode (CutBackward sets inference in the prefix)
+            # bake in a frozen block's eval mode (CutBackward sets inference in the prefix),
+            # unless the cut cannot (see set_prefix)
             for m in model.modules():
                 m.training = training
+            for f in frozen:
+                for m in f.modules():
+                    m.training = False
             cap = capture_call(model, args, kwargs, strategy=self.strategy, timeout=self.timeout)
         if not cap.executable:
             raise FxFreezeError("only the module order could be captured: " + "; ".join(cap.reasons[-2:]))
@@ -250,7 +316,7 @@ class GraphCache:
             "fxfreeze: captured %s again for a new kind of call (%s, %s mode; %d graphs)",
             type(model).__name__, describe_call(args, kwargs), "training" if training else "eval", len(self) + 1,
         )
-        return cap
+        return cap, held
 
 
 def _to_model(model: nn.Module, x: Any) -> Any:

@@ -351,9 +351,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         for m in self._eval_modules:
             hold_eval(m)
         self._num_frozen = k
-        for e in self.graphs.entries():
-            if e.graph_module is not None:
-                CutBackward(k)(e.graph_module)
+        if self.graphs.set_prefix(k, self._eval_modules, len(self.plan.blocks)) and self._cached is not None:
+            self._cached.reset()  # its graphs were rewritten from dropped ones
 
     # -- the activation cache ------------------------------------------------------------------
     @contextlib.contextmanager
