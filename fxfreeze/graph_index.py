@@ -20,7 +20,7 @@ from .analysis import META_FLOPS, META_TENSOR
 from .graph_utils import COMPUTE_OPS
 from .trace import module_path_of
 
-__all__ = ["GraphIndex", "COMPUTE_OPS", "within"]
+__all__ = ["GraphIndex", "COMPUTE_OPS", "within", "kind"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -35,6 +35,24 @@ def _ancestors(path: str) -> list[str]:
 
 def within(path: str, root: str) -> bool:
     return root == "" or path == root or path.startswith(root + ".")
+
+
+def kind(m: nn.Module) -> tuple[str, str]:
+    """A module's class by module and qualified name, not by identity: a class made for
+    each instance counts as one kind. ``torch.nn.utils.parametrize`` (``spectral_norm``,
+    ``weight_norm``, ``orthogonal``) gives every module it touches a class of its own,
+    ``ParametrizedLinear``; compared by identity, a discriminator's or a vocoder's
+    repeated layers were no repetition, and the plan fell back to the model's children.
+
+    Example::
+
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> a, b = weight_norm(nn.Linear(2, 2)), weight_norm(nn.Linear(2, 2))
+        >>> type(a) is type(b), kind(a) == kind(b)
+        (False, True)
+    """
+    cls = type(m)
+    return (cls.__module__, cls.__qualname__)
 
 
 class GraphIndex:
@@ -97,15 +115,15 @@ class GraphIndex:
         return m is not None and len(m._modules) > 0
 
     def type_of(self, path: str) -> object:
-        """Repetition signature: the module's type; for the generic containers
-        (Sequential, ModuleList, ModuleDict) also the types of their children, so that two
+        """Repetition signature: the module's kind (:func:`kind`); for the generic
+        containers (Sequential, ModuleList, ModuleDict) also their children's, so that two
         stages of different make-up do not count as repeats of each other."""
         m = self.module(path)
         if m is None:
             return None
         if type(m) in _CONTAINERS:
-            return (type(m), tuple(type(c) for c in m.children()))
-        return type(m)
+            return (kind(m), tuple(kind(c) for c in m.children()))
+        return kind(m)
 
     # -- structure -----------------------------------------------------------------------
     def group_range(self, paths: Sequence[str]) -> tuple[int, int]:

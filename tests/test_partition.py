@@ -248,3 +248,31 @@ def test_plan_from_dict_rejects_unknown_keys():
     d["blocks"][0]["nmae"] = "x"
     with pytest.raises(fxfreeze.PlanError, match="nmae"):
         fxfreeze.FreezePlan.from_dict(d)
+
+
+def test_layers_under_spectral_or_weight_norm_are_repeats_of_each_other():
+    """``parametrize`` gives every module it touches a class of its own (a
+    ``ParametrizedLinear`` per layer): compared by class identity, a GAN discriminator's or
+    a vocoder's layers were no repetition and the plan fell back to the model's children
+    (stem, and one block holding every layer)."""
+    from torch import nn
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    class Disc(nn.Module):
+        def __init__(self, norm) -> None:
+            super().__init__()
+            self.stem = norm(nn.Conv1d(1, 8, 3, padding=1))
+            self.layers = nn.ModuleList([nn.Sequential(norm(nn.Conv1d(8, 8, 3, padding=1)), nn.LeakyReLU(0.2)) for _ in range(4)])
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            for layer in self.layers:
+                h = h + layer(h)
+            return self.head(h.mean(-1))
+
+    for norm in (spectral_norm, weight_norm):
+        torch.manual_seed(0)
+        p = fxfreeze.plan(Disc(norm), (torch.randn(2, 1, 16),))
+        assert [b.name for b in p.blocks] == ["stem"] + [f"layers.{i}" for i in range(4)], norm.__name__
+        assert all(len(b.frontier) == 1 for b in p.blocks)

@@ -63,14 +63,20 @@ def _name(n: fx.Node) -> str:
     return str(getattr(t, "__name__", ""))
 
 
-def _inplace(n: fx.Node, name: str) -> bool:
-    if n.target in _INPLACE_OPERATORS:
-        return True
+def _written(n: fx.Node, name: str) -> list[Any]:
+    """The arguments ``n`` writes: those its schema marks mutable (``self`` of ``add_``,
+    ``out=`` of ``div.out``), else ``self`` of an in-place method or operator."""
     schema = getattr(n.target, "_schema", None)
     if schema is not None:
-        args = schema.arguments
-        return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
-    return name.endswith("_") and not name.endswith("__")
+        out = []
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                out.append(n.args[i] if i < len(n.args) else n.kwargs.get(a.name))
+        return out
+    first = n.args[:1]
+    if n.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")):
+        return [*first, n.kwargs.get("out")]
+    return [n.kwargs.get("out")]
 
 
 def _subgraph(owner: torch.nn.Module, n: fx.Node) -> tuple[fx.GraphModule, int] | None:
@@ -113,9 +119,11 @@ def _scan(owner: torch.nn.Module, graph: fx.Graph, nodes: list[fx.Node], buffers
             continue  # switched to inference by the cut
         if name.strip("_") in RANDOM_OPS:
             found.append(f"{name} ({n.name})")
-        elif base in buffers and _inplace(n, name):
-            found.append(f"a write to buffer {buffers[base]} ({n.name})")
-            buffers[n] = buffers[base]  # an in-place op returns the tensor it wrote
+        else:
+            hit = [buffers[a] for a in _written(n, name) if isinstance(a, fx.Node) and a in buffers]
+            if hit:
+                found.append(f"a write to buffer {hit[0]} ({n.name})")
+                buffers[n] = hit[0]  # an in-place op returns the tensor it wrote
         sub = _subgraph(owner, n) if n.op == "call_function" else None
         if sub is not None:
             gm, first = sub

@@ -116,3 +116,46 @@ def test_the_activation_cache_keeps_eval_mode_outputs_of_blocks_with_stochastic_
         torch.manual_seed(epoch)
         torch.testing.assert_close(out, ref(data), **TOL)
     assert len(fm.activation_cache) == 8
+
+
+@pytest.mark.parametrize("strategy", ["auto", "export"])
+def test_a_frozen_layer_under_spectral_norm_stops_its_power_iteration_as_in_eval_mode(strategy):
+    """spectral_norm updates its ``_u``/``_v`` buffers in training mode only; frozen (eval),
+    eager code leaves them, and so must the compiled module."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    class Disc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = spectral_norm(nn.Linear(8, 16))
+            self.layers = nn.ModuleList([nn.Sequential(spectral_norm(nn.Linear(16, 16)), nn.LeakyReLU(0.2)) for _ in range(3)])
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            for layer in self.layers:
+                h = h + layer(h)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Disc()
+    ref = copy.deepcopy(model)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), strategy=strategy, config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.plan.names == ["stem", "layers.0", "layers.1", "layers.2"]
+    fm.freeze_prefix(2)
+    for m in (ref.stem, ref.layers[0]):
+        m.eval().requires_grad_(False)
+    frozen_u = model.layers[0][0].parametrizations.weight[0]._u.clone()
+    for seed in range(3):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))
+        out, want = fm(x), ref(x)
+        torch.testing.assert_close(out, want, **TOL)
+        out.sum().backward()
+        want.sum().backward()
+    assert torch.equal(model.layers[0][0].parametrizations.weight[0]._u, frozen_u)
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, **TOL, msg=name)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
