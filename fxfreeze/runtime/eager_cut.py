@@ -4,6 +4,13 @@ A call no graph takes (past ``max_graphs``, a capture that failed, a model that 
 a model only ``hooks`` could capture) runs the model's own forward. The frozen prefix must
 be cut there as :class:`~fxfreeze.passes.CutBackward` cuts it in a graph: forward hooks on
 the frozen blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
+
+A call whose inputs require a gradient is not cut (:func:`wants_input_grad`): the gradient
+must reach them through the frozen blocks, as it does in eager code with those blocks'
+parameters frozen. A GAN's generator trains through its discriminator (``D(G(z))``), a
+gradient penalty differentiates ``D`` with respect to its input, adversarial training and
+saliency maps likewise. Such calls run the model's own forward, uncut: the frozen blocks
+are in eval mode and their parameters get no gradient, but their backward runs.
 """
 
 from __future__ import annotations
@@ -17,7 +24,22 @@ from torch import nn
 from .checkpointing import leaf_outputs
 from .dynamo import outside_dynamo
 
-__all__ = ["EagerCut"]
+__all__ = ["EagerCut", "wants_input_grad"]
+
+
+def wants_input_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Does a tensor among the call's arguments require a gradient (with autograd on)?
+
+    Example::
+
+        >>> wants_input_grad((torch.ones(2, requires_grad=True),), {}), wants_input_grad((torch.ones(2),), {"n": 3})
+        (True, False)
+    """
+    if not torch.is_grad_enabled():
+        return False
+    from torch.utils._pytree import tree_leaves
+
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs)))
 
 
 class EagerCut:
@@ -32,7 +54,7 @@ class EagerCut:
 
     @outside_dynamo  # hooks registered per call: the model's forward runs as it is
     def _run_eager(self, args: tuple[Any, ...], kwargs: dict[str, Any], leaves: bool = False) -> Any:
-        with self._cut_eagerly(leaves):
+        with self._cut_eagerly(leaves) if not wants_input_grad(args, kwargs) else contextlib.nullcontext():
             if self._installed is not None:  # model(...) would route back here: call its forward
                 with self._bypass():
                     return self._eager_forward(*args, **kwargs)
@@ -44,7 +66,7 @@ class EagerCut:
         in a graph. Frozen parameters already get no gradient; detaching the outputs of the
         frozen blocks' modules also keeps autograd out of the prefix when something in it
         still requires a gradient (a parameter shared with a trainable block, which then
-        trains from its trainable uses only, as in the graphs; inputs that require one). A
+        trains from its trainable uses only, as in the graphs). A
         block lists only modules that run inside it (a module reused elsewhere, such as a
         shared dropout, belongs to no block), so no output that a trainable block makes is
         detached. With ``leaves`` (a model that checkpoints) they become leaves that require a

@@ -53,7 +53,7 @@ from .hook_watch import HookWatch
 from .loader import SampleIdLoader
 from .ownership import hold_eval, release_eval, release_owner
 from .dynamo import outside_dynamo
-from .eager_cut import EagerCut
+from .eager_cut import EagerCut, wants_input_grad
 from .routing import Routing
 
 __all__ = ["FreezableModule", "SampleIdLoader"]
@@ -254,6 +254,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
             self.probe_hook(args, kwargs)
         if training and self._checkpoints.on(self._analysis.capture):  # before a capture it would not use
             return True, None, None, eager_args, eager_kwargs
+        if self._num_frozen and wants_input_grad(args, kwargs):  # through the frozen blocks: uncut, eager
+            return False, None, None, eager_args, eager_kwargs
         if self._hooks is not None and self._hooks.backward:
             if not self._hooks.backward_told():
                 logger.warning(
