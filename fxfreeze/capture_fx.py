@@ -147,7 +147,14 @@ def _drop_var_placeholders(graph: fx.Graph) -> list[str]:
     return used
 
 
-_Buffer = tuple[nn.Module, str, Any, "torch.Tensor | None", int]
+_Buffer = tuple[nn.Module, str, Any, "torch.Tensor | None", "int | None"]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
 
 
 def _buffers(model: nn.Module) -> dict[str, _Buffer]:
@@ -158,7 +165,7 @@ def _buffers(model: nn.Module) -> dict[str, _Buffer]:
         for name, buf in mod._buffers.items():
             key = f"{mod_name}.{name}" if mod_name else name
             if key not in out and isinstance(buf, torch.Tensor):
-                out[key] = (mod, name, buf, buf.detach().clone(), buf._version)
+                out[key] = (mod, name, buf, buf.detach().clone(), _version(buf))
     return out
 
 
@@ -173,7 +180,7 @@ def _written(before: dict[str, _Buffer]) -> list[str]:
         if changed:
             with torch.no_grad():
                 buf.data.copy_(saved)  # as preserved_state does
-        if rebound or changed or buf._version != version:
+        if rebound or changed or _version(buf) != version:
             written.append(key)
     return written
 

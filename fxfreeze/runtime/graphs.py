@@ -313,8 +313,9 @@ class GraphCache:
             raise FxFreezeError("only the module order could be captured: " + "; ".join(cap.reasons[-2:]))
         transfer_blocks(self.labels, cap.graph)
         logger.info(
-            "fxfreeze: captured %s again for a new kind of call (%s, %s mode; %d graphs)",
-            type(model).__name__, describe_call(args, kwargs), "training" if training else "eval", len(self) + 1,
+            "fxfreeze: captured %s again for %s (%s, %s mode; %d graphs)", type(model).__name__,
+            f"its {held} frozen blocks in eval mode" if held else "a new kind of call",
+            describe_call(args, kwargs), "training" if training else "eval", len(self) + 1,
         )
         return cap, held
 

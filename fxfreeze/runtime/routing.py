@@ -51,6 +51,7 @@ class Routing:
     _call_trains: bool = False
     #: (training_calls, grad_calls) at the last optimizer step
     _calls_at_step: tuple[int, int] = (0, 0)
+    _told_eval: bool = False  # the INFO line on training in eval mode, once
     _route_checked: bool = False
     #: (the forward wrapper last read, its autocast): see :meth:`wrapper_amp`
     _amp_seen: tuple[Any, WrapperAutocast | None] = (None, None)
@@ -87,11 +88,13 @@ class Routing:
         (t, g), self._calls_at_step = self._calls_at_step, now
         if now[0] == t and now[1] > g and not self._trains_in_eval:
             self._trains_in_eval = True
-            logger.info(
-                "fxfreeze: %s is trained in eval mode (an optimizer step after calls with gradients on and none in "
-                "training mode): calls with gradients on count as training calls until one in training mode",
-                type(self._model).__name__,
-            )
+            if not self._told_eval:
+                self._told_eval = True
+                logger.info(
+                    "fxfreeze: %s is trained in eval mode (an optimizer step after calls with gradients on and none "
+                    "in training mode): calls with gradients on count as training calls until one in training mode",
+                    type(self._model).__name__,
+                )
         self.check_route()
 
     def check_route(self) -> None:
