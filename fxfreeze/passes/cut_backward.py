@@ -14,7 +14,7 @@ autograd records nothing for blocks ``0..k-1``:
    inference, and attention dropout probabilities (``scaled_dot_product_attention``'s
    ``dropout_p``) to 0, matching the frozen blocks' ``eval()`` mode; a BatchNorm's step
    counter (``num_batches_tracked.add_(1)``, which ``torch.export`` records apart from the
-   batch norm) adds 0. What is left acting as in training mode, :mod:`.residue` finds.
+   batch norm) becomes an ``add`` that writes nothing. What is left acting as in training mode, :mod:`.residue` finds.
 
 The pass is idempotent and reversible: it first removes what an earlier run inserted and
 restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter flags
@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 META_ORIG_ARGS = "fxfreeze.orig_args"
+#: the target of a node the cut made another operation (restored with its arguments)
+META_ORIG_TARGET = "fxfreeze.orig_target"
 
 
 def grad_off() -> bool:
@@ -121,6 +123,7 @@ for _name, _flag in (
 
 
 _ADD_ = aten_op("aten.add_.Tensor")
+_ADD = aten_op("aten.add.Tensor")
 
 
 def _counts_batches(n: fx.Node) -> bool:
@@ -134,7 +137,11 @@ def _counts_batches(n: fx.Node) -> bool:
 def _set_inference(n: fx.Node) -> bool:
     spec = MODE_SENSITIVE.get(n.target) if n.op == "call_function" else None
     if spec is None and _counts_batches(n):
-        spec = ("other", 1, 0)  # counts no batch, as a BatchNorm in eval mode
+        # counts no batch, as a BatchNorm in eval mode: an add that writes nothing (an
+        # in-place add of 0 would still bump the counter's version, which the cache watches)
+        n.meta[META_ORIG_ARGS], n.meta[META_ORIG_TARGET] = (n.args, dict(n.kwargs)), n.target
+        n.target = _ADD
+        return True
     if spec is None:
         return False
     name, idx, value = spec
@@ -167,6 +174,8 @@ def undo_cut(graph: fx.Graph) -> bool:
     for n in list(graph.nodes):
         if META_ORIG_ARGS in n.meta:
             n.args, n.kwargs = n.meta.pop(META_ORIG_ARGS)
+            if META_ORIG_TARGET in n.meta:
+                n.target = n.meta.pop(META_ORIG_TARGET)
             changed = True
     for n in reversed(list(graph.nodes)):
         if n.meta.get(META_INSERTED):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -52,11 +52,20 @@ def prefix_fingerprint(blocks: list[str], k: int, tensors: list[tuple[str, torch
     return h.digest()
 
 
+def _stamp(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's version counter and storage: what any write to it changes (but one
+    through ``.data``, which keeps a counter of its own). A few microseconds a call."""
+    return [(t._version, t.data_ptr()) for t in tensors]
+
+
 class CachedGraph:
     """Builds and keeps the cached variant of one training graph."""
 
-    def __init__(self, cache: Any) -> None:
+    def __init__(self, cache: Any, blocks: list[str]) -> None:
         self.cache = cache
+        self.blocks = blocks  # the plan's block names, in the key
+        self._watched: list[torch.Tensor] = []
+        self._stamp: list[tuple[int, int]] = []
         self.entry: GraphEntry | None = None
         self.gm: fx.GraphModule | None = None
         self.k = 0
@@ -89,17 +98,24 @@ class CachedGraph:
         self._pays = None
         self.cache.clear()
 
-    def graph_for(self, entry: GraphEntry, base: fx.GraphModule, model: nn.Module, k: int, key: Any) -> fx.GraphModule | None:
+    def graph_for(self, entry: GraphEntry, base: fx.GraphModule, model: nn.Module, k: int,
+                  frozen: Callable[[int], list[tuple[str, torch.Tensor]]]) -> fx.GraphModule | None:
         """The cached variant of ``base`` (``entry``'s graph module with CutBackward(k)
         applied); None when this entry is not the cached one or the prefix hands on
-        nothing cacheable. ``key()`` gives the bytes that bind stored entries to this plan,
-        prefix and frozen weights (computed once per prefix)."""
+        nothing cacheable. ``frozen(k)``: the prefix's frozen tensors, by name; their
+        fingerprint binds stored entries to this plan, prefix and weights (taken once per
+        prefix), and a change to them since (``load_state_dict``, an in-place update: each
+        bumps a tensor's version counter) empties the cache, whose activations they made."""
         if self.entry is None:
             self.entry = entry
         elif entry is not self.entry:
             return None
         if self.gm is not None and self.k == k:
-            return self.gm
+            if _stamp(self._watched) == self._stamp:
+                return self.gm
+            logger.info("fxfreeze cache: the frozen prefix's weights changed since their activations were stored "
+                        "(load_state_dict, an update in place); the cache starts again")
+            self.reset()
         root = entry.capture.attributes(model)
         gm = fx.GraphModule(root, copy_graph(base.graph), class_name=type(model).__name__ + "Cached")
         res = CacheLoad(k, self.cache)(gm)
@@ -120,8 +136,11 @@ class CachedGraph:
         refill = None
         if self.frontier and 0 < self.k < k:
             refill = _refill_fn(base.graph, root, self.k, k, self.frontier, frontier, in_names)
-        self.cache.set_prefix(k, runner, refill, key=key())
+        named = frozen(k)
+        self.cache.set_prefix(k, runner, refill, key=prefix_fingerprint(self.blocks, k, named))
         self.gm, self.k, self.frontier = gm, k, frontier
+        self._watched = [t for _, t in named]
+        self._stamp = _stamp(self._watched)
         return gm
 
 

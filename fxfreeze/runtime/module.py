@@ -47,7 +47,7 @@ from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
 from ..trace import DEFAULT_TIMEOUT
 from .checkpointing import CheckpointWatch
-from .cached_graph import CachedGraph, prefix_fingerprint
+from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .hook_watch import HookWatch
 from .loader import SampleIdLoader
@@ -272,7 +272,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
                 and self._cached.pays(self._num_frozen, self.freezer):
-            cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, lambda: self.prefix_key(self._num_frozen))
+            cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, self.frozen_tensors)
             if cgm is not None:
                 gm = cgm
         return False, entry, gm, args, kwargs
@@ -315,14 +315,12 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         k = self._num_frozen if k is None else k
         return [n for n, last in self._param_last_block.items() if last < k]
 
-    def prefix_key(self, k: int) -> bytes:
-        """What the outputs of a frozen prefix of ``k`` blocks depend on, as a sha256 digest
-        (:func:`~fxfreeze.runtime.cached_graph.prefix_fingerprint`): the activation cache
-        serves a stored entry only under the key it was written with."""
+    def frozen_tensors(self, k: int) -> list[tuple[str, torch.Tensor]]:
+        """What the outputs of a frozen prefix of ``k`` blocks depend on: its frozen
+        parameters and its buffers, by name (the activation cache's key and watch)."""
         buffers = dict(self._model.named_buffers())
         tensors = [(n, self._named_params[n]) for n in self.frozen_parameter_names(k)]
-        tensors += [(n, buffers[n]) for b in self.plan.blocks[:k] for n in b.buffers if n in buffers]
-        return prefix_fingerprint([b.name for b in self.plan.blocks], k, tensors)
+        return tensors + [(n, buffers[n]) for b in self.plan.blocks[:k] for n in b.buffers if n in buffers]
 
     def _frozen_modules(self, k: int) -> list[nn.Module]:
         mods: list[nn.Module] = []

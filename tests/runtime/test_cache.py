@@ -349,3 +349,65 @@ def test_an_unwritable_spill_folder_mid_run_degrades_and_training_goes_on(tmp_pa
     for (n, a), (_, b) in zip(ref.state_dict().items(), fm.state_dict().items()):
         assert torch.equal(a, b), n
     assert caplog.text.count("cannot spill") == 1 and fm.activation_cache.stats["spill_failures"] == 1
+
+
+def _frozen_cached(strategy: str = "auto", model=None):
+    torch.manual_seed(0)
+    model = model if model is not None else zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), strategy=strategy,
+                          config={"policy": "manual", "manual": {"schedule": {}}, "cache": {"enabled": True}})
+    fm.freeze_prefix(2)
+    return model, fm
+
+
+def _cached_epoch(fm, x: torch.Tensor) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(x), 4):
+        with fm.sample_ids(torch.arange(i, i + 4)):
+            outs.append(fm(x[i:i + 4]))
+    return torch.cat(outs)
+
+
+def test_weights_of_the_frozen_prefix_changed_after_caching_empty_the_cache(caplog):
+    """Before, the cache went on serving what the old weights computed: restoring a
+    checkpoint into the running model (``load_state_dict``), swapping in EMA weights or an
+    in-place update of a frozen weight gave outputs off by about 1.0, silently."""
+    model, fm = _frozen_cached()
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # fill, then read
+        _cached_epoch(fm, x)
+    assert len(fm.activation_cache) == 8
+    torch.manual_seed(5)
+    other = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    def ema_update() -> None:  # a frozen weight updated in place
+        with torch.no_grad():
+            next(model.parameters()).mul_(0.5)
+
+    for edit in (lambda: model.load_state_dict(other.state_dict()), ema_update):
+        edit()
+        with caplog.at_level(logging.INFO, logger="fxfreeze"):
+            got = _cached_epoch(fm, x)
+        assert "weights changed" in caplog.text
+        caplog.clear()
+        with torch.no_grad():  # eager, batch by batch (BatchNorm), the frozen blocks held in eval mode
+            want = torch.cat([type(model).forward(model, x[i:i + 4]) for i in range(0, len(x), 4)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_cached_epoch(fm, x), want, rtol=1e-5, atol=1e-5)  # served again
+    assert len(fm.activation_cache) == 8
+
+
+def test_an_exported_batchnorm_prefix_is_cached_once(caplog):
+    """A frozen BatchNorm counts no batch: export records its counter apart (an in-place
+    ``add_``), and the cut makes it an add that writes nothing, so the cache's watch of the
+    frozen weights sees no change and keeps its entries."""
+    model, fm = _frozen_cached("export")
+    counters = {n: b.clone() for n, b in model.named_buffers() if n.endswith("num_batches_tracked")}
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        first = _cached_epoch(fm, x)
+        second = _cached_epoch(fm, x)
+    assert "weights changed" not in caplog.text and len(fm.activation_cache) == 8
+    assert fm.activation_cache.per_row("load") is not None  # the second epoch read the cache
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    frozen = [n for n in counters if n.startswith(tuple(m for b in fm.plan.blocks[:2] for m in b.modules))]
+    assert frozen and all(torch.equal(model.get_buffer(n), counters[n]) for n in frozen)
