@@ -157,6 +157,13 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, a NaN equal to a NaN (a buffer may hold NaN as "not set yet")."""
+    if a.is_floating_point() or a.is_complex():
+        return a.shape == b.shape and bool(torch.all((a == b) | (torch.isnan(a) & torch.isnan(b))))
+    return torch.equal(a, b)
+
+
 def _buffers(model: nn.Module) -> dict[str, _Buffer]:
     """Each buffer: its module, its name there, the object, a copy of its values and its
     version counter (an in-place write that leaves the values as they were bumps it)."""
@@ -176,7 +183,7 @@ def _written(before: dict[str, _Buffer]) -> list[str]:
         rebound = mod._buffers.get(name) is not buf
         if rebound:
             mod._buffers[name] = buf
-        changed = not torch.equal(buf, saved)
+        changed = not _same(buf, saved)
         if changed:
             with torch.no_grad():
                 buf.data.copy_(saved)  # as preserved_state does

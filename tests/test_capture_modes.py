@@ -135,3 +135,16 @@ def test_writes_to_buffers_fx_cannot_record_send_the_capture_to_export():
         torch.testing.assert_close(fm(x), ref(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model.ema, ref.ema, rtol=1e-6, atol=1e-7)
     assert int(model.steps) == int(ref.steps) == 3
+
+
+def test_a_buffer_holding_nan_that_the_forward_only_reads_keeps_fx():
+    class Marked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.register_buffer("unset", torch.full((8,), float("nan")))  # NaN as "not set yet"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + torch.nan_to_num(self.unset)
+
+    assert capture(Marked(), (torch.randn(2, 8),), strategy="fx").strategy == "fx"

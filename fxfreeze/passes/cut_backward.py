@@ -14,7 +14,8 @@ autograd records nothing for blocks ``0..k-1``:
    inference, and attention dropout probabilities (``scaled_dot_product_attention``'s
    ``dropout_p``) to 0, matching the frozen blocks' ``eval()`` mode; a BatchNorm's step
    counter (``num_batches_tracked.add_(1)``, which ``torch.export`` records apart from the
-   batch norm) becomes an ``add`` that writes nothing. What is left acting as in training mode, :mod:`.residue` finds.
+   batch norm) becomes an ``add`` that writes nothing. What is left acting as in training
+   mode, :mod:`.residue` finds.
 
 The pass is idempotent and reversible: it first removes what an earlier run inserted and
 restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter flags

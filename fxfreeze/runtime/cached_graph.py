@@ -116,6 +116,7 @@ class CachedGraph:
             logger.info("fxfreeze cache: the frozen prefix's weights changed since their activations were stored "
                         "(load_state_dict, an update in place); the cache starts again")
             self.reset()
+            self.entry = entry
         root = entry.capture.attributes(model)
         gm = fx.GraphModule(root, copy_graph(base.graph), class_name=type(model).__name__ + "Cached")
         res = CacheLoad(k, self.cache)(gm)
