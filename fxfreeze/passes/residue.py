@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..graph_utils import block_of
+from ..graph_utils import block_of, resolve_attr
 from .cut_backward import META_ORIG_ARGS, MODE_SENSITIVE
 
 __all__ = ["training_residue", "RANDOM_OPS"]
@@ -91,12 +91,10 @@ def _subgraph(owner: torch.nn.Module, n: fx.Node) -> tuple[fx.GraphModule, int] 
 
 
 def _attr(owner: torch.nn.Module, target: str) -> Any:
-    obj: Any = owner
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    try:
+        return resolve_attr(owner, target)
+    except AttributeError:
+        return None
 
 
 def _scan(owner: torch.nn.Module, graph: fx.Graph, nodes: list[fx.Node], buffers: dict[fx.Node, str]) -> list[str]:

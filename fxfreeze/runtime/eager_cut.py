@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .checkpointing import leaf_outputs
 from .dynamo import outside_dynamo
@@ -37,8 +38,6 @@ def wants_input_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """
     if not torch.is_grad_enabled():
         return False
-    from torch.utils._pytree import tree_leaves
-
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs)))
 
 
@@ -87,8 +86,6 @@ class EagerCut:
 def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
     lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``)."""
-    from torch.utils._pytree import tree_flatten, tree_map
-
     if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
         return None  # nothing to cut: the module's own output object, untouched
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
