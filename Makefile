@@ -22,8 +22,11 @@ dev: $(VENV)/.dev-installed
 demo: $(VENV)/.dev-installed
 	$(PY) examples/demo.py
 
+# pytest-xdist: one worker per core (the tests that share a module-scoped run are grouped
+# onto one worker); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= auto
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: $(VENV)/.dev-installed
 	$(PIP) install $(PIPFLAGS) -e ".[bench]"

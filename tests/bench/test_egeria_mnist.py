@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ("egeria", "smartfrz")
+pytestmark = pytest.mark.xdist_group("egeria-mnist")  # one worker runs the shared 3-epoch run
 REASON = {"egeria": "Egeria", "autofreeze": "AutoFreeze", "smartfrz": "SmartFRZ"}
 
 

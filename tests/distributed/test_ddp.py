@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("ddp")  # one worker runs the shared 12-step run
 JOB = Path(__file__).with_name("_ddp_job.py")
 
 
