@@ -8,6 +8,14 @@ before wrappers such as accelerate's autocast, which then wrap it) to a function
 compiles the model with that first call as the example inputs, then hands every call to
 the compiled module (:meth:`FreezableModule.route`). The optimizer and a saved freezer
 state may arrive before or after that first call.
+
+When training ends, :meth:`release` gives the model back as plain training would leave it:
+every parameter's ``requires_grad`` as before, no module held in eval mode, no optimizer hook
+or reference worker left running, and its own forward. Otherwise a second stage of training
+on the same model (a new Trainer without the callback, a loop of the user's own) would
+silently keep the frozen prefix frozen: the Trainer builds its optimizer from the parameters
+that require gradients, so those parameters would not even be in it. The next training run
+with the callback (:meth:`reopen`) compiles the model again on its first call.
 """
 
 from __future__ import annotations
@@ -114,6 +122,10 @@ class LazyCompile:
         self.on_compiled: Any = None
         #: seconds the first call spent compiling (capture, plan, controller)
         self.compile_seconds = 0.0
+        #: training ended (:meth:`release`): calls run the model's own forward
+        self.released = False
+        self._route: Any = None
+        self._final_state: dict[str, Any] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, compile_kwargs: dict[str, Any]) -> "LazyCompile":
@@ -124,6 +136,8 @@ class LazyCompile:
             lazy = cls(model, compile_kwargs)
             lazy.install()
             _BY_MODEL[model] = lazy
+        elif lazy.released:  # a route kept under a wrapper after an earlier run: a new run
+            lazy.reopen(compile_kwargs)
         return lazy
 
     @property
@@ -143,7 +157,7 @@ class LazyCompile:
             lazy = me()
             if lazy is None or model_self is not original():  # a deep copy (an EMA, SWA): not routed
                 return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
-            if _passing():
+            if _passing() or lazy.released:
                 return lazy._original(*args, **kwargs)
             # installed over a mixed-precision wrapper (accelerate's), the route replaced it: the
             # compiled module applies its autocast (fxfreeze.amp)
@@ -151,7 +165,8 @@ class LazyCompile:
                 lazy._compile(args, kwargs)
             return lazy.module.route(args, kwargs)
 
-        model.__dict__["forward"] = types.MethodType(forward_with(forward_signature(model), run), model)
+        self._route = types.MethodType(forward_with(forward_signature(model), run), model)
+        model.__dict__["forward"] = self._route
 
     def uninstall(self) -> None:
         """Stop routing: the model runs its own forward again (the compiled module, if
@@ -161,6 +176,43 @@ class LazyCompile:
         if self._previous is not None:
             restore_forward(self.model, self._previous)
             self._previous = None
+
+    def release(self) -> None:
+        """Training is over: detach the compiled module (its blocks unfrozen, held modules
+        released, its controller and worker stopped) and let the model run its own forward.
+        The route is removed where it is still the model's forward; under a wrapper installed
+        over it since (accelerate's autocast) it stays and passes calls through, so that the
+        wrapper keeps working. ``module`` stays for inspection (``module.freezer.history``);
+        :meth:`state` keeps the final freezer state (a checkpoint written after training)."""
+        if self.released:
+            return
+        self.released = True
+        fm = self.module
+        on_top = self.model.__dict__.get("forward") is self._route
+        if fm is not None:
+            self._final_state = fm.freezer.state_dict()
+            if not on_top:
+                fm.disown_route()  # its uninstall would remove the wrapper above the route
+            fm.detach()
+        if on_top and self._previous is not None:
+            restore_forward(self.model, self._previous)
+            self._previous = None
+        if fm is not None:
+            logger.info("fxfreeze: training ended; %s is given back unfrozen, running its own forward",
+                        type(self.model).__name__)
+
+    def reopen(self, compile_kwargs: dict[str, Any] | None = None) -> None:
+        """A new training run after :meth:`release`: the next call compiles the model again
+        (with ``compile_kwargs`` when given). No-op unless released."""
+        if not self.released:
+            return
+        self.released = False
+        self.module = None
+        self._final_state = None
+        if compile_kwargs is not None:
+            self.compile_kwargs = dict(compile_kwargs)
+        if self._previous is None:
+            self.install()
 
     @torch.compiler.disable  # the Trainer's torch_compile=True: capture outside dynamo's trace
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -197,7 +249,7 @@ class LazyCompile:
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume: the freezer state applies now, or on the first call."""
-        if self.module is None:
+        if self.module is None or self.released:
             self.pending_state = state
         else:
             self.module.freezer.load_state_dict(state)
@@ -205,6 +257,8 @@ class LazyCompile:
     def state(self) -> dict[str, Any] | None:
         """The freezer state to checkpoint (None before the first call: nothing to save but
         a state still waiting to be applied)."""
-        if self.module is not None:
+        if self.released and self._final_state is not None and self.pending_state is None:
+            return self._final_state
+        if self.module is not None and not self.released:
             return self.module.freezer.state_dict()
         return self.pending_state

@@ -17,7 +17,10 @@ Works with the optimizer Lightning builds from ``configure_optimizers`` (the fir
 drives the controller), ``accumulate_grad_batches`` (one decision per optimizer step),
 ``precision="bf16-mixed"`` (graphs are kept per autocast state), ``gradient_clip_val``,
 validation during training, ``ModelCheckpoint`` and ``trainer.fit(..., ckpt_path=...)``:
-the freezer state is the callback's checkpoint state.
+the freezer state is the callback's checkpoint state. When ``fit`` ends the model is given
+back as plain training leaves it (every block unfrozen, its own forward, the controller
+stopped), so that a later stage trains every parameter; ``callback.module`` keeps the record
+and another ``fit`` with the callback compiles it again.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class FxFreezeCallback(pl.Callback):
         self.compile_kwargs = compile_kwargs
         self._candidates: list[LazyCompile] = []
         self._pending: dict[str, Any] | None = None
+        self._ended: LazyCompile | None = None  # the route of the last fit, released at its end
 
     @property
     def state_key(self) -> str:
@@ -63,6 +67,8 @@ class FxFreezeCallback(pl.Callback):
         done = [c for c in self._candidates if c.module is not None]
         if done:
             return done[0]
+        if not self._candidates:
+            return self._ended  # after fit: the route it compiled, released
         return self._candidates[0] if len(self._candidates) == 1 else None
 
     @property
@@ -89,6 +95,9 @@ class FxFreezeCallback(pl.Callback):
         return out
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._ended = None
+        for lazy in self._candidates:
+            lazy.reopen(self.compile_kwargs)  # routes kept under a wrapper after an earlier fit
         if not self._candidates:
             for m in self._targets(pl_module):
                 lazy = LazyCompile.for_model(m, self.compile_kwargs)
@@ -131,10 +140,15 @@ class FxFreezeCallback(pl.Callback):
         for lazy in self._candidates:
             if lazy.module is None:
                 lazy.uninstall()
+            else:
+                lazy.release()
+                self._ended = lazy
+        # a route removed is built again by the next fit (a state restored before it waits in _pending)
+        self._candidates = [c for c in self._candidates if c.installed]
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        lazy = self.lazy
+        lazy = self.lazy  # after fit: the released route, with the state it ended with
         state = lazy.state() if lazy is not None else self._pending
         return {"freezer": state}
 
@@ -143,7 +157,7 @@ class FxFreezeCallback(pl.Callback):
         if state is None:
             return
         lazy = self.lazy
-        if lazy is not None and lazy.module is not None:
+        if lazy is not None and lazy.module is not None and not lazy.released:
             lazy.load_state(state)
         else:
             self._pending = state

@@ -24,6 +24,11 @@ What the callback does, and why there:
   ``restore_callback_states_from_checkpoint`` is set.
 - logs: each freeze and unfreeze is appended to ``trainer.state.log_history`` (and logged
   on the ``fxfreeze`` logger); every log line carries ``fxfreeze/num_frozen``.
+- ``on_train_end``: gives the model back as plain training leaves it (every block unfrozen,
+  its own forward, the controller and reference worker stopped): a later stage of training
+  on the same model, with a Trainer of its own or a loop, trains every parameter.
+  ``callback.module.freezer.history`` keeps the record; another ``trainer.train()`` with
+  the callback compiles the model again.
 
 ``trainer.save_model()`` writes the model's own state dict (same keys), which
 ``from_pretrained`` loads into the plain model.
@@ -83,8 +88,9 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
         return self.lazy.module if self.lazy is not None else None
 
     def _install(self, model: Any) -> None:
-        if self.lazy is None or self.lazy.model is not model:
+        if self.lazy is None or self.lazy.model is not model or not self.lazy.installed:
             self.lazy = LazyCompile.for_model(model, self.compile_kwargs)
+        self.lazy.reopen(self.compile_kwargs)  # after an earlier run's end: a new run
 
     # -- events ----------------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -92,7 +98,7 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
             self._install(model)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if model is not None and (self.lazy is None or self.lazy.model is not model):
+        if model is not None and (self.lazy is None or self.lazy.model is not model or self.lazy.released):
             # added after the Trainer was built: route now. Mixed precision has already
             # wrapped model.forward; the route replaces the wrapper and the compiled module
             # applies its autocast (fxfreeze.amp)
@@ -141,6 +147,11 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
                     }
                 )
         self._logged = len(history)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.lazy is not None:
+            self.on_step_end(args, state, control)  # events of the last step into the log history
+            self.lazy.release()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is not None and self.module is not None:

@@ -204,6 +204,11 @@ class Routing:
         self._installed = previous
         self._eager_forward = eager_forward
 
+    def disown_route(self) -> None:
+        """The route is no longer this module's to remove: :meth:`uninstall` leaves
+        ``model.forward`` alone (an integration keeps its route under a wrapper)."""
+        self._installed = None
+
     def route(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """What an installed ``model(...)`` runs: the compiled graphs, or the model's own
         forward inside a capture or an eager call."""

@@ -39,10 +39,11 @@ def _model():
 
 
 def _trainer(model, out: Path, callbacks, **kw):
+    kw = {"bf16": True, **kw}
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=12,
         learning_rate=1e-3, logging_steps=2, save_steps=6, eval_strategy="steps", eval_steps=6, report_to="none",
-        use_cpu=True, gradient_accumulation_steps=2, bf16=True, max_grad_norm=1.0, disable_tqdm=True, seed=0, **kw,
+        use_cpu=True, gradient_accumulation_steps=2, max_grad_norm=1.0, disable_tqdm=True, seed=0, **kw,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(64, 0), eval_dataset=_Tokens(8, 1), callbacks=callbacks)
 
@@ -68,8 +69,9 @@ def test_trainer_freezes_logs_checkpoints_resumes_exactly_and_saves_a_plain_mode
     ]
     assert any("eval_loss" in h for h in trainer.state.log_history)  # evaluation ran (its own graph)
     assert any(not e.training for e in fm.graphs.entries())
-    for n in fm.frozen_parameter_names():  # frozen blocks never changed after freezing
-        assert not fm.params_by_name[n].requires_grad
+    # the end of training gave the model back: nothing frozen, nothing held in eval mode
+    assert fm.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
+    assert not any("train" in m.__dict__ for m in model.modules())
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["FxFreezeCallback"]["attributes"]["freezer_state"]
@@ -135,7 +137,7 @@ def test_trainer_with_a_model_export_cannot_capture(tmp_path):
     fm = cb.module
     assert fm.eager_only and fm.freezer.step_count == 12
     assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(4, 1), (8, 2)]
-    assert set(at_freeze) == set(fm.frozen_parameter_names()) and at_freeze
+    assert set(at_freeze) == set(fm.frozen_parameter_names(2)) and at_freeze
     for n, t in at_freeze.items():
         assert torch.equal(fm.params_by_name[n], t), f"frozen {n} changed"
 
@@ -157,5 +159,37 @@ def test_trainer_with_torch_compile_freezes_on_schedule(tmp_path):
         torch._dynamo.reset()
     fm = cb.module
     assert fm is not None and fm.plan.names == ["stem", "transformer.h.0", "transformer.h.1", "transformer.h.2"]
-    assert fm.num_frozen == 2 and fm.training_calls == 6
-    assert not model.transformer.h[0].attn.c_attn.weight.requires_grad
+    assert fm.freezer.history[-1]["num_frozen"] == 2 and fm.training_calls == 6
+    assert "transformer.h.0.attn.c_attn.weight" in fm.frozen_parameter_names(2)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_end_of_training_gives_the_model_back_for_a_later_stage(tmp_path, bf16):
+    """Two stages on one model: the first with the callback, the second a Trainer of its own
+    without it (domain adaptation, then the task). Before, the model left the first stage
+    with its prefix frozen (``requires_grad=False``, held in eval mode, routed to a
+    controller no optimizer drove): the second Trainer built its optimizer without those
+    parameters and never trained them, silently. With ``bf16`` accelerate's autocast wraps
+    the route, which stays under it and passes calls through."""
+    model = _model()
+    cb = _callback()
+    _trainer(model, tmp_path / "one", [cb], save_strategy="no", bf16=bf16).train()
+    assert [e["num_frozen"] for e in cb.module.freezer.history] == [1, 2]  # the record stays
+    assert cb.module.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
+    assert not any("train" in m.__dict__ for m in model.modules())
+    assert ("forward" in model.__dict__) == bf16  # without a wrapper above it, the route is gone
+    assert cb.state()["attributes"]["freezer_state"]  # trainer.save_state() after training keeps it
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    two = _trainer(model, tmp_path / "two", [], save_strategy="no", bf16=bf16)
+    two.train()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == [], unchanged
+    model.train()
+    assert all(m.training for m in model.modules())
+
+    # another run with the callback compiles the model again and freezes on its schedule
+    again = _callback()
+    _trainer(model, tmp_path / "three", [again], save_strategy="no", bf16=bf16).train()
+    assert again.module is not None
+    assert [(e["step"], e["num_frozen"]) for e in again.module.freezer.history] == [(4, 1), (8, 2)]
+    assert again.module.num_frozen == 0 and all(p.requires_grad for p in model.parameters())

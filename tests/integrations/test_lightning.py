@@ -42,13 +42,14 @@ def _loader():
     return torch.utils.data.DataLoader(ds, batch_size=8)
 
 
-def _fit(tmp_path, cb, ckpt_path=None):
+def _fit(tmp_path, cb, ckpt_path=None, lit=None):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    lit = _Lit()
+    lit = _Lit() if lit is None else lit
+    callbacks = [] if cb is None else [cb]
     trainer = pl.Trainer(
         max_steps=8, accumulate_grad_batches=2, precision="bf16-mixed", gradient_clip_val=1.0, accelerator="cpu",
-        callbacks=[cb, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)], logger=False,
+        callbacks=[*callbacks, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)], logger=False,
         enable_progress_bar=False, enable_model_summary=False, val_check_interval=4, limit_val_batches=2,
         num_sanity_val_steps=1,
     )
@@ -74,6 +75,34 @@ def test_lightning_freezes_and_resumes_exactly(tmp_path):
     lit2 = _fit(tmp_path / "again", cb2, ckpt_path=str(ckpt))
     assert [(e["step"], e["num_frozen"]) for e in cb2.module.freezer.history] == [(2, 2), (5, 5)]
     for n, p in lit2.named_parameters():
+        torch.testing.assert_close(p, final[n], rtol=0, atol=0, msg=f"{n} differs after the resume")
+
+
+def test_the_end_of_fit_gives_the_network_back_and_the_callback_serves_another_fit(tmp_path):
+    """After ``fit`` the network is as plain training leaves it: a second stage without the
+    callback trains every parameter (before, the frozen prefix stayed frozen, held in eval
+    mode and routed to a controller no optimizer drove). The same callback then resumes a
+    checkpoint of its first fit exactly: the state Lightning restores before ``on_fit_start``
+    waits for the network's first call."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {2: 2, 5: 5}}})
+    lit = _fit(tmp_path / "one", cb)
+    first = cb.module
+    assert [(e["step"], e["num_frozen"]) for e in first.freezer.history] == [(2, 2), (5, 5)]
+    assert first.num_frozen == 0 and all(p.requires_grad for p in lit.parameters())
+    assert not any("train" in m.__dict__ for m in lit.modules()) and "forward" not in lit.net.__dict__
+    assert cb.state_dict()["freezer"]["num_frozen"] == 5  # a checkpoint written after fit keeps the state
+    final = {n: p.detach().clone() for n, p in lit.named_parameters()}
+
+    _fit(tmp_path / "two", None, lit=lit)
+    unchanged = [n for n, p in lit.named_parameters() if torch.equal(p, final[n])]
+    assert unchanged == [], unchanged
+
+    ckpt = next(p for p in (tmp_path / "one").iterdir() if "step=4" in p.name)
+    lit3 = _fit(tmp_path / "three", cb, ckpt_path=str(ckpt))
+    assert cb.module is not first and cb.module.model is lit3.net
+    assert [(e["step"], e["num_frozen"]) for e in cb.module.freezer.history] == [(2, 2), (5, 5)]
+    for n, p in lit3.named_parameters():
         torch.testing.assert_close(p, final[n], rtol=0, atol=0, msg=f"{n} differs after the resume")
 
 
