@@ -219,6 +219,9 @@ class Freezer:
             self.observe_loss(loss)
         self.step_count += 1
         self.module.check_calls()  # a loop that trains in eval mode, or calls the model itself (routed here once)
+        regranted = self._untrainable.regranted(self.num_frozen)  # frozen parameters the user made trainable
+        if regranted is not None:
+            self._apply(*regranted, watched=False)
         if not self.config.total_steps:
             self._planned.observe(self.step_count, self.optimizers)
         lrs = learning_rates(self.optimizers)

@@ -18,6 +18,14 @@ parameters are not counted as frozen by the user. Schedules the user wrote (``ma
 
 The test is made at each step from ``requires_grad`` itself, so a block the user unfreezes
 later (Lightning's ``BaseFinetuning``) is a candidate again from that step.
+
+The other way round, a parameter *fxfreeze* froze that the user's code makes trainable again
+(``requires_grad_(True)``: ``BaseFinetuning`` unfreezing a backbone a freeze had taken, an
+"unfreeze everything" epoch) would otherwise get no gradient, silently: the graphs cut the
+backward pass into the frozen prefix whatever the flag says. :meth:`UntrainableBlocks.regranted`
+sees it at the next optimizer step and cuts the prefix back to the first block holding such a
+parameter; the user's word is kept (fxfreeze no longer restores the flag it saved when it
+froze that parameter).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class UntrainableBlocks:
             if last < len(names):
                 self._params[last].append(module.params_by_name[name])
         self._told: tuple[int, int] | None = None
+        self._module = module
 
     def untrainable(self, i: int) -> bool:
         """Block ``i`` has parameters and none of them requires a gradient."""
@@ -78,3 +87,21 @@ class UntrainableBlocks:
         if k < decision.num_frozen <= seen:
             return None
         return decision
+
+    def regranted(self, k: int) -> tuple[int, str] | None:
+        """``(b, reason)``: the frozen prefix ``k`` cut back to block ``b``, the first that
+        holds a parameter fxfreeze froze and the user made trainable again since; None when
+        there is none (a scan of the frozen parameters' flags, once per optimizer step)."""
+        module = self._module
+        saved = module._saved_requires_grad  # the flags fxfreeze set aside when it froze them
+        if not k or not saved:
+            return None
+        params = module.params_by_name
+        hits = [n for n in saved if params[n].requires_grad]
+        if not hits:
+            return None
+        for n in hits:
+            saved[n] = True  # the user's word: kept when the prefix is unfrozen
+        b = min(module._param_last_block[n] for n in hits)
+        more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
+        return b, f"the training code made {hits[0]}{more} trainable again (requires_grad=True)"

@@ -131,6 +131,50 @@ def test_a_block_the_user_unfreezes_is_a_candidate_again():
     assert fm.freezer.policy.seen == [2, 2, 1, 1]
 
 
+def test_parameters_the_user_makes_trainable_again_get_their_gradients_from_the_next_step(caplog):
+    """Lightning's ``BaseFinetuning`` pattern: a backbone the user froze, taken along by a
+    freeze, then unfrozen by the user (``requires_grad_(True)`` and a param group). Before,
+    the graphs kept cutting the backward pass into it: its parameters required gradients
+    and got none, silently. Now the next optimizer step cuts the prefix back to the first
+    block holding such a parameter, and the user's flag stays when the prefix changes."""
+    model, fm, opt = _compile(["stem", "blocks.0"], {2: 4})
+    _train(fm, opt, 2)
+    assert fm.num_frozen == 4  # the freeze took the user's stem and blocks.0 along
+    model.blocks[0].requires_grad_(True)
+    opt.add_param_group({"params": list(model.blocks[0].parameters())})
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        _train(fm, opt, 1)  # this step's backward is still cut; its optimizer step sees the flag
+    assert fm.num_frozen == 1 and model.blocks[0].drop.training  # blocks.0 trains (and leaves eval mode)
+    assert not model.stem.weight.requires_grad  # still the user's frozen stem
+    last = fm.freezer.history[-1]
+    assert last["action"] == "unfreeze" and last["blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert "blocks.0.lin.weight and 1 more trainable again" in last["reason"]
+    assert any("trainable again" in r.getMessage() for r in caplog.records)
+    # the next step trains blocks.0 as eager code does (blocks.1-2 trainable again too)
+    ref = _Net()
+    ref.load_state_dict(model.state_dict())
+    for m_ref, m in zip(ref.modules(), model.modules()):
+        m_ref.train(m.training)
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        p_ref.requires_grad_(p.requires_grad)
+    x = torch.randn(4, 8)
+    opt.zero_grad()
+    torch.manual_seed(5)
+    fm(x).square().mean().backward()
+    torch.manual_seed(5)
+    ref(x).square().mean().backward()
+    for (n, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-7, msg=n)
+    assert model.blocks[0].lin.weight.grad is not None
+    # a later freeze past blocks.0 and an unfreeze keep the user's word: trainable
+    fm.freeze_prefix(3)
+    assert not model.blocks[0].lin.weight.requires_grad
+    fm.freeze_prefix(0)
+    assert model.blocks[0].lin.weight.requires_grad and not model.stem.weight.requires_grad
+
+
 def test_a_schedule_the_user_wrote_sees_the_prefix_as_it_is():
     model, fm, opt = _compile(["stem", "blocks.0"], {2: 1}, policy="manual")
     _train(fm, opt, 3)
