@@ -19,13 +19,17 @@ parameters are not counted as frozen by the user. Schedules the user wrote (``ma
 The test is made at each step from ``requires_grad`` itself, so a block the user unfreezes
 later (Lightning's ``BaseFinetuning``) is a candidate again from that step.
 
-The other way round, a parameter *fxfreeze* froze that the user's code makes trainable again
-(``requires_grad_(True)``: ``BaseFinetuning`` unfreezing a backbone a freeze had taken, an
-"unfreeze everything" epoch) would otherwise get no gradient, silently: the graphs cut the
-backward pass into the frozen prefix whatever the flag says. :meth:`UntrainableBlocks.regranted`
-sees it at the next optimizer step and cuts the prefix back to the first block holding such a
-parameter; the user's word is kept (fxfreeze no longer restores the flag it saved when it
-froze that parameter).
+The other way round, a parameter the user froze, which a freeze then took along, and which
+the user's code makes trainable again (``requires_grad_(True)``: ``BaseFinetuning``
+unfreezing a backbone, ULMFiT's gradual unfreezing, an "unfreeze everything" epoch after
+training the head) would otherwise get no gradient, silently: the graphs cut the backward
+pass into the frozen prefix whatever the flag says. :meth:`UntrainableBlocks.regranted` sees
+it at the next optimizer step and cuts the prefix back to the first block holding such a
+parameter; the user's word is kept (fxfreeze no longer restores the flag it saved). Only a
+change of the user's own choice counts: a parameter that was trainable when fxfreeze froze
+it and is set ``requires_grad=True`` again is no signal, since GAN loops set it on the whole
+discriminator before each of its steps (``set_requires_grad(netD, True)``) and would undo
+every freeze.
 """
 
 from __future__ import annotations
@@ -90,14 +94,15 @@ class UntrainableBlocks:
 
     def regranted(self, k: int) -> tuple[int, str] | None:
         """``(b, reason)``: the frozen prefix ``k`` cut back to block ``b``, the first that
-        holds a parameter fxfreeze froze and the user made trainable again since; None when
-        there is none (a scan of the frozen parameters' flags, once per optimizer step)."""
+        holds a parameter the user had frozen and has made trainable again since a freeze
+        took it; None when there is none (a scan of the frozen parameters' flags, once per
+        optimizer step)."""
         module = self._module
         saved = module._saved_requires_grad  # the flags fxfreeze set aside when it froze them
         if not k or not saved:
             return None
         params = module.params_by_name
-        hits = [n for n in saved if params[n].requires_grad]
+        hits = [n for n, was in saved.items() if not was and params[n].requires_grad]
         if not hits:
             return None
         for n in hits:

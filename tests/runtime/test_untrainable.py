@@ -175,6 +175,23 @@ def test_parameters_the_user_makes_trainable_again_get_their_gradients_from_the_
     assert model.blocks[0].lin.weight.requires_grad and not model.stem.weight.requires_grad
 
 
+def test_a_gan_loop_that_sets_requires_grad_on_the_whole_discriminator_keeps_its_freezes():
+    """``set_requires_grad(netD, False)`` for the generator's step, ``True`` before the
+    discriminator's (CycleGAN, pix2pix): parameters that were trainable when a freeze took
+    them are set trainable again before every step. That is no unfreeze: the prefix stays."""
+    model, fm, opt = _compile([], {2: 3})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        model.requires_grad_(False)  # the generator's step would run here
+        model.requires_grad_(True)
+        loss = fm(torch.randn(4, 8, generator=g)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fm.num_frozen == 3 and [e["action"] for e in fm.freezer.history] == ["freeze"]
+    assert model.stem.weight.grad is None and not model.blocks[0].drop.training
+
+
 def test_a_schedule_the_user_wrote_sees_the_prefix_as_it_is():
     model, fm, opt = _compile(["stem", "blocks.0"], {2: 1}, policy="manual")
     _train(fm, opt, 3)
