@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from ..calls import forward_signature
-from ..errors import FreezeError
+from ..errors import DistributedError, FreezeError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward
 
-__all__ = ["LazyCompile", "encode_state", "decode_state"]
+__all__ = ["LazyCompile", "encode_state", "decode_state", "refuse_distributed"]
 
 logger = logging.getLogger("fxfreeze")
 _PASS = threading.local()  # depth > 0: routes pass calls straight to the model (a capture runs)
@@ -95,6 +95,21 @@ def _by_name(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
         else:
             out[name] = value
     return out
+
+
+def refuse_distributed(world_size: Any, trainer: str) -> None:
+    """The callbacks train on one process only. Under the trainer's own data parallelism each
+    rank would decide its freezes alone (Egeria measures each rank's own batch) while the
+    DDP wrapper the trainer built keeps the parameters that required gradients when it was
+    built: at the first freeze the ranks diverge and DDP then raises "Expected to have
+    finished reduction". Said before the first step instead."""
+    if isinstance(world_size, int) and world_size > 1:
+        raise DistributedError(
+            f"{trainer} trains on {world_size} processes, and FxFreezeCallback supports one: under the trainer's "
+            "DDP the ranks would freeze apart and diverge at the first freeze. Train on one process, or with a loop "
+            "of your own around fxfreeze.distributed.FreezeDDP, which makes the ranks agree and rebuilds DDP at "
+            "each freeze (docs/distributed.md)"
+        )
 
 
 class LazyCompile:

@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import FreezeError
-from ._lazy import LazyCompile
+from ._lazy import LazyCompile, refuse_distributed
 
 try:  # the package named in the issue first, the unified one otherwise
     import pytorch_lightning as pl
@@ -95,6 +95,7 @@ class FxFreezeCallback(pl.Callback):
         return out
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        refuse_distributed(getattr(trainer, "world_size", 1), "Lightning's Trainer")
         self._ended = None
         for lazy in self._candidates:
             lazy.reopen(self.compile_kwargs)  # routes kept under a wrapper after an earlier fit

@@ -44,7 +44,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..config import FreezeConfig
 from ..plan import FreezePlan
-from ._lazy import LazyCompile, decode_state, encode_state
+from ._lazy import LazyCompile, decode_state, encode_state, refuse_distributed
 
 __all__ = ["FxFreezeCallback"]
 
@@ -98,6 +98,7 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
             self._install(model)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        refuse_distributed(getattr(args, "world_size", 1), "the Trainer")
         if model is not None and (self.lazy is None or self.lazy.model is not model or self.lazy.released):
             # added after the Trainer was built: route now. Mixed precision has already
             # wrapped model.forward; the route replaces the wrapper and the compiled module

@@ -90,6 +90,7 @@ def compile(
         model = unwrap_compiled(model)
     if isinstance(model, FreezableModule):
         raise ModelError("this model is already compiled by fxfreeze; compile the original model once")
+    _refuse_data_parallel(model)
     for o in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
         if o is not None and not isinstance(o, torch.optim.Optimizer):
             raise ModelError(f"optimizer must be a torch.optim.Optimizer (or a list of them), got {type(o).__name__}")
@@ -146,3 +147,24 @@ def _compile(
         )
     register_owner(model, fm)
     return fm
+
+
+def _refuse_data_parallel(model: nn.Module) -> None:
+    """A model already wrapped for data-parallel training cannot be compiled: DDP's reducer
+    was built on the parameters that required gradients then, so the first freeze makes the
+    ranks diverge and the next step raise ("Expected to have finished reduction"); and its
+    forward cannot be captured, so everything would run eagerly. FSDP shards the parameters
+    a freeze would take."""
+    name = type(model).__name__
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ModelError(
+            f"the model is wrapped in {name}: compile the model inside it and wrap the compiled module "
+            "instead, fm = fxfreeze.compile(model.module, ...); ddp = fxfreeze.distributed.FreezeDDP(fm) "
+            "(it rebuilds the wrapper at each freeze; docs/distributed.md)"
+        )
+    # FSDP1's wrapper class, or FSDP2's (``fully_shard`` gives the module a class deriving FSDPModule)
+    if any(c.__module__.startswith("torch.distributed.fsdp") for c in type(model).__mro__):
+        raise ModelError(
+            f"the model is sharded by FSDP ({name}), which fxfreeze does not support: compile the unsharded "
+            "model and train it with fxfreeze.distributed.FreezeDDP (docs/distributed.md)"
+        )

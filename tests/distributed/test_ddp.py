@@ -145,6 +145,14 @@ def test_agreement_in_one_process(tmp_path):
         with pytest.raises(fxfreeze.DistributedError, match="agree_lag"):
             FreezeDDP(fm, agree_lag=-1)
         assert FreezeDDP(fm).agreement.lag == 0  # gloo: read at once
+        # a model wrapped in DDP before compile: before, it fell back to running eagerly and
+        # would have diverged at the first freeze; now a clear error that says what to do
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+        with pytest.raises(fxfreeze.ModelError, match=r"compile\(model.module.*FreezeDDP\(fm\)"):
+            fxfreeze.compile(DistributedDataParallel(net), (torch.randn(2, 1, 16, 16),))
+        assert "forward" not in net.__dict__  # nothing was routed
     finally:
         dist.destroy_process_group()
 

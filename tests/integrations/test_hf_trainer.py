@@ -193,3 +193,18 @@ def test_the_end_of_training_gives_the_model_back_for_a_later_stage(tmp_path, bf
     assert again.module is not None
     assert [(e["step"], e["num_frozen"]) for e in again.module.freezer.history] == [(4, 1), (8, 2)]
     assert again.module.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
+
+
+def test_the_trainers_own_data_parallelism_is_refused_before_the_first_step(tmp_path):
+    """Under the Trainer's DDP (torchrun, several processes) each rank would freeze on its
+    own and DDP's wrapper would keep the parameters of before the freeze: the ranks diverge
+    at the first freeze, then DDP raises. The callback says so at the start of training."""
+    from types import SimpleNamespace
+
+    import fxfreeze
+
+    cb = _callback()
+    with pytest.raises(fxfreeze.DistributedError, match="trains on 2 processes.*FreezeDDP"):
+        cb.on_train_begin(SimpleNamespace(world_size=2), SimpleNamespace(global_step=0, max_steps=10), None,
+                          model=_model())
+    assert cb.lazy is None  # nothing routed

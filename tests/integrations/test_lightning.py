@@ -106,6 +106,18 @@ def test_the_end_of_fit_gives_the_network_back_and_the_callback_serves_another_f
         torch.testing.assert_close(p, final[n], rtol=0, atol=0, msg=f"{n} differs after the resume")
 
 
+def test_lightnings_own_data_parallelism_is_refused_before_the_first_step():
+    from types import SimpleNamespace
+
+    import fxfreeze
+
+    cb = FxFreezeCallback(policy="manual")
+    lit = _Lit()
+    with pytest.raises(fxfreeze.DistributedError, match="Lightning's Trainer trains on 4 processes"):
+        cb.on_fit_start(SimpleNamespace(world_size=4, optimizers=[]), lit)
+    assert "forward" not in lit.net.__dict__  # nothing routed
+
+
 def test_module_by_name_and_a_clear_error_for_a_wrong_one(tmp_path):
     cb = FxFreezeCallback(module="nope", policy="manual")
     with pytest.raises(Exception, match="no submodule 'nope'"):
