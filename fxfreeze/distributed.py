@@ -47,7 +47,7 @@ from torch import nn
 
 from .errors import DistributedError
 
-__all__ = ["Agreement", "FreezeDDP", "init_process_group", "DistributedError"]
+__all__ = ["Agreement", "FreezeDDP", "agree_on_rank_0", "init_process_group", "DistributedError"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -104,13 +104,7 @@ class FreezeDDP(nn.Module):
         # keys are the original model's
         object.__setattr__(self, "ddp", None)
         self._k_built = -1
-        device = _collective_device(process_group)
-        if agree_lag is None:
-            agree_lag = 2 if device.type == "cuda" else 0
-        if isinstance(agree_lag, bool) or not isinstance(agree_lag, int) or agree_lag < 0:
-            raise DistributedError(f"agree_lag must be a non-negative int (steps), got {agree_lag!r}")
-        self.agreement = Agreement(process_group, device, agree_lag, lambda: self.fm.num_frozen)
-        module.freezer.set_agreement(self.agreement)
+        self.agreement = agree_on_rank_0(module, process_group, agree_lag)
         self._rebuild()
 
     # -- the DDP wrapper ------------------------------------------------------------------------
@@ -144,6 +138,21 @@ class FreezeDDP(nn.Module):
     @property
     def module(self) -> Any:  # like DDP: .module is the wrapped model
         return self.fm
+
+
+def agree_on_rank_0(fm: Any, process_group: Any = None, agree_lag: int | None = None) -> "Agreement":
+    """Make every rank apply rank 0's freezing decisions (an :class:`Agreement` set on the
+    compiled module's controller), ``agree_lag`` steps after it made them (None: 2 when the
+    process group broadcasts CUDA tensors, as NCCL does, else 0). Used by :class:`FreezeDDP`
+    and by the Trainer and Lightning callbacks under the trainers' own DDP."""
+    device = _collective_device(process_group)
+    if agree_lag is None:
+        agree_lag = 2 if device.type == "cuda" else 0
+    if isinstance(agree_lag, bool) or not isinstance(agree_lag, int) or agree_lag < 0:
+        raise DistributedError(f"agree_lag must be a non-negative int (steps), got {agree_lag!r}")
+    agreement = Agreement(process_group, device, agree_lag, lambda: fm.num_frozen)
+    fm.freezer.set_agreement(agreement)
+    return agreement
 
 
 def _collective_device(group: Any) -> torch.device:

@@ -37,7 +37,7 @@ from ..calls import forward_signature
 from ..errors import DistributedError, FreezeError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward
 
-__all__ = ["LazyCompile", "encode_state", "decode_state", "refuse_distributed"]
+__all__ = ["LazyCompile", "encode_state", "decode_state", "data_parallel"]
 
 logger = logging.getLogger("fxfreeze")
 _PASS = threading.local()  # depth > 0: routes pass calls straight to the model (a capture runs)
@@ -97,19 +97,24 @@ def _by_name(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
     return out
 
 
-def refuse_distributed(world_size: Any, trainer: str) -> None:
-    """The callbacks train on one process only. Under the trainer's own data parallelism each
-    rank would decide its freezes alone (Egeria measures each rank's own batch) while the
-    DDP wrapper the trainer built keeps the parameters that required gradients when it was
-    built: at the first freeze the ranks diverge and DDP then raises "Expected to have
-    finished reduction". Said before the first step instead."""
-    if isinstance(world_size, int) and world_size > 1:
+def data_parallel(world_size: Any, find_unused: bool, static_graph: bool, trainer: str, fix: str) -> bool:
+    """Whether the trainer runs its own DDP over several processes, which the callbacks
+    support on two conditions. Every rank must freeze the same blocks at the same step:
+    the compiled module then applies rank 0's decisions (:func:`agree_on_rank_0`), since
+    each rank's policy measures its own batches. And DDP must find unused parameters: it was
+    built while every block trained, and the parameters a freeze takes stop producing
+    gradients, so without ``find_unused_parameters`` (or with a static graph) the step after
+    the first freeze raises "Expected to have finished reduction". Refused before the first
+    step when it is off (``fix`` says how to turn it on)."""
+    if not (isinstance(world_size, int) and world_size > 1):
+        return False
+    if not find_unused or static_graph:
+        why = "a static graph" if static_graph else "find_unused_parameters off"
         raise DistributedError(
-            f"{trainer} trains on {world_size} processes, and FxFreezeCallback supports one: under the trainer's "
-            "DDP the ranks would freeze apart and diverge at the first freeze. Train on one process, or with a loop "
-            "of your own around fxfreeze.distributed.FreezeDDP, which makes the ranks agree and rebuilds DDP at "
-            "each freeze (docs/distributed.md)"
+            f"{trainer} trains on {world_size} processes with DDP's {why}: the parameters a freeze takes stop "
+            f"producing gradients after DDP was built, and DDP would raise at the step after the first freeze. {fix}"
         )
+    return True
 
 
 class LazyCompile:
@@ -139,6 +144,8 @@ class LazyCompile:
         self.compile_seconds = 0.0
         #: training ended (:meth:`release`): calls run the model's own forward
         self.released = False
+        #: the trainer's own DDP runs this process among others: every rank applies rank 0's decisions
+        self.data_parallel = False
         self._route: Any = None
         self._final_state: dict[str, Any] | None = None
 
@@ -250,6 +257,10 @@ class LazyCompile:
             "fxfreeze: compiled %s on its first call: %d blocks (%s)",
             type(self.model).__name__, len(fm.plan.blocks), ", ".join(fm.plan.names),
         )
+        if self.data_parallel:
+            from ..distributed import agree_on_rank_0
+
+            agree_on_rank_0(fm)
         if self.pending_state is not None:
             state, self.pending_state = self.pending_state, None
             fm.freezer.load_state_dict(state)

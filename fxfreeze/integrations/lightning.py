@@ -30,8 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import FreezeError
-from ._lazy import LazyCompile, refuse_distributed
+from ..errors import DistributedError, FreezeError
+from ._lazy import LazyCompile, data_parallel
 
 try:  # the package named in the issue first, the unified one otherwise
     import pytorch_lightning as pl
@@ -41,6 +41,23 @@ except ImportError:  # pragma: no cover - depends on what is installed
 __all__ = ["FxFreezeCallback"]
 
 logger = logging.getLogger("fxfreeze")
+
+
+def _data_parallel(trainer: Any) -> bool:
+    """Whether Lightning runs its DDP over several processes (see :func:`data_parallel`);
+    another multi-process strategy (FSDP, DeepSpeed) is refused."""
+    world = getattr(trainer, "world_size", 1)
+    if not (isinstance(world, int) and world > 1):
+        return False
+    strategy = getattr(trainer, "strategy", None)
+    if not isinstance(strategy, pl.strategies.DDPStrategy):
+        raise DistributedError(
+            f"Lightning's Trainer trains on {world} processes with {type(strategy).__name__}, which FxFreezeCallback "
+            "does not support: use strategy='ddp_find_unused_parameters_true'"
+        )
+    kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
+    return data_parallel(world, bool(kwargs.get("find_unused_parameters", False)), bool(kwargs.get("static_graph", False)),
+                         "Lightning's Trainer", "Use strategy='ddp_find_unused_parameters_true'.")
 
 
 class FxFreezeCallback(pl.Callback):
@@ -95,7 +112,7 @@ class FxFreezeCallback(pl.Callback):
         return out
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        refuse_distributed(getattr(trainer, "world_size", 1), "Lightning's Trainer")
+        ddp = _data_parallel(trainer)
         self._ended = None
         for lazy in self._candidates:
             lazy.reopen(self.compile_kwargs)  # routes kept under a wrapper after an earlier fit
@@ -109,6 +126,7 @@ class FxFreezeCallback(pl.Callback):
             logger.warning("fxfreeze: %d optimizers; the first one drives the freezing controller", len(trainer.optimizers))
         total = getattr(trainer, "estimated_stepping_batches", None)
         for lazy in self._candidates:
+            lazy.data_parallel = ddp
             if isinstance(total, (int, float)) and 0 < total < float("inf"):
                 lazy.total_steps = int(total)
             if optimizer is not None:

@@ -44,7 +44,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..config import FreezeConfig
 from ..plan import FreezePlan
-from ._lazy import LazyCompile, decode_state, encode_state, refuse_distributed
+from ._lazy import LazyCompile, data_parallel, decode_state, encode_state
 
 __all__ = ["FxFreezeCallback"]
 
@@ -57,6 +57,22 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, FreezePlan):
         return value.to_dict()
     return value
+
+
+def _finds_unused(args: Any, model: Any) -> bool:
+    """The ``find_unused_parameters`` the Trainer gives DDP: ``ddp_find_unused_parameters``
+    when set, else on unless a ``PreTrainedModel`` checkpoints its activations (the Trainer's
+    own rule)."""
+    set_ = getattr(args, "ddp_find_unused_parameters", None)
+    if set_ is not None:
+        return bool(set_)
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return True
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    asked = any(bool(getattr(args, a, False)) for a in ("activation_checkpointing", "gradient_checkpointing"))
+    return not (bool(getattr(model, flag, False)) or asked)
 
 
 class FxFreezeCallback(TrainerCallback, ExportableState):
@@ -98,7 +114,11 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
             self._install(model)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
-        refuse_distributed(getattr(args, "world_size", 1), "the Trainer")
+        world = getattr(args, "world_size", 1)
+        ddp = isinstance(world, int) and world > 1 and data_parallel(
+            world, _finds_unused(args, model), bool(getattr(args, "ddp_static_graph", None)),
+            "the Trainer", "Pass ddp_find_unused_parameters=True (and no ddp_static_graph) to TrainingArguments.",
+        )
         if model is not None and (self.lazy is None or self.lazy.model is not model or self.lazy.released):
             # added after the Trainer was built: route now. Mixed precision has already
             # wrapped model.forward; the route replaces the wrapper and the compiled module
@@ -106,6 +126,7 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
             self._install(model)
         if self.lazy is None:
             return
+        self.lazy.data_parallel = ddp
         if optimizer is not None:
             self.lazy.set_optimizer(optimizer)
         if getattr(state, "max_steps", 0) and state.max_steps > 0:

@@ -195,16 +195,49 @@ def test_the_end_of_training_gives_the_model_back_for_a_later_stage(tmp_path, bf
     assert again.module.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
 
 
-def test_the_trainers_own_data_parallelism_is_refused_before_the_first_step(tmp_path):
-    """Under the Trainer's DDP (torchrun, several processes) each rank would freeze on its
-    own and DDP's wrapper would keep the parameters of before the freeze: the ranks diverge
-    at the first freeze, then DDP raises. The callback says so at the start of training."""
+def test_the_trainers_own_ddp_applies_rank_0s_decisions_on_every_rank(tmp_path):
+    """``torchrun`` with the Trainer (two processes, gloo): the Trainer's DDP finds unused
+    parameters by default, and the callback makes every rank apply rank 0's decisions. Rank 1
+    is given a schedule of its own ({2: 3}); before, it froze apart from rank 0 and the ranks
+    diverged. Now both follow {4: 1, 8: 2}, end with the same parameters, and the frozen stem
+    did not move after its freeze."""
+    import json
+    import subprocess
+    import sys
+
+    job = Path(__file__).with_name("_hf_ddp_job.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(job), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2))
+    assert r0["world"] == 2
+    for r in (r0, r1):
+        assert [(s, k) for s, k, _ in r["history"]] == [(4, 1), (8, 2)], r["history"]
+        assert r["stem_unchanged"] and r["stem_grad_none"] and r["frozen_at_end"] == 0  # given back at the end
+    assert r1["history"][0][2] == "decided on rank 0"
+    torch.testing.assert_close(torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt"), rtol=0, atol=0)
+
+
+def test_the_trainers_ddp_without_unused_parameters_is_refused_before_the_first_step():
+    """The Trainer's DDP with ``find_unused_parameters`` off (``ddp_find_unused_parameters=False``,
+    or a checkpointing model, for which the Trainer turns it off) or a static graph would
+    raise at the step after the first freeze: the callback says so at the start."""
     from types import SimpleNamespace
 
     import fxfreeze
 
+    state = SimpleNamespace(global_step=0, max_steps=10)
+    for extra, says in (({"ddp_find_unused_parameters": False}, "find_unused_parameters off"),
+                        ({"ddp_static_graph": True}, "a static graph")):
+        cb = _callback()
+        args = SimpleNamespace(world_size=2, **extra)
+        with pytest.raises(fxfreeze.DistributedError, match=f"2 processes with DDP's {says}.*ddp_find_unused_parameters=True"):
+            cb.on_train_begin(args, state, None, model=_model())
+        assert cb.lazy is None  # nothing routed
+    checkpointing = _model()
+    checkpointing.gradient_checkpointing_enable()
+    with pytest.raises(fxfreeze.DistributedError, match="find_unused_parameters off"):
+        _callback().on_train_begin(SimpleNamespace(world_size=2), state, None, model=checkpointing)
     cb = _callback()
-    with pytest.raises(fxfreeze.DistributedError, match="trains on 2 processes.*FreezeDDP"):
-        cb.on_train_begin(SimpleNamespace(world_size=2), SimpleNamespace(global_step=0, max_steps=10), None,
-                          model=_model())
-    assert cb.lazy is None  # nothing routed
+    cb.on_train_begin(SimpleNamespace(world_size=2), state, None, model=_model())  # the Trainer's default: on
+    assert cb.lazy.data_parallel

@@ -106,16 +106,39 @@ def test_the_end_of_fit_gives_the_network_back_and_the_callback_serves_another_f
         torch.testing.assert_close(p, final[n], rtol=0, atol=0, msg=f"{n} differs after the resume")
 
 
-def test_lightnings_own_data_parallelism_is_refused_before_the_first_step():
+def test_lightnings_own_ddp_applies_rank_0s_decisions_on_every_rank(tmp_path):
+    """Two CPU processes under ``strategy="ddp_find_unused_parameters_true"``: rank 1 is given
+    a schedule of its own ({1: 6}); both follow rank 0's ({2: 2, 5: 5}) and end equal."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).with_name("_pl_ddp_job.py")
+    done = subprocess.run([sys.executable, str(job), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2))
+    assert r0["world"] == 2
+    for r in (r0, r1):
+        assert [(s, k) for s, k, _ in r["history"]] == [(2, 2), (5, 5)], r["history"]
+    torch.testing.assert_close(torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt"), rtol=0, atol=0)
+
+
+def test_lightnings_ddp_without_unused_parameters_or_another_strategy_is_refused():
+    """Lightning's plain ``strategy="ddp"`` leaves ``find_unused_parameters`` off: DDP would
+    raise at the step after the first freeze. Said at ``on_fit_start``, as for FSDP."""
     from types import SimpleNamespace
 
     import fxfreeze
 
-    cb = FxFreezeCallback(policy="manual")
-    lit = _Lit()
-    with pytest.raises(fxfreeze.DistributedError, match="Lightning's Trainer trains on 4 processes"):
-        cb.on_fit_start(SimpleNamespace(world_size=4, optimizers=[]), lit)
-    assert "forward" not in lit.net.__dict__  # nothing routed
+    ddp = pl.strategies.DDPStrategy()
+    for strategy, says in ((ddp, "find_unused_parameters off.*ddp_find_unused_parameters_true"),
+                           (SimpleNamespace(), "with SimpleNamespace, which FxFreezeCallback does not support")):
+        cb = FxFreezeCallback(policy="manual")
+        lit = _Lit()
+        with pytest.raises(fxfreeze.DistributedError, match=f"on 4 processes .*{says}"):
+            cb.on_fit_start(SimpleNamespace(world_size=4, optimizers=[], strategy=strategy), lit)
+        assert "forward" not in lit.net.__dict__  # nothing routed
 
 
 def test_module_by_name_and_a_clear_error_for_a_wrong_one(tmp_path):
