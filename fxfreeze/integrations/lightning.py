@@ -17,7 +17,9 @@ Works with the optimizer Lightning builds from ``configure_optimizers`` (the fir
 drives the controller), ``accumulate_grad_batches`` (one decision per optimizer step),
 ``precision="bf16-mixed"`` (graphs are kept per autocast state), ``gradient_clip_val``,
 validation during training, ``ModelCheckpoint`` and ``trainer.fit(..., ckpt_path=...)``:
-the freezer state is the callback's checkpoint state. When ``fit`` ends the model is given
+the freezer state is the callback's checkpoint state. On several devices,
+``strategy="ddp_find_unused_parameters_true"`` (DDP must find the parameters a freeze takes;
+other strategies are refused): every rank applies rank 0's decisions. When ``fit`` ends the model is given
 back as plain training leaves it (every block unfrozen, its own forward, the controller
 stopped), so that a later stage trains every parameter; ``callback.module`` keeps the record
 and another ``fit`` with the callback compiles it again.

@@ -24,6 +24,9 @@ What the callback does, and why there:
   ``restore_callback_states_from_checkpoint`` is set.
 - logs: each freeze and unfreeze is appended to ``trainer.state.log_history`` (and logged
   on the ``fxfreeze`` logger); every log line carries ``fxfreeze/num_frozen``.
+- several processes (``torchrun``): the Trainer's DDP finds unused parameters by default,
+  which freezing needs (refused before the first step when it does not); every rank then
+  applies rank 0's decisions (:func:`fxfreeze.distributed.agree_on_rank_0`).
 - ``on_train_end``: gives the model back as plain training leaves it (every block unfrozen,
   its own forward, the controller and reference worker stopped): a later stage of training
   on the same model, with a Trainer of its own or a loop, trains every parameter.
