@@ -144,7 +144,13 @@ def agree_on_rank_0(fm: Any, process_group: Any = None, agree_lag: int | None = 
     """Make every rank apply rank 0's freezing decisions (an :class:`Agreement` set on the
     compiled module's controller), ``agree_lag`` steps after it made them (None: 2 when the
     process group broadcasts CUDA tensors, as NCCL does, else 0). Used by :class:`FreezeDDP`
-    and by the Trainer and Lightning callbacks under the trainers' own DDP."""
+    and by the Trainer and Lightning callbacks under the trainers' own DDP.
+
+    Example::
+
+        >>> # init_process_group("gloo", ...); fm = fxfreeze.compile(model, x, optimizer=opt)
+        >>> # agree_on_rank_0(fm)   # every rank now freezes when rank 0 decides to
+    """
     device = _collective_device(process_group)
     if agree_lag is None:
         agree_lag = 2 if device.type == "cuda" else 0
