@@ -117,6 +117,7 @@ class FreezeDDP(nn.Module):
         object.__setattr__(
             self, "ddp", nn.parallel.DistributedDataParallel(self.fm, process_group=self.process_group, **self.ddp_kwargs)
         )
+        self.ddp._fxfreeze_follows = True  # rebuilt at each freeze: runtime/ddp_watch.py leaves it alone
         for state, hook in self._comm_hooks:
             self.ddp.register_comm_hook(state, hook)
         self._k_built = k

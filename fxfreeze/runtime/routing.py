@@ -23,6 +23,7 @@ from torch import nn
 from ..amp import WrapperAutocast, wrapper_autocast
 from ..errors import CopyError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward, temporary_forward
+from .ddp_watch import active_ddp, check_ddp
 
 __all__ = ["Routing"]
 
@@ -53,6 +54,7 @@ class Routing:
     _calls_at_step: tuple[int, int] = (0, 0)
     _told_eval: bool = False  # the INFO line on training in eval mode, once
     _route_checked: bool = False
+    _ddp_seen: Any = None  # a weak reference to the last DDP the calls ran inside (ddp_watch.py)
     #: (the forward wrapper last read, its autocast): see :meth:`wrapper_amp`
     _amp_seen: tuple[Any, WrapperAutocast | None] = (None, None)
 
@@ -77,6 +79,10 @@ class Routing:
         self._call_trains = call = training or (grad and self._trains_in_eval)
         self.training_calls += call
         self.grad_calls += grad and not call
+        ddp = active_ddp()
+        if ddp is not None and ddp is not (self._ddp_seen and self._ddp_seen()):  # a DDP the loop built: once
+            check_ddp(self, ddp)
+            self._ddp_seen = weakref.ref(ddp)
 
     def check_calls(self) -> None:
         """Called at each optimizer step. A step since the last one with no training call

@@ -174,3 +174,46 @@ def test_the_nccl_check_script_passes_its_checks_on_gloo():
     bad = subprocess.run([sys.executable, str(script), "--backend", "gloo", "--steps", "5"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--steps must exceed 10" in bad.stderr
+
+
+def test_a_plain_ddp_around_the_compiled_module_is_refused_or_followed(tmp_path):
+    """``DDP(fm)`` (or a trainer's or accelerate's DDP around the routed model) instead of
+    ``FreezeDDP``: built without unused-parameter search, it would raise at the step after
+    the first freeze, hours into a run; the first call says so. With
+    ``find_unused_parameters=True`` it works, and the ranks are made to apply rank 0's
+    decisions (each rank's policy would otherwise freeze on its own batches)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fxfreeze
+    from fxfreeze import zoo
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 1, 16, 16)
+
+        def compiled():
+            torch.manual_seed(0)
+            net = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+            opt = torch.optim.SGD(net.parameters(), lr=0.05)
+            fm = fxfreeze.compile(net, (x,), optimizer=opt, config={"policy": "manual", "manual": {"schedule": {2: 2}}})
+            return fm, opt
+
+        fm, opt = compiled()
+        with pytest.raises(fxfreeze.DistributedError, match="find_unused_parameters=False.*FreezeDDP instead"):
+            DDP(fm)(x)
+        with pytest.raises(fxfreeze.DistributedError, match="a static graph"):
+            DDP(fm, find_unused_parameters=True, static_graph=True)(x)
+
+        fm, opt = compiled()
+        ddp = DDP(fm, find_unused_parameters=True)
+        for _ in range(4):  # the freeze at step 2, then two steps past it
+            opt.zero_grad()
+            ddp(x).square().mean().backward()
+            opt.step()
+        assert fm.num_frozen == 2 and fm.freezer._agree is not None  # the decisions go through the agreement
+        frozen = fxfreeze.distributed.FreezeDDP(compiled()[0])  # FreezeDDP's own DDP is left alone
+        frozen(x)
+    finally:
+        dist.destroy_process_group()
