@@ -258,7 +258,7 @@ class LazyCompile:
             type(self.model).__name__, len(fm.plan.blocks), ", ".join(fm.plan.names),
         )
         if self.data_parallel:
-            from ..distributed import agree_on_rank_0
+            from ..runtime.agreement import agree_on_rank_0
 
             agree_on_rank_0(fm)
         if self.pending_state is not None:

@@ -13,7 +13,7 @@ freeze apart and diverge.
 running, ``DistributedDataParallel._get_active_ddp_module``, which torch.compile reads too):
 without unused-parameter search it raises a :class:`~fxfreeze.errors.DistributedError` that
 says what to do, before any training step; with it, every rank is made to apply rank 0's
-decisions (:func:`fxfreeze.distributed.agree_on_rank_0`) unless something already agrees.
+decisions (:func:`~fxfreeze.runtime.agreement.agree_on_rank_0`) unless something already agrees.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import DistributedError
+from .agreement import agree_on_rank_0
 
 __all__ = ["active_ddp", "check_ddp"]
 
@@ -53,8 +54,6 @@ def check_ddp(fm: Any, ddp: Any) -> None:
             "(accelerate: DistributedDataParallelKwargs(find_unused_parameters=True))"
         )
     if getattr(fm.freezer, "_agree", None) is None:
-        from ..distributed import agree_on_rank_0
-
         agree_on_rank_0(fm)
         logger.info("fxfreeze: %s runs inside a DistributedDataParallel: every rank applies rank 0's freezing "
                     "decisions", type(fm.model).__name__)
