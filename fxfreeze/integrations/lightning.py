@@ -18,11 +18,11 @@ drives the controller), ``accumulate_grad_batches`` (one decision per optimizer 
 ``precision="bf16-mixed"`` (graphs are kept per autocast state), ``gradient_clip_val``,
 validation during training, ``ModelCheckpoint`` and ``trainer.fit(..., ckpt_path=...)``:
 the freezer state is the callback's checkpoint state. On several devices,
-``strategy="ddp_find_unused_parameters_true"`` (DDP must find the parameters a freeze takes;
-other strategies are refused): every rank applies rank 0's decisions. When ``fit`` ends the model is given
-back as plain training leaves it (every block unfrozen, its own forward, the controller
-stopped), so that a later stage trains every parameter; ``callback.module`` keeps the record
-and another ``fit`` with the callback compiles it again.
+``strategy="ddp_find_unused_parameters_true"`` (DDP must find the parameters a freeze
+takes; other strategies are refused): every rank applies rank 0's decisions. When ``fit``
+ends the model is given back as plain training leaves it (every block unfrozen, its own
+forward, the controller stopped), so that a later stage trains every parameter;
+``callback.module`` keeps the record and another ``fit`` with the callback compiles it again.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def _data_parallel(trainer: Any) -> bool:
             "does not support: use strategy='ddp_find_unused_parameters_true'"
         )
     kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
-    return data_parallel(world, bool(kwargs.get("find_unused_parameters", False)), bool(kwargs.get("static_graph", False)),
-                         "Lightning's Trainer", "Use strategy='ddp_find_unused_parameters_true'.")
+    unused, static = bool(kwargs.get("find_unused_parameters", False)), bool(kwargs.get("static_graph", False))
+    return data_parallel(world, unused, static, "Lightning's Trainer", "Use strategy='ddp_find_unused_parameters_true'.")
 
 
 class FxFreezeCallback(pl.Callback):

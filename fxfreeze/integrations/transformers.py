@@ -73,7 +73,8 @@ def _finds_unused(args: Any, model: Any) -> bool:
 
     if not isinstance(model, PreTrainedModel):
         return True
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    new = hasattr(type(model), "is_activation_checkpointing")  # transformers 5.x; 4.x: is_gradient_checkpointing
+    flag = "is_activation_checkpointing" if new else "is_gradient_checkpointing"
     asked = any(bool(getattr(args, a, False)) for a in ("activation_checkpointing", "gradient_checkpointing"))
     return not (bool(getattr(model, flag, False)) or asked)
 
