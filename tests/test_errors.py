@@ -37,6 +37,19 @@ def test_a_whole_batch_as_example_inputs_names_the_forward_and_the_fix():
     assert "ResNetCifar.forward(x)" in msg and "too many positional" in msg and "(batch[0],)" in msg
 
 
+def test_a_model_in_data_parallel_over_several_devices_is_refused_with_the_fix():
+    """``nn.DataParallel`` splits each batch among replicas at every call: the graphs would run
+    the model on one device, silently. One device (or none, as here) is a plain wrapper."""
+    net = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+    x = torch.randn(2, 1, 16, 16)
+    dp = torch.nn.DataParallel(net)
+    assert dp.device_ids == [] and fxfreeze.compile(dp, (x,)).plan  # no GPU: a plain wrapper, compiled
+    dp = torch.nn.DataParallel(zoo.resnet_cifar(depth=8, width=8, in_channels=1))
+    dp.device_ids = [0, 1]  # as on a machine with two GPUs
+    with pytest.raises(fxfreeze.ModelError, match="over 2 devices.*Compile model.module.*FreezeDDP"):
+        fxfreeze.compile(dp, (x,))
+
+
 def test_errors_share_a_base():
     for cls in (fxfreeze.ModelError, fxfreeze.PlanError, fxfreeze.TraceError, fxfreeze.ConfigError):
         assert issubclass(cls, fxfreeze.FxFreezeError)
