@@ -38,8 +38,8 @@ def test_a_whole_batch_as_example_inputs_names_the_forward_and_the_fix():
 
 
 def test_a_model_in_data_parallel_over_several_devices_is_refused_with_the_fix():
-    """``nn.DataParallel`` splits each batch among replicas at every call: the graphs would run
-    the model on one device, silently. One device (or none, as here) is a plain wrapper."""
+    """``nn.DataParallel`` splits each batch among replicas at every call, which the graphs
+    cannot keep: refused with the fix. One device (or none, as here) is a plain wrapper."""
     net = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
     x = torch.randn(2, 1, 16, 16)
     dp = torch.nn.DataParallel(net)

@@ -165,7 +165,7 @@ def _refuse_data_parallel(model: nn.Module) -> None:
     if isinstance(model, nn.DataParallel) and len(model.device_ids or []) > 1:
         raise ModelError(
             f"the model is wrapped in {name} over {len(model.device_ids)} devices, which splits every batch among "
-            "replicas at each call; fxfreeze's graphs would run it on one device. Compile model.module and train "
+            "replicas at each call, and fxfreeze's graphs cannot keep that. Compile model.module and train "
             "with one process per device: fxfreeze.distributed.FreezeDDP (docs/distributed.md)"
         )
     # FSDP1's wrapper class, or FSDP2's (``fully_shard`` gives the module a class deriving FSDPModule)
