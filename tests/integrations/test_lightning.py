@@ -141,6 +141,40 @@ def test_lightnings_ddp_without_unused_parameters_or_another_strategy_is_refused
         assert "forward" not in lit.net.__dict__  # nothing routed
 
 
+def test_base_finetuning_unfreezing_a_backbone_a_freeze_took_trains_it_again():
+    """Lightning's ``BaseFinetuning``: ``layer1`` frozen by the user before training (its
+    BatchNorms left trainable, the callback's default), taken along by a freeze of four blocks
+    at step 2, unfrozen by the callback at epoch 1. Before, ``layer1`` required gradients
+    from then on and got none; now the prefix is cut back to the stem and ``layer1`` trains."""
+    from pytorch_lightning.callbacks import BaseFinetuning
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+
+    class _Unfreeze(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.net.layer1)
+
+        def finetune_function(self, pl_module, current_epoch, optimizer):
+            if current_epoch == 1:
+                self.unfreeze_and_add_param_group(modules=pl_module.net.layer1, optimizer=optimizer, lr=0.01)
+
+    cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {2: 4}}})
+    lit = _Lit()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[_Unfreeze(), cb])
+    trainer.fit(lit, _loader())
+    convs = {n: p.detach().clone() for n, p in lit.net.layer1.named_parameters() if "conv" in n}
+    history = [(e["step"], e["action"], e["num_frozen"]) for e in cb.module.freezer.history]
+    assert history == [(2, "freeze", 4), (9, "unfreeze", 1)], history  # 8 steps per epoch: the first of epoch 1
+    assert "layer1.0.conv1.weight and 5 more trainable again" in cb.module.freezer.history[-1]["reason"]
+    # layer1's convolutions moved: frozen by the user in epoch 0, only epoch 1 can have moved them
+    # (_Lit seeds its initialisation, so a new one holds the initial weights)
+    initial = _Lit().net.layer1
+    assert all(not torch.equal(p, initial.get_parameter(n)) for n, p in convs.items())
+    assert all(p.requires_grad for p in lit.net.layer1.parameters())
+
+
 def test_module_by_name_and_a_clear_error_for_a_wrong_one(tmp_path):
     cb = FxFreezeCallback(module="nope", policy="manual")
     with pytest.raises(Exception, match="no submodule 'nope'"):
