@@ -11,6 +11,14 @@ as if it had been passed to ``compile``. Optimizers that step the model's parame
 (one per parameter group, say) are watched too, for learning-rate steps and for releasing
 the state of frozen parameters; only the first one counts steps.
 
+An optimizer that replaces the followed one mid-run (a second training phase with a new
+``AdamW``, an optimizer rebuilt after a learning-rate search) would leave the controller
+without a clock: no step counted, no decision, no safety net, silently. :class:`ClockWatch`
+sees an optimizer the controller does not follow step the model's trainable parameters
+:data:`REPLACED_AFTER` times in a row without a step of the followed one, and hands it the
+clock (one INFO line). Optimizers that step side by side with the followed one (one per
+parameter subset) never get there: each step of the followed one starts the count again.
+
 A loop that drives the controller by hand (``fm.freezer.step()``) ends the watch at its
 first such call; an optimizer attached explicitly (``attach_optimizer``, the integrations)
 ends it too.
@@ -32,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import ConfigError
 
-__all__ = ["OptimizerWatch", "check_holds"]
+__all__ = ["ClockWatch", "OptimizerWatch", "check_holds"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -107,3 +115,91 @@ class OptimizerWatch:
         if self._finished and self._handle is not None and not self._in_hook:
             self._handle.remove()
             self._handle = None
+
+
+#: steps in a row of another optimizer, none of the followed one's, after which it is the clock
+REPLACED_AFTER = 3
+
+
+_CLOCKS: "weakref.WeakSet[ClockWatch]" = weakref.WeakSet()
+_CLOCK_HOOK: list[Any] = []  # the one global hook every ClockWatch shares, registered once
+
+
+def _clock_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for watch in list(_CLOCKS):  # a copy: a controller collected meanwhile leaves the set
+        watch._on_step(optimizer)
+
+
+class ClockWatch:
+    """Hands the controller's clock to an optimizer that replaced the followed one (see the
+    module docstring). ``controller`` needs ``optimizer``, ``module`` and the fields
+    :func:`replace_clock` sets; :meth:`clock_stepped` is called after each step of the
+    followed optimizer. Every watch shares one global hook (registered once per process): a
+    controller that is dropped leaves nothing behind."""
+
+    def __init__(self, controller: Any) -> None:
+        self._controller = weakref.ref(controller)
+        self._runs: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+        self._holds: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+        _CLOCKS.add(self)
+        if not _CLOCK_HOOK:
+            _CLOCK_HOOK.append(register_optimizer_step_post_hook(_clock_hook))
+
+    def clock_stepped(self) -> None:
+        self._runs.clear()
+
+    def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
+        ctl = self._controller()
+        if ctl is None or ctl.optimizer is None or optimizer is ctl.optimizer:
+            return
+        holds = self._holds.get(optimizer)
+        if holds is None:  # read once per optimizer: does it hold the model's parameters?
+            ids = {id(p) for p in ctl.module.parameters()}
+            self._holds[optimizer] = holds = any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+        if not holds:
+            return
+        self._runs[optimizer] = runs = self._runs.get(optimizer, 0) + 1
+        if runs >= REPLACED_AFTER:
+            self._runs.clear()
+            replace_clock(ctl, optimizer)
+
+    def close(self) -> None:
+        _CLOCKS.discard(self)
+
+
+def adopt_optimizer(ctl: Any, optimizer: torch.optim.Optimizer, first: bool) -> None:
+    """An optimizer ``compile`` was not given stepped the model's parameters (inside its
+    ``step``, after the update; :class:`OptimizerWatch`): the first becomes the controller's
+    clock and this step counts; later ones are watched for learning-rate steps and frozen
+    parameters' state."""
+    ctl.optimizers.append(optimizer)
+    if ctl.config.release_optimizer_state and ctl.num_frozen:
+        ctl._release(ctl.module.frozen_parameter_names())
+    if not first:
+        logger.info("fxfreeze: %s also steps %s's parameters; its frozen parameters' state is released too",
+                    type(optimizer).__name__, ctl.plan.model)
+        return
+    logger.info("fxfreeze: compile got no optimizer; the controller follows the steps of the %s that steps %s's "
+                "parameters (pass optimizer= to choose)", type(optimizer).__name__, ctl.plan.model)
+    ctl.optimizer = optimizer
+    ctl._hook = optimizer.register_step_post_hook(ctl._after_step)  # from its next step on
+    ctl._step()  # this step: its own post-step hooks have already run
+
+
+def replace_clock(ctl: Any, optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer`` replaced the one the controller followed (:class:`ClockWatch`): it is
+    the clock from now on, this step included (its own post-step hooks have run)."""
+    logger.info("fxfreeze: %s stepped %s's parameters %d times without a step of the %s the controller followed; "
+                "it follows %s from now on", type(optimizer).__name__, ctl.plan.model, REPLACED_AFTER,
+                type(ctl.optimizer).__name__, type(optimizer).__name__)
+    old = ctl.optimizer
+    if ctl._hook is not None:
+        ctl._hook.remove()  # the old one's own hooks (not the global ones torch is running now)
+    # the old one is dropped (its state is the user's to free); other optimizers stay watched
+    ctl.optimizers = [optimizer] + [o for o in ctl.optimizers if o is not optimizer and o is not old]
+    ctl.optimizer = optimizer
+    ctl._hook = optimizer.register_step_post_hook(ctl._after_step)  # from its next step on
+    if ctl.config.release_optimizer_state and ctl.num_frozen:
+        ctl._release(ctl.module.frozen_parameter_names())
+    ctl.step_count += REPLACED_AFTER - 1  # its earlier steps, which no hook counted
+    ctl._step()  # this step: its own post-step hooks have already run

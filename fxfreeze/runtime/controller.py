@@ -23,7 +23,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import FreezeError
-from .adopt import OptimizerWatch, check_holds
+from .adopt import ClockWatch, OptimizerWatch, adopt_optimizer, check_holds
 from .horizon import PlannedLength
 from .loss_reader import LossReader
 from .lr_steps import LrSteps, learning_rates
@@ -57,7 +57,8 @@ class Freezer:
         self._watch: OptimizerWatch | None = None
         self.attach_optimizer(optimizer)
         if self.optimizer is None:  # no clock yet: follow the first optimizer that steps the model
-            self._watch = OptimizerWatch(list(module.parameters()), self._adopt)
+            self._watch = OptimizerWatch(list(module.parameters()), lambda o, first: adopt_optimizer(self, o, first))
+        self._clock = ClockWatch(self)  # an optimizer that replaces the followed one gets the clock
         self._agree: Callable[[int], int | None] | None = None
         self._agreement_state: Any = None
         self.safety = SafetyNet(config.safety_net)
@@ -169,26 +170,10 @@ class Freezer:
         calls this once per step (the integrations do)."""
         self._loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
 
-    def _adopt(self, optimizer: torch.optim.Optimizer, first: bool) -> None:
-        """An optimizer ``compile`` was not given stepped the model's parameters (inside its
-        ``step``, after the update): the first becomes the clock and this step counts; later
-        ones are watched for learning-rate steps and frozen parameters' state."""
-        self.optimizers.append(optimizer)
-        if self.config.release_optimizer_state and self.num_frozen:
-            self._release(self.module.frozen_parameter_names())
-        if not first:
-            logger.info("fxfreeze: %s also steps %s's parameters; its frozen parameters' state is released too",
-                        type(optimizer).__name__, self.plan.model)
-            return
-        logger.info("fxfreeze: compile got no optimizer; the controller follows the steps of the %s that steps %s's "
-                    "parameters (pass optimizer= to choose)", type(optimizer).__name__, self.plan.model)
-        self.optimizer = optimizer
-        self._hook = optimizer.register_step_post_hook(self._after_step)  # from its next step on
-        self._step()  # this step: its own post-step hooks have already run
-
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._watch is not None:
             self._watch.tidy()  # a finished watch's global hook goes here, outside torch's loop over them
+        self._clock.clock_stepped()
         self._step()
 
     def step(self, loss: float | torch.Tensor | None = None) -> Decision | None:
@@ -320,6 +305,7 @@ class Freezer:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
+        self._clock.close()
         self.policy.close()
 
     # -- checkpointing ----------------------------------------------------------------------

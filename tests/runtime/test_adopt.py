@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks
 
 import fxfreeze
+from fxfreeze.runtime import adopt
 
 SCHEDULE = {"policy": "manual", "manual": {"schedule": {3: 2, 6: 4}}}
 
@@ -42,6 +43,11 @@ def _train(fm: nn.Module, opt: torch.optim.Optimizer, steps: int, by_hand: str =
             fm.freezer.step()
         losses.append(loss.item())
     return losses
+
+
+def _hooks() -> int:
+    """Global optimizer hooks, less the one every controller's ClockWatch shares."""
+    return sum(1 for h in _global_optimizer_post_hooks.values() if h is not adopt._clock_hook)
 
 
 def _events(fm) -> list[tuple[int, str, int]]:
@@ -104,29 +110,29 @@ def test_an_optimizer_of_another_model_is_not_adopted():
 
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_a_loop_that_steps_the_controller_by_hand_keeps_its_own_clock(order, caplog):
-    hooks = len(_global_optimizer_post_hooks)
+    hooks = _hooks()
     fm = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
-    assert len(_global_optimizer_post_hooks) == hooks + 1
+    assert _hooks() == hooks + 1
     opt = torch.optim.SGD(fm.parameters(), lr=0.1)
     with caplog.at_level(logging.WARNING, logger="fxfreeze"):
         _train(fm, opt, 8, by_hand=order)
     # one count per iteration, never two: the by-hand call is the clock
     assert fm.freezer.step_count == 8
     assert _events(fm) == [(3, "freeze", 2), (6, "freeze", 4)]
-    assert len(_global_optimizer_post_hooks) == hooks  # the watch is gone
+    assert _hooks() == hooks  # the watch is gone
     warned = [r for r in caplog.records if "called by hand" in r.getMessage()]
     # called after the optimizer's step, the first call finds the step counted already (said once)
     assert len(warned) == (1 if order == "after" else 0)
 
 
 def test_an_explicit_optimizer_or_detach_ends_the_watch_and_a_dropped_model_is_not_kept_alive():
-    hooks = len(_global_optimizer_post_hooks)
+    hooks = _hooks()
     fm = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
     fm.freezer.attach_optimizer(torch.optim.SGD(fm.parameters(), lr=0.1))
-    assert len(_global_optimizer_post_hooks) == hooks
+    assert _hooks() == hooks
     fm2 = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
     fm2.detach()
-    assert len(_global_optimizer_post_hooks) == hooks
+    assert _hooks() == hooks
     fm3 = fxfreeze.compile(_mlp(), (torch.randn(2, 8),), config=SCHEDULE)
     ref = weakref.ref(fm3.freezer)
     del fm3
@@ -134,6 +140,53 @@ def test_an_explicit_optimizer_or_detach_ends_the_watch_and_a_dropped_model_is_n
     assert ref() is None  # the global hook holds the controller weakly
     opt = torch.optim.SGD(_mlp().parameters(), lr=0.1)
     opt.step()  # an inert hook left behind does nothing
+
+
+def test_an_optimizer_that_replaces_the_followed_one_gets_the_clock(caplog):
+    """A second phase with a new optimizer (``opt = AdamW(...)`` mid-run): before, the
+    controller kept following the first one, which never stepped again: no step counted, no
+    decision (the schedule's freeze at step 6 never came), silently. Now the new one is the
+    clock after its third step, its earlier steps counted; an optimizer stepping beside the
+    followed one, or another model's, never is; a dropped controller leaves no hook."""
+    model = _mlp()
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = fxfreeze.compile(model, (torch.randn(2, 8),), optimizer=first, config=SCHEDULE)
+    _train(fm, first, 4)
+    assert _events(fm) == [(3, "freeze", 2)]
+    second = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        _train(fm, second, 2)
+        assert fm.freezer.step_count == 4 and fm.freezer.optimizer is first  # two steps: not yet
+        _train(fm, second, 3)
+    assert fm.freezer.optimizer is second and fm.freezer.optimizers == [second]
+    assert fm.freezer.step_count == 9  # every step of both, as if it had been given
+    assert _events(fm)[-1] == (7, "freeze", 4)  # "4 blocks from step 6", seen at the first step it decides on
+    assert any("it follows AdamW from now on" in r.getMessage() for r in caplog.records)
+    frozen = [fm.params_by_name[n] for n in fm.frozen_parameter_names()]
+    assert not any(p in second.state for p in frozen)  # its frozen parameters' state released
+
+    # side by side with the followed one: never the clock
+    model = _mlp()
+    head = torch.optim.SGD(list(model[2:].parameters()), lr=0.1)
+    front = torch.optim.SGD(list(model[:2].parameters()), lr=0.1)
+    fm = fxfreeze.compile(model, (torch.randn(2, 8),), optimizer=head, config=SCHEDULE)
+    other = nn.Linear(4, 4)
+    o = torch.optim.SGD(other.parameters(), lr=0.1)
+    for i in range(5):
+        x, y = _batch(i)
+        head.zero_grad()
+        front.zero_grad()
+        nn.functional.cross_entropy(fm(x), y).backward()
+        head.step()
+        front.step()
+        for _ in range(3):
+            other(torch.randn(2, 4)).sum().backward()
+            o.step()  # another model's: never
+    assert fm.freezer.optimizer is head and fm.freezer.step_count == 5
+    ref = weakref.ref(fm.freezer)
+    del fm, head, front  # the followed optimizer's own hook holds the controller
+    gc.collect()
+    assert ref() is None and not any(w._controller() is None for w in adopt._CLOCKS)
 
 
 class _Loss(nn.Module):
