@@ -40,7 +40,6 @@ import datetime
 import logging
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 from torch import nn
 

@@ -14,7 +14,7 @@ the state of frozen parameters; only the first one counts steps.
 An optimizer that replaces the followed one mid-run (a second training phase with a new
 ``AdamW``, an optimizer rebuilt after a learning-rate search) would leave the controller
 without a clock: no step counted, no decision, no safety net, silently. :class:`ClockWatch`
-sees an optimizer the controller does not follow step the model's trainable parameters
+sees an optimizer the controller does not follow step the model's parameters
 :data:`REPLACED_AFTER` times in a row without a step of the followed one, and hands it the
 clock (one INFO line). Optimizers that step side by side with the followed one (one per
 parameter subset) never get there: each step of the followed one starts the count again.
