@@ -50,6 +50,16 @@ def _hooks() -> int:
     return sum(1 for h in _global_optimizer_post_hooks.values() if h is not adopt._clock_hook)
 
 
+def _step_both(fm: nn.Module, head: torch.optim.Optimizer, front: torch.optim.Optimizer, i: int) -> None:
+    """One training step of two optimizers side by side (one per parameter subset)."""
+    x, y = _batch(i)
+    head.zero_grad()
+    front.zero_grad()
+    nn.functional.cross_entropy(fm(x), y).backward()
+    head.step()
+    front.step()
+
+
 def _events(fm) -> list[tuple[int, str, int]]:
     return [(e["step"], e["action"], e["num_frozen"]) for e in fm.freezer.history]
 
@@ -81,12 +91,7 @@ def test_a_second_optimizer_of_the_models_parameters_is_watched_but_is_not_a_clo
     head = torch.optim.SGD(list(model[2:].parameters()), lr=0.1, momentum=0.9)
     front = torch.optim.Adam(list(model[:2].parameters()), lr=1e-3)
     for i in range(3):
-        x, y = _batch(i)
-        head.zero_grad()
-        front.zero_grad()
-        nn.functional.cross_entropy(fm(x), y).backward()
-        head.step()
-        front.step()
+        _step_both(fm, head, front, i)
     assert fm.freezer.step_count == 3  # the first to step is the clock
     assert fm.freezer.optimizer is head and fm.freezer.optimizers == [head, front]
     assert all(p in front.state for p in model[0].parameters())
@@ -173,12 +178,7 @@ def test_an_optimizer_that_replaces_the_followed_one_gets_the_clock(caplog):
     other = nn.Linear(4, 4)
     o = torch.optim.SGD(other.parameters(), lr=0.1)
     for i in range(5):
-        x, y = _batch(i)
-        head.zero_grad()
-        front.zero_grad()
-        nn.functional.cross_entropy(fm(x), y).backward()
-        head.step()
-        front.step()
+        _step_both(fm, head, front, i)
         for _ in range(3):
             other(torch.randn(2, 4)).sum().backward()
             o.step()  # another model's: never
