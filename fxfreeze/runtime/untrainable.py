@@ -59,6 +59,9 @@ class UntrainableBlocks:
                 self._params[last].append(module.params_by_name[name])
         self._told: tuple[int, int] | None = None
         self._module = module
+        #: the saved flags last read, and the parameters among them the user had frozen
+        self._saved: dict[str, bool] | None = None
+        self._user_frozen: list[str] = []
 
     def untrainable(self, i: int) -> bool:
         """Block ``i`` has parameters and none of them requires a gradient."""
@@ -98,15 +101,19 @@ class UntrainableBlocks:
         took it; None when there is none (a scan of the frozen parameters' flags, once per
         optimizer step)."""
         module = self._module
-        saved = module._saved_requires_grad  # the flags fxfreeze set aside when it froze them
-        if not k or not saved:
+        saved = module._saved_requires_grad  # the flags set aside at the last prefix change (a new dict each time)
+        if saved is not self._saved:  # read once per prefix: most steps then scan nothing
+            self._saved, self._user_frozen = saved, [n for n, was in saved.items() if not was]
+        if not k or not self._user_frozen:
             return None
         params = module.params_by_name
-        hits = [n for n, was in saved.items() if not was and params[n].requires_grad]
+        hits = [n for n in self._user_frozen if params[n].requires_grad]
         if not hits:
             return None
         for n in hits:
             saved[n] = True  # the user's word: kept when the prefix is unfrozen
+        gone = set(hits)
+        self._user_frozen = [n for n in self._user_frozen if n not in gone]
         b = min(module._param_last_block[n] for n in hits)
         more = f" and {len(hits) - 1} more" if len(hits) > 1 else ""
         return b, f"the training code made {hits[0]}{more} trainable again (requires_grad=True)"
