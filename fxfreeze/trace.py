@@ -58,7 +58,7 @@ from .calls import canonical_call, describe_call, forward_signature, normalize_i
 from .errors import ExampleInputError, ModelError, TraceError
 from .graph_utils import resolve_attr
 from .timebound import CaptureTimeout, time_bound
-from .trace_state import fresh_containers, preserved_state, watch_checkpoints
+from .trace_state import fresh_containers, preserved_state, watch_checkpoints, watch_functions
 
 __all__ = [
     "Capture",
@@ -126,6 +126,9 @@ class Capture:
     in_spec: Any = None
     #: the model's forward called ``torch.utils.checkpoint`` on the example call
     checkpoints: bool = False
+    #: the custom ``torch.autograd.Function`` classes the forward applied on the example call
+    #: (a graph keeps their forward, not their backward: training runs the model's own forward)
+    functions: tuple[str, ...] = ()
 
     def accepts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Does the call ``(args, kwargs)`` (canonical, same structure as the example)
@@ -286,11 +289,21 @@ def _capture(
     have_inputs = bool(args or kwargs)
     strip: list[str] = []
     checkpoints: list[str] = []
+    functions: list[str] = []
     if have_inputs:
-        with watch_checkpoints() as checkpoints:
+        with watch_checkpoints() as checkpoints, watch_functions() as functions:
             strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
     reasons: list[str] = []
-    common = dict(training=model.training, example_args=args, example_kwargs=kwargs, checkpoints=bool(checkpoints))
+    if functions:
+        reasons.append(
+            "the forward applies custom autograd Functions (" + ", ".join(f.rsplit(".", 1)[-1] for f in functions)
+            + "): a graph keeps their forward but not their backward, so training calls run the model's own "
+            "forward (frozen blocks still cut, no activation cache); evaluation runs the graphs"
+        )
+    common = dict(
+        training=model.training, example_args=args, example_kwargs=kwargs, checkpoints=bool(checkpoints),
+        functions=tuple(functions),
+    )
     bound = f"{timeout:g} s" if timeout else ""
 
     fx_graph: fx.Graph | None = None

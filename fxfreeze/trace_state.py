@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["preserved_state", "fresh_containers", "watch_checkpoints", "checkpoint_flags", "CHECKPOINT_FLAGS"]
+__all__ = [
+    "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "checkpoint_flags", "CHECKPOINT_FLAGS",
+]
 
 
 @contextlib.contextmanager
@@ -86,6 +89,37 @@ def watch_checkpoints() -> Iterator[list[str]]:
     finally:
         for name, value in saved.items():
             setattr(cp, name, value)
+
+
+@contextlib.contextmanager
+def watch_functions() -> Iterator[list[str]]:
+    """Record the custom ``torch.autograd.Function`` classes that code run inside (on this
+    thread) applies. Both fx and ``torch.export`` trace through ``Function.apply`` into the
+    function's ``forward`` and keep only that: its ``backward`` (a gradient reversal layer,
+    a straight-through estimator, a reversible layer that recomputes its inputs) is replaced
+    by the autograd of the forward, so a graph trains such a model otherwise than its own
+    code does. ``torch.utils.checkpoint``'s own function is left to
+    :func:`watch_checkpoints`. Yields the list of qualified class names, each once."""
+    from torch.autograd.function import Function
+    import torch.utils.checkpoint as cp
+
+    original = Function.__dict__["apply"]
+    skip = getattr(cp, "CheckpointFunction", None)
+    thread = threading.get_ident()
+    seen: list[str] = []
+
+    def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == thread and not (skip is not None and issubclass(cls, skip)):
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if name not in seen:
+                seen.append(name)
+        return original.__func__(cls, *args, **kwargs)
+
+    Function.apply = classmethod(apply)  # type: ignore[assignment, method-assign]
+    try:
+        yield seen
+    finally:
+        Function.apply = original  # type: ignore[method-assign]
 
 
 #: attributes by which libraries switch a module's activation checkpointing on

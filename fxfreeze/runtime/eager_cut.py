@@ -1,7 +1,8 @@
 """The eager path of a compiled module: the model's own forward, with the frozen prefix cut.
 
-A call no graph takes (past ``max_graphs``, a capture that failed, a model that checkpoints,
-a model only ``hooks`` could capture) runs the model's own forward. The frozen prefix must
+A call no graph takes (past ``max_graphs``, a capture that failed, a model that checkpoints
+or applies custom autograd Functions, a model only ``hooks`` could capture) runs the model's
+own forward. The frozen prefix must
 be cut there as :class:`~fxfreeze.passes.CutBackward` cuts it in a graph: forward hooks on
 the frozen blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from .checkpointing import leaf_outputs
+from .own_forward import leaf_outputs
 from .dynamo import outside_dynamo
 
 __all__ = ["EagerCut", "wants_input_grad"]
@@ -68,9 +69,10 @@ class EagerCut:
         trains from its trainable uses only, as in the graphs). A
         block lists only modules that run inside it (a module reused elsewhere, such as a
         shared dropout, belongs to no block), so no output that a trainable block makes is
-        detached. With ``leaves`` (a model that checkpoints) they become leaves that require a
-        gradient: reentrant ``torch.utils.checkpoint`` computes no gradient for a block whose
-        inputs need none, so the first trainable block after the prefix would not train."""
+        detached. With ``leaves`` (a model that checkpoints or applies custom Functions) they
+        become leaves that require a gradient: reentrant ``torch.utils.checkpoint`` (or a
+        reversible layer's function) computes no gradient for a block whose inputs need none,
+        so the first trainable block after the prefix would not train."""
         if not self._eval_modules or not torch.is_grad_enabled():
             yield
             return

@@ -46,7 +46,7 @@ from ..passes import CutBackward
 from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
 from ..trace import DEFAULT_TIMEOUT
-from .checkpointing import CheckpointWatch
+from .own_forward import OwnForwardWatch
 from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .hook_watch import HookWatch
@@ -89,7 +89,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         self.graphs = GraphCache(
             model, analysis.capture, max_graphs=max_graphs, timeout=capture_timeout, bypass=self._capturing
         )
-        self._checkpoints = CheckpointWatch(model)
+        self._own_forward = OwnForwardWatch(model)
         self._num_frozen = 0
         self._saved_requires_grad: dict[str, bool] = {}
         self._eval_modules: list[nn.Module] = []
@@ -235,7 +235,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
 
     @outside_dynamo
     def _pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any, Any, Any, Any]:
-        """(checkpointing, entry, graph module, args, kwargs) for this call; entry None: run eagerly."""
+        """(leaves, entry, graph module, args, kwargs) for this call; entry None: run eagerly (with ``leaves``,
+        the frozen outputs as leaves: :mod:`~fxfreeze.runtime.own_forward`)."""
         model = self._model
         changed = self._hooks.changed() if self._hooks is not None else None
         if changed:
@@ -252,7 +253,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         args, kwargs = plain_mappings(args, kwargs)  # a BatchEncoding argument: its dict
         if self._call_trains and self.probe_hook is not None:
             self.probe_hook(args, kwargs)
-        if training and self._checkpoints.on(self._analysis.capture):  # before a capture it would not use
+        if training and self._own_forward.on(self._analysis.capture):  # before a capture it would not use
             return True, None, None, eager_args, eager_kwargs
         if self._num_frozen and wants_input_grad(args, kwargs):  # through the frozen blocks: uncut, eager
             return False, None, None, eager_args, eager_kwargs
@@ -265,9 +266,9 @@ class FreezableModule(Routing, EagerCut, nn.Module):
                 )
             return False, None, None, eager_args, eager_kwargs
         entry = self.graphs.lookup(training, args, kwargs)
-        if entry is None:  # (a training call of a model that checkpoints returned above)
+        if entry is None:  # (a training call of a model that must run its own forward returned above)
             return False, None, None, eager_args, eager_kwargs
-        if training and self._checkpoints.on(entry.capture):  # the model's own forward keeps its checkpoints
+        if training and self._own_forward.on(entry.capture):  # the model's own forward keeps its checkpoints or Functions
             return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \

@@ -1,0 +1,84 @@
+"""What a captured graph would lose: such a model trains through its own forward.
+
+Two things a graph does not keep:
+
+- **Activation checkpointing.** A captured graph inlines what ``torch.utils.checkpoint``
+  wraps: the graph saves every activation the model meant to recompute, so a model that
+  needed checkpointing to fit in memory would run out of it under fxfreeze (BERT with
+  ``gradient_checkpointing_enable()`` saved 25x the bytes for its backward at MiniLM's
+  shape: ``benchmarks/checkpoint_memory.py``). Checkpointing is seen two ways: the capture
+  watched the example call reach ``torch.utils.checkpoint``
+  (:func:`~fxfreeze.trace_state.watch_checkpoints`), or a module carries a switch that is
+  on now (Hugging Face's ``gradient_checkpointing``, which the Trainer turns on after
+  compile, at the start of ``train()``; timm's ``grad_checkpointing``).
+- **Custom autograd Functions.** fx and ``torch.export`` trace into a
+  ``torch.autograd.Function``'s ``forward`` and drop its ``backward``: a gradient reversal
+  layer (domain-adversarial training) would stop reversing, a straight-through estimator
+  (quantization-aware or binary networks) would pass no gradient through its rounding, a
+  reversible layer (Reformer) would not train at all. The capture watches the example call
+  apply them (:func:`~fxfreeze.trace_state.watch_functions`).
+
+Training calls of such a model run the model's own forward; the frozen prefix is still cut
+from autograd there (no gradient, eval mode, nothing recomputed in it), and the frozen
+modules' outputs become leaves that require a gradient: reentrant checkpointing, and a
+function that takes the layers' inputs but not their parameters (a reversible layer),
+compute no gradient when their inputs need none. Evaluation keeps the graphs, whose
+forward is the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..trace_state import checkpoint_flags
+
+__all__ = ["OwnForwardWatch", "leaf_outputs"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+class OwnForwardWatch:
+    """Says whether a training call must run the model's own forward to keep what its graph
+    would lose (checkpointing, custom autograd Functions)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.name = type(model).__name__
+        self.switches = checkpoint_flags(model)
+        self.told: set[str] = set()
+
+    def on(self, capture: Any) -> bool:
+        """Must a training call whose graph came from ``capture`` run the model's own
+        forward? The first time for each reason, one INFO line says what runs instead."""
+        checkpoints = bool(getattr(capture, "checkpoints", False)) or any(getattr(m, f) is True for m, f in self.switches)
+        functions = tuple(getattr(capture, "functions", ()))
+        if checkpoints and "checkpoints" not in self.told:
+            self.told.add("checkpoints")
+            logger.info(
+                "fxfreeze: %s checkpoints activations, which a captured graph would not (it keeps every activation): "
+                "its training calls run its own forward, checkpointing as asked, with the frozen prefix cut from "
+                "autograd (and no activation cache); evaluation runs the graphs", self.name,
+            )
+        if functions and "functions" not in self.told:
+            self.told.add("functions")
+            logger.info(
+                "fxfreeze: %s applies custom autograd Functions (%s), whose backward a captured graph would not run "
+                "(it keeps their forward only): its training calls run its own forward, with the frozen prefix cut "
+                "from autograd (and no activation cache); evaluation runs the graphs",
+                self.name, ", ".join(f.rsplit(".", 1)[-1] for f in functions),
+            )
+        return checkpoints or bool(functions)
+
+
+def leaf_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """Forward hook on a frozen module of a model that trains through its own forward: every
+    floating-point tensor of ``output`` as a new leaf that requires a gradient. Reentrant
+    checkpointing (and a reversible layer's function) computes no gradient for a block
+    whose inputs need none, so without it the first trainable block after the frozen prefix
+    would not train."""
+    return tree_map(lambda t: t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                    output)
