@@ -101,6 +101,25 @@ def _hf() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Any
             vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)), lambda: _lm(_ids())),
+        "modernbert": (lambda: T.ModernBertForSequenceClassification(T.ModernBertConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+            global_attn_every_n_layers=2, local_attention=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            cls_token_id=1, sep_token_id=2)), lambda: _cls(_ids())),
+        "funnel": (lambda: T.FunnelForSequenceClassification(T.FunnelConfig(
+            vocab_size=V, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1, 1], hidden_dropout=0.0,
+            attention_dropout=0.0, activation_dropout=0.0)), lambda: _cls(_ids())),
+        "fnet": (lambda: T.FNetForSequenceClassification(T.FNetConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=3, intermediate_size=64, hidden_dropout_prob=0.0)),
+            lambda: _cls(_ids())),
+        "qwen3": (lambda: T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=1, head_dim=16, **dec)),
+                  lambda: _lm(_ids())),
+        "gemma2": (lambda: T.Gemma2ForCausalLM(T.Gemma2Config(num_key_value_heads=1, head_dim=16, sliding_window=4, **dec)),
+                   lambda: _lm(_ids())),
+        "gpt-bigcode": (lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
+            vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)), lambda: _lm(_ids())),
+        "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, state_size=4)),
+                  lambda: _lm(_ids())),
         "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(patch_size=8, **vit)),
                    lambda: {"pixel_values": torch.randn(4, 3, 32, 32)}),
         "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
@@ -222,6 +241,38 @@ class _AutocastBody(nn.Module):
         return self.head(h.float())
 
 
+class _Reverse(torch.autograd.Function):
+    """Gradient reversal: identity forward, negated backward (a graph would keep the identity)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return -g
+
+
+class _Adversarial(nn.Module):
+    """Domain-adversarial: a label head and, behind a gradient reversal layer, a domain head;
+    each residual branch's gradient scaled by a hook registered in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(4))
+        self.label, self.domain = nn.Linear(16, 2), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            r = b(h)
+            if r.requires_grad:
+                r.register_hook(lambda g: g * 0.5)
+            h = h + r
+        return self.label(h) + self.domain(_Reverse.apply(h))
+
+
 def _custom() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]]]]:
     return {
         "unet": (_UNet, lambda: (torch.randn(4, 1, 16, 16),)),
@@ -230,6 +281,7 @@ def _custom() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any
         "branchy-root": (_Branchy, lambda: (torch.randn(4, 8),)),
         "momentum-encoder": (_Momentum, lambda: (torch.randn(4, 8),)),
         "autocast-body": (_AutocastBody, lambda: (torch.randn(4, 8),)),
+        "adversarial": (_Adversarial, lambda: (torch.randn(4, 8),)),
     }
 
 

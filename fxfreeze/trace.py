@@ -58,7 +58,7 @@ from .calls import canonical_call, describe_call, forward_signature, normalize_i
 from .errors import ExampleInputError, ModelError, TraceError
 from .graph_utils import resolve_attr
 from .timebound import CaptureTimeout, time_bound
-from .trace_state import fresh_containers, preserved_state, watch_checkpoints, watch_functions
+from .trace_state import fresh_containers, preserved_state, watch_checkpoints, watch_functions, watch_tensor_hooks
 
 __all__ = [
     "Capture",
@@ -129,6 +129,8 @@ class Capture:
     #: the custom ``torch.autograd.Function`` classes the forward applied on the example call
     #: (a graph keeps their forward, not their backward: training runs the model's own forward)
     functions: tuple[str, ...] = ()
+    #: gradient hooks the forward registered on its tensors on the example call (a graph drops them)
+    tensor_hooks: int = 0
 
     def accepts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Does the call ``(args, kwargs)`` (canonical, same structure as the example)
@@ -201,9 +203,13 @@ def _check_model(model: Any) -> nn.Module:
 
 def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Check that the example inputs fit the model before any capture is attempted; return
-    the output (what a graph of this call must return)."""
+    the output (what a graph of this call must return). A model in training mode runs with
+    autograd on, as its training calls do: a forward may do there what a graph loses
+    (register a hook on an intermediate tensor, which fails without autograd, or only
+    ``if h.requires_grad``), and the capture watches for it. In eval mode it runs without."""
+    grad = torch.enable_grad() if model.training else torch.no_grad()
     try:
-        with preserved_state(model), torch.no_grad(), warnings.catch_warnings():
+        with preserved_state(model), grad, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported to the user as a bad input
@@ -290,8 +296,9 @@ def _capture(
     strip: list[str] = []
     checkpoints: list[str] = []
     functions: list[str] = []
+    hooks: list[str] = []
     if have_inputs:
-        with watch_checkpoints() as checkpoints, watch_functions() as functions:
+        with watch_checkpoints() as checkpoints, watch_functions() as functions, watch_tensor_hooks() as hooks:
             strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
     reasons: list[str] = []
     if functions:
@@ -300,9 +307,15 @@ def _capture(
             + "): a graph keeps their forward but not their backward, so training calls run the model's own "
             "forward (frozen blocks still cut, no activation cache); evaluation runs the graphs"
         )
+    if hooks:
+        reasons.append(
+            f"the forward registers {len(hooks)} gradient hook(s) on its tensors (Tensor.register_hook), which a graph "
+            "does not keep, so training calls run the model's own forward (frozen blocks still cut, no activation "
+            "cache); evaluation runs the graphs"
+        )
     common = dict(
         training=model.training, example_args=args, example_kwargs=kwargs, checkpoints=bool(checkpoints),
-        functions=tuple(functions),
+        functions=tuple(functions), tensor_hooks=len(hooks),
     )
     bound = f"{timeout:g} s" if timeout else ""
 

@@ -11,7 +11,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 __all__ = [
-    "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "checkpoint_flags", "CHECKPOINT_FLAGS",
+    "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "watch_tensor_hooks",
+    "checkpoint_flags", "CHECKPOINT_FLAGS",
 ]
 
 
@@ -98,18 +99,22 @@ def watch_functions() -> Iterator[list[str]]:
     function's ``forward`` and keep only that: its ``backward`` (a gradient reversal layer,
     a straight-through estimator, a reversible layer that recomputes its inputs) is replaced
     by the autograd of the forward, so a graph trains such a model otherwise than its own
-    code does. ``torch.utils.checkpoint``'s own function is left to
-    :func:`watch_checkpoints`. Yields the list of qualified class names, each once."""
+    code does. Two of torch's own functions are left to the watches made for them:
+    ``torch.utils.checkpoint``'s (:func:`watch_checkpoints`) and the one that runs a
+    module's backward hooks (:mod:`fxfreeze.runtime.hook_watch`, which follows their
+    registration). Yields the list of qualified class names, each once."""
     from torch.autograd.function import Function
     import torch.utils.checkpoint as cp
+    from torch.nn.modules import _functions as module_functions
 
     original = Function.__dict__["apply"]
-    skip = getattr(cp, "CheckpointFunction", None)
+    skip = tuple(c for c in (getattr(cp, "CheckpointFunction", None),
+                             getattr(module_functions, "BackwardHookFunction", None)) if c is not None)
     thread = threading.get_ident()
     seen: list[str] = []
 
     def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() == thread and not (skip is not None and issubclass(cls, skip)):
+        if threading.get_ident() == thread and not issubclass(cls, skip):
             name = f"{cls.__module__}.{cls.__qualname__}"
             if name not in seen:
                 seen.append(name)
@@ -120,6 +125,28 @@ def watch_functions() -> Iterator[list[str]]:
         yield seen
     finally:
         Function.apply = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def watch_tensor_hooks() -> Iterator[list[str]]:
+    """Record the gradient hooks that code run inside (on this thread) registers on tensors
+    (``h.register_hook(fn)`` in a forward: a gradient scaled or clipped on one branch).
+    ``torch.export`` drops them, so a graph would train otherwise than the model's code.
+    Yields the list of the hooks' names, one entry per registration."""
+    original = torch.Tensor.register_hook
+    thread = threading.get_ident()
+    seen: list[str] = []
+
+    def register_hook(self: torch.Tensor, hook: Any) -> Any:
+        if threading.get_ident() == thread:
+            seen.append(getattr(hook, "__qualname__", type(hook).__name__))
+        return original(self, hook)
+
+    torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        torch.Tensor.register_hook = original  # type: ignore[method-assign]
 
 
 #: attributes by which libraries switch a module's activation checkpointing on

@@ -1,6 +1,6 @@
 """What a captured graph would lose: such a model trains through its own forward.
 
-Two things a graph does not keep:
+Three things a graph does not keep:
 
 - **Activation checkpointing.** A captured graph inlines what ``torch.utils.checkpoint``
   wraps: the graph saves every activation the model meant to recompute, so a model that
@@ -17,6 +17,10 @@ Two things a graph does not keep:
   (quantization-aware or binary networks) would pass no gradient through its rounding, a
   reversible layer (Reformer) would not train at all. The capture watches the example call
   apply them (:func:`~fxfreeze.trace_state.watch_functions`).
+- **Gradient hooks on tensors** registered in the forward (``h.register_hook(fn)``: a
+  branch's gradient scaled or clipped). ``torch.export`` drops them; the capture watches
+  the example call register them (:func:`~fxfreeze.trace_state.watch_tensor_hooks`), with
+  autograd on as in a training call.
 
 Training calls of such a model run the model's own forward; the frozen prefix is still cut
 from autograd there (no gradient, eval mode, nothing recomputed in it), and the frozen
@@ -44,7 +48,7 @@ logger = logging.getLogger("fxfreeze")
 
 class OwnForwardWatch:
     """Says whether a training call must run the model's own forward to keep what its graph
-    would lose (checkpointing, custom autograd Functions)."""
+    would lose (checkpointing, custom autograd Functions, gradient hooks on tensors)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.name = type(model).__name__
@@ -63,6 +67,14 @@ class OwnForwardWatch:
                 "its training calls run its own forward, checkpointing as asked, with the frozen prefix cut from "
                 "autograd (and no activation cache); evaluation runs the graphs", self.name,
             )
+        hooks = int(getattr(capture, "tensor_hooks", 0))
+        if hooks and "hooks" not in self.told:
+            self.told.add("hooks")
+            logger.info(
+                "fxfreeze: %s registers gradient hooks on its tensors in its forward (Tensor.register_hook), which a "
+                "captured graph would not keep: its training calls run its own forward, with the frozen prefix cut "
+                "from autograd (and no activation cache); evaluation runs the graphs", self.name,
+            )
         if functions and "functions" not in self.told:
             self.told.add("functions")
             logger.info(
@@ -71,7 +83,7 @@ class OwnForwardWatch:
                 "from autograd (and no activation cache); evaluation runs the graphs",
                 self.name, ", ".join(f.rsplit(".", 1)[-1] for f in functions),
             )
-        return checkpoints or bool(functions)
+        return checkpoints or bool(functions) or bool(hooks)
 
 
 def leaf_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:

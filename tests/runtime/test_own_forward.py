@@ -4,7 +4,8 @@ Activation checkpointing: a model whose forward calls ``torch.utils.checkpoint``
 Hugging Face's ``gradient_checkpointing`` on) saves no more for its backward under fxfreeze
 than without it, trains to the same gradients, and still freezes. Custom autograd
 Functions: a gradient reversal layer, a straight-through estimator and a function that
-recomputes its layer in its backward keep their backward, with any prefix frozen."""
+recomputes its layer in its backward keep their backward, with any prefix frozen. Gradient
+hooks a forward registers on its tensors are kept likewise."""
 
 from __future__ import annotations
 
@@ -255,3 +256,50 @@ def test_a_model_without_custom_functions_records_none():
     fm = fxfreeze.compile(model, (torch.randn(4, 8),), config={"policy": "manual"})
     assert fm._analysis.capture.functions == () and not fm._analysis.capture.checkpoints
     assert not any("autograd Functions" in n for n in fm.plan.notes)
+
+
+class _Hooked(nn.Module):
+    """Gradient hooks registered in the forward: each block's branch scaled down (only when
+    it requires a gradient, as such code guards it) and the features' gradient clipped (a
+    hook that fails without autograd: the capture's example call must run with it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            r = b(h)
+            if r.requires_grad:
+                r.register_hook(lambda g: g * 0.1)
+            h = h + r
+        h.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+        return self.out(h)
+
+
+def test_gradient_hooks_registered_in_the_forward_are_kept(caplog):
+    torch.manual_seed(0)
+    model = _Hooked()
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 8)
+    caplog.set_level(logging.INFO, logger="fxfreeze")
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})  # without the fix: ExampleInputError
+    assert fm._analysis.capture.tensor_hooks == 4
+    assert any("gradient hook" in n for n in fm.plan.notes), fm.plan.notes
+    for k in range(fm.plan.max_frozen):  # all frozen: the last hook's tensor needs no gradient, in eager code too
+        fm.freeze_prefix(k)
+        frozen = set(fm.frozen_parameter_names(k))
+        for name, q in ref.named_parameters():
+            q.requires_grad_(name not in frozen)
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        fm(x).pow(2).mean().backward()
+        ref(x).pow(2).mean().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None), (k, name)
+            if q.grad is not None:  # an exported graph drops the hooks: clipping and scaling lost
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"k={k} {name}")
+    assert sum("gradient hooks" in r.getMessage() for r in caplog.records) == 1
