@@ -117,6 +117,25 @@ def data_parallel(world_size: Any, find_unused: bool, static_graph: bool, traine
     return True
 
 
+def holding(optimizer: Any, model: nn.Module) -> Any:
+    """Of a trainer's optimizers (a list), those that hold a parameter of ``model``, in their
+    order (the first is the controller's clock); ``optimizer`` itself when it is one, or
+    when none of the list holds any (the controller then says what is wrong). A GAN's
+    LightningModule builds one optimizer per network, and the compiled network may be the
+    second's."""
+    if not isinstance(optimizer, (list, tuple)):
+        return optimizer
+    ids = {id(p) for p in model.parameters()}
+
+    def holds(o: Any) -> bool:
+        while isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer):
+            o = o.optimizer
+        groups = getattr(o, "param_groups", [])
+        return any(id(p) in ids for g in groups for p in g["params"])
+
+    return [o for o in optimizer if holds(o)] or list(optimizer)
+
+
 class LazyCompile:
     """Routes ``model(...)`` to a :class:`FreezableModule` compiled on the first call.
 
@@ -132,7 +151,8 @@ class LazyCompile:
         self.model = model
         self.compile_kwargs = dict(compile_kwargs)
         self.module: Any = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        #: the trainer's optimizer, or its optimizers (those holding the model's parameters drive it)
+        self.optimizer: Any = None
         self.pending_state: dict[str, Any] | None = None
         #: the trainer's planned number of optimizer steps, passed to compile
         self.total_steps: int | None = None
@@ -249,7 +269,7 @@ class LazyCompile:
             kwargs = dict(self.compile_kwargs)
             if self.total_steps is not None and "total_steps" not in kwargs:
                 kwargs["total_steps"] = self.total_steps
-            fm = fx_compile(self.model, example, optimizer=self.optimizer, **kwargs)
+            fm = fx_compile(self.model, example, optimizer=holding(self.optimizer, self.model), **kwargs)
         self.compile_seconds = time.perf_counter() - t0
         fm.adopt_route(self._previous, self._original)  # type: ignore[arg-type]
         self.module = fm
@@ -268,10 +288,11 @@ class LazyCompile:
             self.on_compiled(self)
 
     def set_optimizer(self, optimizer: Any) -> None:
-        """The optimizer whose steps drive the controller (wrappers are unwrapped)."""
+        """The optimizer whose steps drive the controller (wrappers are unwrapped), or a
+        list of them: those that hold the model's parameters drive it (:func:`holding`)."""
         self.optimizer = optimizer
         if self.module is not None:
-            self.module.freezer.attach_optimizer(optimizer)
+            self.module.freezer.attach_optimizer(holding(optimizer, self.model))
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume: the freezer state applies now, or on the first call."""

@@ -13,8 +13,10 @@ compile; by default the callback routes the LightningModule itself (when it defi
 first of them that the training step calls (the outermost call: ``self(x)`` compiles the
 LightningModule, ``self.net(x)`` the network). The others are then left alone.
 
-Works with the optimizer Lightning builds from ``configure_optimizers`` (the first one
-drives the controller), ``accumulate_grad_batches`` (one decision per optimizer step),
+Works with the optimizers Lightning builds from ``configure_optimizers`` (those that hold
+the compiled module's parameters drive the controller, the first of them its clock: a GAN's
+discriminator compiled with ``module="disc"`` follows its own optimizer), manual
+optimization, ``accumulate_grad_batches`` (one decision per optimizer step),
 ``precision="bf16-mixed"`` (graphs are kept per autocast state), ``gradient_clip_val``,
 validation during training, ``ModelCheckpoint`` and ``trainer.fit(..., ckpt_path=...)``:
 the freezer state is the callback's checkpoint state. On several devices,
@@ -123,9 +125,7 @@ class FxFreezeCallback(pl.Callback):
                 lazy = LazyCompile.for_model(m, self.compile_kwargs)
                 lazy.on_compiled = self._compiled  # type: ignore[attr-defined]
                 self._candidates.append(lazy)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if optimizer is not None and len(trainer.optimizers) > 1:
-            logger.warning("fxfreeze: %d optimizers; the first one drives the freezing controller", len(trainer.optimizers))
+        optimizer = list(trainer.optimizers) or None  # those holding the compiled module's parameters drive it
         total = getattr(trainer, "estimated_stepping_batches", None)
         for lazy in self._candidates:
             lazy.data_parallel = ddp

@@ -202,3 +202,67 @@ def test_a_compiled_submodule_without_the_callback_follows_lightnings_optimizer(
     assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(2, 2), (3, 3)]
     frozen = [fm.params_by_name[n] for n in fm.frozen_parameter_names()]
     assert frozen and not any(p in trainer.optimizers[0].state for p in frozen)
+
+
+class _GAN(pl.LightningModule):
+    """Two networks, one optimizer each (the generator's first), manual optimization: the
+    discriminator steps on real and generated samples, then the generator through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from _nets import Res  # (here: the DDP job script imports this file from outside pytest's path)
+
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+
+        def tower(i: int, o: int) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Linear(i, 16), *[Res(16) for _ in range(3)],
+                                       torch.nn.Linear(16, o))
+
+        self.gen, self.disc = tower(4, 8), tower(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(x.shape[0], 4)
+        d_loss = F.softplus(self.disc(self.gen(z).detach())).mean() + F.softplus(-self.disc(x)).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = F.softplus(-self.disc(self.gen(z))).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.gen.parameters(), 1e-3), torch.optim.Adam(self.disc.parameters(), 1e-3)]
+
+
+def test_a_gan_with_an_optimizer_per_network_follows_the_compiled_networks_own():
+    """Before: the first optimizer (the generator's) was given to the discriminator's
+    controller, which refused it at the first step (``ConfigError``: it holds none of the
+    discriminator's parameters)."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    lit = _GAN()
+    cb = FxFreezeCallback(policy="manual", module="disc", config={"manual": {"schedule": {4: 2}}})
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)))
+    snapshot: dict[str, torch.Tensor] = {}
+    frozen: list[str] = []
+
+    class _Snap(pl.Callback):  # the frozen prefix's weights right after the freeze
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 3:
+                snapshot.update({n: p.detach().clone() for n, p in cb.module.params_by_name.items()})
+                frozen.extend(cb.module.frozen_parameter_names())
+
+    trainer.callbacks.append(_Snap())
+    trainer.fit(lit, torch.utils.data.DataLoader(ds, batch_size=8))
+    fm = cb.module
+    assert fm.model is lit.disc and fm.freezer.optimizer is trainer.optimizers[1]
+    assert fm.freezer.step_count == 8  # one per discriminator step
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history] == [(4, 2)]
+    assert set(frozen) == {n for n in snapshot if n.startswith(("0.", "1."))}
+    moved = [n for n, p in lit.disc.named_parameters() if not torch.equal(p, snapshot[n])]
+    assert moved and not any(n.startswith(("0.", "1.")) for n in moved), moved  # stem and first block held
