@@ -47,6 +47,94 @@ def test_egeria_waits_at_batch_size_one_instead_of_freezing_everything(caplog):
     assert probe.samples == 16 and probe.ready and fm.probe_hook is None
 
 
+class _MessagePassing(nn.Module):
+    """A graph layer: each node adds the mean of its neighbours' messages (``index_add_``)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(d, d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        if edges.shape[0] == x.shape[0]:  # a dense adjacency matrix, rows normalised
+            return x + F.relu(self.norm(edges @ self.lin(x)))
+        src, dst = edges
+        agg = torch.zeros_like(x).index_add_(0, dst, self.lin(x)[src])
+        deg = torch.zeros(x.shape[0]).index_add_(0, dst, torch.ones(dst.shape[0])).clamp(min=1)
+        return x + F.relu(self.norm(agg / deg[:, None]))
+
+
+class _GraphNet(nn.Module):
+    """Node classification: the batch is a graph, its leading dimension nodes, not samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.layers = nn.ModuleList(_MessagePassing(16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h, edges)
+        return self.out(h)
+
+
+def _graph(g: torch.Generator, nodes: int, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    edges = torch.randint(0, nodes, (2, 3 * nodes), generator=g)
+    if dense:
+        adj = torch.zeros(nodes, nodes).index_put_((edges[1], edges[0]), torch.ones(edges.shape[1]), accumulate=True)
+        edges = adj / adj.sum(1, keepdim=True).clamp(min=1)
+    return torch.randn(nodes, 8, generator=g), edges, torch.randint(0, 3, (nodes,), generator=g)
+
+
+_FAST_EGERIA = {"egeria": {"eval_interval": 2, "window": 3, "patience": 1, "asynchronous": False,
+                           "overhead_budget": 0.0, "probe_size": 16}}
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_egeria_on_a_graph_network_probes_the_whole_graph_when_a_slice_cannot_run(dense, caplog, capfd):
+    """The probe took the first 16 rows of every tensor whose leading dimension is the first
+    one's: 16 nodes, and the edge list (2 rows) whole, which indexes the nodes dropped, or
+    16 rows of a dense adjacency matrix, whose columns still count every node. Before, the
+    first evaluation raised (``IndexError``, a shape error) out of ``opt.step()``: training died."""
+    g = torch.Generator().manual_seed(0)
+    model = _GraphNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = fxfreeze.compile(model, _graph(g, 30, dense)[:2], optimizer=opt, config=_FAST_EGERIA)
+    sizes = [40, 33, 57, 41, 62, 38, 45, 50, 36, 44, 39, 52]
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        for n in sizes:
+            x, edges, y = _graph(g, n, dense)
+            opt.zero_grad()
+            F.cross_entropy(fm(x, edges), y).backward()
+            opt.step()
+    policy = fm.freezer.policy
+    assert policy.evaluations >= 3 and policy.probe.samples == sizes[0]
+    assert policy.probe.args[0].shape[0] == sizes[0]
+    assert policy.probe.args[1].shape == ((sizes[0], sizes[0]) if dense else (2, 3 * sizes[0]))
+    assert caplog.text.count("the whole first batch (40 samples) is the probe") == 1
+    assert "FX-traced Module" not in capfd.readouterr().err  # fx's print of the failed guess, dropped
+
+
+def test_a_probe_that_cannot_run_stops_egeria_and_training_goes_on(caplog, monkeypatch):
+    from fxfreeze.runtime.egeria.probe import ActivationProbe
+
+    def fails(self, hi):
+        raise RuntimeError("a block refuses the probe batch")
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, config=_FAST_EGERIA)
+    monkeypatch.setattr(ActivationProbe, "_run", fails)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        for _ in range(10):
+            opt.zero_grad()
+            F.cross_entropy(fm(torch.randn(8, 8)), torch.randint(0, 3, (8,))).backward()
+            opt.step()
+    assert fm.freezer.step_count == 10 and fm.num_frozen == 0 and fm.freezer.policy.probe is None
+    assert caplog.text.count("a block refuses the probe batch); no further freezing decisions") == 1
+
+
 def test_an_optimizer_without_the_models_parameters_is_refused():
     model = _mlp()
     other = torch.optim.SGD(_mlp().parameters(), lr=0.1)

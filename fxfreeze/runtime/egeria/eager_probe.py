@@ -150,10 +150,8 @@ class EagerProbe(ActivationProbe):
                 self._isolate(j, leaves, spec, outs)
         return values
 
-    def run(self, hi: int | None = None) -> dict[str, Any]:
-        if self.args is None:
-            raise RuntimeError("no probe batch yet")
-        return self._values(None, self.args, self.kwargs, self.hi if hi is None else hi)
+    def _run(self, hi: int) -> dict[str, Any]:
+        return self._values(None, self.args or (), self.kwargs, hi)
 
     def example_values(self) -> dict[str, Any]:
         args, kwargs = self.module.graphs.primary_inputs()

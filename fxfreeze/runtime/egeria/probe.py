@@ -10,6 +10,9 @@ block's inputs and outputs are returned as detached CPU tensors by graph node na
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,7 +23,28 @@ from ...passes.subgraph import Subgraph, extract
 from ..host_tier import HostFuture, to_host_later
 from .builder import all_finite
 
-__all__ = ["ActivationProbe", "all_finite"]
+__all__ = ["ActivationProbe", "ProbeError", "all_finite"]
+
+logger = logging.getLogger("fxfreeze")
+
+
+class ProbeError(RuntimeError):
+    """The probe batch cannot run through the blocks, not even whole: nothing to measure."""
+
+
+class _Parked:
+    """A tensor copied to the host, and the device it goes back to."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.device, self.tensor = t.device, t.detach().to("cpu", copy=True)
+
+
+def _park(x: Any) -> Any:
+    return pytree.tree_map(lambda t: _Parked(t) if isinstance(t, torch.Tensor) else t, x)
+
+
+def _unpark(x: Any) -> Any:
+    return pytree.tree_map(lambda p: p.tensor.to(p.device) if isinstance(p, _Parked) else p, x)
 
 
 def _take(x: Any, bs: int | None, n: int) -> Any:
@@ -54,6 +78,9 @@ class ActivationProbe:
         self._ranges: dict[int, Subgraph] = {}  # blocks [0, hi) by hi
         self._blocks: dict[int, Subgraph] = {}
         self._key: Any = None
+        #: the whole first batch, while slicing it is a guess no run has confirmed (:meth:`set`)
+        self._whole: tuple[Any, int] | None = None
+        self._waiting_reported = False
 
     @property
     def ready(self) -> bool:
@@ -68,6 +95,23 @@ class ActivationProbe:
         self.args = tuple(_take(a, bs, self.size) for a in args)
         self.kwargs = {k: _take(v, bs, self.size) for k, v in kwargs.items()}
         self.samples = min(bs or 0, self.size)
+        # The slice takes every tensor whose leading dimension is the first one's, which is a
+        # guess about what a sample is: a graph network's node features are sliced and its
+        # edge list, which indexes the nodes dropped, is not (nor a dense adjacency's columns).
+        # The whole batch waits on the host until a run of the slice confirms it (:meth:`run`).
+        self._whole = None
+        if bs is not None and bs > self.size:
+            self._whole = (_park((tuple(args), dict(kwargs))), bs)
+
+    def note_waiting(self) -> None:
+        """Say once that the policy waits because the probe has fewer than 2 samples."""
+        if self.args is not None and not self._waiting_reported:
+            self._waiting_reported = True
+            logger.warning(
+                "egeria: the first training batch held %d sample(s): plasticity compares samples and needs at "
+                "least 2, so the policy waits (never freezes) while later batches fill the probe to %d",
+                1 if self.samples else 0, self.size,
+            )
 
     def _append(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Add a later batch's samples (training with small batches): only when its
@@ -230,11 +274,33 @@ class ActivationProbe:
 
     def run(self, hi: int | None = None) -> dict[str, Any]:
         """:meth:`values` where the module is (an accelerator's tensors stay there, nothing is
-        copied)."""
+        copied). A slice of the first batch that cannot run is replaced by the whole batch
+        (:meth:`set`); raises :class:`ProbeError` when the probe cannot run at all."""
         if self.args is None:
             raise RuntimeError("no probe batch yet")
-        entry = self._entry()
-        return self._values(entry, self.args, self.kwargs, self.hi if hi is None else hi)
+        hi = self.hi if hi is None else hi
+        # fx prints the failing line of its generated code to stderr before raising: a guess
+        # that fails is not the user's error, so its print is dropped
+        quiet = contextlib.redirect_stderr(io.StringIO()) if self._whole is not None else contextlib.nullcontext()
+        try:
+            with quiet:
+                values = self._run(hi)
+        except Exception as e:  # noqa: BLE001 - the slice was a guess; anything else is reported
+            if self._whole is None:
+                text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ProbeError(f"the probe batch cannot run through blocks 0-{hi - 1} ({type(e).__name__}: {text})") from e
+            logger.info(
+                "egeria: the probe batch's first %d samples cannot run on their own (%s: %s): the whole first batch "
+                "(%d samples) is the probe", self.size, type(e).__name__, str(e).strip()[:200], self._whole[1],
+            )
+            (self.args, self.kwargs), self.samples = _unpark(self._whole[0]), self._whole[1]
+            self._whole = None
+            return self.run(hi)
+        self._whole = None
+        return values
+
+    def _run(self, hi: int) -> dict[str, Any]:
+        return self._values(self._entry(), self.args or (), self.kwargs, hi)
 
     def values_async(self, hi: int | None = None) -> HostFuture:
         """:meth:`values` on their way to the host: from an accelerator the training thread only

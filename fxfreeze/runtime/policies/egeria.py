@@ -26,7 +26,8 @@ or unfreezes the last frozen block or all of them (``unfreeze_on_lr_change``), a
 tracking with fresh anchors. A non-finite loss or probe activation skips the evaluation and
 clears the evidence: it never triggers a freeze.
 A reference job that fails or a worker that dies is logged; the worker restarts, and after
-too many failures the policy stops deciding while training continues.
+too many failures the policy stops deciding while training continues; so it does when the
+probe batch cannot run through the blocks.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ...errors import FreezeError
 from ..egeria.builder import all_finite
 from ..egeria.plasticity import PlasticityTracker
 from ..egeria.eager_probe import EagerProbe
-from ..egeria.probe import ActivationProbe
+from ..egeria.probe import ActivationProbe, ProbeError
 from ..egeria.references import References
 from ..egeria.regime import Regimes
 from ..egeria.worker import ReferenceWorker
@@ -80,7 +81,6 @@ class EgeriaPolicy(Policy):
         self.compile_seconds = 0.0
         self._fresh = False
         self._disabled_reported = False
-        self._small_probe_reported = False
         # block -> (anchor id, evaluation and step it was taken at); ids never repeat
         self._anchor: dict[int, tuple[int, int, int]] = {}
         # block -> its weights at the anchor (a resume rebuilds the reference), maybe still in transit
@@ -176,6 +176,10 @@ class EgeriaPolicy(Policy):
             return None
         try:
             return self._decide(s)
+        except ProbeError as e:  # nothing to measure on: no decisions, training goes on
+            logger.warning("egeria: %s; no further freezing decisions", e)
+            self.probe = None
+            return None
         finally:
             end = time.perf_counter()
             self.main_seconds += end - now
@@ -200,13 +204,8 @@ class EgeriaPolicy(Policy):
         if s.step >= self.schedule.next_eval and s.num_frozen < self.hi:
             if self.probe.ready:
                 self._evaluate(s)
-            elif self.probe.args is not None and not self._small_probe_reported:
-                self._small_probe_reported = True
-                logger.warning(
-                    "egeria: the first training batch held %d sample(s): plasticity compares samples and needs at "
-                    "least 2, so the policy waits (never freezes) while later batches fill the probe to %d",
-                    1 if self.probe.samples else 0, self.probe.size,
-                )
+            else:
+                self.probe.note_waiting()
         k = s.num_frozen
         new = None
         if self._fresh:  # a new result for the front block: the only time the decision can change
