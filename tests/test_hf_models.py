@@ -308,3 +308,34 @@ def test_egeria_on_a_model_export_cannot_capture_judges_each_layer_captured_alon
     assert measured and set(measured[-1]) == {0, 1, 2}  # the front block and lookahead 2
     assert all(v >= 0 for m in measured for v in m.values())
     fm.detach()
+
+
+def test_padding_free_batches_match_eager_and_egeria_measures_them():
+    """``DataCollatorWithFlattening`` packs a batch's sequences into one row, with
+    ``position_ids`` restarting at each: the compiled module equals eager on such batches
+    of every length, and Egeria compares the probe's positions (one sample per batch: it
+    used to wait for a second sample that never came)."""
+    torch.manual_seed(0)
+    model = _llama().train()
+    ref = copy.deepcopy(model)
+    collate = transformers.DataCollatorWithFlattening()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        rows = [torch.randint(0, V, (int(torch.randint(4, 16, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
+        return collate([{"input_ids": r, "labels": r} for r in rows])
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    cfg = {"egeria": {"eval_interval": 2, "window": 3, "patience": 1, "asynchronous": False, "overhead_budget": 0.0}}
+    fm = fxfreeze.compile(model, batch(), optimizer=opt, config=cfg)
+    for _ in range(10):
+        b = batch()
+        assert b["input_ids"].shape[0] == 1 and (b["position_ids"] == 0).sum() == 4
+        opt.zero_grad()
+        fm(**b).loss.backward()
+        opt.step()
+    assert fm.freezer.policy.evaluations >= 3 and fm.freezer.policy.probe.positions
+    fm.freeze_prefix(0)
+    ref.load_state_dict(model.state_dict())
+    b = batch()
+    torch.testing.assert_close(fm(**b).loss, ref(**b).loss, rtol=1e-6, atol=1e-6)

@@ -135,6 +135,51 @@ def test_a_probe_that_cannot_run_stops_egeria_and_training_goes_on(caplog, monke
     assert caplog.text.count("a block refuses the probe batch); no further freezing decisions") == 1
 
 
+class _TokenNet(nn.Module):
+    """Token ids ``[batch, length]`` to per-token logits through residual MLP layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(50, 16), nn.Linear(16, 50)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()) for _ in range(4))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.out(h)
+
+
+def test_egeria_on_packed_sequences_compares_positions(caplog):
+    """Padding-free batches (HF's ``DataCollatorWithFlattening``, TRL's packing) hold one row
+    of concatenated sequences, of another length each time. Before, the probe (one sample)
+    could never be filled from later batches of other lengths, and Egeria waited forever:
+    0 evaluations, never a freeze, on every packed run."""
+    g = torch.Generator().manual_seed(0)
+    model = _TokenNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    fm = fxfreeze.compile(model, (torch.randint(0, 50, (1, 20), generator=g),), optimizer=opt, config=_FAST_EGERIA)
+    lengths = [37, 52, 41, 60, 33, 48, 55, 39, 44, 58, 36, 50]
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        for n in lengths:
+            ids = torch.randint(0, 50, (1, n), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(fm(ids)[0, :-1], ids[0, 1:]).backward()
+            opt.step()
+    policy = fm.freezer.policy
+    probe = policy.probe
+    assert probe.positions and probe.samples == lengths[0] and probe.args[0].shape == (1, lengths[0])
+    assert policy.evaluations >= 3
+    assert caplog.text.count("compares the probe's 37 positions") == 1 and "needs at least 2" not in caplog.text
+    state = fm.freezer.state_dict()  # a resume keeps comparing positions
+    other = _TokenNet()
+    fresh = fxfreeze.compile(other, (torch.randint(0, 50, (1, 20)),), optimizer=torch.optim.SGD(other.parameters(), lr=0.05),
+                             config=_FAST_EGERIA)
+    fresh.freezer.load_state_dict(state)
+    assert fresh.freezer.policy.probe.positions and fresh.freezer.policy.probe.samples == lengths[0]
+
+
 def test_an_optimizer_without_the_models_parameters_is_refused():
     model = _mlp()
     other = torch.optim.SGD(_mlp().parameters(), lr=0.1)

@@ -42,19 +42,24 @@ def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
 
     Each is flattened to ``(b, d)``; ``G = A Aᵀ`` with each row L2-normalised; the loss is
     ``‖G_a − G_b‖²_F / b²``. It is 0 for identical activations and unchanged when either
-    activation is multiplied by a positive constant (the row normalisation removes it).
+    activation is multiplied by a positive constant (the row normalisation removes it). A
+    single sample of a sequence, ``(1, t, ...)`` (a probe of packed sequences:
+    :attr:`ActivationProbe.positions`), compares its ``t`` positions instead.
 
     Example::
 
         >>> a = torch.randn(8, 16)
         >>> sp_loss(a, a), abs(sp_loss(a, 3 * a)) < 1e-12, sp_loss(a, torch.randn(8, 16)) > 0
         (0.0, True, True)
+        >>> b = torch.randn(8, 16)
+        >>> sp_loss(a[None], b[None]) == sp_loss(a, b)  # one sequence of 8 positions
+        True
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"sp_loss needs the same number of samples, got {a.shape[0]} and {b.shape[0]}")
-    n = a.shape[0]
     ga = _gram(a)
     gb = _gram(b)
+    n = ga.shape[0]
     return float(((ga - gb) ** 2).sum() / (n * n))
 
 
@@ -91,6 +96,8 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     # float32, not float64: on real activations (ResNet-20 blocks, 32 samples) the SP loss
     # moves by 1e-5 to 6e-5 of itself, far below the noise of a window, and the Gram
     # matrices, about a quarter of a reference job's CPU time in float64, take a third of that
+    if x.shape[0] == 1 and x.dim() >= 3:  # one packed sequence: its positions are the rows
+        x = x[0]
     x = x.detach().reshape(x.shape[0], -1).float()
     g = x @ x.t()
     return torch.nn.functional.normalize(g, p=2, dim=1)

@@ -2,7 +2,9 @@
 
 Plasticity compares the same samples over time, so the probe batch is fixed: the first
 ``size`` samples of the first training batch the compiled module sees (or a batch the user
-gives with :meth:`ActivationProbe.set`). On an evaluation, the blocks that may still be frozen
+gives with :meth:`ActivationProbe.set`); from later batches too when the first holds one
+sample; the positions of that one sample when batches hold one sequence each, of another
+length each time (packed, padding-free batches). On an evaluation, the blocks that may still be frozen
 run once on it in ``eval()`` mode under ``no_grad`` (BatchNorm uses its running statistics
 and updates nothing, dropout is off, and the user's modes are restored afterwards), and every
 block's inputs and outputs are returned as detached CPU tensors by graph node name.
@@ -47,6 +49,14 @@ def _unpark(x: Any) -> Any:
     return pytree.tree_map(lambda p: p.tensor.to(p.device) if isinstance(p, _Parked) else p, x)
 
 
+def _length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The second dimension of the call's first tensor of two or more (a sequence's length)."""
+    for t in pytree.tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return int(t.shape[1])
+    return None
+
+
 def _take(x: Any, bs: int | None, n: int) -> Any:
     """The first ``n`` samples of every tensor in ``x`` (a dict of features included), copied:
     the probe must not share the caller's containers or storage."""
@@ -71,8 +81,11 @@ class ActivationProbe:
         self.hi = hi
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] = {}
-        #: samples in the probe batch (plasticity compares samples: it needs at least 2)
+        #: samples in the probe batch (plasticity compares samples: it needs at least 2), or its
+        #: positions when it compares those (:attr:`positions`)
         self.samples = 0
+        #: the probe is one packed sequence: plasticity compares its positions (``_append``)
+        self.positions = False
         self._filling = False
         self._offers = 0
         self._ranges: dict[int, Subgraph] = {}  # blocks [0, hi) by hi
@@ -120,6 +133,19 @@ class ActivationProbe:
         bs = batch_size_of(args, kwargs)
         if not bs or len(args) != len(self.args) or set(kwargs) != set(self.kwargs):
             return
+        if bs == 1:
+            length = _length(self.args, self.kwargs)
+            if length is not None and length >= 2 and length != _length(args, kwargs):
+                # one sample a batch, of another length each time: sequences packed into one row
+                # (padding-free batches, HF's DataCollatorWithFlattening, TRL's packing) or one
+                # sequence a batch. Few later batches could join, so plasticity compares the
+                # first sample's positions (:func:`fxfreeze.runtime.egeria.plasticity.sp_loss`)
+                self.args = tuple(_take(a, self.samples, 1) for a in self.args)
+                self.kwargs = {k: _take(v, self.samples, 1) for k, v in self.kwargs.items()}
+                self.positions, self.samples, self._filling = True, length, False
+                logger.info("egeria: training batches hold one packed sequence each; plasticity compares the "
+                            "probe's %d positions", length)
+                return
         take = min(bs, self.size - self.samples)
 
         def leaf(old: Any, new: Any) -> Any:
@@ -152,7 +178,8 @@ class ActivationProbe:
         """The probe batch (tensors and plain values), or None before the first batch."""
         if self.args is None:
             return None
-        return {"args": list(self.args), "kwargs": dict(self.kwargs), "samples": self.samples, "filling": self._filling}
+        return {"args": list(self.args), "kwargs": dict(self.kwargs), "samples": self.samples, "filling": self._filling,
+                "positions": self.positions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Use a saved probe batch; once it is complete, stop listening to training calls."""
@@ -160,6 +187,7 @@ class ActivationProbe:
         self.kwargs = dict(state["kwargs"])
         self.samples = int(state["samples"])
         self._filling = bool(state.get("filling", False))
+        self.positions = bool(state.get("positions", False))
         if not self._filling and self.module is not None and self.module.probe_hook == self.offer:
             self.module.probe_hook = None
 
