@@ -47,6 +47,16 @@ def test_sp_loss_hand_computed():
 
 
 # -- the trend statistic ---------------------------------------------------------------------------
+def test_sp_loss_of_one_sequence_compares_its_positions_at_most_256_of_them():
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 8), torch.randn(40, 8)
+    assert sp_loss(a[None], b[None]) == pytest.approx(sp_loss(a, b), rel=1e-6)  # a packed probe: rows are positions
+    long_a, long_b = torch.randn(1, 1000, 8), torch.randn(1, 1000, 8)
+    rows = torch.linspace(0, 999, 256).round().long()
+    assert sp_loss(long_a, long_b) == pytest.approx(sp_loss(long_a[0, rows], long_b[0, rows]), rel=1e-6)
+    assert sp_loss(torch.randn(1, 8), torch.randn(1, 8)) == 0.0  # one sample without positions: nothing to compare
+
+
 def test_flat_trend_on_synthetic_series():
     steps = [100, 110, 120, 130, 140]
     ok, t = flat_trend([5.0, 5.05, 4.98, 5.02, 5.0], 0.5, steps, origin=0)

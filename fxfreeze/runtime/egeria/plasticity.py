@@ -37,6 +37,11 @@ import torch
 __all__ = ["sp_loss", "block_sp_loss", "flat_trend", "Trend", "PlasticityTracker"]
 
 
+#: at most this many of a packed sequence's positions are compared: a Gram matrix over a
+#: 4,096-token row would cost the reference worker T² times the width per block
+MAX_POSITIONS = 256
+
+
 def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
     """Similarity-preserving loss between two activations of the same ``b`` samples.
 
@@ -44,7 +49,8 @@ def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
     ``‖G_a − G_b‖²_F / b²``. It is 0 for identical activations and unchanged when either
     activation is multiplied by a positive constant (the row normalisation removes it). A
     single sample of a sequence, ``(1, t, ...)`` (a probe of packed sequences:
-    :attr:`ActivationProbe.positions`), compares its ``t`` positions instead.
+    :attr:`ActivationProbe.positions`), compares its ``t`` positions instead (at most
+    :data:`MAX_POSITIONS` of them, evenly spaced).
 
     Example::
 
@@ -96,8 +102,10 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     # float32, not float64: on real activations (ResNet-20 blocks, 32 samples) the SP loss
     # moves by 1e-5 to 6e-5 of itself, far below the noise of a window, and the Gram
     # matrices, about a quarter of a reference job's CPU time in float64, take a third of that
-    if x.shape[0] == 1 and x.dim() >= 3:  # one packed sequence: its positions are the rows
+    if x.shape[0] == 1 and x.dim() >= 3:  # one packed sequence: its positions are the rows,
         x = x[0]
+        if x.shape[0] > MAX_POSITIONS:  # evenly spaced, the same ones at every evaluation
+            x = x[torch.linspace(0, x.shape[0] - 1, MAX_POSITIONS).round().long()]
     x = x.detach().reshape(x.shape[0], -1).float()
     g = x @ x.t()
     return torch.nn.functional.normalize(g, p=2, dim=1)
