@@ -1,20 +1,25 @@
 """Small helpers on fx graphs that the partitioner, the passes and the runtime share.
 
 One home for each: which node ops compute, how an ATen overload is looked up by name, which
-block a node belongs to and whether it lies in a frozen prefix, and how a ``get_attr`` /
-``call_module`` target is found on a module (or in a dict of attributes).
+block a node belongs to and whether it lies in a frozen prefix, how a ``get_attr`` /
+``call_module`` target is found on a module (or in a dict of attributes), and how a graph
+module reads the model's tensors through the model's own modules.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .plan import HEAD, META_BLOCK
 
-__all__ = ["COMPUTE_OPS", "aten_op", "aten_ops", "block_label", "block_of", "in_prefix", "label_attributes", "resolve_attr"]
+__all__ = [
+    "COMPUTE_OPS", "aten_op", "aten_ops", "block_label", "block_of", "in_prefix", "label_attributes", "resolve_attr",
+    "share_modules",
+]
 
 #: node ops that compute something (the rest are placeholders, attributes and the output)
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -123,3 +128,39 @@ def resolve_attr(root: Mapping[str, Any] | Any, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def share_modules(gm: fx.GraphModule, model: nn.Module, skip: Collection[str] = ()) -> fx.GraphModule:
+    """Make ``gm`` read its ``get_attr`` targets through ``model``'s own modules.
+
+    ``fx.GraphModule`` copies each target's *value* into a module tree of its own when it is
+    built: an exported graph's parameters (``layers.0.l.weight``) would stay the tensors the
+    model held then. A parameter swapped in later is not seen: ``torch.func.functional_call``
+    (per-sample gradients, meta-learning) substitutes tensors for one call, and a graph
+    module built during that call kept the substitutes for every later call (no gradient
+    reached the model again, silently). With the modules that own the targets shared (as
+    fx's ``call_module`` targets already are), each call reads what the model holds now.
+    Targets at the model's root (``self.pos_embed`` in its own forward) keep their values, as
+    do those in ``skip`` (export's lifted constants, which live in the graph module only: a
+    module holding one stays the graph module's). Returns ``gm``.
+
+    Example::
+
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> g = fx.Graph(); x = g.placeholder("x"); w = g.get_attr("0.weight")
+        >>> _ = g.output(g.call_function(torch.matmul, (x, w)))
+        >>> gm = share_modules(fx.GraphModule({"0.weight": m[0].weight}, g), m)
+        >>> gm.get_submodule("0") is m[0]
+        True
+    """
+    targets = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")} - set(skip)
+    holding = {".".join(t.split(".")[:i]) for t in skip for i in range(1, t.count(".") + 1)}
+    modules = dict(model.named_modules())
+    shared: list[str] = []
+    for path in sorted({t.rsplit(".", 1)[0] for t in targets if "." in t}, key=lambda p: (p.count("."), p)):
+        if path in holding or not isinstance(modules.get(path), nn.Module) or any(path.startswith(s + ".") for s in shared):
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, modules[path])
+        shared.append(path)
+    return gm

@@ -56,9 +56,11 @@ from .capture_hooks import trace_hooks
 from .amp import plain_capture
 from .calls import canonical_call, describe_call, forward_signature, normalize_inputs, plain_mappings
 from .errors import ExampleInputError, ModelError, TraceError
-from .graph_utils import resolve_attr
+from .graph_utils import resolve_attr, share_modules
 from .timebound import CaptureTimeout, time_bound
-from .trace_state import fresh_containers, preserved_state, watch_checkpoints, watch_functions, watch_tensor_hooks
+from .trace_state import (
+    fresh_containers, lost_in_graphs, preserved_state, watch_checkpoints, watch_functions, watch_tensor_hooks,
+)
 
 __all__ = [
     "Capture",
@@ -166,8 +168,9 @@ class Capture:
         return root
 
     def build(self, model: nn.Module) -> fx.GraphModule:
-        """A GraphModule over ``self.graph`` that shares ``model``'s current parameters,
-        buffers and submodules (rebuilt after ``.to()`` moves buffers)."""
+        """A GraphModule over ``self.graph`` that reads ``model``'s parameters, buffers and
+        submodules through its modules at each call (:func:`~fxfreeze.graph_utils.share_modules`;
+        rebuilt after ``.to()`` moves buffers)."""
         if not self.executable:
             raise TraceError(
                 "this graph was captured with the 'hooks' strategy, which records module "
@@ -175,7 +178,7 @@ class Capture:
             )
         root = self.attributes(model)
         gm = fx.GraphModule(root, self.graph, class_name=type(model).__name__ + "Graph")
-        return gm
+        return share_modules(gm, model, skip=self.extra_attrs)
 
 
 def unwrap_compiled(model: Any) -> Any:
@@ -300,19 +303,7 @@ def _capture(
     if have_inputs:
         with watch_checkpoints() as checkpoints, watch_functions() as functions, watch_tensor_hooks() as hooks:
             strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
-    reasons: list[str] = []
-    if functions:
-        reasons.append(
-            "the forward applies custom autograd Functions (" + ", ".join(f.rsplit(".", 1)[-1] for f in functions)
-            + "): a graph keeps their forward but not their backward, so training calls run the model's own "
-            "forward (frozen blocks still cut, no activation cache); evaluation runs the graphs"
-        )
-    if hooks:
-        reasons.append(
-            f"the forward registers {len(hooks)} gradient hook(s) on its tensors (Tensor.register_hook), which a graph "
-            "does not keep, so training calls run the model's own forward (frozen blocks still cut, no activation "
-            "cache); evaluation runs the graphs"
-        )
+    reasons: list[str] = lost_in_graphs(functions, hooks)
     common = dict(
         training=model.training, example_args=args, example_kwargs=kwargs, checkpoints=bool(checkpoints),
         functions=tuple(functions), tensor_hooks=len(hooks),

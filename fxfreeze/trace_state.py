@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 __all__ = [
-    "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "watch_tensor_hooks",
+    "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "watch_tensor_hooks", "lost_in_graphs",
     "checkpoint_flags", "CHECKPOINT_FLAGS",
 ]
 
@@ -147,6 +147,23 @@ def watch_tensor_hooks() -> Iterator[list[str]]:
         yield seen
     finally:
         torch.Tensor.register_hook = original  # type: ignore[method-assign]
+
+
+def lost_in_graphs(functions: list[str], hooks: list[str]) -> list[str]:
+    """The plan's notes for what the example call did that a graph does not keep
+    (:func:`watch_functions`, :func:`watch_tensor_hooks`): training runs the model's own
+    forward for it (:mod:`fxfreeze.runtime.own_forward`)."""
+    then = ("so training calls run the model's own forward (frozen blocks still cut, no activation cache); "
+            "evaluation runs the graphs")
+    notes = []
+    if functions:
+        names = ", ".join(f.rsplit(".", 1)[-1] for f in functions)
+        notes.append(f"the forward applies custom autograd Functions ({names}): a graph keeps their forward but not "
+                     f"their backward, {then}")
+    if hooks:
+        notes.append(f"the forward registers {len(hooks)} gradient hook(s) on its tensors (Tensor.register_hook), "
+                     f"which a graph does not keep, {then}")
+    return notes
 
 
 #: attributes by which libraries switch a module's activation checkpointing on

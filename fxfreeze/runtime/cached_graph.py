@@ -26,6 +26,7 @@ from torch import nn
 
 from ..passes.cache_load import META_CACHE, CacheLoad, cache_load
 from ..errors import PassError
+from ..graph_utils import share_modules
 from ..passes.cut_backward import copy_graph
 from ..passes.subgraph import extract
 from .cache import cache_pays
@@ -118,7 +119,8 @@ class CachedGraph:
             self.reset()
             self.entry = entry
         root = entry.capture.attributes(model)
-        gm = fx.GraphModule(root, copy_graph(base.graph), class_name=type(model).__name__ + "Cached")
+        gm = share_modules(fx.GraphModule(root, copy_graph(base.graph), class_name=type(model).__name__ + "Cached"),
+                           model, skip=entry.capture.extra_attrs)
         res = CacheLoad(k, self.cache)(gm)
         if not res.modified:
             self.gm, self.k = None, k

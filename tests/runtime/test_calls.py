@@ -396,3 +396,48 @@ def test_a_mapping_graphs_cannot_take_runs_as_its_dict():
     assert len(fm.graphs) == 2  # the compile's training graph and one eval graph for both calls
     for e in fm.graphs.entries():
         fm.graph_module_of(e).graph.lint()
+
+
+class _Res(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("strategy", ["fx", "export"])
+def test_functional_call_and_per_sample_gradients_see_the_parameters_of_each_call(strategy):
+    """``torch.func.functional_call`` substitutes tensors for the model's parameters for one
+    call (per-sample gradients with ``vmap(grad(...))``, meta-learning). An exported graph
+    module used to bind the tensors it was built with: built during such a call, it kept the
+    substitutes, and every later call of the compiled module ignored the model's parameters
+    (wrong outputs, no gradient), silently."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), *[_Res(16) for _ in range(3)], nn.Linear(16, 3))
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    fm = fxfreeze.compile(model, (x,), strategy=strategy, config={"policy": "manual"})
+    assert fm.strategy == strategy
+    doubled = {n: p.detach() * 2 for n, p in model.named_parameters()}
+    torch.testing.assert_close(functional_call(fm, doubled, (x,)), functional_call(ref, doubled, (x,)), rtol=1e-6, atol=1e-6)
+    out = fm(x)  # the model's own parameters again
+    assert out.requires_grad
+    torch.testing.assert_close(out, ref(x), rtol=1e-6, atol=1e-6)
+
+    def per_sample(m: nn.Module) -> dict[str, torch.Tensor]:
+        def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(functional_call(m, p, (xi[None],)), yi[None])
+
+        params = {n: p.detach() for n, p in m.named_parameters()}
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    vmap(lambda xi: functional_call(fm, doubled, (xi[None],)))(x)  # a graph built under vmap, without grad
+    got, want = per_sample(fm), per_sample(ref)
+    for name in want:  # before: all zeros (export)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    fm.freeze_prefix(2)  # the cut graph reads them too
+    torch.testing.assert_close(functional_call(fm, doubled, (x,)), functional_call(ref, doubled, (x,)), rtol=1e-6, atol=1e-6)
