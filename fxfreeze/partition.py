@@ -12,6 +12,9 @@ here knows any class name: blocks are found from structure alone.
    sequence of at least two units of ``k`` consecutive children (``k`` = 1..4) with the same
    module types, each unit contiguous and holding parameters, and each unit depending on
    the previous one through the data flow (a chain, not parallel branches such as q/k/v).
+   Units of a single module without children (``nn.LSTM`` layers stacked in a
+   ``ModuleList``) form a run only when they hold at least half of the model's parameters:
+   a stack of recurrent layers does, a pooler followed by a classifier does not.
 3. **Levels.** Runs are searched top-down. A run unit is refined into the runs found inside
    it only when they qualify. Inner units that are layers (modules with children) must
    cover at least 90% of the unit's compute (FLOPs when example inputs gave them, else
@@ -60,6 +63,10 @@ __all__ = [
 _MIN_RELATIVE_COVERAGE = 0.01
 _REFINE_COVERAGE = 0.9
 _MAX_PERIOD = 4
+#: A run of single leaf modules (``nn.LSTM``, ``nn.GRU`` or ``nn.Linear`` layers chained)
+#: counts only when it holds at least this share of the model's parameters: a stack of
+#: recurrent layers does, a pooler followed by a classifier does not.
+_LEAF_RUN_SHARE = 0.5
 
 
 @dataclass
@@ -114,13 +121,14 @@ class _Searcher:
                     group = kids[j : j + k]
                     if sum(ix.params_of(p) for p in group) == 0 or not ix.contiguous(group, parent):
                         break
-                    if k == 1 and not ix.has_children(group[0]):
-                        break  # a lone leaf op (a pooler Linear then a classifier Linear) is no block
                     u = self.unit(group)
                     if units and (u.lo <= units[-1].hi or not ix.depends((units[-1].lo, units[-1].hi), (u.lo, u.hi))):
                         break
                     units.append(u)
                     j += k
+                if len(units) >= 2 and k == 1 and not ix.has_children(kids[i]) \
+                        and sum(ix.params_of(u.paths[0]) for u in units) < _LEAF_RUN_SHARE * ix.params_of(""):
+                    units = []  # a few leaf ops (a pooler Linear then a classifier Linear) are no blocks
                 if len(units) >= 2:
                     found.append(units)
                     i = j

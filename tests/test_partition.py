@@ -197,6 +197,50 @@ def test_plain_model_without_repetition_falls_back_to_children():
     assert any("no repeated chain" in n for n in p.notes)
 
 
+class _RecurrentStack(torch.nn.Module):
+    """A language model of LSTM layers in a ``ModuleList``, residual adds in its own loop,
+    returning each layer's state (truncated backpropagation through time carries them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.rnns = torch.nn.ModuleList(torch.nn.LSTM(16, 16, batch_first=True) for _ in range(3))
+        self.pool, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 50)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        h, states = self.emb(x), []
+        for rnn in self.rnns:
+            o, st = rnn(h)
+            h = h + o
+            states.append(st)
+        return self.out(torch.tanh(self.pool(h))), states
+
+
+def test_a_stack_of_childless_layers_is_a_run_and_a_pooler_before_the_classifier_is_not():
+    """Before: a unit of one childless module never made a run, so the three LSTM layers
+    were one block (nothing froze apart). The pooler and classifier, two chained Linear
+    layers holding a small share of the parameters, stay out of the run (the head)."""
+    torch.manual_seed(0)
+    model = _RecurrentStack()
+    x = torch.randint(0, 50, (4, 12))
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
+    assert fm.plan.names == ["stem", "rnns.0", "rnns.1", "rnns.2"]
+    assert fm.plan.head.modules == ["pool", "out"]
+    fm.graph_module().graph.lint()
+    ref = _RecurrentStack()
+    ref.load_state_dict(model.state_dict())
+    fm.freeze_prefix(2)
+    for p_ in [*ref.emb.parameters(), *ref.rnns[0].parameters()]:
+        p_.requires_grad_(False)
+    fm(x)[0].pow(2).mean().backward()
+    ref(x)[0].pow(2).mean().backward()
+    for (name, p_), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p_.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p_.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert model.rnns[0].weight_ih_l0.grad is None and model.rnns[1].weight_ih_l0.grad is not None
+
+
 def test_plan_without_example_inputs_has_structure_only():
     p = fxfreeze.plan(zoo.resnet20())
     assert len(p.blocks) == 10
