@@ -58,32 +58,30 @@ class OwnForwardWatch:
     def on(self, capture: Any) -> bool:
         """Must a training call whose graph came from ``capture`` run the model's own
         forward? The first time for each reason, one INFO line says what runs instead."""
-        checkpoints = bool(getattr(capture, "checkpoints", False)) or any(getattr(m, f) is True for m, f in self.switches)
         functions = tuple(getattr(capture, "functions", ()))
-        if checkpoints and "checkpoints" not in self.told:
-            self.told.add("checkpoints")
-            logger.info(
-                "fxfreeze: %s checkpoints activations, which a captured graph would not (it keeps every activation): "
-                "its training calls run its own forward, checkpointing as asked, with the frozen prefix cut from "
-                "autograd (and no activation cache); evaluation runs the graphs", self.name,
-            )
-        hooks = int(getattr(capture, "tensor_hooks", 0))
-        if hooks and "hooks" not in self.told:
-            self.told.add("hooks")
-            logger.info(
-                "fxfreeze: %s registers gradient hooks on its tensors in its forward (Tensor.register_hook), which a "
-                "captured graph would not keep: its training calls run its own forward, with the frozen prefix cut "
-                "from autograd (and no activation cache); evaluation runs the graphs", self.name,
-            )
-        if functions and "functions" not in self.told:
-            self.told.add("functions")
-            logger.info(
-                "fxfreeze: %s applies custom autograd Functions (%s), whose backward a captured graph would not run "
-                "(it keeps their forward only): its training calls run its own forward, with the frozen prefix cut "
-                "from autograd (and no activation cache); evaluation runs the graphs",
-                self.name, ", ".join(f.rsplit(".", 1)[-1] for f in functions),
-            )
-        return checkpoints or bool(functions) or bool(hooks)
+        reasons = {
+            "checkpoints": bool(getattr(capture, "checkpoints", False)) or any(getattr(m, f) is True for m, f in self.switches),
+            "hooks": bool(getattr(capture, "tensor_hooks", 0)),
+            "functions": bool(functions),
+        }
+        for key, now in reasons.items():
+            if now and key not in self.told:
+                self.told.add(key)
+                what = _SAYS[key].format(names=", ".join(f.rsplit(".", 1)[-1] for f in functions))
+                logger.info("fxfreeze: %s %s, with the frozen prefix cut from autograd (and no activation cache); "
+                            "evaluation runs the graphs", self.name, what)
+        return any(reasons.values())
+
+
+#: what the INFO line says for each reason a training call runs the model's own forward
+_SAYS = {
+    "checkpoints": "checkpoints activations, which a captured graph would not (it keeps every activation): its "
+                   "training calls run its own forward, checkpointing as asked",
+    "hooks": "registers gradient hooks on its tensors in its forward (Tensor.register_hook), which a captured graph "
+             "would not keep: its training calls run its own forward",
+    "functions": "applies custom autograd Functions ({names}), whose backward a captured graph would not run (it "
+                 "keeps their forward only): its training calls run its own forward",
+}
 
 
 def leaf_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:

@@ -15,6 +15,7 @@ from torch import nn
 import fxfreeze
 from fxfreeze import zoo
 from fxfreeze.timebound import CaptureTimeout, time_bound
+from _nets import Res
 
 
 class _Net(nn.Module):
@@ -398,15 +399,6 @@ def test_a_mapping_graphs_cannot_take_runs_as_its_dict():
         fm.graph_module_of(e).graph.lint()
 
 
-class _Res(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.tanh(self.lin(x))
-
-
 @pytest.mark.parametrize("strategy", ["fx", "export"])
 def test_functional_call_and_per_sample_gradients_see_the_parameters_of_each_call(strategy):
     """``torch.func.functional_call`` substitutes tensors for the model's parameters for one
@@ -417,7 +409,7 @@ def test_functional_call_and_per_sample_gradients_see_the_parameters_of_each_cal
     from torch.func import functional_call, grad, vmap
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), *[_Res(16) for _ in range(3)], nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(8, 16), *[Res(16) for _ in range(3)], nn.Linear(16, 3))
     ref = copy.deepcopy(model)
     x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
     fm = fxfreeze.compile(model, (x,), strategy=strategy, config={"policy": "manual"})

@@ -109,6 +109,26 @@ def test_hugging_face_gradient_checkpointing_switched_on_after_compile_is_kept()
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _same_as_eager_with_each_prefix_frozen(fm, model: nn.Module, ref: nn.Module, x: torch.Tensor, upto: int) -> None:
+    """For k = 0..upto-1 frozen blocks: the compiled module's output and every gradient equal
+    eager code's with the same parameters frozen (the model's own forward runs: exact output)."""
+    for k in range(upto):
+        fm.freeze_prefix(k)
+        frozen = set(fm.frozen_parameter_names(k))
+        for name, q in ref.named_parameters():
+            q.requires_grad_(name not in frozen)
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        out, ref_out = fm(x), ref(x)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        out.pow(2).mean().backward()
+        ref_out.pow(2).mean().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None), (k, name)
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"k={k} {name}")
+
+
 class _ReverseGrad(torch.autograd.Function):
     """Gradient reversal (domain-adversarial training): identity forward, negated backward."""
 
@@ -172,21 +192,8 @@ def test_custom_autograd_functions_keep_their_backward_with_every_prefix_frozen(
         want = ["_Straight"] + (["_ReverseGrad"] if reverse else [])
         assert sorted(f.rsplit(".", 1)[-1] for f in cap.functions) == sorted(want)
         assert any("custom autograd Functions" in n and "_Straight" in n for n in fm.plan.notes), fm.plan.notes
-        for k in range(fm.plan.max_frozen + 1):
-            fm.freeze_prefix(k)
-            frozen = set(fm.frozen_parameter_names(k))
-            for name, q in ref.named_parameters():
-                q.requires_grad_(name not in frozen)
-            model.zero_grad(set_to_none=True)
-            ref.zero_grad(set_to_none=True)
-            out, ref_out = fm(x), ref(x)
-            torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # same code, same order
-            out.pow(2).mean().backward()
-            ref_out.pow(2).mean().backward()
-            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                assert (p.grad is None) == (q.grad is None), (k, name)
-                if q.grad is not None:  # without the fix: rounding's zero gradient, the reversal lost
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=f"k={k} {name}")
+        # without the fix: rounding's zero gradient, the reversal lost
+        _same_as_eager_with_each_prefix_frozen(fm, model, ref, x, fm.plan.max_frozen + 1)
     assert sum("custom autograd Functions" in r.getMessage() for r in caplog.records) == 1
     model.eval()
     n = len(fm.graphs)
@@ -289,17 +296,7 @@ def test_gradient_hooks_registered_in_the_forward_are_kept(caplog):
     fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})  # without the fix: ExampleInputError
     assert fm._analysis.capture.tensor_hooks == 4
     assert any("gradient hook" in n for n in fm.plan.notes), fm.plan.notes
-    for k in range(fm.plan.max_frozen):  # all frozen: the last hook's tensor needs no gradient, in eager code too
-        fm.freeze_prefix(k)
-        frozen = set(fm.frozen_parameter_names(k))
-        for name, q in ref.named_parameters():
-            q.requires_grad_(name not in frozen)
-        model.zero_grad(set_to_none=True)
-        ref.zero_grad(set_to_none=True)
-        fm(x).pow(2).mean().backward()
-        ref(x).pow(2).mean().backward()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            assert (p.grad is None) == (q.grad is None), (k, name)
-            if q.grad is not None:  # an exported graph drops the hooks: clipping and scaling lost
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"k={k} {name}")
+    # an exported graph drops the hooks (clipping and scaling lost); with every block frozen the
+    # last hook's tensor needs no gradient, and registering it fails in eager code too
+    _same_as_eager_with_each_prefix_frozen(fm, model, ref, x, fm.plan.max_frozen)
     assert sum("gradient hooks" in r.getMessage() for r in caplog.records) == 1
