@@ -1,10 +1,10 @@
 """The eager path of a compiled module: the model's own forward, with the frozen prefix cut.
 
-A call no graph takes (past ``max_graphs``, a capture that failed, a model that checkpoints
-or applies custom autograd Functions, a model only ``hooks`` could capture) runs the model's
-own forward. The frozen prefix must
-be cut there as :class:`~fxfreeze.passes.CutBackward` cuts it in a graph: forward hooks on
-the frozen blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
+A call no graph takes (past ``max_graphs``, a capture that failed, a model whose graph would
+lose something: :mod:`~fxfreeze.runtime.own_forward`, a model only ``hooks`` could capture)
+runs the model's own forward. The frozen prefix must be cut there as
+:class:`~fxfreeze.passes.CutBackward` cuts it in a graph: forward hooks on the frozen
+blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
 
 A call whose inputs require a gradient is not cut (:func:`wants_input_grad`): the gradient
 must reach them through the frozen blocks, as it does in eager code with those blocks'
@@ -69,8 +69,8 @@ class EagerCut:
         trains from its trainable uses only, as in the graphs). A
         block lists only modules that run inside it (a module reused elsewhere, such as a
         shared dropout, belongs to no block), so no output that a trainable block makes is
-        detached. With ``leaves`` (a model that checkpoints or applies custom Functions) they
-        become leaves that require a gradient: reentrant ``torch.utils.checkpoint`` (or a
+        detached. With ``leaves`` (a model that trains through its own forward: checkpoints,
+        custom Functions, tensor hooks) they become leaves that require a gradient: reentrant ``torch.utils.checkpoint`` (or a
         reversible layer's function) computes no gradient for a block whose inputs need none,
         so the first trainable block after the prefix would not train."""
         if not self._eval_modules or not torch.is_grad_enabled():

@@ -268,7 +268,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         entry = self.graphs.lookup(training, args, kwargs)
         if entry is None:  # (a training call of a model that must run its own forward returned above)
             return False, None, None, eager_args, eager_kwargs
-        if training and self._own_forward.on(entry.capture):  # the model's own forward keeps its checkpoints or Functions
+        if training and self._own_forward.on(entry.capture):  # the model's own forward keeps what its graph would lose
             return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \

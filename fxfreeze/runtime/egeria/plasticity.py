@@ -102,7 +102,7 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     # float32, not float64: on real activations (ResNet-20 blocks, 32 samples) the SP loss
     # moves by 1e-5 to 6e-5 of itself, far below the noise of a window, and the Gram
     # matrices, about a quarter of a reference job's CPU time in float64, take a third of that
-    if x.shape[0] == 1 and x.dim() >= 3:  # one packed sequence: its positions are the rows,
+    if x.shape[0] == 1 and x.dim() >= 3:  # one (packed) sequence: its positions are the rows
         x = x[0]
         if x.shape[0] > MAX_POSITIONS:  # evenly spaced, the same ones at every evaluation
             x = x[torch.linspace(0, x.shape[0] - 1, MAX_POSITIONS).round().long()]

@@ -2,9 +2,10 @@
 
 Plasticity compares the same samples over time, so the probe batch is fixed: the first
 ``size`` samples of the first training batch the compiled module sees (or a batch the user
-gives with :meth:`ActivationProbe.set`); from later batches too when the first holds one
-sample; the positions of that one sample when batches hold one sequence each, of another
-length each time (packed, padding-free batches). On an evaluation, the blocks that may still be frozen
+gives with :meth:`ActivationProbe.set`); samples of later batches too when the first holds
+one; the positions of that one sample when batches hold one sequence each, of another
+length each time (packed, padding-free batches); the whole first batch when its slice
+cannot run (a graph network's nodes). On an evaluation, the blocks that may still be frozen
 run once on it in ``eval()`` mode under ``no_grad`` (BatchNorm uses its running statistics
 and updates nothing, dropout is off, and the user's modes are restored afterwards), and every
 block's inputs and outputs are returned as detached CPU tensors by graph node name.
@@ -143,8 +144,8 @@ class ActivationProbe:
                 self.args = tuple(_take(a, self.samples, 1) for a in self.args)
                 self.kwargs = {k: _take(v, self.samples, 1) for k, v in self.kwargs.items()}
                 self.positions, self.samples, self._filling = True, length, False
-                logger.info("egeria: training batches hold one packed sequence each; plasticity compares the "
-                            "probe's %d positions", length)
+                logger.info("egeria: training batches hold one sequence (or one packed row) each, of varying "
+                            "length; plasticity compares the probe's %d positions", length)
                 return
         take = min(bs, self.size - self.samples)
 
