@@ -35,8 +35,10 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unfla
 from .calls import forward_signature
 from .graph_utils import resolve_attr
 from .forwards import bound, forward_with, temporary_forward
+from .timebound import CaptureTimeout, time_bound
+from .trace_state import fresh_containers, preserved_state, without_forward_hooks
 
-__all__ = ["ExportResult", "export_graph", "mode_region_notes", "unknown_outputs"]
+__all__ = ["ExportResult", "export_graph", "export_without_forward_hooks", "mode_region_notes", "unknown_outputs"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -224,6 +226,26 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 #: which argument of export's ``wrap_with_autocast`` node is the region's body
 _AUTOCAST_BODY = 4
+
+
+def export_without_forward_hooks(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], strip: bool, timeout: float | None
+) -> tuple[ExportResult, list[str]] | None:
+    """Export ``model`` with its submodules' forward hooks taken off, after an export with
+    them failed; None when it has none or this fails too. A hook may do what export cannot
+    guard on (NEFTune's, which the HF Trainer puts on the input embeddings, bounds its noise
+    by a tensor): the model itself still has a graph for its plan, the reference policies'
+    measurements and evaluation, while every call runs its own forward, hooks included
+    (:mod:`fxfreeze.runtime.own_forward`). Returns the result and the hooked modules' names;
+    bounded by ``timeout`` seconds, as every capture is."""
+    with without_forward_hooks(model) as names:
+        if not names:
+            return None
+        try:
+            with preserved_state(model), time_bound(timeout):
+                return export_graph(model, *fresh_containers(args, kwargs), dynamic=True, strip=strip), names
+        except (Exception, CaptureTimeout):  # noqa: BLE001 - the caller goes on to its next strategy
+            return None
 
 
 def mode_region_notes(graph: fx.Graph, extra: dict[str, Any]) -> list[str]:

@@ -50,7 +50,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture_export import export_graph, mode_region_notes, unknown_outputs
+from .capture_export import export_graph, export_without_forward_hooks, mode_region_notes, unknown_outputs
 from .capture_fx import hides_structure, trace_fx
 from .capture_hooks import trace_hooks
 from .amp import plain_capture
@@ -133,6 +133,8 @@ class Capture:
     functions: tuple[str, ...] = ()
     #: gradient hooks the forward registered on its tensors on the example call (a graph drops them)
     tensor_hooks: int = 0
+    #: modules whose forward hooks the graph was exported without: every call runs the model's own forward
+    hooks_left_out: tuple[str, ...] = ()
 
     def accepts(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Does the call ``(args, kwargs)`` (canonical, same structure as the example)
@@ -370,6 +372,11 @@ def _capture(
                     if dynamic:
                         continue  # dynamic shapes are a nicety: retry static
                     reasons.append(f"torch.export failed ({type(e).__name__}: {_first_line(e)})")
+            found = export_without_forward_hooks(model, args, kwargs, bool(strip), timeout)  # the hooks' fault?
+            if found is not None:
+                reasons.append(f"exported without the forward hooks of {', '.join(found[1])}, which every call runs")
+                return Capture(found[0].graph, "export", reasons=reasons, extra_attrs=found[0].extra, guard=found[0].guard,
+                               in_spec=found[0].in_spec, hooks_left_out=tuple(found[1]), **common)  # type: ignore[arg-type]
             if strategy == "export":
                 raise TraceError(f"{name}: {reasons[-1]}") from error
 

@@ -12,6 +12,7 @@ from torch import nn
 
 __all__ = [
     "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "watch_tensor_hooks", "lost_in_graphs",
+    "without_forward_hooks",
     "checkpoint_flags", "CHECKPOINT_FLAGS",
 ]
 
@@ -164,6 +165,29 @@ def lost_in_graphs(functions: list[str], hooks: list[str]) -> list[str]:
         notes.append(f"the forward registers {len(hooks)} gradient hook(s) on its tensors (Tensor.register_hook), "
                      f"which a graph does not keep, {then}")
     return notes
+
+
+@contextlib.contextmanager
+def without_forward_hooks(model: nn.Module) -> Iterator[list[str]]:
+    """The forward hooks of ``model``'s submodules taken off while code runs inside, and put
+    back (the same hook dicts: their handles still remove them). Yields the names of the
+    modules that had any. The root's own hooks run around a call, never inside a graph."""
+    kinds = ("_forward_pre_hooks", "_forward_hooks")
+    saved: list[tuple[nn.Module, dict[str, Any]]] = []
+    names: list[str] = []
+    for name, m in model.named_modules():
+        held = {k: getattr(m, k) for k in kinds if getattr(m, k, None)} if m is not model else {}
+        if held:
+            names.append(name)
+            saved.append((m, held))
+            for k in held:
+                setattr(m, k, type(held[k])())
+    try:
+        yield names
+    finally:
+        for m, held in saved:
+            for k, d in held.items():
+                setattr(m, k, d)
 
 
 #: attributes by which libraries switch a module's activation checkpointing on

@@ -253,7 +253,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         args, kwargs = plain_mappings(args, kwargs)  # a BatchEncoding argument: its dict
         if self._call_trains and self.probe_hook is not None:
             self.probe_hook(args, kwargs)
-        if training and self._own_forward.on(self._analysis.capture):  # before a capture it would not use
+        if self._own_forward.on(self._analysis.capture, training):  # before a capture it would not use
             return True, None, None, eager_args, eager_kwargs
         if self._num_frozen and wants_input_grad(args, kwargs):  # through the frozen blocks: uncut, eager
             return False, None, None, eager_args, eager_kwargs
@@ -268,7 +268,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         entry = self.graphs.lookup(training, args, kwargs)
         if entry is None:  # (a training call of a model that must run its own forward returned above)
             return False, None, None, eager_args, eager_kwargs
-        if training and self._own_forward.on(entry.capture):  # the model's own forward keeps what its graph would lose
+        if self._own_forward.on(entry.capture, training):  # the model's own forward keeps what its graph would lose
             return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)
         if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \

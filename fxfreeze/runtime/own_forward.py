@@ -1,6 +1,6 @@
 """What a captured graph would lose: such a model trains through its own forward.
 
-Three things a graph does not keep:
+Four things a graph does not keep:
 
 - **Activation checkpointing.** A captured graph inlines what ``torch.utils.checkpoint``
   wraps: the graph saves every activation the model meant to recompute, so a model that
@@ -21,13 +21,16 @@ Three things a graph does not keep:
   branch's gradient scaled or clipped). ``torch.export`` drops them; the capture watches
   the example call register them (:func:`~fxfreeze.trace_state.watch_tensor_hooks`), with
   autograd on as in a training call.
+- **Forward hooks export cannot take** (NEFTune's noise, bounded by a tensor): the graph is
+  exported without the submodules' forward hooks (``Capture.hooks_left_out``), and
+  every call, evaluation included, runs the model's own forward with them.
 
 Training calls of such a model run the model's own forward; the frozen prefix is still cut
 from autograd there (no gradient, eval mode, nothing recomputed in it), and the frozen
 modules' outputs become leaves that require a gradient: reentrant checkpointing, and a
 function that takes the layers' inputs but not their parameters (a reversible layer),
 compute no gradient when their inputs need none. Evaluation keeps the graphs, whose
-forward is the model's.
+forward is the model's (except where hooks were left out).
 """
 
 from __future__ import annotations
@@ -55,21 +58,25 @@ class OwnForwardWatch:
         self.switches = checkpoint_flags(model)
         self.told: set[str] = set()
 
-    def on(self, capture: Any) -> bool:
-        """Must a training call whose graph came from ``capture`` run the model's own
-        forward? The first time for each reason, one INFO line says what runs instead."""
+    def on(self, capture: Any, training: bool = True) -> bool:
+        """Must a call (a training one, by default) whose graph came from ``capture`` run
+        the model's own forward? The first time for each reason, one INFO line says what
+        runs instead."""
         functions = tuple(getattr(capture, "functions", ()))
+        left_out = tuple(getattr(capture, "hooks_left_out", ()))
         reasons = {
-            "checkpoints": bool(getattr(capture, "checkpoints", False)) or any(getattr(m, f) is True for m, f in self.switches),
-            "hooks": bool(getattr(capture, "tensor_hooks", 0)),
-            "functions": bool(functions),
+            "checkpoints": training and (bool(getattr(capture, "checkpoints", False))
+                                         or any(getattr(m, f) is True for m, f in self.switches)),
+            "hooks": training and bool(getattr(capture, "tensor_hooks", 0)),
+            "functions": training and bool(functions),
+            "left_out": bool(left_out),
         }
         for key, now in reasons.items():
             if now and key not in self.told:
                 self.told.add(key)
-                what = _SAYS[key].format(names=", ".join(f.rsplit(".", 1)[-1] for f in functions))
-                logger.info("fxfreeze: %s %s, with the frozen prefix cut from autograd (and no activation cache); "
-                            "evaluation runs the graphs", self.name, what)
+                what = _SAYS[key].format(names=", ".join(f.rsplit(".", 1)[-1] for f in functions or left_out))
+                logger.info("fxfreeze: %s %s, with the frozen prefix cut from autograd (and no activation cache)%s",
+                            self.name, what, "" if key == "left_out" else "; evaluation runs the graphs")
         return any(reasons.values())
 
 
@@ -81,6 +88,8 @@ _SAYS = {
              "would not keep: its training calls run its own forward",
     "functions": "applies custom autograd Functions ({names}), whose backward a captured graph would not run (it "
                  "keeps their forward only): its training calls run its own forward",
+    "left_out": "has forward hooks that torch.export could not take (on {names}): its graph, made without them, serves "
+                "the plan and the policies' measurements, and every call runs its own forward, hooks included",
 }
 
 

@@ -241,3 +241,23 @@ def test_the_trainers_ddp_without_unused_parameters_is_refused_before_the_first_
     cb = _callback()
     cb.on_train_begin(SimpleNamespace(world_size=2), state, None, model=_model())  # the Trainer's default: on
     assert cb.lazy.data_parallel
+
+
+def test_neftune_noise_is_kept_and_egeria_still_measures(tmp_path):
+    """``neftune_noise_alpha``: the Trainer hooks the input embeddings with noise export
+    cannot take. Before, the model ran eagerly from a plan of module order and Egeria, with
+    no reference for its stem, never froze; now the graph is exported without the hook and
+    every call runs the model's own forward with it."""
+    model = _model()
+    cfg = {"egeria": {"eval_interval": 2, "window": 3, "patience": 1, "asynchronous": False, "overhead_budget": 0.0}}
+    cb = FxFreezeCallback(policy="egeria", config=cfg)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=10, learning_rate=1e-3, report_to="none",
+        use_cpu=True, disable_tqdm=True, seed=0, save_strategy="no", neftune_noise_alpha=5.0,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=_Tokens(40, 0), callbacks=[cb]).train()
+    fm = cb.module
+    assert not fm.eager_only and fm._analysis.capture.hooks_left_out == ("transformer.wte",)
+    assert fm.plan.names == ["stem", "transformer.h.0", "transformer.h.1", "transformer.h.2"]
+    assert fm.freezer.policy.evaluations >= 3 and not fm.freezer.policy.unmeasurable
+    assert not model.transformer.wte._forward_hooks  # the Trainer took its hook off at the end

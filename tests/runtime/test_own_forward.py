@@ -300,3 +300,82 @@ def test_gradient_hooks_registered_in_the_forward_are_kept(caplog):
     # last hook's tensor needs no gradient, and registering it fails in eager code too
     _same_as_eager_with_each_prefix_frozen(fm, model, ref, x, fm.plan.max_frozen)
     assert sum("gradient hooks" in r.getMessage() for r in caplog.records) == 1
+
+
+def _noise_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """NEFTune's, as the HF Trainer puts it on the input embeddings: in training, uniform noise
+    bounded by a tensor, which ``torch.export`` cannot guard on."""
+    if module.training:
+        dims = torch.tensor(output.size(1) * output.size(2))
+        bound = 5.0 / torch.sqrt(dims)
+        output = output + torch.zeros_like(output).uniform_(-bound, bound)
+    return output
+
+
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()) for _ in range(3))
+        self.out = nn.Linear(16, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.out(h)
+
+
+def test_forward_hooks_export_cannot_take_are_left_out_of_the_graph_and_run_on_every_call(caplog):
+    """Hugging Face models are exported (fx cannot trace their root; this one is exported by
+    request), and export traces a module's hooks. Before: the hook made the whole model
+    uncapturable (eager-only, a plan from module order), and Egeria, with no graph of the
+    stem to measure, never froze anything (NEFTune under the Trainer)."""
+    torch.manual_seed(0)
+    model = _Tokens()
+    model.emb.register_forward_hook(_noise_hook)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 50, (4, 12))
+    caplog.set_level(logging.INFO, logger="fxfreeze")
+    fm = fxfreeze.compile(model, (ids,), strategy="export", config={"policy": "manual"})
+    assert not fm.eager_only and fm._analysis.capture.hooks_left_out == ("emb",)
+    assert fm.plan.names == ["stem", "layers.0", "layers.1", "layers.2"]
+    assert any("without the forward hooks of emb" in n for n in fm.plan.notes), fm.plan.notes
+    names = {id(m): n for n, m in model.named_modules()}
+    for k in range(3):
+        fm.freeze_prefix(k)
+        frozen = set(fm.frozen_parameter_names(k))
+        for name, q in ref.named_parameters():
+            q.requires_grad_(name not in frozen)
+        ref.train()
+        for m in fm.frozen_modules:  # a frozen block runs in eval mode: no noise once the stem is frozen
+            ref.get_submodule(names[id(m)]).eval()
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = fm(ids)
+        torch.manual_seed(1)
+        want = ref(ids)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)  # the noise drawn as in eager code
+        out.pow(2).mean().backward()
+        want.pow(2).mean().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (q.grad is None), (k, name)
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"k={k} {name}")
+    assert sum("forward hooks that torch.export could not take" in r.getMessage() for r in caplog.records) == 1
+    fm.freeze_prefix(0)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fm(ids), ref(ids), rtol=1e-6, atol=1e-6)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)  # Egeria measures the blocks on the graph
+    model.train()
+    cfg = {"egeria": {"eval_interval": 2, "window": 3, "patience": 1, "asynchronous": False, "overhead_budget": 0.0}}
+    fm = fxfreeze.compile(model, (ids,), optimizer=opt, strategy="export", config=cfg)
+    for _ in range(8):
+        opt.zero_grad()
+        fm(ids).pow(2).mean().backward()
+        opt.step()
+    assert fm.freezer.policy.evaluations >= 3 and not fm.freezer.policy.unmeasurable
