@@ -8,6 +8,7 @@ module reads the model's tensors through the model's own modules.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Collection, Mapping
 
 import torch
@@ -140,9 +141,10 @@ def share_modules(gm: fx.GraphModule, model: nn.Module, skip: Collection[str] = 
     module built during that call kept the substitutes for every later call (no gradient
     reached the model again, silently). With the modules that own the targets shared (as
     fx's ``call_module`` targets already are), each call reads what the model holds now.
-    Targets at the model's root (``self.pos_embed`` in its own forward) keep their values, as
-    do those in ``skip`` (export's lifted constants, which live in the graph module only: a
-    module holding one stays the graph module's). Returns ``gm``.
+    The model's tensors at its root (``self.pos_embed`` in its own forward) are read from it
+    by properties of the graph module's class (fx makes one class per graph module). Targets
+    in ``skip`` keep their values (export's lifted constants, which live in the graph module
+    only: a module holding one stays the graph module's). Returns ``gm``.
 
     Example::
 
@@ -154,6 +156,10 @@ def share_modules(gm: fx.GraphModule, model: nn.Module, skip: Collection[str] = 
         True
     """
     targets = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")} - set(skip)
+    owner = weakref.ref(model)
+    for name in targets:  # the model's own tensors at its root: read from it (each graph module has its class)
+        if "." not in name and (name in model._parameters or name in model._buffers):
+            setattr(type(gm), name, property(lambda _, n=name: getattr(owner(), n)))
     holding = {".".join(t.split(".")[:i]) for t in skip for i in range(1, t.count(".") + 1)}
     modules = dict(model.named_modules())
     shared: list[str] = []

@@ -74,13 +74,12 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         super().__init__()
         # Share the original hierarchy under the same names: same state_dict keys, same
         # parameter objects, and .to()/.train() reach the original modules.
+        # The root's parameter and buffer dicts are the model's own: a tensor swapped in at the
+        # root (torch.func.functional_call on this module) is the model's too.
         for name, child in model._modules.items():
             self._modules[name] = child
-        for name, p in model._parameters.items():
-            self._parameters[name] = p
-        for name, b in model._buffers.items():
-            self._buffers[name] = b
-        self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+        self._parameters, self._buffers = model._parameters, model._buffers
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_analysis", analysis)
         self.plan: FreezePlan = analysis.plan
@@ -182,13 +181,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         return self.graph_module_of(self.graphs.primary(mode))
 
     def _apply(self, fn: Any, recurse: bool = True) -> "FreezableModule":
-        super()._apply(fn, recurse)
-        # root-level tensors are new objects after .to(): keep the original model in step;
+        super()._apply(fn, recurse)  # (root-level tensors: the model's dicts, kept in step)
         # graphs may have baked in the old dtype or device: capture again on the next call
-        for name in list(self._buffers):
-            self._model._buffers[name] = self._buffers[name]
-        for name in list(self._parameters):
-            self._model._parameters[name] = self._parameters[name]
         self._reset_graphs()
         self._named_params = dict(self._model.named_parameters())
         return self

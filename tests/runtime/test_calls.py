@@ -399,17 +399,31 @@ def test_a_mapping_graphs_cannot_take_runs_as_its_dict():
         fm.graph_module_of(e).graph.lint()
 
 
+class _Shifted(nn.Module):
+    """Residual blocks, and a parameter of the root's own (as a ViT's position embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(16))
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.blocks = nn.Sequential(*[Res(16) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.inp(x) + self.shift))
+
+
 @pytest.mark.parametrize("strategy", ["fx", "export"])
 def test_functional_call_and_per_sample_gradients_see_the_parameters_of_each_call(strategy):
     """``torch.func.functional_call`` substitutes tensors for the model's parameters for one
     call (per-sample gradients with ``vmap(grad(...))``, meta-learning). An exported graph
     module used to bind the tensors it was built with: built during such a call, it kept the
     substitutes, and every later call of the compiled module ignored the model's parameters
-    (wrong outputs, no gradient), silently."""
+    (wrong outputs, no gradient), silently; a parameter at the root was never substituted
+    (the compiled module registered it apart from the model), nor read anew by a graph."""
     from torch.func import functional_call, grad, vmap
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), *[Res(16) for _ in range(3)], nn.Linear(16, 3))
+    model = _Shifted()
     ref = copy.deepcopy(model)
     x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
     fm = fxfreeze.compile(model, (x,), strategy=strategy, config={"policy": "manual"})
