@@ -86,3 +86,19 @@ class StochasticDepthMLP(ResidualMLP):
     def __init__(self, depth: int = 4, no_grad: bool = False) -> None:
         super().__init__(depth)
         self.blocks = nn.Sequential(*[EmaRes(16, no_grad=no_grad) for _ in range(depth)])
+
+
+class TokenStack(nn.Module):
+    """Token ids ``[batch, length]`` to per-token logits: an embedding, ``layers`` residual
+    MLP layers, an output projection."""
+
+    def __init__(self, layers: int = 3, vocab: int = 50, d: int = 16) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU()) for _ in range(layers))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.out(h)

@@ -135,20 +135,11 @@ def test_a_probe_that_cannot_run_stops_egeria_and_training_goes_on(caplog, monke
     assert caplog.text.count("a block refuses the probe batch); no further freezing decisions") == 1
 
 
-class _TokenNet(nn.Module):
-    """Token ids ``[batch, length]`` to per-token logits through residual MLP layers."""
+def _token_net() -> nn.Module:
+    from _nets import TokenStack
 
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb, self.out = nn.Embedding(50, 16), nn.Linear(16, 50)
-        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()) for _ in range(4))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = h + layer(h)
-        return self.out(h)
+    torch.manual_seed(0)
+    return TokenStack(layers=4)
 
 
 def test_egeria_on_packed_sequences_compares_positions(caplog):
@@ -157,7 +148,7 @@ def test_egeria_on_packed_sequences_compares_positions(caplog):
     could never be filled from later batches of other lengths, and Egeria waited forever:
     0 evaluations, never a freeze, on every packed run."""
     g = torch.Generator().manual_seed(0)
-    model = _TokenNet()
+    model = _token_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     fm = fxfreeze.compile(model, (torch.randint(0, 50, (1, 20), generator=g),), optimizer=opt, config=_FAST_EGERIA)
     lengths = [37, 52, 41, 60, 33, 48, 55, 39, 44, 58, 36, 50]
@@ -173,7 +164,7 @@ def test_egeria_on_packed_sequences_compares_positions(caplog):
     assert policy.evaluations >= 3
     assert caplog.text.count("compares the probe's 37 positions") == 1 and "needs at least 2" not in caplog.text
     state = fm.freezer.state_dict()  # a resume keeps comparing positions
-    other = _TokenNet()
+    other = _token_net()
     fresh = fxfreeze.compile(other, (torch.randint(0, 50, (1, 20)),), optimizer=torch.optim.SGD(other.parameters(), lr=0.05),
                              config=_FAST_EGERIA)
     fresh.freezer.load_state_dict(state)

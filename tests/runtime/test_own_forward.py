@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint  # bound by name, as model code do
 
 import fxfreeze
 from fxfreeze.bench.memory import saved_bytes
+from _nets import TokenStack
 
 
 class _Net(nn.Module):
@@ -111,15 +112,23 @@ def test_hugging_face_gradient_checkpointing_switched_on_after_compile_is_kept()
 
 def _same_as_eager_with_each_prefix_frozen(fm, model: nn.Module, ref: nn.Module, x: torch.Tensor, upto: int) -> None:
     """For k = 0..upto-1 frozen blocks: the compiled module's output and every gradient equal
-    eager code's with the same parameters frozen (the model's own forward runs: exact output)."""
+    eager code's with the same parameters frozen and the same modules in eval mode (the
+    model's own forward runs, from the same seed: exact output)."""
+    names = {id(m): n for n, m in model.named_modules()}
     for k in range(upto):
         fm.freeze_prefix(k)
         frozen = set(fm.frozen_parameter_names(k))
         for name, q in ref.named_parameters():
             q.requires_grad_(name not in frozen)
+        ref.train()
+        for m in fm.frozen_modules:
+            ref.get_submodule(names[id(m)]).eval()
         model.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
-        out, ref_out = fm(x), ref(x)
+        torch.manual_seed(1)
+        out = fm(x)
+        torch.manual_seed(1)
+        ref_out = ref(x)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
         out.pow(2).mean().backward()
         ref_out.pow(2).mean().backward()
@@ -312,27 +321,13 @@ def _noise_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch
     return output
 
 
-class _Tokens(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU()) for _ in range(3))
-        self.out = nn.Linear(16, 50)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = h + layer(h)
-        return self.out(h)
-
-
 def test_forward_hooks_export_cannot_take_are_left_out_of_the_graph_and_run_on_every_call(caplog):
     """Hugging Face models are exported (fx cannot trace their root; this one is exported by
     request), and export traces a module's hooks. Before: the hook made the whole model
     uncapturable (eager-only, a plan from module order), and Egeria, with no graph of the
     stem to measure, never froze anything (NEFTune under the Trainer)."""
     torch.manual_seed(0)
-    model = _Tokens()
+    model = TokenStack()
     model.emb.register_forward_hook(_noise_hook)
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 50, (4, 12))
@@ -341,28 +336,8 @@ def test_forward_hooks_export_cannot_take_are_left_out_of_the_graph_and_run_on_e
     assert not fm.eager_only and fm._analysis.capture.hooks_left_out == ("emb",)
     assert fm.plan.names == ["stem", "layers.0", "layers.1", "layers.2"]
     assert any("without the forward hooks of emb" in n for n in fm.plan.notes), fm.plan.notes
-    names = {id(m): n for n, m in model.named_modules()}
-    for k in range(3):
-        fm.freeze_prefix(k)
-        frozen = set(fm.frozen_parameter_names(k))
-        for name, q in ref.named_parameters():
-            q.requires_grad_(name not in frozen)
-        ref.train()
-        for m in fm.frozen_modules:  # a frozen block runs in eval mode: no noise once the stem is frozen
-            ref.get_submodule(names[id(m)]).eval()
-        model.zero_grad(set_to_none=True)
-        ref.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        out = fm(ids)
-        torch.manual_seed(1)
-        want = ref(ids)
-        torch.testing.assert_close(out, want, rtol=0, atol=0)  # the noise drawn as in eager code
-        out.pow(2).mean().backward()
-        want.pow(2).mean().backward()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            assert (p.grad is None) == (q.grad is None), (k, name)
-            if q.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"k={k} {name}")
+    # a frozen block runs in eval mode: no noise once the stem is frozen
+    _same_as_eager_with_each_prefix_frozen(fm, model, ref, ids, 3)
     assert sum("forward hooks that torch.export could not take" in r.getMessage() for r in caplog.records) == 1
     fm.freeze_prefix(0)
     model.eval()
