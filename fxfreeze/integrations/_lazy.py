@@ -36,6 +36,7 @@ from torch import nn
 from ..calls import forward_signature
 from ..errors import DistributedError, FreezeError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward
+from ..runtime.adopt import holds_any
 
 __all__ = ["LazyCompile", "encode_state", "decode_state", "data_parallel"]
 
@@ -126,14 +127,7 @@ def holding(optimizer: Any, model: nn.Module) -> Any:
     if not isinstance(optimizer, (list, tuple)):
         return optimizer
     ids = {id(p) for p in model.parameters()}
-
-    def holds(o: Any) -> bool:
-        while isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer):
-            o = o.optimizer
-        groups = getattr(o, "param_groups", [])
-        return any(id(p) in ids for g in groups for p in g["params"])
-
-    return [o for o in optimizer if holds(o)] or list(optimizer)
+    return [o for o in optimizer if holds_any(o, ids)] or list(optimizer)
 
 
 class LazyCompile:

@@ -40,9 +40,22 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import ConfigError
 
-__all__ = ["ClockWatch", "OptimizerWatch", "check_holds"]
+__all__ = ["ClockWatch", "OptimizerWatch", "check_holds", "holds_any", "real_optimizer"]
 
 logger = logging.getLogger("fxfreeze")
+
+
+def real_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's, Lightning's)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def holds_any(optimizer: Any, ids: set[int]) -> bool:
+    """Does ``optimizer`` (unwrapped) hold a parameter whose ``id`` is in ``ids``?"""
+    groups = getattr(real_optimizer(optimizer), "param_groups", [])
+    return any(id(p) in ids for g in groups for p in g["params"])
 
 
 def check_holds(module: Any, opts: list[torch.optim.Optimizer]) -> None:
@@ -154,8 +167,7 @@ class ClockWatch:
             return
         holds = self._holds.get(optimizer)
         if holds is None:  # read once per optimizer: does it hold the model's parameters?
-            ids = {id(p) for p in ctl.module.parameters()}
-            self._holds[optimizer] = holds = any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+            self._holds[optimizer] = holds = holds_any(optimizer, {id(p) for p in ctl.module.parameters()})
         if not holds:
             return
         self._runs[optimizer] = runs = self._runs.get(optimizer, 0) + 1

@@ -23,7 +23,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import FreezeError
-from .adopt import ClockWatch, OptimizerWatch, adopt_optimizer, check_holds
+from .adopt import ClockWatch, OptimizerWatch, adopt_optimizer, check_holds, real_optimizer
 from .horizon import PlannedLength
 from .loss_reader import LossReader
 from .lr_steps import LrSteps, learning_rates
@@ -101,9 +101,7 @@ class Freezer:
         overflowing fp16 step), and a skipped step is not a step."""
         given = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         opts: list[torch.optim.Optimizer] = []
-        for o in given:
-            while isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer):
-                o = o.optimizer
+        for o in map(real_optimizer, given):
             if not isinstance(o, torch.optim.Optimizer):
                 raise FreezeError(f"optimizer must be a torch.optim.Optimizer, got {type(o).__name__}")
             opts.append(o)

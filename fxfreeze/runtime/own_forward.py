@@ -62,8 +62,10 @@ class OwnForwardWatch:
         """Must a call (a training one, by default) whose graph came from ``capture`` run
         the model's own forward? The first time for each reason, one INFO line says what
         runs instead."""
-        functions = tuple(getattr(capture, "functions", ()))
         left_out = tuple(getattr(capture, "hooks_left_out", ()))
+        if not training and not left_out:  # evaluation: only hooks left out of the graph matter
+            return False
+        functions = tuple(getattr(capture, "functions", ()))
         reasons = {
             "checkpoints": training and (bool(getattr(capture, "checkpoints", False))
                                          or any(getattr(m, f) is True for m, f in self.switches)),
