@@ -26,9 +26,12 @@ dataset), the frontier tensors the frozen prefix produced for it:
 On a miss the prefix runs under ``no_grad`` on the whole batch (its modules are in eval mode
 and deterministic, so a sample's frontier does not depend on its batch) and the batch's
 entries are stored. A batch without sample ids (the loop did not go through
-``fm.wrap_loader``) is computed, not cached, with one warning. ``verify_fraction`` of the
-hits are recomputed and compared; a mismatch (say, random augmentation the config did not
-declare) drops the cache, turns caching off and warns.
+``fm.wrap_loader``) is computed, not cached, with one warning. Each stored sample keeps a
+fingerprint of its input (:mod:`fxfreeze.runtime.input_prints`); a read whose input differs
+from it (random augmentation the config did not declare, multi-scale inputs, ids that do not
+follow the data) drops the cache, turns caching off and warns. ``verify_fraction`` of the
+hits are also recomputed and compared, which catches a prefix whose output varies for the
+same input.
 """
 
 from __future__ import annotations
@@ -45,43 +48,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .host_tier import HostTier
+from .input_prints import InputPrints
 from .spill import DiskTier
 
-__all__ = ["cache_pays", "ActivationCache", "CacheStats"]
+__all__ = ["ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
 #: the host tier's budget when ``host_budget_mb`` is None and the frontier is on an accelerator
 DEFAULT_HOST_BUDGET_MB = 4096.0
-
-def cache_pays(remaining: int | None, per_epoch: int | None, run: float | None, store: float | None,
-               load: float | None) -> bool:
-    """Will caching a new frozen prefix pay back before the run ends?
-
-    After a freeze the first epoch *fills*: every sample misses, the prefix runs as it would
-    without the cache, and storing its rows costs ``store`` seconds per sample. Every later
-    step *reads*: it saves the prefix's ``run`` and pays ``load`` per sample. So the cache
-    pays when the steps left after one epoch, times the saving, exceed one epoch of stores.
-    Costs are measured (None before the first measurement: then at least one full epoch of
-    reading is asked for); an unknown run length or epoch length keeps the cache on.
-
-    Example::
-
-        >>> cache_pays(remaining=300, per_epoch=100, run=2e-3, store=1e-4, load=2e-4)
-        True
-        >>> cache_pays(remaining=120, per_epoch=100, run=2e-3, store=5e-3, load=2e-4)  # 20 reading steps
-        False
-        >>> cache_pays(None, 100, None, None, None)
-        True
-    """
-    if remaining is None or not per_epoch:
-        return True
-    later = remaining - per_epoch
-    if later <= 0:
-        return False
-    if run is None or store is None:
-        return later >= per_epoch
-    return later * (run - (load or 0.0)) > per_epoch * store
-
 
 class CacheStats(dict):  # a dict so that it prints and serialises plainly
     pass
@@ -113,6 +87,8 @@ class ActivationCache:
         self._old: tuple[int, dict[int, tuple[torch.Tensor, ...]]] | None = None
         self.runner: Callable[[Sequence[Any]], tuple[Any, ...]] | None = None
         self.refill: Callable[[Sequence[Any], Sequence[Any]], tuple[Any, ...]] | None = None
+        self.names: list[str] = []  # the graph inputs ``load`` is given, by name
+        self.prints = InputPrints()
         self.ids: torch.Tensor | None = None
         self.enabled = True
         self._warned_no_ids = False
@@ -126,8 +102,10 @@ class ActivationCache:
         self.costs: dict[str, list[float]] = {"run": [0.0, 0], "store": [0.0, 0], "load": [0.0, 0]}
 
     # -- prefix changes ----------------------------------------------------------------------------
-    def set_prefix(self, k: int, runner: Any, refill: Any = None, key: bytes | None = None) -> None:
-        """The prefix is now ``k`` blocks, computed by ``runner(inputs)``; drop what was
+    def set_prefix(self, k: int, runner: Any, refill: Any = None, key: bytes | None = None,
+                   names: Sequence[str] = ()) -> None:
+        """The prefix is now ``k`` blocks, computed by ``runner(inputs)`` from the graph
+        inputs ``names`` (what their fingerprints are kept under); drop what was
         stored for another prefix (keeping the in-memory entries of a shallower one for
         ``refill(inputs, old_frontier)`` when given). ``key`` (32 bytes) identifies the plan,
         the prefix and its frozen weights: spilled entries carry it and are served only
@@ -142,6 +120,7 @@ class ActivationCache:
         self._disk.set_prefix(k, key)
         self.runner = runner
         self.refill = refill
+        self.names = list(names)
 
     def clear(self) -> None:
         with self._lock:
@@ -154,6 +133,7 @@ class ActivationCache:
 
     def close(self) -> None:
         self.clear()
+        self.prints.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         self._disk.close()
@@ -174,8 +154,14 @@ class ActivationCache:
                 return tuple(self.runner(inputs))
         keys = [int(i) for i in ids.tolist()]
         t0 = time.perf_counter()
+        changed = self.prints.poll()
+        prints = self.prints.of(inputs, self.names, len(keys))
         host = self._host
         entries = [_HOST if host is not None and i in host else self._get(i) for i in keys]
+        if changed is None and all(e is not None for e in entries):
+            changed = self.prints.differ(keys, prints, strict=True)
+        if changed is not None:
+            return self._inputs_changed(inputs, changed)
         if all(e is not None for e in entries):
             out = self._assemble(keys, entries)
             self._cost("load", t0, len(keys))
@@ -188,6 +174,9 @@ class ActivationCache:
             old_k, old = self._old
             prev = [old.get(i) for i in keys]
             if all(p is not None for p in prev):
+                changed = self.prints.differ(keys, prints, strict=False)
+                if changed is not None:
+                    return self._inputs_changed(inputs, changed)
                 old_frontier = tuple(torch.stack([p[j] for p in prev]) for j in range(len(prev[0])))  # type: ignore[index]
                 with torch.no_grad():
                     out = tuple(self.refill(inputs, old_frontier))
@@ -218,8 +207,23 @@ class ActivationCache:
                 rows += 1
         if over:
             self._offload(over, stored)
+        self.prints.record(keys, prints)
         self._cost("store", t0, rows)
         return out
+
+    def _inputs_changed(self, inputs: Sequence[Any], how: str) -> tuple[Any, ...]:
+        """A sample came back with another input than its entry was computed from: the
+        cache's premise fails, so caching turns off (with a warning) and this batch is computed."""
+        logger.warning(
+            "fxfreeze cache: a sample's input to the frozen prefix is not the one its cached activations "
+            "were computed from (%s): random augmentation, inputs of another size each epoch, a model "
+            "called twice per batch on different inputs, or sample ids that do not follow the data. "
+            "Caching is now off and the prefix runs on every batch; declare augmentation with "
+            "cache.random_augmentation=True", how)
+        self.enabled = False
+        self.clear()
+        with torch.no_grad():
+            return tuple(self.runner(inputs))  # type: ignore[misc]
 
     def _assemble(self, keys: list[int], entries: list[Any]) -> tuple[torch.Tensor, ...]:
         """One batch tensor per frontier value from per-sample entries: rows on the device
@@ -297,8 +301,8 @@ class ActivationCache:
                 diff = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
                 logger.warning(
                     "fxfreeze cache: a cached frontier differs from a fresh computation (max difference %.3g): "
-                    "the frozen prefix's input is not deterministic per sample (random augmentation?). "
-                    "Caching is now off; declare augmentation with cache.random_augmentation=True", diff)
+                    "the frozen prefix is not deterministic for a given input (randomness in it, or its weights "
+                    "written through `.data`, which the cache does not see). Caching is now off", diff)
                 self.enabled = False
                 self.clear()
                 return

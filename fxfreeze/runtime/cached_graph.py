@@ -29,10 +29,9 @@ from ..errors import PassError
 from ..graph_utils import share_modules
 from ..passes.cut_backward import copy_graph
 from ..passes.subgraph import extract
-from .cache import cache_pays
 from .graphs import GraphEntry
 
-__all__ = ["CachedGraph", "prefix_fingerprint"]
+__all__ = ["CachedGraph", "cache_pays", "prefix_fingerprint"]
 
 logger = logging.getLogger("fxfreeze")
 
@@ -59,6 +58,36 @@ def _stamp(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     return [(t._version, t.data_ptr()) for t in tensors]
 
 
+def cache_pays(remaining: int | None, per_epoch: int | None, run: float | None, store: float | None,
+               load: float | None) -> bool:
+    """Will caching a new frozen prefix pay back before the run ends?
+
+    After a freeze the first epoch *fills*: every sample misses, the prefix runs as it would
+    without the cache, and storing its rows costs ``store`` seconds per sample. Every later
+    step *reads*: it saves the prefix's ``run`` and pays ``load`` per sample. So the cache
+    pays when the steps left after one epoch, times the saving, exceed one epoch of stores.
+    Costs are measured (None before the first measurement: then at least one full epoch of
+    reading is asked for); an unknown run length or epoch length keeps the cache on.
+
+    Example::
+
+        >>> cache_pays(remaining=300, per_epoch=100, run=2e-3, store=1e-4, load=2e-4)
+        True
+        >>> cache_pays(remaining=120, per_epoch=100, run=2e-3, store=5e-3, load=2e-4)  # 20 reading steps
+        False
+        >>> cache_pays(None, 100, None, None, None)
+        True
+    """
+    if remaining is None or not per_epoch:
+        return True
+    later = remaining - per_epoch
+    if later <= 0:
+        return False
+    if run is None or store is None:
+        return later >= per_epoch
+    return later * (run - (load or 0.0)) > per_epoch * store
+
+
 class CachedGraph:
     """Builds and keeps the cached variant of one training graph."""
 
@@ -77,7 +106,7 @@ class CachedGraph:
 
     def pays(self, k: int, freezer: Any) -> bool:
         """Cache the prefix of ``k`` blocks only when it is expected to stay long enough to
-        pay back its fill (:func:`~fxfreeze.runtime.cache.cache_pays`, from the steps left
+        pay back its fill (:func:`cache_pays`, from the steps left
         in the planned run and the fill and read costs measured so far); decided once per
         prefix and logged when the answer is no. Otherwise the prefix runs as without a cache."""
         if self._pays is None or self._pays[0] != k:
@@ -140,7 +169,7 @@ class CachedGraph:
         if self.frontier and 0 < self.k < k:
             refill = _refill_fn(base.graph, root, self.k, k, self.frontier, frontier, in_names)
         named = frozen(k)
-        self.cache.set_prefix(k, runner, refill, key=prefix_fingerprint(self.blocks, k, named))
+        self.cache.set_prefix(k, runner, refill, key=prefix_fingerprint(self.blocks, k, named), names=in_names)
         self.gm, self.k, self.frontier = gm, k, frontier
         self._watched = [t for _, t in named]
         self._stamp = _stamp(self._watched)

@@ -191,17 +191,104 @@ def test_batches_without_ids_run_uncached_with_one_warning(caplog):
     assert caplog.text.count("without sample ids") == 1 and fm.activation_cache.stats["uncached_batches"] > 0
 
 
-def test_verification_catches_nondeterministic_inputs(caplog):
+def test_verification_catches_a_prefix_that_computes_otherwise_for_the_same_input(caplog):
+    """A frozen weight written through ``.data`` keeps its version counter, so the cache's
+    watch does not see it; verification recomputes the hit and does."""
     torch.manual_seed(0)
     model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
     fm = fxfreeze.compile(model, (torch.randn(2, 1, 16, 16),), config={"policy": "manual", "cache": {"enabled": True, "verify_fraction": 1.0}})
     fm.freeze_prefix(2)
     fm.train()
+    x = torch.randn(4, 1, 16, 16)
     with caplog.at_level(logging.WARNING, logger="fxfreeze"):
-        for _ in range(2):  # the "same" samples, randomly augmented each time
+        for _ in range(2):
             with fm.sample_ids(torch.arange(4)):
-                fm(torch.randn(4, 1, 16, 16))
-    assert not fm.activation_cache.enabled and "not deterministic" in caplog.text
+                fm(x)
+            next(model.parameters()).data.mul_(1.5)
+    assert not fm.activation_cache.enabled and "not deterministic for a given input" in caplog.text
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Each epoch's samples differ from the last one's, as a random augmentation in a
+    dataset's transform makes them (set ``epoch`` before each): a flip on odd epochs, or
+    images of another size on odd epochs (multi-scale training)."""
+
+    def __init__(self, how: str) -> None:
+        self.data, self.how, self.epoch = _data(), how, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        if self.epoch % 2:
+            x = x.flip(-1) if self.how == "flip" else nn.functional.interpolate(x[None], size=(20, 20))[0]
+        return x, y
+
+
+@pytest.mark.parametrize("how", ["flip", "size"])
+@pytest.mark.parametrize("schedule", [{6: 2}, {6: 2, 12: 3}], ids=["read", "refill"])
+def test_inputs_that_change_from_epoch_to_epoch_turn_caching_off_at_the_first_read(how, schedule, caplog):
+    """A random augmentation the config does not declare (``cache.random_augmentation``) or
+    multi-scale inputs: a sample's input differs from the one its cached activations came
+    from. Before, the cache served the stored epoch's activations (a flipped image's for the
+    unflipped one, a 20x20 image's for a 16x16 one) and the run trained on them, silently;
+    inputs of two sizes in one cached batch raised a shape error out of the forward. Now the
+    first read (or refill of a deeper prefix from the old entries) compares each sample's
+    input fingerprint, turns caching off with a warning, and the run is the uncached run."""
+    def run(cache: bool):
+        torch.manual_seed(0)
+        model = zoo.resnet_cifar(depth=8, width=8, in_channels=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        cfg = {"policy": "manual", "manual": {"schedule": schedule, "unit": "step"}, "cache": {"enabled": cache}}
+        ds = _Augmented(how)
+        fm = fxfreeze.compile(model, (ds.data.tensors[0][:2],), optimizer=opt, config=cfg)
+        loader = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+        losses: list[float] = []
+        for epoch in range(4):
+            ds.epoch = epoch
+            _epoch(fm, opt, fm.wrap_loader(loader) if cache else loader, losses)
+        return fm, losses
+
+    _, ref_losses = run(False)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        fm, losses = run(True)
+    assert losses == ref_losses
+    assert caplog.text.count("is not the one its cached activations were computed from") == 1
+    assert ("has shape [1, 16, 16], cached from [1, 20, 20]" in caplog.text) == (how == "size")
+    c = fm.activation_cache
+    assert not c.enabled and c.stats["hits"] == 0 and c.stats["refills"] == 0 and len(c) == 0
+
+
+def test_input_fingerprints_tell_a_changed_input_from_the_same_one_in_another_batch():
+    """The same rows in other batches, of other sizes, match (float64 rounding differs with
+    the batch's blocking; the tolerance is far above it); a change of 10^-4 to one pixel of
+    a 3x64x64 image, a colour jitter of 10^-6, a flip, and a changed token do not."""
+    from fxfreeze.runtime.input_prints import InputPrints
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 64, 64, generator=g)
+    tok = torch.randint(0, 1000, (40, 12), generator=g)
+    p = InputPrints()
+    for s in range(0, 40, 16):
+        ids = list(range(s, min(s + 16, 40)))
+        p.record(ids, p.of((x[ids], tok[ids], torch.tensor(3.0)), ("x", "tok", "scale"), len(ids)))
+    perm = torch.randperm(40, generator=g).tolist()
+    for s in range(0, 40, 7):
+        ids = perm[s:s + 7]
+        assert p.differ(ids, p.of((x[ids], tok[ids]), ("x", "tok"), len(ids)), strict=True) is None
+    y = x.clone()
+    y[5, 1, 30, 30] += 1e-4
+    assert p.differ([5, 6], p.of((y[[5, 6]], tok[[5, 6]]), ("x", "tok"), 2), strict=True) is not None
+    assert p.differ([6], p.of((x[[6]] * (1 + 1e-6), tok[[6]]), ("x", "tok"), 1), strict=True) is not None
+    assert p.differ([7], p.of((x[[7]].flip(-1), tok[[7]]), ("x", "tok"), 1), strict=True) is not None
+    t2 = tok.clone()
+    t2[9, 3] += 1
+    assert p.differ([9], p.of((x[[9]], t2[[9]]), ("x", "tok"), 1), strict=True) is not None
+    # an input not recorded with the entries: a difference when strict, not compared otherwise
+    mask = torch.ones(2, 12)
+    assert p.differ([1, 2], p.of((x[[1, 2]], mask), ("x", "mask"), 2), strict=True) is not None
+    assert p.differ([1, 2], p.of((x[[1, 2]], mask), ("x", "mask"), 2), strict=False) is None
 
 
 def test_cache_with_bert_style_kwargs_model():
