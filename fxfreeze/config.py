@@ -120,6 +120,9 @@ class FreezeConfig:
     - ``total_steps``: the planned length of training in optimizer steps, for policies that
       schedule by it (FreezeOut, when its own ``freezeout.total_steps`` is not set). The
       Trainer and Lightning integrations fill it from the trainer's plan;
+    - ``not_before``: no freeze before this optimizer step; a freeze decided earlier waits
+      for it. None (the default): 0, unless the model's PEFT adapter reads every parameter's
+      gradient until some step (AdaLoRA's rank allocation, up to ``total_step - tfinal``);
     - ``safety_net``: unfreeze when the training loss rises after a freeze
       (:class:`SafetyNetConfig`);
     - one section per built-in policy (``egeria``, ...) and ``cache``; ``sections`` holds
@@ -132,6 +135,7 @@ class FreezeConfig:
     release_optimizer_state: bool = True
     steps_per_epoch: int | None = None
     total_steps: int | None = None
+    not_before: int | None = None
     manual: ManualConfig = field(default_factory=ManualConfig)
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
     egeria: EgeriaConfig = field(default_factory=EgeriaConfig)
@@ -152,6 +156,8 @@ class FreezeConfig:
             positive_int(self.steps_per_epoch, "steps_per_epoch")
         if self.total_steps is not None:
             positive_int(self.total_steps, "total_steps")
+        if self.not_before is not None:
+            positive_int(self.not_before, "not_before", minimum=0)
         self.cache = _section(CacheConfig, self.cache, "cache")
         self.safety_net = _section(SafetyNetConfig, self.safety_net, "safety_net")
         for name in _BUILTIN_SECTIONS:

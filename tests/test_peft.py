@@ -84,3 +84,64 @@ def test_lora_blocks_through_wrappers_and_frozen_prefix_cuts_backward(kind):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, p in ref.named_parameters() if p.requires_grad
     }
+
+
+def _llama(layers: int = 3):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _batch():
+    ids = torch.randint(1, V, (4, 10), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_and_prefix_tuning_keep_the_prompt_encoder_trainable(kind):
+    """Only the prompt encoder trains; the model after it is frozen whole. A schedule that
+    freezes every block froze the prompt encoder too, and the loop's ``loss.backward()``
+    raised "element 0 of tensors does not require grad" at the next step. Now the freeze
+    stops before it and the prompt goes on training, as in eager code."""
+    make = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
+    model = peft.get_peft_model(_llama(), make(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    batch = _batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    n = len(fxfreeze.plan(model, batch).blocks)
+    fm = fxfreeze.compile(model, batch, optimizer=opt,
+                          config={"policy": "manual", "manual": {"schedule": {2: n}, "unit": "step"}})
+    assert fm.plan.names[-1] == "prompt_encoder"
+    prompt = [p for n_, p in model.named_parameters() if p.requires_grad]
+    for step in range(5):
+        before = [p.detach().clone() for p in prompt]
+        loss = fm(**batch).loss
+        loss.backward()  # raised from the third step on before
+        opt.step()
+        opt.zero_grad()
+    assert fm.num_frozen == n - 1
+    assert all(not torch.equal(a, p) for a, p in zip(before, prompt))  # still training
+
+
+def test_adalora_gets_every_gradient_its_rank_allocation_reads(caplog):
+    """AdaLoRA's ``update_and_allocate(step)`` multiplies every LoRA parameter by its
+    gradient up to its step ``total_step - tfinal``; a parameter frozen before then has
+    none, and the loop raised ``TypeError`` at the first step after a freeze. ``compile``
+    reads that step from the model's AdaLoRA config: freezes wait until after it."""
+    import logging
+
+    cfg = peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=4, target_r=2, target_modules=["q_proj", "v_proj"],
+                             total_step=12, tinit=2, tfinal=3, deltaT=1)
+    model = peft.get_peft_model(_llama(), cfg)
+    batch = _batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm = fxfreeze.compile(model, batch, optimizer=opt,
+                              config={"policy": "manual", "manual": {"schedule": {3: 2}, "unit": "step"}})
+    assert "no freeze before step 10" in caplog.text
+    for step in range(14):
+        fm(**batch).loss.backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)  # raised at step 3 before
+        opt.zero_grad()
+    assert [(e["step"], e["num_frozen"]) for e in fm.freezer.history if e["action"] == "freeze"] == [(10, 2)]

@@ -23,6 +23,7 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import FreezeError
+from .gate import FreezeGate, not_before_for
 from .adopt import ClockWatch, OptimizerWatch, adopt_optimizer, check_holds, real_optimizer
 from .horizon import PlannedLength
 from .loss_reader import LossReader
@@ -69,6 +70,7 @@ class Freezer:
         if scheduler is not None:
             self.attach_scheduler(scheduler)
         self._untrainable = UntrainableBlocks(module)
+        self._gate = FreezeGate(not_before_for(config, module.model))
         self.policy.attach(self)
 
     def set_agreement(self, hook: Callable[[int], int | None] | None) -> None:
@@ -245,6 +247,8 @@ class Freezer:
                 decision = Decision(capped, decision.reason)
         if adaptive:  # a freeze within the blocks the user froze changes nothing; past them, takes them
             decision = self._untrainable.widen(decision, k, seen, top)
+        decision = self._untrainable.cap(decision, k, top)  # something must stay trainable
+        decision = self._gate(decision, self.step_count, self.num_frozen)  # no freeze before not_before
         if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
             agreed = self._agree(proposed)
@@ -325,6 +329,7 @@ class Freezer:
             "safety": self.safety.state_dict(),
             "history": [dict(e) for e in self.history],
             "agreement": self._agree.state_dict() if hasattr(self._agree, "state_dict") else self._agreement_state,
+            "held": self._gate.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -365,6 +370,7 @@ class Freezer:
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(dict(state["policy"]))  # first: the likeliest to refuse
+        self._gate.load_state_dict(state.get("held"))
         k = int(state["num_frozen"])
         self.module._set_prefix(k)
         if self.config.release_optimizer_state:

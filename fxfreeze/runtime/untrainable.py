@@ -54,9 +54,10 @@ class UntrainableBlocks:
         self._names = names
         #: per block, the parameters it owns (their last use lies in it)
         self._params: list[list[nn.Parameter]] = [[] for _ in names]
+        self._head: list[nn.Parameter] = []  # the parameters the head owns
         for name, last in module._param_last_block.items():
-            if last < len(names):
-                self._params[last].append(module.params_by_name[name])
+            (self._params[last] if last < len(names) else self._head).append(module.params_by_name[name])
+        self._capped: int | None = None
         self._told: tuple[int, int] | None = None
         self._module = module
         #: the saved flags last read, and the parameters among them the user had frozen
@@ -82,6 +83,34 @@ class UntrainableBlocks:
                 self._names[widened] if widened < len(self._names) else "the head",
             )
         return widened
+
+    def top(self, max_frozen: int) -> int:
+        """The deepest prefix that leaves a parameter to train: ``max_frozen`` when the head
+        has one that requires a gradient, else the index of the last block that has one.
+
+        Prompt and prefix tuning (PEFT) train a prompt encoder before a model the user froze
+        whole: the head then trains nothing, and freezing the prompt encoder left the loss
+        without a gradient, so the user's ``loss.backward()`` raised "element 0 of tensors
+        does not require grad" at the first step after the freeze."""
+        if any(p.requires_grad for p in self._head):
+            return max_frozen
+        last = next((i for i in range(min(max_frozen, len(self._params)) - 1, -1, -1)
+                     if any(p.requires_grad for p in self._params[i])), 0)
+        return min(max_frozen, last)
+
+    def cap(self, decision: Decision | None, k: int, max_frozen: int) -> Decision | None:
+        """A freeze no deeper than :meth:`top` (said once per capped depth)."""
+        if decision is None or decision.num_frozen <= k:
+            return decision
+        top = self.top(max_frozen)
+        if decision.num_frozen <= top:
+            return decision
+        if self._capped != top:
+            self._capped = top
+            logger.info(
+                "fxfreeze: %s holds the last parameters that train (the user froze those after it): it stays "
+                "trainable, since freezing it would leave the loss without a gradient", self._names[top])
+        return Decision(top, decision.reason) if top > k else None
 
     def widen(self, decision: Decision | None, k: int, seen: int, max_frozen: int) -> Decision | None:
         """A policy's decision on the widened prefix ``seen`` as one on the real prefix ``k``:

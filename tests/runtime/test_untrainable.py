@@ -222,3 +222,19 @@ def test_widen_drops_a_freeze_within_the_users_blocks_and_passes_unfreezes_as_th
     assert u.widen(Decision(4, "x"), 0, 3, top) == Decision(5, "x")  # blocks.3 after blocks.2: taken too
     assert u.widen(Decision(1, "undo"), 4, 5, top) == Decision(1, "undo")
     assert u.widen(None, 0, 3, top) is None
+
+
+def test_a_freeze_never_takes_the_last_block_that_trains(caplog):
+    """The user froze the head and the blocks after ``blocks.1`` (prompt or prefix tuning
+    freeze the whole model after a trainable prompt encoder). A freeze of every block left
+    the loss without a gradient: the loop's ``loss.backward()`` raised "element 0 of
+    tensors does not require grad". Now the freeze stops before the last block that trains,
+    for every policy, with one INFO line."""
+    for policy in ("scripted", "manual"):
+        model, fm, opt = _compile(["head", "blocks.2", "blocks.3", "blocks.4"], {2: 6}, policy)
+        with caplog.at_level(logging.INFO, logger="fxfreeze"):
+            _train(fm, opt, 4)  # raised at the fourth step's backward before
+        assert fm.num_frozen == 2, policy
+        assert model.blocks[1].lin.weight.requires_grad and model.blocks[1].lin.weight.grad is not None
+        assert "blocks.1 holds the last parameters that train" in caplog.text
+        fm.freezer.detach()
