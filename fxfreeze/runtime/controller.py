@@ -53,6 +53,7 @@ class Freezer:
         self._epoch_set = False
         self._lr_steps = LrSteps(config.lr_change_factor)
         self.optimizers: list[torch.optim.Optimizer] = []
+        self._unsettled: list[str] = []  # frozen in a round of several optimizers (see _apply)
         self._loss: float | torch.Tensor | None = None
         self._hook: Any = None
         self._watch: OptimizerWatch | None = None
@@ -64,9 +65,7 @@ class Freezer:
         self._agreement_state: Any = None
         self.safety = SafetyNet(config.safety_net)
         self._loss_reader = LossReader()
-        # the planned run length learned from a learning-rate scheduler (horizon.py), when
-        # the config does not state it: given, or looked for once at the first step
-        self._planned = PlannedLength()
+        self._planned = PlannedLength()  # the run length from an LR scheduler (horizon.py)
         if scheduler is not None:
             self.attach_scheduler(scheduler)
         self._untrainable = UntrainableBlocks(module)
@@ -126,12 +125,7 @@ class Freezer:
         """Learn the run's planned length from ``scheduler``'s horizon (a cosine's ``T_max``, a
         one-cycle's ``total_steps``, a linear decay's end: :mod:`fxfreeze.runtime.horizon`),
         for the policies and the cache, when neither the config nor an integration states
-        ``total_steps``. Found by itself at the first optimizer step when not given.
-
-        Example::
-
-            >>> # fm.freezer.attach_scheduler(torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=900))
-        """
+        ``total_steps``. Found by itself at the first optimizer step when not given."""
         self._planned.attach(scheduler)
 
     @property
@@ -140,6 +134,15 @@ class Freezer:
         ``compile(total_steps=...)`` and the integrations), else a scheduler's horizon once
         learned, else None."""
         return self.config.total_steps or self._planned.learned
+
+    def _settle(self) -> None:
+        """The round of a freeze is over: its parameters drop their gradients and state."""
+        frozen = set(self.module.frozen_parameter_names())
+        names, self._unsettled = [n for n in self._unsettled if n in frozen], []
+        for n in names:
+            self.module.params_by_name[n].grad = None
+        if self.config.release_optimizer_state:
+            self._release(names)
 
     def _release(self, names: list[str]) -> None:
         """Drop optimizer state (momentum, Adam moments) of these parameters, everywhere."""
@@ -257,7 +260,7 @@ class Freezer:
             if agreed != proposed or decision is None:
                 decision = None if agreed == self.num_frozen else Decision(agreed, "decided on rank 0")
         if decision is not None and decision.num_frozen != self.num_frozen:
-            self._apply(decision.num_frozen, decision.reason, watched=adaptive)
+            self._apply(decision.num_frozen, decision.reason, watched=adaptive, in_round=True)
             return decision
         return None
 
@@ -267,15 +270,21 @@ class Freezer:
         A freeze by hand is the user's choice: the safety net does not watch it."""
         self._apply(k, reason, watched=False)
 
-    def _apply(self, k: int, reason: str, watched: bool) -> None:
+    def _apply(self, k: int, reason: str, watched: bool, in_round: bool = False) -> None:
+        """``in_round``: after the clock's step, other optimizers (Muon beside AdamW) may still
+        step: newly frozen parameters keep gradients and state until the model's next call."""
         k = self.module.check_prefix(k)
         old = self.num_frozen
         if k == old:
             return
         before = set(self.module.frozen_parameter_names(old))
-        self.module._set_prefix(k)
+        later = in_round and len(self.optimizers) > 1
+        self.module._set_prefix(k, keep_grads=later)
         newly = [n for n in self.module.frozen_parameter_names(k) if n not in before]
-        if self.config.release_optimizer_state:
+        if later:
+            self._unsettled += newly
+            self.module._after_round = self._settle
+        elif self.config.release_optimizer_state:
             self._release(newly)
         self._record("freeze" if k > old else "unfreeze", old, k, reason)
         self.safety.on_change(self.step_count, old, k, watch=watched)

@@ -327,7 +327,9 @@ class FreezableModule(Routing, EagerCut, nn.Module):
                     continue
         return mods
 
-    def _set_prefix(self, k: int) -> None:
+    def _set_prefix(self, k: int, keep_grads: bool = False) -> None:
+        """Freeze exactly blocks ``0..k-1``. ``keep_grads``: newly frozen parameters keep this
+        step's gradients (another optimizer of the round may still step them)."""
         k = self.check_prefix(k)
         # parameters: restore the previously frozen, then freeze the new prefix
         for name, flag in self._saved_requires_grad.items():
@@ -337,7 +339,8 @@ class FreezableModule(Routing, EagerCut, nn.Module):
             p = self._named_params[name]
             self._saved_requires_grad[name] = p.requires_grad
             p.requires_grad_(False)
-            p.grad = None
+            if not keep_grads:
+                p.grad = None
         # modules: frozen ones run in eval mode, whatever train() calls follow
         mode = self.training
         for m in self._eval_modules:

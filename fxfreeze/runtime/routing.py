@@ -57,6 +57,8 @@ class Routing:
     _ddp_seen: Any = None  # a weak reference to the last DDP the calls ran inside (ddp_watch.py)
     #: (the forward wrapper last read, its autocast): see :meth:`wrapper_amp`
     _amp_seen: tuple[Any, WrapperAutocast | None] = (None, None)
+    #: work a freeze left for the next call: the optimizer round it was decided in is over then
+    _after_round: Any = None
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickling or deep-copying the compiled module is refused with what to do instead:
@@ -72,6 +74,9 @@ class Routing:
     def count_call(self) -> None:
         """Count this call: a training call is one in training mode, or, in a loop that trains
         in eval mode, one with gradients on (its evaluation runs under ``no_grad``)."""
+        if self._after_round is not None:
+            after, self._after_round = self._after_round, None
+            after()
         training = self._model.training
         grad = torch.is_grad_enabled()
         if training:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fxfreeze
+from _nets import Res
 from fxfreeze import zoo
 
 
@@ -175,3 +176,45 @@ def test_eval_mode_first_used_after_a_freeze():
     blocks = [n.meta.get("fxfreeze.block") for n in fm.graph_module(False).graph.nodes
               if n.op.startswith("call") and not n.meta.get("fxfreeze.inserted")]
     assert None not in blocks
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_freeze_between_two_optimizers_steps_keeps_the_others_last_update(set_to_none):
+    """Two optimizers over one model (SparseAdam for a sparse embedding beside Adam, Muon for
+    matrices beside AdamW), the clock's first: a freeze decided after its step cleared the
+    newly frozen parameters' gradients and state before the other optimizer stepped, so they
+    missed the last update eager code gives them (params off by 1e-2 from that step on).
+    Now they keep both until the model's next call; then they are dropped, and the frozen
+    parameters stay bitwise still even with ``zero_grad(set_to_none=False)``. Exact: the
+    same operations in the same order."""
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), Res(16), Res(16), torch.nn.Linear(16, 3))
+        return m, [torch.optim.Adam(m[0].parameters(), lr=1e-2),
+                   torch.optim.AdamW([p for p in m.parameters() if all(p is not q for q in m[0].parameters())],
+                                     lr=1e-2, weight_decay=0.1)]
+
+    model, opts = make()
+    ref, ref_opts = make()
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opts,
+                          config={"policy": "manual", "manual": {"schedule": {3: 2}, "unit": "step"}})
+    g = torch.Generator().manual_seed(1)
+    for step in range(7):
+        x = torch.randn(4, 8, generator=g)
+        if step == 3:  # eager: frozen once the round of step 3 is over
+            for p in list(ref[0].parameters()) + list(ref[1].parameters()):
+                p.requires_grad_(False)
+                p.grad = None
+        if step == 5:
+            still = [p.detach().clone() for p in list(model[0].parameters()) + list(model[1].parameters())]
+        for m, os_ in ((fm, opts), (ref, ref_opts)):
+            for o in os_:
+                o.zero_grad(set_to_none=set_to_none)
+            m(x).square().mean().backward()
+            for o in os_:
+                o.step()
+        for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+            assert torch.equal(a, b), (step, n)
+    assert fm.num_frozen == 2
+    assert all(torch.equal(a, b) for a, b in zip(still, list(model[0].parameters()) + list(model[1].parameters())))
+    assert all(p not in o.state for o in opts for p in model[1].parameters())  # state released after the round
