@@ -80,6 +80,9 @@ def _hf() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Any
         "clip-vision": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)),
             lambda: {"pixel_values": torch.randn(4, 3, 32, 32)}),
+        "levit": (lambda: T.LevitForImageClassification(T.LevitConfig(  # fx traces it: a ModelOutput from fx
+            image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], patch_size=16, num_labels=3)), _pixels),
         "hf-resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
             embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], num_labels=3)), _pixels),
         "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(

@@ -94,6 +94,20 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self._leaves or len(m._modules) == 0
 
+    def create_arg(self, a: Any) -> Any:
+        """fx records a mapping as a plain dict: a Hugging Face ``ModelOutput`` (an ordered
+        dict with attributes) came back from the graph as a ``dict``, so ``out.logits`` raised
+        ``AttributeError`` (LeViT, which fx traces). A mapping of another type is rebuilt as
+        that type by a node calling the type with the values as keywords (when its signature
+        takes them; otherwise the dict stays)."""
+        if isinstance(a, dict) and type(a) is not dict and all(isinstance(k, str) and k.isidentifier() for k in a):
+            try:
+                inspect.signature(type(a)).bind(**dict.fromkeys(a))
+            except (TypeError, ValueError):
+                return super().create_arg(a)
+            return self.create_node("call_function", type(a), (), super().create_arg(dict(a)))
+        return super().create_arg(a)
+
     def call_module(
         self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:

@@ -148,3 +148,48 @@ def test_a_buffer_holding_nan_that_the_forward_only_reads_keeps_fx():
             return self.lin(x) + torch.nan_to_num(self.unset)
 
     assert capture(Marked(), (torch.randn(2, 8),), strategy="fx").strategy == "fx"
+
+
+class _Named(dict):
+    """A mapping output read by attribute, as Hugging Face's ``ModelOutput`` is."""
+
+    def __init__(self, logits=None, features=None) -> None:
+        super().__init__(logits=logits, features=features)
+
+    __getattr__ = dict.__getitem__
+
+
+class _Positional(dict):
+    """A mapping whose constructor does not take its keys: it stays a plain dict."""
+
+    def __init__(self, pairs) -> None:
+        super().__init__(pairs)
+
+
+class _Outputs(nn.Module):
+    def __init__(self, kind: type) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head, self.kind = nn.Linear(8, 16), nn.Sequential(Res(16), Res(16)), nn.Linear(16, 3), kind
+
+    def forward(self, x: torch.Tensor):
+        h = self.blocks(self.stem(x))
+        if self.kind is _Named:
+            return _Named(logits=self.head(h), features=h)
+        return _Positional([("logits", self.head(h)), ("features", h)])
+
+
+def test_a_mapping_output_keeps_its_type_under_fx():
+    """fx records a returned mapping as a plain dict; the graph rebuilds the model's own
+    type when its constructor takes the keys, else it stays a dict (as before)."""
+    x = torch.randn(4, 8)
+    for kind, expected in ((_Named, _Named), (_Positional, dict)):
+        torch.manual_seed(0)
+        model = _Outputs(kind)
+        fm = fxfreeze.compile(model, (x,), policy="manual")
+        assert fm.strategy == "fx"
+        out = fm(x)
+        assert type(out) is expected and list(out) == ["logits", "features"]
+        torch.testing.assert_close(out["logits"], model.head(model.blocks(model.stem(x))), rtol=0, atol=0)
+        fm.graph_module(True).graph.lint()
+        fm.freeze_prefix(2)  # the rewritten graph keeps it
+        assert type(fm(x)) is expected

@@ -339,3 +339,31 @@ def test_padding_free_batches_match_eager_and_egeria_measures_them():
     ref.load_state_dict(model.state_dict())
     b = batch()
     torch.testing.assert_close(fm(**b).loss, ref(**b).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_fx_traces_returns_its_own_output_type():
+    """LeViT is traced by fx, which records a returned mapping as a plain ``dict``: the
+    compiled module returned ``{'logits': ...}`` where the model returns an
+    ``ImageClassifierOutputWithNoAttention``, and ``out.logits`` raised ``AttributeError``.
+    The graph now rebuilds the model's type; outputs and gradients equal eager (exact)."""
+    torch.manual_seed(0)
+    cfg = transformers.LevitConfig(image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2],
+                                   depths=[1, 1, 1], key_dim=[8, 8, 8], patch_size=16, num_labels=3)
+    model = transformers.LevitForImageClassification(cfg)
+    ref = copy.deepcopy(model)
+    img = torch.randn(2, 3, 32, 32)
+    fm = fxfreeze.compile(model, (img,), policy="manual")
+    assert fm.strategy == "fx"
+    for training in (True, False):
+        fm.train(training)
+        ref.train(training)
+        out, exp = fm(img), ref(img)
+        assert type(out) is type(exp) and list(out.keys()) == list(exp.keys())
+        torch.testing.assert_close(out.logits, exp.logits, rtol=0, atol=0)
+    fm.train()
+    ref.train()
+    fm(img).logits.square().mean().backward()
+    ref(img).logits.square().mean().backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
+    fm.graph_module(True).graph.lint()
