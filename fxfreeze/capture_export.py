@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten, keystr
 
 from .calls import forward_signature
-from .graph_utils import resolve_attr
+from .graph_utils import repair_fx_wraps, resolve_attr
 from .forwards import bound, forward_with, temporary_forward
 from .timebound import CaptureTimeout, time_bound
 from .trace_state import fresh_containers, preserved_state, without_forward_hooks
@@ -199,6 +199,7 @@ def _partial_graph_to_debug_log() -> Iterator[None]:
 def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool, strip: bool) -> ExportResult:
     """Export ``model`` on the example call and return its unlifted graph (see the module
     docstring). Raises whatever ``torch.export`` raises."""
+    repair_fx_wraps()
     with warnings.catch_warnings(), _export_forward(model, strip, _named_signature(model, args, kwargs)), \
             _partial_graph_to_debug_log():
         warnings.simplefilter("ignore")

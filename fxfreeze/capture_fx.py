@@ -25,6 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .graph_utils import repair_fx_wraps
+
 __all__ = ["trace_fx", "hides_structure"]
 
 logger = logging.getLogger("fxfreeze")
@@ -78,6 +80,7 @@ class _LeafTracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         self._start = _modes()
+        repair_fx_wraps()
         return super().trace(root, concrete_args)
 
     def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,

@@ -8,6 +8,7 @@ module reads the model's tensors through the model's own modules.
 
 from __future__ import annotations
 
+import builtins
 import weakref
 from typing import Any, Collection, Mapping
 
@@ -18,8 +19,8 @@ from torch import nn
 from .plan import HEAD, META_BLOCK
 
 __all__ = [
-    "COMPUTE_OPS", "aten_op", "aten_ops", "block_label", "block_of", "in_prefix", "label_attributes", "resolve_attr",
-    "share_modules",
+    "COMPUTE_OPS", "aten_op", "aten_ops", "block_label", "block_of", "in_prefix", "label_attributes", "repair_fx_wraps",
+    "resolve_attr", "share_modules",
 ]
 
 #: node ops that compute something (the rest are placeholders, attributes and the output)
@@ -170,3 +171,43 @@ def share_modules(gm: fx.GraphModule, model: nn.Module, skip: Collection[str] = 
         setattr(gm.get_submodule(parent) if parent else gm, name, modules[path])
         shared.append(path)
     return gm
+
+
+def repair_fx_wraps() -> int:
+    """Drop the entries of torch.fx's table of functions to wrap that name no global of the
+    module they were recorded for; returns how many.
+
+    Why: fx adds a call of ``torch.fx._symbolic_trace._assert_is_none`` for each ``None``
+    argument it specialises (every Hugging Face model fx traces has some). Traced again, as
+    torch's quantization traces a block's graph module for Egeria's int8 reference, the call
+    is marked as a wrapped function, and the new graph module's code, which names it by its
+    qualified name, emits ``wrap("torch.fx._symbolic_trace._assert_is_none")``: fx records
+    that dotted name against the code's globals, where no such key exists, and every later fx
+    trace in the process raised ``KeyError`` in ``_patch_wrapped_functions``. After LeViT,
+    every model compiled next ran eagerly (``torch.export`` traces with fx too), Egeria's int8
+    references failed, and so would the user's own traces. Called before fxfreeze traces and
+    after torch's quantization builds its graph modules.
+
+    Example::
+
+        >>> class M(torch.nn.Module):
+        ...     def forward(self, x, y=None):
+        ...         return x if y is None else x + y
+        >>> gm = fx.symbolic_trace(M(), concrete_args={"y": None})
+        >>> again = fx.symbolic_trace(gm)  # its code records the dotted name
+        >>> repair_fx_wraps() >= 1
+        True
+        >>> repair_fx_wraps()
+        0
+    """
+    try:
+        from torch.fx import _symbolic_trace as st
+
+        table = st._wrapped_fns_to_patch
+    except (ImportError, AttributeError):  # another torch: nothing of this to repair
+        return 0
+    bad = [key for key, frame in list(table.items()) if key[1] not in frame and not hasattr(builtins, key[1])]
+    for key in bad:
+        table.pop(key, None)
+    return len(bad)
+

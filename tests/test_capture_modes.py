@@ -193,3 +193,67 @@ def test_a_mapping_output_keeps_its_type_under_fx():
         fm.graph_module(True).graph.lint()
         fm.freeze_prefix(2)  # the rewritten graph keeps it
         assert type(fm(x)) is expected
+
+
+class _ConvRes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.conv(x))
+
+
+class _Optional(nn.Module):
+    """An optional argument left None, which fx specialises with an ``_assert_is_none`` node
+    (convolutions: Egeria's int8 reference is torch's static quantization)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks = nn.Conv2d(1, 4, 3, padding=1), nn.Sequential(_ConvRes(), _ConvRes())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.blocks(self.stem(x))
+        return self.head(h if scale is None else h * scale)
+
+
+class _Branchy(nn.Module):
+    """fx cannot trace it (a branch on a size); torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = nn.Linear(8, 16), nn.Sequential(Res(16), Res(16)), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x))
+        return self.head(h * 2 if x.size(0) > 2 else h)
+
+
+def test_compiling_a_model_fx_specialises_leaves_fx_working_for_later_traces():
+    """A graph module whose code calls ``torch.fx._symbolic_trace._assert_is_none`` (one per
+    ``None`` argument fx specialises: every Hugging Face model fx traces) records that dotted
+    name in fx's table of functions to wrap, and torch's quantization (Egeria's int8
+    reference) does it again. Every later fx trace in the process then raised ``KeyError``:
+    the next model compiled fell back to running eagerly (export traces with fx too), Egeria's
+    int8 references failed, and the user's own ``symbolic_trace`` broke."""
+    import builtins
+
+    from torch.fx import _symbolic_trace as st
+
+    x = torch.randn(4, 1, 4, 4)
+    torch.manual_seed(0)
+    model = _Optional()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fm = fxfreeze.compile(model, (x,), optimizer=opt, config={"egeria": {
+        "eval_interval": 1, "asynchronous": False, "overhead_budget": 0.0, "probe_size": 4}})
+    assert fm.strategy == "fx"
+    for _ in range(3):  # Egeria builds its int8 references
+        fm(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert fm.freezer.policy.backends and "int8_static" in set(fm.freezer.policy.backends.values())
+    assert not [k for k, f in st._wrapped_fns_to_patch.items() if k[1] not in f and not hasattr(builtins, k[1])]
+    torch.fx.symbolic_trace(_mlp())  # the user's own trace
+    assert fxfreeze.compile(_Branchy(), (torch.randn(4, 8),), policy="manual").strategy == "export"
+    fm.freezer.detach()

@@ -46,6 +46,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ...graph_utils import repair_fx_wraps
+
 __all__ = [
     "NothingToQuantize",
     "ReferenceBackend",
@@ -230,7 +232,9 @@ class _Int8Static(ReferenceBackend):
         )
         custom = PrepareCustomConfig().set_non_traceable_module_classes(opaque)
         by_ptr = {t.data_ptr(): n for n, t in _tensors(template)}
+        repair_fx_wraps()
         prepared = prepare_fx(template, mapping, tuple(example_inputs), prepare_custom_config=custom)
+        repair_fx_wraps()  # its graph modules' code records torch's wrapped functions by dotted names
         names: dict[str, str] = {}
         for n, t in _tensors(prepared):
             src = by_ptr.get(t.data_ptr())
@@ -251,7 +255,9 @@ class _Int8Static(ReferenceBackend):
                 if s_name is not None:
                     t.copy_(src[s_name])
             q(*example_inputs)  # calibrate the observers on this snapshot
-        return convert_fx(q)
+        converted = convert_fx(q)
+        repair_fx_wraps()
+        return converted
 
 
 def _tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
