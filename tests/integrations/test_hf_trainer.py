@@ -261,3 +261,19 @@ def test_neftune_noise_is_kept_and_egeria_still_measures(tmp_path):
     assert fm.plan.names == ["stem", "transformer.h.0", "transformer.h.1", "transformer.h.2"]
     assert fm.freezer.policy.evaluations >= 3 and not fm.freezer.policy.unmeasurable
     assert not model.transformer.wte._forward_hooks  # the Trainer took its hook off at the end
+
+
+def test_lora_on_a_causal_lm_keeps_its_last_adapters_training(tmp_path):
+    """LoRA on a causal language model: PEFT freezes the output layer, so the last decoder
+    layer's adapters are the last parameters that train. A schedule (or Egeria, once every
+    layer settled) that froze every block left the loss without a gradient, and the
+    Trainer's step raised "element 0 of tensors does not require grad". Now the freeze stops
+    before that layer, and its adapters go on training to the end."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_model(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]))
+    cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {4: 4}}})
+    last = [p for n, p in model.named_parameters() if "h.2." in n and "lora_" in n]
+    before = [p.detach().clone() for p in last]
+    _trainer(model, tmp_path, [cb], bf16=False).train()  # raised at step 5
+    assert [(e["step"], e["num_frozen"]) for e in cb.module.freezer.history if e["action"] == "freeze"] == [(4, 3)]
+    assert all(not torch.equal(a, p) for a, p in zip(before, last))
