@@ -146,7 +146,8 @@ class ActivationCache:
             if ids is None and self.enabled and not self._warned_no_ids:
                 logger.warning(
                     "fxfreeze cache: a training batch came without sample ids, so the frozen prefix ran "
-                    "uncached; iterate `fm.wrap_loader(loader)` or use `with fm.sample_ids(ids):`"
+                    "uncached; iterate `fm.wrap_loader(loader)` or use `with fm.sample_ids(ids):` (the Trainer "
+                    "and Lightning callbacks give none: the cache needs a loop of your own)"
                 )
                 self._warned_no_ids = True
             self.stats["uncached_batches"] += 1
@@ -158,8 +159,10 @@ class ActivationCache:
         prints = self.prints.of(inputs, self.names, len(keys))
         host = self._host
         entries = [_HOST if host is not None and i in host else self._get(i) for i in keys]
-        if changed is None and all(e is not None for e in entries):
-            changed = self.prints.differ(keys, prints, strict=True)
+        if changed is None and prints:  # the entries this batch finds were stored for the same inputs
+            present = [r for r, e in enumerate(entries) if e is not None]
+            if present:
+                changed = self.prints.differ([keys[r] for r in present], prints.take(present), strict=True)
         if changed is not None:
             return self._inputs_changed(inputs, changed)
         if all(e is not None for e in entries):
@@ -216,10 +219,10 @@ class ActivationCache:
         cache's premise fails, so caching turns off (with a warning) and this batch is computed."""
         logger.warning(
             "fxfreeze cache: a sample's input to the frozen prefix is not the one its cached activations "
-            "were computed from (%s): random augmentation, inputs of another size each epoch, a model "
-            "called twice per batch on different inputs, or sample ids that do not follow the data. "
-            "Caching is now off and the prefix runs on every batch; declare augmentation with "
-            "cache.random_augmentation=True", how)
+            "were computed from (%s): random augmentation, inputs of another size each epoch (multi-scale "
+            "images; sequences padded to each batch's longest: pad them to one length), a model called twice "
+            "per batch on different inputs, or sample ids that do not follow the data. Caching is now off and "
+            "the prefix runs on every batch; declare augmentation with cache.random_augmentation=True", how)
         self.enabled = False
         self.clear()
         with torch.no_grad():

@@ -23,8 +23,8 @@ import torch
 
 from ..config import FreezeConfig
 from ..errors import FreezeError
-from .gate import FreezeGate, not_before_for
 from .adopt import ClockWatch, OptimizerWatch, adopt_optimizer, check_holds, real_optimizer
+from .gate import FreezeGate, not_before_for
 from .horizon import PlannedLength
 from .loss_reader import LossReader
 from .lr_steps import LrSteps, learning_rates
@@ -238,7 +238,7 @@ class Freezer:
             epoch_known=bool(self.config.steps_per_epoch) or self._epoch_set,
             total_steps=self.planned_steps,
         )
-        decision = self.policy.decide(signals)
+        decision = self._gate(self.policy.decide(signals), self.step_count, k)  # no freeze before not_before
         undo = self.safety.verdict(self.step_count, self.num_frozen)
         if undo is not None:  # the last freeze made the loss worse: it wins over the policy
             decision = Decision(*undo)
@@ -251,7 +251,6 @@ class Freezer:
         if adaptive:  # a freeze within the blocks the user froze changes nothing; past them, takes them
             decision = self._untrainable.widen(decision, k, seen, top)
         decision = self._untrainable.cap(decision, k, top)  # something must stay trainable
-        decision = self._gate(decision, self.step_count, self.num_frozen)  # no freeze before not_before
         if self._agree is not None:  # data-parallel: every rank applies rank 0's decision
             proposed = decision.num_frozen if decision is not None else self.num_frozen
             agreed = self._agree(proposed)

@@ -53,6 +53,14 @@ class Prints:
     def __bool__(self) -> bool:
         return bool(self.values)
 
+    def take(self, rows: list[int]) -> "Prints":
+        """The fingerprints of these rows of the batch."""
+        p = Prints()
+        p.shapes, p.sizes = self.shapes, self.sizes
+        idx = torch.tensor(rows)
+        p.values = {name: v[idx.to(v.device)] for name, v in self.values.items()}
+        return p
+
 
 class InputPrints:
     """Per-sample fingerprints of the prefix's inputs, by graph input name and sample id."""

@@ -94,8 +94,7 @@ class UntrainableBlocks:
         does not require grad" at the first step after the freeze."""
         if any(p.requires_grad for p in self._head):
             return max_frozen
-        last = next((i for i in range(min(max_frozen, len(self._params)) - 1, -1, -1)
-                     if any(p.requires_grad for p in self._params[i])), 0)
+        last = next((i for i in range(len(self._params) - 1, -1, -1) if any(p.requires_grad for p in self._params[i])), 0)
         return min(max_frozen, last)
 
     def cap(self, decision: Decision | None, k: int, max_frozen: int) -> Decision | None:

@@ -260,6 +260,25 @@ def test_inputs_that_change_from_epoch_to_epoch_turn_caching_off_at_the_first_re
     assert not c.enabled and c.stats["hits"] == 0 and c.stats["refills"] == 0 and len(c) == 0
 
 
+def test_a_batch_that_finds_some_of_its_entries_checks_their_inputs(caplog):
+    """Samples 0-3 stored, then a batch of samples 2-5 in which sample 2 changed: its entry
+    is found, 4 and 5 are not. Recording the batch's fingerprints over sample 2's would
+    have made its stale entry look current to every later read."""
+    torch.manual_seed(0)
+    fm = fxfreeze.compile(zoo.resnet_cifar(depth=8, width=8, in_channels=1), (torch.randn(2, 1, 16, 16),),
+                          config={"policy": "manual", "cache": {"enabled": True}})
+    fm.freeze_prefix(2)
+    fm.train()
+    x = torch.randn(6, 1, 16, 16)
+    with fm.sample_ids(torch.arange(4)):
+        fm(x[:4])
+    y = x[2:].clone()
+    y[0] = y[0].flip(-1)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"), fm.sample_ids(torch.arange(2, 6)):
+        fm(y)
+    assert not fm.activation_cache.enabled and "values of their inputs changed" in caplog.text
+
+
 def test_input_fingerprints_tell_a_changed_input_from_the_same_one_in_another_batch():
     """The same rows in other batches, of other sizes, match (float64 rounding differs with
     the batch's blocking; the tolerance is far above it); a change of 10^-4 to one pixel of

@@ -238,3 +238,17 @@ def test_a_freeze_never_takes_the_last_block_that_trains(caplog):
         assert model.blocks[1].lin.weight.requires_grad and model.blocks[1].lin.weight.grad is not None
         assert "blocks.1 holds the last parameters that train" in caplog.text
         fm.freezer.detach()
+
+
+def test_a_head_without_parameters_does_not_hold_back_the_last_free_block():
+    """A head that owns no parameter (an output layer tied to the embeddings, as BART's)
+    already keeps the last block trainable (``plan.max_frozen``); the cap adds nothing."""
+    torch.manual_seed(0)
+    model = _Net()
+    model.head = nn.Identity()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt,
+                          config={"policy": "manual", "manual": {"schedule": {2: 5}}, "safety_net": {"enabled": False}})
+    assert fm.plan.max_frozen == 5
+    _train(fm, opt, 3)
+    assert fm.num_frozen == 5
