@@ -333,6 +333,8 @@ def test_cache_with_bert_style_kwargs_model():
     r = ref[key] if key else ref
     torch.testing.assert_close(miss[key] if key else miss, r, rtol=0, atol=0)
     torch.testing.assert_close(hit[key] if key else hit, r, rtol=0, atol=0)
+    c = fm.activation_cache
+    assert c.enabled and c.stats["hits"] == 8  # the same ids and mask: their fingerprints match
     cached, _ = cache_frontier(fm.graph_module(True).graph, 2)
     assert len(cached) >= 1
 
