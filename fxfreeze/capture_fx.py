@@ -95,7 +95,11 @@ class _LeafTracer(fx.Tracer):
         return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self._leaves or len(m._modules) == 0
+        """Childless modules, escalated ones, and TorchScript modules: fx traced into a
+        ``torch.jit.script``-ed block as a call on its C++ object (``layers.0._c.forward``),
+        where no parameter shows, so its block owned none and a freeze reaching it changed
+        none of their flags and left its modules in training mode."""
+        return module_qualified_name in self._leaves or len(m._modules) == 0 or isinstance(m, torch.jit.ScriptModule)
 
     def create_arg(self, a: Any) -> Any:
         """fx records a mapping as a plain dict: a Hugging Face ``ModelOutput`` (an ordered
@@ -186,6 +190,8 @@ def _buffers(model: nn.Module) -> dict[str, _Buffer]:
     version counter (an in-place write that leaves the values as they were bumps it)."""
     out: dict[str, _Buffer] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, torch.jit.ScriptModule):  # a leaf fx does not run (its buffers are no dict)
+            continue
         for name, buf in mod._buffers.items():
             key = f"{mod_name}.{name}" if mod_name else name
             if key not in out and isinstance(buf, torch.Tensor):

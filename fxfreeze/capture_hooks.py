@@ -73,7 +73,7 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     handles = [
         m.register_forward_hook(hook if len(m._modules) == 0 else container_hook)
         for n, m in model.named_modules()
-        if n
+        if n and not isinstance(m, torch.jit.ScriptModule)  # TorchScript takes no hooks: its work goes to the next
     ]
     try:
         with preserved_state(model), torch.no_grad():

@@ -257,3 +257,60 @@ def test_compiling_a_model_fx_specialises_leaves_fx_working_for_later_traces():
     torch.fx.symbolic_trace(_mlp())  # the user's own trace
     assert fxfreeze.compile(_Branchy(), (torch.randn(4, 8),), policy="manual").strategy == "export"
     fm.freezer.detach()
+
+
+class _BNBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(16, 16), nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.bn(self.lin(x)))
+
+
+class _Scripted(nn.Module):
+    """Blocks compiled with ``torch.jit.script`` (older code bases, exported layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.blocks = nn.ModuleList([torch.jit.script(_BNBlock()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_a_torchscript_block_is_a_leaf_whose_parameters_freeze():
+    """fx traced into a scripted block as a call on its C++ object, where no parameter
+    shows: the block owned none, so a freeze reaching it set none of their flags, left its
+    BatchNorm updating its statistics, and reported them trainable while no gradient reached
+    them. As a leaf its parameters are its own: frozen, in eval mode, equal to eager
+    (exact), the statistics still."""
+    torch.manual_seed(0)
+    model = _Scripted()
+    ref = _Scripted()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(8, 8)
+    fm = fxfreeze.compile(model, (x,), policy="manual")
+    assert fm.plan.names == ["stem", "blocks.0", "blocks.1", "blocks.2"]
+    fm.train()
+    fm.freeze_prefix(2)
+    assert fm.frozen_parameter_names() == ["stem.weight", "stem.bias", "blocks.0.lin.weight", "blocks.0.lin.bias",
+                                           "blocks.0.bn.weight", "blocks.0.bn.bias"]
+    stats = model.blocks[0].bn.running_mean.clone()
+    for p in [*ref.stem.parameters(), *ref.blocks[0].parameters()]:
+        p.requires_grad_(False)
+    ref.blocks[0].eval()
+    out, exp = fm(x), ref(x)
+    torch.testing.assert_close(out, exp, rtol=0, atol=0)
+    out.square().mean().backward()
+    exp.square().mean().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+    assert torch.equal(model.blocks[0].bn.running_mean, stats)
+    fm.graph_module(True).graph.lint()
