@@ -265,7 +265,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         if self._own_forward.on(entry.capture, training):  # the model's own forward keeps what its graph would lose
             return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)
-        if training and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
+        if self._call_trains and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
                 and self._cached.pays(self._num_frozen, self.freezer):
             cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, self.frozen_tensors)
             if cgm is not None:

@@ -103,3 +103,35 @@ def test_training_in_eval_mode_matches_eager_and_freezes():
     assert fm.num_frozen == 2
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)  # float32 sums: 1e-5 relative
+
+
+def test_a_loop_training_in_eval_mode_reads_the_activation_cache():
+    """A pretrained model loaded with ``from_pretrained`` is in eval mode, and a plain loop
+    that never calls ``train()`` trains it so. Its training calls used the eval graph, which
+    the cache was never offered: with ``cache.enabled`` nothing was cached, silently. Now a
+    training call in eval mode reads it; the losses equal the uncached run's (exact)."""
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.randint(0, 3, (32,))
+    ds = torch.utils.data.TensorDataset(x, y)
+
+    def run(cache: bool):
+        torch.manual_seed(0)
+        model = WithLoss(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        fm = fxfreeze.compile(model, (x[:2],), optimizer=opt, config={
+            "policy": "manual", "manual": {"schedule": {2: 2}, "unit": "step"}, "cache": {"enabled": cache}})
+        fm.eval()
+        loader = torch.utils.data.DataLoader(ds, batch_size=8)
+        losses = []
+        for _ in range(3):
+            for xb, yb in (fm.wrap_loader(loader) if cache else loader):
+                loss = fm(xb, labels=yb)["loss"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return fm, losses
+
+    _, ref = run(False)
+    fm, losses = run(True)
+    assert losses == ref
+    assert fm.activation_cache.stats["hits"] > 0 and fm.activation_cache.enabled
