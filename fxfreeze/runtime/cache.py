@@ -162,7 +162,9 @@ class ActivationCache:
         if changed is None and prints:  # the entries this batch finds were stored for the same inputs
             present = [r for r, e in enumerate(entries) if e is not None]
             if present:
-                changed = self.prints.differ([keys[r] for r in present], prints.take(present), strict=True)
+                some = len(present) < len(keys)  # a full hit compares the batch as it is
+                changed = self.prints.differ([keys[r] for r in present], prints.take(present) if some else prints,
+                                             strict=True)
         if changed is not None:
             return self._inputs_changed(inputs, changed)
         if all(e is not None for e in entries):

@@ -48,7 +48,6 @@ class Prints:
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.values: dict[str, torch.Tensor] = {}
-        self.sizes: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         return bool(self.values)
@@ -56,7 +55,7 @@ class Prints:
     def take(self, rows: list[int]) -> "Prints":
         """The fingerprints of these rows of the batch."""
         p = Prints()
-        p.shapes, p.sizes = self.shapes, self.sizes
+        p.shapes = self.shapes
         idx = torch.tensor(rows)
         p.values = {name: v[idx.to(v.device)] for name, v in self.values.items()}
         return p
@@ -89,7 +88,6 @@ class InputPrints:
                 parts.append(torch.stack([c @ w, torch.linalg.vector_norm(c, dim=1)], 1))
             p.values[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
             p.shapes[name] = tuple(t.shape[1:])
-            p.sizes[name] = d
         return p
 
     def record(self, ids: list[int], p: Prints) -> None:
@@ -129,7 +127,7 @@ class InputPrints:
             if self._values[name].device != v.device:
                 self._values[name] = self._values[name].to(v.device)
             old = self._values[name][idx.to(v.device, non_blocking=True)]
-            tol = RTOL * (old[:, 1] + v[:, 1]) * math.sqrt(p.sizes[name])  # |w| is about sqrt(d)
+            tol = RTOL * (old[:, 1] + v[:, 1]) * math.sqrt(math.prod(p.shapes[name]))  # |w| is about sqrt(d)
             flags.append(((old[:, 0] - v[:, 0]).abs() > tol) | ((old[:, 1] - v[:, 1]).abs() > tol))
         if not flags:
             return None
