@@ -31,12 +31,15 @@ here knows any class name: blocks are found from structure alone.
    runs deeper down (``encoder.layer`` inside a BERT), except a lone module of a type that
    is a run unit elsewhere: it is a block itself (an EfficientNet's last stage holds a
    single inverted-residual block).
-4. **Stem and head.** Everything before the first unit is block 0, the stem (merged into the
+4. **Order.** Units are taken in execution order, whichever subtree they came from: runs
+   in two sibling lists zipped in one loop (a stage's patch embedding, then its layers)
+   interleave.
+5. **Stem and head.** Everything before the first unit is block 0, the stem (merged into the
    first block when it holds no parameters); nodes between two units go to the preceding
    block (a block runs from its first node to the next block's first node); everything
    after the last unit is the head, which is never frozen, except parameter-free nodes
    right after it that narrow the cut (a residual join in the parent's code).
-5. **Fallback.** With no run anywhere, the contiguous parametrised children of the model
+6. **Fallback.** With no run anywhere, the contiguous parametrised children of the model
    (descending through wrappers that hold nearly all parameters) are the blocks, and the
    last of them is the head.
 
@@ -85,6 +88,19 @@ class Proposal:
     head_start: int
     names: list[str]
     notes: list[str] = field(default_factory=list)
+
+
+def _in_order(units: Iterable[Unit]) -> list[Unit]:
+    """Units in execution order. Runs found in sibling subtrees can interleave: two
+    ``ModuleList``s zipped in one loop (a patch embedding, then that stage's layers, stage
+    after stage) each give a run, found one list after the other. Ordered by their first
+    node, every unit is still a contiguous stretch of the graph, so each remains a block; a
+    unit overlapping the one before it is dropped (blocks must not overlap)."""
+    out: list[Unit] = []
+    for u in sorted(units, key=lambda u: u.lo):
+        if not out or u.lo > out[-1].hi:
+            out.append(u)
+    return out
 
 
 def _unit_name(paths: Sequence[str]) -> str:
@@ -167,7 +183,7 @@ class _Searcher:
     def refine(self, u: Unit) -> list[Unit]:
         if len(u.paths) != 1:
             return [u]
-        sub = [s for _, units in self.decompose(u.paths[0]) for s in units]
+        sub = _in_order(s for _, units in self.decompose(u.paths[0]) for s in units)
         if len(sub) < 2:
             return [u]
         ix = self.ix
@@ -199,7 +215,7 @@ class _Searcher:
             self.unit_types = types
             found = self.decompose("")
         best = max(c for c, _ in found)
-        return [u for c, units in found if c >= _MIN_RELATIVE_COVERAGE * best for u in units]
+        return _in_order(u for c, units in found if c >= _MIN_RELATIVE_COVERAGE * best for u in units)
 
     def fallback(self) -> list[Unit]:
         ix = self.ix

@@ -320,3 +320,59 @@ def test_layers_under_spectral_or_weight_norm_are_repeats_of_each_other():
         p = fxfreeze.plan(Disc(norm), (torch.randn(2, 1, 16),))
         assert [b.name for b in p.blocks] == ["stem"] + [f"layers.{i}" for i in range(4)], norm.__name__
         assert all(len(b.frontier) == 1 for b in p.blocks)
+
+
+def test_runs_of_two_lists_zipped_in_one_loop_are_blocks_in_execution_order():
+    """A stage's downsampling from one ``ModuleList`` then its layers from another, zipped in
+    one loop (PoolFormer, many hierarchical vision models): each list is a run, found one
+    after the other. Listed in that order the block starts went back and forth, and
+    ``compile`` raised ``PlanError`` "empty or out of order" on its own proposal."""
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.conv(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            widths = [4, 8, 12]
+            self.downs = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(a, b, 2, stride=2), nn.GroupNorm(1, b)) for a, b in zip([3] + widths, widths)
+            )
+            self.stages = nn.ModuleList(nn.Sequential(Layer(c), Layer(c)) for c in widths)
+            self.fc = nn.Linear(widths[-1], 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for down, stage in zip(self.downs, self.stages):
+                x = stage(down(x))
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 16, 16)
+    p = fxfreeze.plan(model, (x,))
+    names = [b.name for b in p.blocks]
+    assert names[:3] == ["downs.0", "stages.0.0", "stages.0.1"], names
+    assert names[3:] == ["downs.1", "stages.1.0", "stages.1.1", "downs.2", "stages.2.0", "stages.2.1"], names
+    assert all(len(b.frontier) == 1 for b in p.blocks)
+
+    torch.manual_seed(0)
+    ref = Net()
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    fm.freeze_prefix(4)
+    frozen = set(fm.frozen_parameter_names(4))
+    assert frozen == {n for n, _ in ref.named_parameters() if n.startswith(("downs.0.", "stages.0.", "downs.1."))}
+    for n, q in ref.named_parameters():
+        q.requires_grad_(n not in frozen)
+    out, expected = fm(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # same operations, same order
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert (a.grad is None) == (n in frozen), n
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
