@@ -36,7 +36,7 @@ from .calls import forward_signature
 from .graph_utils import repair_fx_wraps, resolve_attr
 from .forwards import bound, forward_with, temporary_forward
 from .timebound import CaptureTimeout, time_bound
-from .trace_state import fresh_containers, preserved_state, without_forward_hooks
+from .trace_state import fresh_containers, preserved_state, rng_state, without_forward_hooks
 
 __all__ = ["ExportResult", "export_graph", "export_without_forward_hooks", "mode_region_notes", "unknown_outputs"]
 
@@ -198,13 +198,20 @@ def _partial_graph_to_debug_log() -> Iterator[None]:
 
 def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool, strip: bool) -> ExportResult:
     """Export ``model`` on the example call and return its unlifted graph (see the module
-    docstring). Raises whatever ``torch.export`` raises."""
+    docstring). Raises whatever ``torch.export`` raises, and ``RuntimeError`` when the
+    forward drew random numbers from constants while exporting (``random.random() < p``,
+    numpy): export records torch's own draws as operations, but such a draw would stay in
+    the graph as the one made here."""
     repair_fx_wraps()
+    draws = rng_state()
     with warnings.catch_warnings(), _export_forward(model, strip, _named_signature(model, args, kwargs)), \
             _partial_graph_to_debug_log():
         warnings.simplefilter("ignore")
         dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
+    if rng_state() != draws:
+        raise RuntimeError("the forward draws random numbers outside torch (`random.random()`, numpy), "
+                           "which the graph would keep as the draws made while exporting")
     unlifted = ep.module()
     graph = unlifted.graph
     extra: dict[str, Any] = {}

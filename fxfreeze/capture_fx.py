@@ -10,6 +10,13 @@ fx proxies parameters, not buffers: code that writes a buffer in place (an EMA
 tracing and leaves nothing in the graph, which would then never update it. The trace
 watches the buffers: one written or rebound while tracing is put back and the trace is
 refused with its name, so that ``torch.export``, which records such writes, is tried.
+
+fx proxies tensors, not random draws made from constants: ``if torch.rand([]) < p:`` (LayerDrop
+skipping a layer, stochastic depth written as a branch) or ``random.random()`` runs once
+while tracing, and the graph would keep that draw for good (the same layers skipped at
+every call). The trace watches the random number generators: a submodule that drew becomes
+a leaf (it runs as itself, drawing anew at each call); a draw in the root forward refuses
+the trace.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph_utils import repair_fx_wraps
+from .trace_state import rng_state
 
 __all__ = ["trace_fx", "hides_structure"]
 
@@ -120,8 +128,12 @@ class _LeafTracer(fx.Tracer):
     ) -> Any:
         name = self.path_of_module(m)
         self._stack.append(name)
+        before = None if self.is_leaf_module(m, name) else rng_state()
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if before is not None and rng_state() != before:
+                raise RuntimeError(f"{name} draws random numbers that fx would keep as constants")
+            return out
         except Exception:
             if self.failed_stack is None:
                 self.failed_stack = list(self._stack)
@@ -224,6 +236,7 @@ def trace_fx(
     for _ in range(_MAX_ESCALATIONS):
         tracer = _LeafTracer(set(leaves))
         before = _buffers(model)
+        draws = rng_state()
         try:
             try:
                 with warnings.catch_warnings():
@@ -231,6 +244,10 @@ def trace_fx(
                     graph = tracer.trace(model, concrete_args=concrete or None)
             finally:
                 written = _written(before)
+            if rng_state() != draws:
+                return None, leaves, ("fx cannot record the random numbers the root forward draws from constants "
+                                      "(`torch.rand([]) < p`, `random.random()`): its graph would keep the draw "
+                                      "made while tracing (LayerDrop skipping the same layers at every call)")
             if written:
                 return None, leaves, (f"fx cannot record the forward's writes to buffers ({', '.join(written[:3])}): it "
                                       "ran them on the buffers while tracing, and its graph would never update them")

@@ -8,24 +8,54 @@ floating-point tensor a leaf reads that is still unknown (made by the root's own
 linked to the last leaf that ran before it. A block's output then feeds the next block, as
 in the model, and the partitioner sees one block after another instead of disconnected
 pieces. (Integer and boolean tensors, ids and masks, are usually made from the inputs: they
-stay unlinked.)"""
+stay unlinked.)
+
+The order is recorded in the model's mode. In training mode, code may skip layers at random
+(LayerDrop: wav2vec2, HuBERT and data2vec skip each encoder layer with probability
+``layerdrop``), and a plan from one such call would leave a skipped layer out of every
+block. So when a training-mode call leaves modules with parameters unused, the order is
+recorded again in eval mode and kept when that call ran every module the first one ran,
+and more."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .trace_state import preserved_state
+from .trace_state import fresh_containers, preserved_state
 
 __all__ = ["trace_hooks"]
+
+logger = logging.getLogger("fxfreeze")
 
 
 def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Graph:
     """Record leaf-module execution order with forward hooks (a graph that cannot run)."""
+    again = fresh_containers(args, kwargs)  # the call may change its containers (pop a key)
+    graph, ran = _record(model, args, kwargs, in_eval=False)
+    unused = [n for n, m in model.named_modules() if m not in ran and n and any(True for _ in m.parameters(recurse=False))]
+    if not model.training or not unused:
+        return graph
+    eval_graph, eval_ran = _record(model, *again, in_eval=True)
+    if eval_ran > ran:
+        logger.info(
+            "fxfreeze: %s left %s unused in a training-mode call (skipped at random, as LayerDrop does): "
+            "its module order is taken from an eval-mode call, which ran them",
+            type(model).__name__, ", ".join(unused[:3]) + (", ..." if len(unused) > 3 else ""),
+        )
+        return eval_graph
+    return graph
+
+
+def _record(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], in_eval: bool) -> tuple[fx.Graph, set[nn.Module]]:
+    """The order graph of one call (in the model's modes, or all in eval mode), and the
+    modules that ran."""
     graph = fx.Graph()
+    ran: set[nn.Module] = set()
     produced: dict[int, fx.Node] = {}
     placeholders: list[fx.Node] = []
 
@@ -48,6 +78,7 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     keep_alive: list[Any] = []
 
     def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        ran.add(mod)
         path = names.get(mod, "")
         srcs = [produced[id(t)] if id(t) in produced else last[0]
                 for t in flat_tensors(inp) if id(t) in produced or (last and t.is_floating_point())]
@@ -64,6 +95,7 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
         last[:] = [node]
 
     def container_hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        ran.add(mod)
         if not last:
             return
         keep_alive.append(out)
@@ -77,10 +109,12 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     ]
     try:
         with preserved_state(model), torch.no_grad():
+            if in_eval:
+                model.eval()
             out = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
     outs = [produced[id(t)] for t in flat_tensors(out) if id(t) in produced]
     graph.output(tuple(dict.fromkeys(outs)) if outs else (last[0] if last else None))
-    return graph
+    return graph, ran

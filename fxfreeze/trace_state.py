@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -13,7 +15,7 @@ from torch import nn
 __all__ = [
     "preserved_state", "fresh_containers", "watch_checkpoints", "watch_functions", "watch_tensor_hooks", "lost_in_graphs",
     "without_forward_hooks",
-    "checkpoint_flags", "CHECKPOINT_FLAGS",
+    "checkpoint_flags", "CHECKPOINT_FLAGS", "rng_state",
 ]
 
 
@@ -46,6 +48,21 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                     buf.data.copy_(saved)
         for m, mode in modes.items():
             m.training = mode
+
+
+def rng_state() -> tuple[Any, ...]:
+    """A snapshot of the random number generators a forward may draw from (torch's, on the
+    CPU and on initialised CUDA devices, Python's ``random``, numpy's global one), to compare
+    with ``==``. A symbolic trace draws nothing through its proxies: a change while tracing
+    means the forward drew concrete numbers (``torch.rand([]) < p`` deciding to skip a
+    layer, ``random.random()``), which a graph would keep as that one draw."""
+    cuda = tuple(bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
+    np = sys.modules.get("numpy")
+    np_state: Any = None
+    if np is not None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        np_state = (kind, keys.tobytes(), pos, has_gauss, gauss)
+    return bytes(torch.random.get_rng_state().numpy()), cuda, random.getstate(), np_state
 
 
 def fresh_containers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

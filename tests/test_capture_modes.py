@@ -314,3 +314,69 @@ def test_a_torchscript_block_is_a_leaf_whose_parameters_freeze():
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
     assert torch.equal(model.blocks[0].bn.running_mean, stats)
     fm.graph_module(True).graph.lint()
+
+
+class _SkipBlock(nn.Module):
+    """Stochastic depth written as a branch: while training, skip the block with probability p."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.rand(1).item() < self.p:
+            return x
+        return x + torch.relu(self.fc(x))
+
+
+class _SkipNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(_SkipBlock(0.5) for _ in range(4))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_a_block_drawing_random_numbers_from_constants_is_a_leaf_that_draws_at_every_call():
+    """fx ran ``torch.rand(1).item() < p`` once while tracing (no proxy in it) and its graph
+    kept that draw: the same blocks skipped at every call, whatever the seed, unlike the
+    model. A block that draws is now a leaf: it runs as itself and draws anew."""
+    torch.manual_seed(0)
+    model, x = _SkipNet().train(), torch.randn(4, 8)
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.strategy == "fx"
+    assert [b.name for b in fm.plan.blocks] == ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert any("blocks.0 draws random numbers" in n for n in fm.plan.notes)
+    graph = fm.graphs.primary(True).capture.graph
+    assert {n.target for n in graph.nodes if n.op == "call_module"} >= {f"blocks.{i}" for i in range(4)}
+    graph.lint()
+    fm.train()
+    fm.freeze_prefix(2)  # stem and blocks.0 frozen: blocks.0 runs in eval mode, never skipped
+    ref = _SkipNet().train()
+    ref.load_state_dict(model.state_dict())
+    ref.blocks[0].eval()
+    frozen = set(fm.frozen_parameter_names(2))
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n not in frozen)
+    outs = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = fm(x)
+        torch.manual_seed(seed)
+        expected = ref(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the same draws, the same ops
+        outs.add(round(out.sum().item(), 4))
+    assert len(outs) > 1  # the draws differ from call to call
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert (a.grad is None) == (b.grad is None), n
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)

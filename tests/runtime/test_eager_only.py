@@ -351,3 +351,72 @@ def test_the_module_order_links_tensors_made_between_modules():
     assert by_fx.strategy == "fx" and by_hooks.strategy == "hooks"
     assert [b.name for b in by_hooks.blocks] == [b.name for b in by_fx.blocks] == ["stem", "layers.0", "layers.1", "layers.2"]
     assert [b.params for b in by_hooks.blocks] == [b.params for b in by_fx.blocks]
+
+
+class _LayerDropNet(nn.Module):
+    """An encoder that skips each layer at random while training (LayerDrop, as wav2vec2,
+    HuBERT and data2vec do): the draw decides Python control flow, so only hooks capture it."""
+
+    def __init__(self, layerdrop: float, d: int = 8) -> None:
+        super().__init__()
+        self.layerdrop = layerdrop
+        self.stem = nn.Linear(d, d)
+        self.layers = nn.ModuleList(_Block(d) for _ in range(4))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.layerdrop:
+                continue
+            h = layer(h)
+        return self.head(h)
+
+
+def test_layers_skipped_at_random_in_the_capture_call_are_blocks_all_the_same(caplog):
+    """A hooks capture records the call it makes. In training mode LayerDrop skipped layers
+    in that call, and they were in no block: never frozen, and with the layers after them
+    frozen they were reported trainable while no gradient reached them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    model = _LayerDropNet(layerdrop=0.5).train()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        skipped = [bool(torch.rand([]) < 0.5) for _ in range(4)]
+    assert any(skipped)  # the capture's own draws (seed 1) skip a layer: the test can fail
+    torch.manual_seed(1)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm = fxfreeze.compile(model, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.strategy == "hooks"
+    assert [b.name for b in fm.plan.blocks] == ["stem", "layers.0", "layers.1", "layers.2", "layers.3"]
+    assert any("LayerDrop" in r.getMessage() and "eval-mode call" in r.getMessage() for r in caplog.records)
+    assert model.training and all(m.training for m in model.modules())  # the eval capture left no trace
+
+    fm.freeze_prefix(5)
+    assert set(fm.frozen_parameter_names(5)) == {n for n, _ in model.named_parameters() if not n.startswith("head.")}
+    torch.manual_seed(2)
+    fm(x).square().mean().backward()
+    assert all((p.grad is None) == (not n.startswith("head.")) for n, p in model.named_parameters())
+
+
+def test_a_training_only_module_keeps_the_training_mode_order():
+    """Eval mode runs fewer modules here (an auxiliary head used only while training): the
+    training call's order is kept, with that head in it."""
+
+    class Aux(_LayerDropNet):
+        def __init__(self) -> None:
+            super().__init__(layerdrop=0.0)
+            self.aux = nn.Linear(8, 2)
+            self.unused = nn.Linear(8, 8)  # never called: a second run must not pick eval
+
+        def forward(self, x: torch.Tensor) -> Any:
+            out = super().forward(x)
+            if self.training and bool((x.sum() > -1e9).item()):  # data-dependent: hooks only
+                return out + self.aux(x)
+            return out
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    fm = fxfreeze.compile(Aux().train(), (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.strategy == "hooks"
+    assert "aux" in fm.plan.head.modules
