@@ -14,8 +14,12 @@ autograd records nothing for blocks ``0..k-1``:
    inference, and attention dropout probabilities (``scaled_dot_product_attention``'s
    ``dropout_p``) to 0, matching the frozen blocks' ``eval()`` mode; a BatchNorm's step
    counter (``num_batches_tracked.add_(1)``, which ``torch.export`` records apart from the
-   batch norm) becomes an ``add`` that writes nothing. What is left acting as in training
-   mode, :mod:`.residue` finds.
+   batch norm) becomes an ``add`` that writes nothing. A leaf module (an fx ``call_module``)
+   called in the prefix and elsewhere too (one ``nn.Dropout`` applied after the embedding
+   and before the classifier) is no frozen block's, so the runtime cannot hold it in eval
+   mode: its calls in the prefix run it in eval mode (:func:`call_in_eval`), its other
+   calls as the model's mode says. What is left acting as in training mode, :mod:`.residue`
+   finds.
 
 The pass is idempotent and reversible: it first removes what an earlier run inserted and
 restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter flags
@@ -45,11 +49,14 @@ __all__ = [
     "META_INSERTED",
     "META_ORIG_ARGS",
     "copy_graph",
+    "call_in_eval",
 ]
 
 META_ORIG_ARGS = "fxfreeze.orig_args"
 #: the target of a node the cut made another operation (restored with its arguments)
 META_ORIG_TARGET = "fxfreeze.orig_target"
+#: the kind of a node the cut made another kind (a ``call_module`` made a ``call_function``)
+META_ORIG_OP = "fxfreeze.orig_op"
 
 
 def grad_off() -> bool:
@@ -97,6 +104,27 @@ def detach_tree(x: Any) -> Any:
     return x
 
 
+def call_in_eval(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Graph node target for a frozen prefix's call of a module it shares with later code:
+    call ``module`` in eval mode, then put back each of its modules' modes as they were.
+
+    Example::
+
+        >>> drop = torch.nn.Dropout(0.5).train()
+        >>> bool(torch.equal(call_in_eval(drop, torch.ones(4)), torch.ones(4))), drop.training
+        (True, True)
+    """
+    if not module.training:
+        return module(*args, **kwargs)
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(False)
+    try:
+        return module(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 #: Functions whose behaviour depends on a training flag (or a dropout probability) baked into
 #: the graph when it was traced: target -> (keyword name, positional index, inference value).
 MODE_SENSITIVE: dict[Callable[..., Any], tuple[str, int, Any]] = {
@@ -133,6 +161,25 @@ def _counts_batches(n: fx.Node) -> bool:
         return False
     buf = n.args[0]
     return isinstance(buf, fx.Node) and buf.op == "get_attr" and str(buf.target).split(".")[-1] == "num_batches_tracked"
+
+
+def _shared_modules(nodes: list[fx.Node]) -> set[str]:
+    """``call_module`` targets called from more than one block (or from a block and the
+    head): no block owns them, so none holds them in eval mode when it freezes."""
+    seen: dict[str, set[Any]] = {}
+    for n in nodes:
+        if n.op == "call_module":
+            seen.setdefault(str(n.target), set()).add(block_of(n))
+    return {t for t, blocks in seen.items() if len(blocks) > 1}
+
+
+def _call_in_eval(graph: fx.Graph, n: fx.Node) -> None:
+    """Make the ``call_module`` node ``n`` a call of :func:`call_in_eval` on its module."""
+    with graph.inserting_before(n):
+        mod = graph.get_attr(str(n.target))
+    mod.meta[META_INSERTED] = True
+    n.meta[META_ORIG_ARGS], n.meta[META_ORIG_TARGET], n.meta[META_ORIG_OP] = (n.args, dict(n.kwargs)), n.target, n.op
+    n.op, n.target, n.args = "call_function", call_in_eval, (mod, *n.args)
 
 
 def _set_inference(n: fx.Node) -> bool:
@@ -177,6 +224,8 @@ def undo_cut(graph: fx.Graph) -> bool:
             n.args, n.kwargs = n.meta.pop(META_ORIG_ARGS)
             if META_ORIG_TARGET in n.meta:
                 n.target = n.meta.pop(META_ORIG_TARGET)
+            if META_ORIG_OP in n.meta:
+                n.op = n.meta.pop(META_ORIG_OP)
             changed = True
     for n in reversed(list(graph.nodes)):
         if n.meta.get(META_INSERTED):
@@ -294,8 +343,12 @@ class CutBackward(GraphPass):
             restore = graph.call_function(grad_restore, (off, last))
         restore.meta[META_INSERTED] = True
         anchor = restore
+        shared = _shared_modules(nodes)
         for n in prefix:
-            _set_inference(n)
+            if n.op == "call_module" and str(n.target) in shared:
+                _call_in_eval(graph, n)
+            else:
+                _set_inference(n)
             later = [u for u in n.users if u not in prefix_set and u is not restore and order.get(u, 1 << 30) > order[last]]
             if not later:
                 continue

@@ -152,3 +152,76 @@ def test_attention_dropout_is_off_in_a_frozen_prefix():
         assert (n.args[4] == 0.0) == (0 <= b < 2)
     CutBackward(0)(gm)
     assert all(n.args[4] > 0 for n in sdpa)
+
+
+class _SharedDrop(torch.nn.Module):
+    """One ``nn.Dropout`` applied after the stem, after every block and before the head, as
+    hand-written models often reuse ``self.drop``: fx calls the same leaf from every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(3))
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.stem(x))
+        for b in self.blocks:
+            h = self.drop(b(h))
+        return self.out(self.drop(h))
+
+    def by_hand(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The model with its first ``k`` blocks (stem included) in eval mode."""
+        F = torch.nn.functional
+        h = F.dropout(self.stem(x), 0.5, k < 1)
+        for i, b in enumerate(self.blocks):
+            h = F.dropout(b(h), 0.5, k < i + 2)
+        return self.out(F.dropout(h, 0.5, True))
+
+
+def test_a_module_shared_with_later_blocks_runs_in_eval_mode_in_the_prefix_only():
+    """No block owns a module that several blocks call, so a freeze held none of them in
+    eval mode: the frozen prefix went on dropping out (unlike its other modules), and an
+    activation cache kept one draw of it for good."""
+    torch.manual_seed(0)
+    net, x = _SharedDrop().train(), torch.randn(4, 8)
+    gm = analyze(net, (x,)).capture.build(net)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"].count("drop") == 5
+    code0 = gm.code
+    CutBackward(2)(gm)  # stem and blocks.0
+    gm.graph.lint()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out = gm(x)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(out, net.by_hand(x, 2), rtol=0, atol=0)  # same ops, same draws
+    assert net.drop.training
+    from fxfreeze.passes.cut_backward import call_in_eval
+
+    calls = [n for n in gm.graph.nodes if n.target is call_in_eval]
+    assert [n.meta["fxfreeze.block"] for n in calls] == [0, 1]
+    assert all(n.args[0].op == "get_attr" and n.args[0].target == "drop" for n in calls)
+    assert [n.meta["fxfreeze.block"] for n in gm.graph.nodes if n.op == "call_module" and n.target == "drop"] == [2, -1, -1]
+    CutBackward(0)(gm)
+    assert gm.code == code0
+
+    # compiled and frozen by the runtime: the same, gradients included
+    fm = fxfreeze.compile(net, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.strategy == "fx"
+    fm.train()
+    fm.freeze_prefix(3)
+    torch.manual_seed(5)
+    out = fm(x)
+    grads = torch.autograd.grad(out.square().mean(), [p for p in net.parameters() if p.requires_grad])
+    torch.manual_seed(5)
+    expected = net.by_hand(x, 3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    frozen = set(fm.frozen_parameter_names(3))
+    trainable = [p for n, p in net.named_parameters() if n not in frozen]
+    want = torch.autograd.grad(expected.square().mean(), trainable)
+    assert len(want) == len(grads)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
