@@ -136,7 +136,7 @@ def watch_functions() -> Iterator[list[str]]:
             name = f"{cls.__module__}.{cls.__qualname__}"
             if name not in seen:
                 seen.append(name)
-        return original.__func__(cls, *args, **kwargs)
+        return original.__get__(None, cls)(*args, **kwargs)  # a classmethod, or torch 2.14's C descriptor
 
     Function.apply = classmethod(apply)  # type: ignore[assignment, method-assign]
     try:

@@ -100,3 +100,54 @@ def test_timm_models_plan_compile_and_freeze(name, size, bound):
         opt.step()
     assert frozen and all(torch.equal(fm.params_by_name[n], before[n]) for n in frozen)
     assert any(p_.grad is not None for p_ in fm.parameters())
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize("backbone", ["mobilenet_v3", "resnet50"])
+def test_torchvision_detection_trains_with_a_frozen_backbone_prefix_as_eager_code(backbone):
+    """Faster R-CNN: a list of images of different sizes and a list of target dicts in, a
+    dict of losses out. Only hooks capture it, and it applies an autograd Function, so it
+    trains through its own forward. Under torch 2.14 compile raised ``AttributeError``
+    (its ``Function.apply`` is a C descriptor the Function watch could not call) and, past
+    that, the first call after a freeze raised "a leaf Variable that requires grad is being
+    used in an in-place operation" (the MobileNetV3 and ResNet blocks add their residual in
+    place to a frozen output)."""
+    import copy
+
+    from torchvision.models import detection
+
+    make = {
+        "mobilenet_v3": detection.fasterrcnn_mobilenet_v3_large_fpn,
+        "resnet50": detection.fasterrcnn_resnet50_fpn,
+    }[backbone]
+    torch.manual_seed(0)
+    model = make(weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=96, trainable_backbone_layers=5)
+    ref = copy.deepcopy(model)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
+    fm = fxfreeze.compile(model, (images, targets), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.eager_only and len(fm.plan.blocks) > 8
+    fm.train()
+    fm.freeze_prefix(6)
+    frozen = set(fm.frozen_parameter_names(6))
+    assert frozen and all(n.startswith("backbone.body.") for n in frozen)
+    ref.train()
+    names = {id(m): n for n, m in model.named_modules()}
+    for m in fm.frozen_modules:
+        ref.get_submodule(names[id(m)]).eval()
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n not in frozen)
+    torch.manual_seed(1)
+    losses = fm(images, targets)
+    torch.manual_seed(1)
+    expected = ref(images, targets)
+    assert losses.keys() == expected.keys()
+    for k in losses:
+        torch.testing.assert_close(losses[k], expected[k], rtol=0, atol=0)  # its own forward, same seed
+    sum(losses.values()).backward()
+    sum(expected.values()).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None) == (n in frozen), n
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)

@@ -100,6 +100,8 @@ def leaf_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     floating-point tensor of ``output`` as a new leaf that requires a gradient. Reentrant
     checkpointing (and a reversible layer's function) computes no gradient for a block
     whose inputs need none, so without it the first trainable block after the frozen prefix
-    would not train."""
-    return tree_map(lambda t: t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-                    output)
+    would not train. Each is handed on as a copy of that leaf: the model's code may write
+    the output in place (``out += identity`` after a residual branch, as torchvision's
+    MobileNetV3 blocks do), which autograd refuses on a leaf that requires a gradient."""
+    return tree_map(lambda t: t.detach().requires_grad_().clone() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    else t, output)

@@ -354,3 +354,37 @@ def test_forward_hooks_export_cannot_take_are_left_out_of_the_graph_and_run_on_e
         fm(ids).pow(2).mean().backward()
         opt.step()
     assert fm.freezer.policy.evaluations >= 3 and not fm.freezer.policy.unmeasurable
+
+
+class _InPlaceJoins(nn.Module):
+    """Residual joins written in place on each block's output (``result += input``, as
+    torchvision's MobileNetV3 blocks do), and a straight-through head: the model trains
+    through its own forward, with the frozen blocks' outputs handed on as leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Tanh(), nn.Linear(16, 16)) for _ in range(3))
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            y = b(h)  # a linear layer's output: its backward does not need it
+            y += h
+            h = y
+        return self.out(_Straight.apply(h * 4) / 4)
+
+
+def test_a_frozen_output_written_in_place_by_the_model_trains_through_its_own_forward():
+    """The frozen blocks' outputs were leaves that require a gradient, and the model's next
+    line wrote one in place: "a leaf Variable that requires grad is being used in an
+    in-place operation" at the first call after a freeze (Faster R-CNN and Mask R-CNN with
+    a MobileNetV3 or ResNet backbone, under torch 2.14)."""
+    torch.manual_seed(0)
+    model = _InPlaceJoins()
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 8)
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual"})
+    assert [f.rsplit(".", 1)[-1] for f in fm._analysis.capture.functions] == ["_Straight"]
+    _same_as_eager_with_each_prefix_frozen(fm, model, ref, x, fm.plan.max_frozen + 1)
