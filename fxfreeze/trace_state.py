@@ -74,6 +74,14 @@ def fresh_containers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tup
     return tuple(args), dict(kwargs)
 
 
+def _noting(gen: Any, seen: list[str]) -> Any:
+    def generator(*a: Any, **k: Any) -> Any:
+        seen.append("non-reentrant")
+        return gen(*a, **k)
+
+    return generator
+
+
 @contextlib.contextmanager
 def watch_checkpoints() -> Iterator[list[str]]:
     """Record whether code run inside calls ``torch.utils.checkpoint`` (activation
@@ -85,14 +93,12 @@ def watch_checkpoints() -> Iterator[list[str]]:
 
     seen: list[str] = []
     saved: dict[str, Any] = {}
-    gen = getattr(cp, "_checkpoint_without_reentrant_generator", None)
-    if gen is not None:
-        def generator(*a: Any, **k: Any) -> Any:
-            seen.append("non-reentrant")
-            return gen(*a, **k)
-
-        saved["_checkpoint_without_reentrant_generator"] = gen
-        cp._checkpoint_without_reentrant_generator = generator  # type: ignore[attr-defined]
+    # the non-reentrant entry point: torch 2.14 calls the ``_impl`` one (the other remains)
+    for entry in ("_checkpoint_without_reentrant_generator", "_checkpoint_without_reentrant_generator_impl"):
+        gen = getattr(cp, entry, None)
+        if gen is not None:
+            saved[entry] = gen
+            setattr(cp, entry, _noting(gen, seen))
     fn = getattr(cp, "CheckpointFunction", None)
     if fn is not None:
         class Watched(fn):  # type: ignore[misc, valid-type]
