@@ -182,7 +182,7 @@ class _Searcher:
 
     def refine(self, u: Unit) -> list[Unit]:
         if len(u.paths) != 1:
-            return [u]
+            return self._refine_group(u)
         sub = _in_order(s for _, units in self.decompose(u.paths[0]) for s in units)
         if len(sub) < 2:
             return [u]
@@ -205,6 +205,18 @@ class _Searcher:
         if any(ix.width(s.lo) > limit for s in sub[1:]):
             return [u]
         return sub
+
+    def _refine_group(self, u: Unit) -> list[Unit]:
+        """A unit of several siblings (a run of period 2 or more: stages of 2 then 3 blocks,
+        alternating, in timm's MobileNetV3) splits into its members' refinements when one of
+        them splits and no skip crosses the new cuts; members that do not split stay whole."""
+        parts = [self.refine(self.unit([p])) for p in u.paths]
+        if all(len(p) == 1 for p in parts):
+            return [u]
+        flat = [s for p in parts for s in p]
+        if self.ix.skips(u.lo, u.hi, [(s.lo, s.hi) for s in flat]):
+            return [u]
+        return flat
 
     def units(self) -> list[Unit]:
         found = self.decompose("")

@@ -376,3 +376,34 @@ def test_runs_of_two_lists_zipped_in_one_loop_are_blocks_in_execution_order():
         assert (a.grad is None) == (n in frozen), n
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_stages_of_alternating_depths_split_into_their_blocks():
+    """Stages in one ``nn.Sequential`` with 2, 3, 2, 3 residual blocks (timm's MobileNetV3
+    small): the stages repeat with period 2, and a unit of two stages was not split, so the
+    plan had 3 blocks (stem, two pairs of stages) for 10 residual blocks."""
+    from torch import nn
+
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.conv(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.stages = nn.Sequential(*[nn.Sequential(*[Res() for _ in range(d)]) for d in (2, 3, 2, 3)])
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    p = fxfreeze.plan(Net(), (torch.randn(2, 3, 8, 8),))
+    want = [f"stages.{s}.{i}" for s, d in enumerate((2, 3, 2, 3)) for i in range(d)]
+    assert [b.name for b in p.blocks] == ["stem"] + want
+    assert all(len(b.frontier) == 1 for b in p.blocks)
