@@ -102,3 +102,29 @@ class TokenStack(nn.Module):
         for layer in self.layers:
             h = h + layer(h)
         return self.out(h)
+
+
+class SharedDropout(nn.Module):
+    """One ``nn.Dropout`` applied after the stem, after every block and before the head, as
+    hand-written models often reuse ``self.drop``: fx calls the same leaf from every block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.stem(x))
+        for b in self.blocks:
+            h = self.drop(b(h))
+        return self.out(self.drop(h))
+
+    def by_hand(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The model with its first ``k`` blocks (stem included) in eval mode."""
+        F = torch.nn.functional
+        h = F.dropout(self.stem(x), 0.5, k < 1)
+        for i, b in enumerate(self.blocks):
+            h = F.dropout(b(h), 0.5, k < i + 2)
+        return self.out(F.dropout(h, 0.5, True))

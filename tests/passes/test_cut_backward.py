@@ -10,6 +10,7 @@ from fxfreeze import zoo
 from fxfreeze.api import analyze
 from fxfreeze.passes import META_INSERTED, CutBackward, GraphPass, PassResult, UndoCut, run_passes
 from fxfreeze.passes.cut_backward import detach_tree, grad_off, grad_restore
+from _nets import SharedDropout
 
 
 def _gm():
@@ -154,38 +155,12 @@ def test_attention_dropout_is_off_in_a_frozen_prefix():
     assert all(n.args[4] > 0 for n in sdpa)
 
 
-class _SharedDrop(torch.nn.Module):
-    """One ``nn.Dropout`` applied after the stem, after every block and before the head, as
-    hand-written models often reuse ``self.drop``: fx calls the same leaf from every block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Linear(8, 8)
-        self.drop = torch.nn.Dropout(0.5)
-        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(3))
-        self.out = torch.nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(self.stem(x))
-        for b in self.blocks:
-            h = self.drop(b(h))
-        return self.out(self.drop(h))
-
-    def by_hand(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """The model with its first ``k`` blocks (stem included) in eval mode."""
-        F = torch.nn.functional
-        h = F.dropout(self.stem(x), 0.5, k < 1)
-        for i, b in enumerate(self.blocks):
-            h = F.dropout(b(h), 0.5, k < i + 2)
-        return self.out(F.dropout(h, 0.5, True))
-
-
 def test_a_module_shared_with_later_blocks_runs_in_eval_mode_in_the_prefix_only():
     """No block owns a module that several blocks call, so a freeze held none of them in
     eval mode: the frozen prefix went on dropping out (unlike its other modules), and an
     activation cache kept one draw of it for good."""
     torch.manual_seed(0)
-    net, x = _SharedDrop().train(), torch.randn(4, 8)
+    net, x = SharedDropout().train(), torch.randn(4, 8)
     gm = analyze(net, (x,)).capture.build(net)
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"].count("drop") == 5
     code0 = gm.code

@@ -519,3 +519,35 @@ def test_an_exported_batchnorm_prefix_is_cached_once(caplog):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     frozen = [n for n in counters if n.startswith(tuple(m for b in fm.plan.blocks[:2] for m in b.modules))]
     assert frozen and all(torch.equal(model.get_buffer(n), counters[n]) for n in frozen)
+
+
+def test_a_dropout_the_frozen_prefix_shares_with_later_blocks_caches_what_the_uncached_run_computes():
+    """One ``nn.Dropout`` called after the stem and by every later block: the frozen prefix
+    went on dropping out (no block owns the module, so a freeze held it in eval mode in
+    none), the cache kept one draw per sample, and the cached run's losses left the
+    uncached run's (by 0.14) at the first read."""
+    from _nets import SharedDropout
+
+    def run(cache: bool) -> tuple[list[float], dict[str, int]]:
+        torch.manual_seed(0)
+        net, x, y = SharedDropout().train(), torch.randn(64, 8), torch.randint(0, 2, (64,))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        config: dict = {"policy": "manual", "manual": {"schedule": {3: 3}}}
+        if cache:
+            config["cache"] = {"enabled": True}
+        fm = fxfreeze.compile(net, (x[:16],), optimizer=opt, config=config)
+        loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        losses = []
+        for _ in range(4):
+            for xb, yb in fm.wrap_loader(loader):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(fm(xb), yb)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return losses, (fm.activation_cache.stats if cache else {})
+
+    plain, _ = run(False)
+    cached, stats = run(True)
+    assert stats["hits"] == 128 and stats["misses"] == 64  # epochs 2-4 read what epoch 1 (from step 3) stored
+    assert cached == plain  # bitwise: the prefix draws nothing, cached or not
