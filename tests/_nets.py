@@ -122,9 +122,10 @@ class SharedDropout(nn.Module):
         return self.out(self.drop(h))
 
     def by_hand(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """The model with its first ``k`` blocks (stem included) in eval mode."""
+        """The model with its first ``k`` blocks (stem included) in eval mode. The dropout
+        after the last block is the head's (it follows the last block's output)."""
         F = torch.nn.functional
         h = F.dropout(self.stem(x), 0.5, k < 1)
         for i, b in enumerate(self.blocks):
-            h = F.dropout(b(h), 0.5, k < i + 2)
+            h = F.dropout(b(h), 0.5, k < i + 2 or i == len(self.blocks) - 1)
         return self.out(F.dropout(h, 0.5, True))

@@ -6,6 +6,11 @@ runs the model's own forward. The frozen prefix must be cut there as
 :class:`~fxfreeze.passes.CutBackward` cuts it in a graph: forward hooks on the frozen
 blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
 
+A leaf module that the frozen prefix shares with later code (one ``nn.Dropout`` after the
+embedding and before the classifier) is held in eval mode by no block: its calls are counted
+in each forward and those the plan's graph puts in the prefix run in eval mode
+(:class:`_SharedCalls`), as :func:`~fxfreeze.passes.cut_backward.call_in_eval` does in a graph.
+
 A call whose inputs require a gradient is not cut (:func:`wants_input_grad`): the gradient
 must reach them through the frozen blocks, as it does in eager code with those blocks'
 parameters frozen. A GAN's generator trains through its discriminator (``D(G(z))``), a
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
+from ..graph_utils import block_of
 from .own_forward import leaf_outputs
 from .dynamo import outside_dynamo
 
@@ -44,9 +50,12 @@ def wants_input_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 class EagerCut:
     """The eager half of :class:`~fxfreeze.runtime.module.FreezableModule` (which provides
-    ``_model``, ``_eval_modules``, ``_installed``, ``_eager_forward`` and ``_bypass``)."""
+    ``_model``, ``_analysis``, ``_num_frozen``, ``_eval_modules``, ``_installed``, ``_eager_forward``
+    and ``_bypass``)."""
 
     _model: nn.Module
+    _analysis: Any
+    _num_frozen: int
     _eval_modules: list[nn.Module]
     _installed: Any
     _eager_forward: Any
@@ -78,6 +87,7 @@ class EagerCut:
             return
         hook = leaf_outputs if leaves else _detach_outputs
         handles = [m.register_forward_hook(hook) for m in self._eval_modules]
+        handles += _SharedCalls.install(self._model, self._analysis.graph_module.graph, self._num_frozen)
         try:
             yield
         finally:
@@ -91,3 +101,45 @@ def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
         return None  # nothing to cut: the module's own output object, untouched
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
+
+
+class _SharedCalls:
+    """Hooks on one module the plan's graph calls from several blocks: its ``i``-th call of
+    a forward runs in eval mode when the graph's ``i``-th call of it lies in the frozen
+    prefix (modes put back after the call). Calls beyond those the graph holds follow the
+    model's mode."""
+
+    def __init__(self, blocks: list[int | None], k: int) -> None:
+        self.frozen = [b is not None and b < k for b in blocks]
+        self.calls = 0
+        self.saved: list[list[tuple[nn.Module, bool]]] = []
+
+    @staticmethod
+    def install(model: nn.Module, graph: Any, k: int) -> list[Any]:
+        calls: dict[str, list[int | None]] = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                calls.setdefault(str(n.target), []).append(block_of(n))
+        handles = []
+        for target, blocks in calls.items():
+            if len(set(blocks)) < 2 or not any(b is not None and b < k for b in blocks):
+                continue
+            try:
+                module = model.get_submodule(target)
+            except AttributeError:
+                continue
+            watch = _SharedCalls(blocks, k)
+            handles += [module.register_forward_pre_hook(watch.before), module.register_forward_hook(watch.after)]
+        return handles
+
+    def before(self, module: nn.Module, args: Any) -> None:
+        i, self.calls = self.calls, self.calls + 1
+        if i < len(self.frozen) and self.frozen[i] and module.training:
+            self.saved.append([(m, m.training) for m in module.modules()])
+            module.train(False)
+        else:
+            self.saved.append([])
+
+    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+        for m, mode in self.saved.pop():
+            m.training = mode

@@ -420,3 +420,33 @@ def test_a_training_only_module_keeps_the_training_mode_order():
     fm = fxfreeze.compile(Aux().train(), (x,), config={"policy": "manual", "manual": {"schedule": {}}})
     assert fm.strategy == "hooks"
     assert "aux" in fm.plan.head.modules
+
+
+def test_a_dropout_the_frozen_prefix_shares_with_later_code_is_off_in_the_prefix_only():
+    """A model that runs its own forward (only hooks capture it) with one ``nn.Dropout``
+    after the stem, after each block and before the head: no block owns the module, so no
+    freeze held it in eval mode and the frozen prefix went on dropping out. Its calls the
+    plan puts in the prefix now run in eval mode, the others in the model's mode."""
+    from _nets import SharedDropout
+
+    class Branchy(SharedDropout):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.sum() > -1e9):  # data-dependent: hooks only
+                return super().forward(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Branchy().train(), torch.randn(4, 8)
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.eager_only and [b.name for b in fm.plan.blocks] == ["stem", "blocks.0", "blocks.1", "blocks.2"]
+    fm.train()
+    for k in range(fm.plan.max_frozen + 1):
+        fm.freeze_prefix(k)
+        torch.manual_seed(3)
+        out = fm(x)
+        assert model.drop.training
+        torch.manual_seed(3)
+        torch.testing.assert_close(out, model.by_hand(x, k), rtol=0, atol=0, msg=lambda m: f"k={k}: {m}")
+    fm.eval()
+    with torch.no_grad():  # no cut in evaluation: every call in eval mode, as the model says
+        torch.testing.assert_close(fm(x), SharedDropout.forward(model.eval(), x), rtol=0, atol=0)
