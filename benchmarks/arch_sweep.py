@@ -97,6 +97,14 @@ def _hf() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, Any
             num_conv_pos_embedding_groups=2, num_labels=2, hidden_dropout=0.0, attention_dropout=0.0,
             activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0)),
             lambda: {"input_values": torch.randn(4, 400), "labels": torch.randint(0, 2, (4,))}),
+        "data2vec-audio": (lambda: T.Data2VecAudioForSequenceClassification(T.Data2VecAudioConfig(  # LayerDrop: row 69
+            vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+            conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2, num_labels=2, hidden_dropout=0.0, attention_dropout=0.0,
+            activation_dropout=0.0, feat_proj_dropout=0.0, mask_time_prob=0.0, layerdrop=0.5)),
+            lambda: {"input_values": torch.randn(4, 400), "labels": torch.randint(0, 2, (4,))}),
+        "poolformer": (lambda: T.PoolFormerForImageClassification(T.PoolFormerConfig(  # zipped lists: row 67
+            hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_labels=3)), _pixels),
         "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=1, **dec)), lambda: _lm(_ids())),
         "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(num_key_value_heads=1, head_dim=16, **dec)),
                   lambda: _lm(_ids())),
