@@ -87,12 +87,17 @@ class EagerCut:
             return
         hook = leaf_outputs if leaves else _detach_outputs
         handles = [m.register_forward_hook(hook) for m in self._eval_modules]
-        handles += _SharedCalls.install(self._model, self._analysis.graph_module.graph, self._num_frozen)
+        shared = self.__dict__.get("_shared_calls")
+        if shared is None:  # the plan's graph does not change: read it once
+            shared = self.__dict__["_shared_calls"] = _SharedCalls.calls_of(self._analysis.graph_module.graph)
+        watches = _SharedCalls.install(self._model, shared, self._num_frozen, handles)
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for w in watches:  # a forward that raised inside a shared call left its modes unrestored
+                w.restore()
 
 
 def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
@@ -115,14 +120,20 @@ class _SharedCalls:
         self.saved: list[list[tuple[nn.Module, bool]]] = []
 
     @staticmethod
-    def install(model: nn.Module, graph: Any, k: int) -> list[Any]:
+    def calls_of(graph: Any) -> dict[str, list[int | None]]:
+        """The block of each call, in order, of every module the graph calls from several."""
         calls: dict[str, list[int | None]] = {}
         for n in graph.nodes:
             if n.op == "call_module":
                 calls.setdefault(str(n.target), []).append(block_of(n))
-        handles = []
+        return {t: blocks for t, blocks in calls.items() if len(set(blocks)) > 1}
+
+    @staticmethod
+    def install(model: nn.Module, calls: dict[str, list[int | None]], k: int, handles: list[Any]) -> list["_SharedCalls"]:
+        """Hooks (appended to ``handles``) on the shared modules with a call in the first ``k`` blocks."""
+        watches = []
         for target, blocks in calls.items():
-            if len(set(blocks)) < 2 or not any(b is not None and b < k for b in blocks):
+            if not any(b is not None and b < k for b in blocks):
                 continue
             try:
                 module = model.get_submodule(target)
@@ -130,7 +141,12 @@ class _SharedCalls:
                 continue
             watch = _SharedCalls(blocks, k)
             handles += [module.register_forward_pre_hook(watch.before), module.register_forward_hook(watch.after)]
-        return handles
+            watches.append(watch)
+        return watches
+
+    def restore(self) -> None:
+        while self.saved:
+            self.after(None, None, None)
 
     def before(self, module: nn.Module, args: Any) -> None:
         i, self.calls = self.calls, self.calls + 1
@@ -140,6 +156,6 @@ class _SharedCalls:
         else:
             self.saved.append([])
 
-    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+    def after(self, module: Any, args: Any, output: Any) -> None:
         for m, mode in self.saved.pop():
             m.training = mode

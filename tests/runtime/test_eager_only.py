@@ -450,3 +450,35 @@ def test_a_dropout_the_frozen_prefix_shares_with_later_code_is_off_in_the_prefix
     fm.eval()
     with torch.no_grad():  # no cut in evaluation: every call in eval mode, as the model says
         torch.testing.assert_close(fm(x), SharedDropout.forward(model.eval(), x), rtol=0, atol=0)
+
+
+def test_a_forward_raising_inside_a_shared_call_leaves_its_module_in_the_model_mode():
+    """The shared module is put in eval mode for a prefix call and back after it; a forward
+    that raises in between (an out-of-memory retry loop catches and goes on) must not leave
+    it in eval mode."""
+    from _nets import SharedDropout
+
+    class Failing(SharedDropout):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.sum() > -1e9):  # data-dependent: hooks only
+                return super().forward(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Failing().train(), torch.randn(4, 8)
+    fm = fxfreeze.compile(model, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
+    fm.train()
+    fm.freeze_prefix(2)
+
+    def boom(module: nn.Module, args: Any, output: Any) -> None:
+        raise RuntimeError("out of memory (simulated)")
+
+    handle = model.drop.register_forward_hook(boom)  # runs before the eval call's own restoring hook
+    with pytest.raises(RuntimeError, match="simulated"):
+        fm(x)
+    handle.remove()
+    assert model.drop.training
+    torch.manual_seed(3)
+    out = fm(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, model.by_hand(x, 2), rtol=0, atol=0)
