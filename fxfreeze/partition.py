@@ -30,7 +30,10 @@ here knows any class name: blocks are found from structure alone.
    its attention and MLP halves (not a run). Children outside any run are searched for
    runs deeper down (``encoder.layer`` inside a BERT), except a lone module of a type that
    is a run unit elsewhere: it is a block itself (an EfficientNet's last stage holds a
-   single inverted-residual block).
+   single inverted-residual block). A unit of several siblings (a run of period 2 or more)
+   splits into its members' blocks unless a skip crosses the new cuts or its members are
+   single ops: alternating stages (2 then 3 blocks) into their blocks, alternating layers
+   of two kinds (a hybrid of state-space and attention layers) into one block per layer.
 4. **Order.** Units are taken in execution order, whichever subtree they came from: runs
    in two sibling lists zipped in one loop (a stage's patch embedding, then its layers)
    interleave.
@@ -207,11 +210,14 @@ class _Searcher:
         return sub
 
     def _refine_group(self, u: Unit) -> list[Unit]:
-        """A unit of several siblings (a run of period 2 or more: stages of 2 then 3 blocks,
-        alternating, in timm's MobileNetV3) splits into its members' refinements when one of
-        them splits and no skip crosses the new cuts; members that do not split stay whole."""
+        """A unit of several siblings (a run of period 2 or more) splits into its members'
+        refinements when no skip crosses the new cuts: stages of 2 then 3 blocks, alternating
+        (timm's MobileNetV3), into their blocks; layers of two kinds, alternating (a hybrid
+        of state-space and attention layers, Jamba), into one block per layer. Members that
+        are single ops (a convolution and its norm) stay together."""
+        ix = self.ix
         parts = [self.refine(self.unit([p])) for p in u.paths]
-        if all(len(p) == 1 for p in parts):
+        if all(len(p) == 1 for p in parts) and not all(ix.has_children(p) for p in u.paths):
             return [u]
         flat = [s for p in parts for s in p]
         if self.ix.skips(u.lo, u.hi, [(s.lo, s.hi) for s in flat]):

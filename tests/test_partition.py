@@ -407,3 +407,59 @@ def test_stages_of_alternating_depths_split_into_their_blocks():
     want = [f"stages.{s}.{i}" for s, d in enumerate((2, 3, 2, 3)) for i in range(d)]
     assert [b.name for b in p.blocks] == ["stem"] + want
     assert all(len(b.frontier) == 1 for b in p.blocks)
+
+
+def test_layers_of_two_kinds_alternating_are_one_block_each():
+    """A hybrid stack (Jamba: state-space layers and attention layers, alternating) repeats
+    with period 2; each unit of two layers was one block, so a freeze went two layers at a
+    time. Each layer is a block now; a unit of single ops keeps them together (below)."""
+    from torch import nn
+
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.proj = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.proj(self.norm(x)).tanh()
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.qkv, self.out = nn.LayerNorm(8), nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+            return x + self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
+
+    class Hybrid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.layers = nn.ModuleList(Mixer() if i % 2 == 0 else Attention() for i in range(6))
+            self.head = nn.Linear(8, 20)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.embed(ids)
+            for layer in self.layers:
+                h = layer(h)
+            return self.head(h)
+
+    class ConvPairs(nn.Module):
+        """Conv then norm, twice, inside one residual: the pairs stay whole."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.body = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8))])
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    p = fxfreeze.plan(Hybrid(), (torch.randint(0, 20, (2, 5)),))
+    assert [b.name for b in p.blocks] == ["stem"] + [f"layers.{i}" for i in range(6)]
+    assert all(len(b.frontier) == 1 for b in p.blocks)
+    p = fxfreeze.plan(ConvPairs(), (torch.randn(2, 3, 8, 8),))
+    assert [b.name for b in p.blocks][1:] == ["body.0..1", "body.2..3", "body.4..5"]
