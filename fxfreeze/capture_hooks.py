@@ -40,7 +40,11 @@ def trace_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     unused = [n for n, m in model.named_modules() if m not in ran and n and any(True for _ in m.parameters(recurse=False))]
     if not model.training or not unused:
         return graph
-    eval_graph, eval_ran = _record(model, *again, in_eval=True)
+    try:
+        eval_graph, eval_ran = _record(model, *again, in_eval=True)
+    except Exception as e:  # noqa: BLE001 - an eval path the training call's inputs do not suit: keep that call's order
+        logger.debug("fxfreeze: %s in eval mode raised %s; the training call's module order is kept", type(model).__name__, e)
+        return graph
     if eval_ran > ran:
         logger.info(
             "fxfreeze: %s left %s unused in a training-mode call (skipped at random, as LayerDrop does): "

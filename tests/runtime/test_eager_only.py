@@ -383,7 +383,7 @@ def test_layers_skipped_at_random_in_the_capture_call_are_blocks_all_the_same(ca
     with torch.random.fork_rng():
         torch.manual_seed(1)
         skipped = [bool(torch.rand([]) < 0.5) for _ in range(4)]
-    assert any(skipped)  # the capture's own draws (seed 1) skip a layer: the test can fail
+    assert any(skipped)  # seed 1's first draws skip a layer (the capture draws from that seed)
     torch.manual_seed(1)
     with caplog.at_level(logging.INFO, logger="fxfreeze"):
         fm = fxfreeze.compile(model, (x,), config={"policy": "manual", "manual": {"schedule": {}}})
@@ -482,3 +482,20 @@ def test_a_forward_raising_inside_a_shared_call_leaves_its_module_in_the_model_m
     out = fm(x)
     torch.manual_seed(3)
     torch.testing.assert_close(out, model.by_hand(x, 2), rtol=0, atol=0)
+
+
+def test_a_model_whose_eval_path_refuses_the_training_inputs_keeps_the_training_order():
+    """The order is recorded again in eval mode only to find layers a training call skipped;
+    a model whose eval path raises on the same inputs keeps the training call's order."""
+
+    class EvalFails(_LayerDropNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                raise ValueError("eval needs other inputs")
+            return super().forward(x)
+
+    torch.manual_seed(1)
+    model = EvalFails(layerdrop=0.5).train()
+    fm = fxfreeze.compile(model, (torch.randn(4, 8),), config={"policy": "manual", "manual": {"schedule": {}}})
+    assert fm.strategy == "hooks" and fm.plan.blocks[0].name == "stem"
+
