@@ -28,7 +28,7 @@ restores rewritten arguments, so ``CutBackward(0)`` undoes any cut. Parameter fl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -50,6 +50,9 @@ __all__ = [
     "META_ORIG_ARGS",
     "copy_graph",
     "call_in_eval",
+    "enter_eval",
+    "restore_modes",
+    "shared_module_calls",
 ]
 
 META_ORIG_ARGS = "fxfreeze.orig_args"
@@ -116,13 +119,25 @@ def call_in_eval(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """
     if not module.training:
         return module(*args, **kwargs)
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(False)
+    modes = enter_eval(module)
     try:
         return module(*args, **kwargs)
     finally:
-        for m, mode in modes:
-            m.training = mode
+        restore_modes(modes)
+
+
+def enter_eval(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Put ``module`` (its submodules too) in eval mode; returns their modes, for
+    :func:`restore_modes`."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(False)
+    return modes
+
+
+def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    """Put back the modes :func:`enter_eval` returned."""
+    for m, mode in modes:
+        m.training = mode
 
 
 #: Functions whose behaviour depends on a training flag (or a dropout probability) baked into
@@ -163,14 +178,23 @@ def _counts_batches(n: fx.Node) -> bool:
     return isinstance(buf, fx.Node) and buf.op == "get_attr" and str(buf.target).split(".")[-1] == "num_batches_tracked"
 
 
-def _shared_modules(nodes: list[fx.Node]) -> set[str]:
-    """``call_module`` targets called from more than one block (or from a block and the
-    head): no block owns them, so none holds them in eval mode when it freezes."""
-    seen: dict[str, set[Any]] = {}
+def shared_module_calls(nodes: Iterable[fx.Node]) -> dict[str, list[int | None]]:
+    """The block of each call, in order (None: the head), of every ``call_module`` target
+    called from more than one block (or from a block and the head): no block owns such a
+    module, so none holds it in eval mode when it freezes.
+
+    Example::
+
+        >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU()))
+        >>> relu = next(n for n in gm.graph.nodes if n.op == "call_module")
+        >>> relu.meta["fxfreeze.block"] = 0; shared_module_calls(gm.graph.nodes)
+        {}
+    """
+    calls: dict[str, list[int | None]] = {}
     for n in nodes:
         if n.op == "call_module":
-            seen.setdefault(str(n.target), set()).add(block_of(n))
-    return {t for t, blocks in seen.items() if len(blocks) > 1}
+            calls.setdefault(str(n.target), []).append(block_of(n))
+    return {t: blocks for t, blocks in calls.items() if len(set(blocks)) > 1}
 
 
 def _call_in_eval(graph: fx.Graph, n: fx.Node) -> None:
@@ -343,7 +367,7 @@ class CutBackward(GraphPass):
             restore = graph.call_function(grad_restore, (off, last))
         restore.meta[META_INSERTED] = True
         anchor = restore
-        shared = _shared_modules(nodes)
+        shared = shared_module_calls(nodes)
         for n in prefix:
             if n.op == "call_module" and str(n.target) in shared:
                 _call_in_eval(graph, n)

@@ -9,7 +9,8 @@ blocks' modules detach their outputs (:meth:`EagerCut._cut_eagerly`).
 A leaf module that the frozen prefix shares with later code (one ``nn.Dropout`` after the
 embedding and before the classifier) is held in eval mode by no block: its calls are counted
 in each forward and those the plan's graph puts in the prefix run in eval mode
-(:class:`_SharedCalls`), as :func:`~fxfreeze.passes.cut_backward.call_in_eval` does in a graph.
+(:class:`_SharedCalls`), as :func:`~fxfreeze.passes.cut_backward.call_in_eval` does in a graph
+(both read :func:`~fxfreeze.passes.cut_backward.shared_module_calls`).
 
 A call whose inputs require a gradient is not cut (:func:`wants_input_grad`): the gradient
 must reach them through the frozen blocks, as it does in eager code with those blocks'
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from ..graph_utils import block_of
+from ..passes.cut_backward import enter_eval, restore_modes, shared_module_calls
 from .own_forward import leaf_outputs
 from .dynamo import outside_dynamo
 
@@ -57,6 +58,8 @@ class EagerCut:
     _analysis: Any
     _num_frozen: int
     _eval_modules: list[nn.Module]
+    #: the plan's graph's calls of modules several blocks share (read at the first eager cut)
+    _shared_calls: dict[str, list[int | None]] | None = None
     _installed: Any
     _eager_forward: Any
     _bypass: Any
@@ -87,10 +90,9 @@ class EagerCut:
             return
         hook = leaf_outputs if leaves else _detach_outputs
         handles = [m.register_forward_hook(hook) for m in self._eval_modules]
-        shared = self.__dict__.get("_shared_calls")
-        if shared is None:  # the plan's graph does not change: read it once
-            shared = self.__dict__["_shared_calls"] = _SharedCalls.calls_of(self._analysis.graph_module.graph)
-        watches = _SharedCalls.install(self._model, shared, self._num_frozen, handles)
+        if self._shared_calls is None:  # the plan's graph does not change: read it once
+            self._shared_calls = shared_module_calls(self._analysis.graph_module.graph.nodes)
+        watches = _SharedCalls.install(self._model, self._shared_calls, self._num_frozen, handles)
         try:
             yield
         finally:
@@ -120,15 +122,6 @@ class _SharedCalls:
         self.saved: list[list[tuple[nn.Module, bool]]] = []
 
     @staticmethod
-    def calls_of(graph: Any) -> dict[str, list[int | None]]:
-        """The block of each call, in order, of every module the graph calls from several."""
-        calls: dict[str, list[int | None]] = {}
-        for n in graph.nodes:
-            if n.op == "call_module":
-                calls.setdefault(str(n.target), []).append(block_of(n))
-        return {t: blocks for t, blocks in calls.items() if len(set(blocks)) > 1}
-
-    @staticmethod
     def install(model: nn.Module, calls: dict[str, list[int | None]], k: int, handles: list[Any]) -> list["_SharedCalls"]:
         """Hooks (appended to ``handles``) on the shared modules with a call in the first ``k`` blocks."""
         watches = []
@@ -150,12 +143,7 @@ class _SharedCalls:
 
     def before(self, module: nn.Module, args: Any) -> None:
         i, self.calls = self.calls, self.calls + 1
-        if i < len(self.frozen) and self.frozen[i] and module.training:
-            self.saved.append([(m, m.training) for m in module.modules()])
-            module.train(False)
-        else:
-            self.saved.append([])
+        self.saved.append(enter_eval(module) if i < len(self.frozen) and self.frozen[i] and module.training else [])
 
     def after(self, module: Any, args: Any, output: Any) -> None:
-        for m, mode in self.saved.pop():
-            m.training = mode
+        restore_modes(self.saved.pop())
