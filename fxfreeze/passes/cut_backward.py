@@ -128,14 +128,28 @@ def call_in_eval(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def enter_eval(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
     """Put ``module`` (its submodules too) in eval mode; returns their modes, for
-    :func:`restore_modes`."""
+    :func:`restore_modes`.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Dropout()).train()
+        >>> modes = enter_eval(net); net[0].training
+        False
+    """
     modes = [(m, m.training) for m in module.modules()]
     module.train(False)
     return modes
 
 
 def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
-    """Put back the modes :func:`enter_eval` returned."""
+    """Put back the modes :func:`enter_eval` returned.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Dropout()).train()
+        >>> restore_modes(enter_eval(net)); net[0].training
+        True
+    """
     for m, mode in modes:
         m.training = mode
 
