@@ -31,6 +31,7 @@ from .errors import (
 )
 from .plan import Block, FreezePlan, Head
 from .registry import register_policy
+from .sample_ids import SAMPLE_ID_KEY, with_sample_ids
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ __all__ = [
     "Head",
     "FreezeConfig",
     "register_policy",
+    "with_sample_ids",
+    "SAMPLE_ID_KEY",
     "FxFreezeError",
     "ModelError",
     "TraceError",

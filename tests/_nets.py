@@ -90,11 +90,13 @@ class StochasticDepthMLP(ResidualMLP):
 
 class TokenStack(nn.Module):
     """Token ids ``[batch, length]`` to per-token logits: an embedding, ``layers`` residual
-    MLP layers, an output projection."""
+    MLP layers, an output projection (``tie=True``: whose weight is the embedding's)."""
 
-    def __init__(self, layers: int = 3, vocab: int = 50, d: int = 16) -> None:
+    def __init__(self, layers: int = 3, vocab: int = 50, d: int = 16, tie: bool = False) -> None:
         super().__init__()
         self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        if tie:
+            self.out.weight = self.emb.weight
         self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU()) for _ in range(layers))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from ..calls import forward_signature
 from ..errors import DistributedError, FreezeError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward
 from ..runtime.adopt import holds_any
+from ..sample_ids import SAMPLE_ID_KEY, pop_sample_ids, signature_with_ids
 
 __all__ = ["LazyCompile", "encode_state", "decode_state", "data_parallel"]
 
@@ -150,6 +151,8 @@ class LazyCompile:
         self.pending_state: dict[str, Any] | None = None
         #: the trainer's planned number of optimizer steps, passed to compile
         self.total_steps: int | None = None
+        #: the trainer's optimizer steps per epoch (the activation cache's payback horizon)
+        self.epoch_steps: float | None = None
         self._previous: tuple[bool, Any] | None = None
         self._original: Any = None
         #: called with this object once the model is compiled
@@ -192,16 +195,23 @@ class LazyCompile:
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             lazy = me()
             if lazy is None or model_self is not original():  # a deep copy (an EMA, SWA): not routed
+                pop_sample_ids(kwargs)
                 return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
             if _passing() or lazy.released:
+                pop_sample_ids(kwargs)
                 return lazy._original(*args, **kwargs)
             # installed over a mixed-precision wrapper (accelerate's), the route replaced it: the
             # compiled module applies its autocast (fxfreeze.amp)
             if lazy.module is None:
+                ids = pop_sample_ids(kwargs)  # not an input of the model's: kept out of the capture
                 lazy._compile(args, kwargs)
+                if ids is not None:
+                    kwargs[SAMPLE_ID_KEY] = ids
             return lazy.module.route(args, kwargs)
 
-        self._route = types.MethodType(forward_with(forward_signature(model), run), model)
+        # the model's signature, and the sample ids' keyword: a trainer keeping only the columns
+        # forward names (the HF Trainer) keeps them (fxfreeze.with_sample_ids)
+        self._route = types.MethodType(forward_with(signature_with_ids(forward_signature(model)), run), model)
         model.__dict__["forward"] = self._route
 
     def uninstall(self) -> None:
@@ -266,6 +276,7 @@ class LazyCompile:
             fm = fx_compile(self.model, example, optimizer=holding(self.optimizer, self.model), **kwargs)
         self.compile_seconds = time.perf_counter() - t0
         fm.adopt_route(self._previous, self._original)  # type: ignore[arg-type]
+        fm.set_epoch_steps(self.epoch_steps)
         self.module = fm
         logger.info(
             "fxfreeze: compiled %s on its first call: %d blocks (%s)",

@@ -29,12 +29,15 @@ forward, the controller stopped), so that a later stage trains every parameter;
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 from torch import nn
 
 from ..errors import DistributedError, FreezeError
+from ..sample_ids import SAMPLE_ID_KEY
 from ._lazy import LazyCompile, data_parallel
 
 try:  # the package named in the issue first, the unified one otherwise
@@ -77,6 +80,7 @@ class FxFreezeCallback(pl.Callback):
         self._candidates: list[LazyCompile] = []
         self._pending: dict[str, Any] | None = None
         self._ended: LazyCompile | None = None  # the route of the last fit, released at its end
+        self._ids_scope = contextlib.ExitStack()  # the running batch's sample ids, declared
 
     @property
     def state_key(self) -> str:
@@ -131,6 +135,9 @@ class FxFreezeCallback(pl.Callback):
             lazy.data_parallel = ddp
             if isinstance(total, (int, float)) and 0 < total < float("inf"):
                 lazy.total_steps = int(total)
+            batches = getattr(trainer, "num_training_batches", None)  # known once the total was estimated
+            if isinstance(batches, (int, float)) and 0 < batches < float("inf"):
+                lazy.epoch_steps = batches / max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
             if optimizer is not None:
                 lazy.set_optimizer(optimizer)
             if self._pending is not None:
@@ -153,11 +160,23 @@ class FxFreezeCallback(pl.Callback):
         if self.module is not None and loss is not None:
             self.module.freezer.observe_loss(loss)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """A dict batch carrying sample ids (:func:`fxfreeze.with_sample_ids`): they are taken
+        out before the training step sees the batch and declared for its calls (the
+        activation cache's keys)."""
+        self._ids_scope.close()
+        if isinstance(batch, MutableMapping) and SAMPLE_ID_KEY in batch:
+            ids = batch.pop(SAMPLE_ID_KEY)
+            if self.module is not None:
+                self._ids_scope.enter_context(self.module.sample_ids(ids))
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._ids_scope.close()
         if self.module is not None:
             pl_module.log("fxfreeze/num_frozen", float(self.module.num_frozen), on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._ids_scope.close()
         for lazy in self._candidates:
             if lazy.module is None:
                 lazy.uninstall()

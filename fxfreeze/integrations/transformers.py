@@ -135,6 +135,11 @@ class FxFreezeCallback(TrainerCallback, ExportableState):
             self.lazy.set_optimizer(optimizer)
         if getattr(state, "max_steps", 0) and state.max_steps > 0:
             self.lazy.total_steps = int(state.max_steps)
+        loader = kwargs.get("train_dataloader")
+        try:
+            self.lazy.epoch_steps = len(loader) / max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+        except TypeError:  # no loader, or one without a length
+            pass
         saved = self._saved_state(state)
         if saved is not None and state.global_step > 0:
             self.lazy.load_state(decode_state(saved))

@@ -146,8 +146,8 @@ class ActivationCache:
             if ids is None and self.enabled and not self._warned_no_ids:
                 logger.warning(
                     "fxfreeze cache: a training batch came without sample ids, so the frozen prefix ran "
-                    "uncached; iterate `fm.wrap_loader(loader)` or use `with fm.sample_ids(ids):` (the Trainer "
-                    "and Lightning callbacks give none: the cache needs a loop of your own)"
+                    "uncached; iterate `fm.wrap_loader(loader)`, use `with fm.sample_ids(ids):`, or, under the HF "
+                    "Trainer or Lightning, train on `fxfreeze.with_sample_ids(dataset)` (dict items)"
                 )
                 self._warned_no_ids = True
             self.stats["uncached_batches"] += 1

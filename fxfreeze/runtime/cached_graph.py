@@ -104,12 +104,20 @@ class CachedGraph:
         self.epoch_steps: int | None = None
         self._pays: tuple[int, bool] | None = None  # (prefix, decision): taken once per prefix
 
-    def pays(self, k: int, freezer: Any) -> bool:
+    def pays(self, k: int, freezer: Any, trains: Callable[[int], list[str]] = lambda k: []) -> bool:
         """Cache the prefix of ``k`` blocks only when it is expected to stay long enough to
         pay back its fill (:func:`cache_pays`, from the steps left
         in the planned run and the fill and read costs measured so far); decided once per
-        prefix and logged when the answer is no. Otherwise the prefix runs as without a cache."""
+        prefix and logged when the answer is no. Otherwise the prefix runs as without a cache.
+        Never when the prefix uses parameters that keep training (``trains(k)``: tied with a
+        later block): its outputs change at every step, so stored ones would be stale."""
         if self._pays is None or self._pays[0] != k:
+            moving = trains(k)
+            if moving:
+                self._pays = (k, False)
+                logger.info("fxfreeze cache: the prefix of %d blocks is not cached: it uses %s, which still train "
+                            "(shared with a later block), so its outputs change at every step", k, ", ".join(moving))
+                return False
             cfg = freezer.config if freezer is not None else None
             total = getattr(freezer, "planned_steps", None) if freezer is not None else None
             remaining = None if total is None else total - freezer.step_count

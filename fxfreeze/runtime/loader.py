@@ -1,8 +1,11 @@
-"""``fm.wrap_loader(loader)``: a DataLoader that tells the activation cache which dataset
-samples each batch holds (the cache stores a frozen prefix's outputs per sample id)."""
+"""Telling the activation cache which dataset samples each batch holds (it stores a frozen
+prefix's outputs per sample id): ``fm.wrap_loader(loader)``, ``with fm.sample_ids(ids):``,
+or ids carried in the batch (:mod:`fxfreeze.sample_ids`)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import deque
 from typing import Any, Iterator
 
@@ -10,7 +13,7 @@ import torch
 
 from ..errors import FreezeError
 
-__all__ = ["SampleIdLoader"]
+__all__ = ["SampleIdLoader", "SampleIds"]
 
 
 class _RecordingBatchSampler:
@@ -89,3 +92,53 @@ class SampleIdLoader:
         finally:
             if cache is not None:
                 cache.ids = None
+
+
+class SampleIds:
+    """The sample-id half of :class:`~fxfreeze.runtime.module.FreezableModule` (which
+    provides ``_cache``, the activation cache, and ``_cached``, its graph)."""
+
+    _cache: Any
+    _cached: Any
+
+    @contextlib.contextmanager
+    def sample_ids(self, ids: Any) -> Iterator[None]:
+        """Declare the dataset indices of the batch the enclosed forward calls see (for the
+        activation cache); ``fm.wrap_loader`` does this for a DataLoader, and a call given
+        ``fxfreeze_sample_id=ids`` (a batch from :func:`fxfreeze.with_sample_ids`) for itself.
+
+        Example::
+
+            with fm.sample_ids(batch_indices):
+                loss = loss_fn(fm(x), y)
+        """
+        if self._cache is None:
+            yield
+            return
+        prev = self._cache.ids
+        self._cache.ids = torch.as_tensor(ids).reshape(-1).cpu()
+        try:
+            yield
+        finally:
+            self._cache.ids = prev
+
+    def wrap_loader(self, loader: Any) -> SampleIdLoader:
+        """Iterate ``loader`` (a ``torch.utils.data.DataLoader``, any sampler, shuffling or
+        ``DistributedSampler``) recording each batch's dataset indices for the cache.
+
+        Example::
+
+            for x, y in fm.wrap_loader(loader):
+                loss_fn(fm(x), y).backward()
+        """
+        try:
+            self.set_epoch_steps(len(loader))
+        except TypeError:
+            pass
+        return SampleIdLoader(self, loader)
+
+    def set_epoch_steps(self, steps: float | None) -> None:
+        """The number of steps in an epoch, which the cache's payback decision reads (a
+        trainer's batches per epoch when fxfreeze does not iterate its loader)."""
+        if self._cached is not None and steps:
+            self._cached.epoch_steps = max(1, math.ceil(steps))

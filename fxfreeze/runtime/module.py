@@ -45,12 +45,13 @@ from ..forwards import forward_with
 from ..passes import CutBackward
 from ..plan import HEAD, FreezePlan
 from ..plan_build import block_of, param_uses, starts_from_plan
+from ..sample_ids import pop_sample_ids
 from ..trace import DEFAULT_TIMEOUT
 from .own_forward import OwnForwardWatch
 from .cached_graph import CachedGraph
 from .graphs import DEFAULT_MAX_GRAPHS, GraphCache, GraphEntry
 from .hook_watch import HookWatch
-from .loader import SampleIdLoader
+from .loader import SampleIdLoader, SampleIds
 from .ownership import hold_eval, release_eval, release_owner
 from .dynamo import outside_dynamo
 from .eager_cut import EagerCut, wants_input_grad
@@ -60,7 +61,7 @@ __all__ = ["FreezableModule", "SampleIdLoader"]
 
 logger = logging.getLogger("fxfreeze")
 _INF = 1 << 30
-class FreezableModule(Routing, EagerCut, nn.Module):
+class FreezableModule(Routing, EagerCut, SampleIds, nn.Module):
     """The compiled model. Use it exactly like the original; see :func:`compile`."""
 
     def __init__(
@@ -103,9 +104,10 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         proposal = starts_from_plan(ix, self.plan)
         uses, _ = param_uses(ix)
         self._param_last_block: dict[str, int] = {}
+        self._param_first_block: dict[str, int] = {}
         for name, positions in uses.items():
-            bs = [block_of(i, proposal.starts, proposal.head_start) for i in positions]
-            self._param_last_block[name] = max(_INF if b == HEAD else b for b in bs)
+            bs = [_INF if b == HEAD else b for b in (block_of(i, proposal.starts, proposal.head_start) for i in positions)]
+            self._param_first_block[name], self._param_last_block[name] = min(bs), max(bs)
         self._named_params = dict(model.named_parameters())
         self.forward = types.MethodType(forward_with(self.graphs.signature, FreezableModule._run), self)
 
@@ -195,6 +197,10 @@ class FreezableModule(Routing, EagerCut, nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ids = pop_sample_ids(kwargs)  # a batch that carries its sample ids (fxfreeze.with_sample_ids)
+        if ids is not None and self._cache is not None:
+            with self.sample_ids(ids):
+                return self._run(args, kwargs)
         amp = self._begin_call()  # accelerate's mixed precision, which the graphs bypass: apply it
         with amp.region() if amp is not None else contextlib.nullcontext():
             out = self._run_graphs(args, kwargs)
@@ -266,7 +272,7 @@ class FreezableModule(Routing, EagerCut, nn.Module):
             return True, None, None, eager_args, eager_kwargs
         gm = self.graph_module_of(entry)
         if self._call_trains and self._cached is not None and self._num_frozen > 0 and self._cache.enabled \
-                and self._cached.pays(self._num_frozen, self.freezer):
+                and self._cached.pays(self._num_frozen, self.freezer, self.prefix_trains):
             cgm = self._cached.graph_for(entry, gm, model, self._num_frozen, self.frozen_tensors)
             if cgm is not None:
                 gm = cgm
@@ -310,6 +316,13 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         k = self._num_frozen if k is None else k
         return [n for n, last in self._param_last_block.items() if last < k]
 
+    def prefix_trains(self, k: int) -> list[str]:
+        """Parameters a prefix of ``k`` blocks uses that keep training (tied with a later
+        block or the head, such as GPT-2's embedding): its outputs change at every step."""
+        last = self._param_last_block
+        return [n for n, first in self._param_first_block.items()
+                if first < k <= last[n] and self._named_params[n].requires_grad]
+
     def frozen_tensors(self, k: int) -> list[tuple[str, torch.Tensor]]:
         """What the outputs of a frozen prefix of ``k`` blocks depend on: its frozen
         parameters and its buffers, by name (the activation cache's key and watch)."""
@@ -351,31 +364,6 @@ class FreezableModule(Routing, EagerCut, nn.Module):
         self._num_frozen = k
         if self.graphs.set_prefix(k, self._eval_modules, len(self.plan.blocks)) and self._cached is not None:
             self._cached.reset()  # its graphs were rewritten from dropped ones
-
-    # -- the activation cache ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def sample_ids(self, ids: Any) -> Iterator[None]:
-        """Declare the dataset indices of the batch the enclosed forward calls see (for the
-        activation cache); ``fm.wrap_loader`` does this for a DataLoader."""
-        if self._cache is None:
-            yield
-            return
-        prev = self._cache.ids
-        self._cache.ids = torch.as_tensor(ids).reshape(-1).cpu()
-        try:
-            yield
-        finally:
-            self._cache.ids = prev
-
-    def wrap_loader(self, loader: Any) -> SampleIdLoader:
-        """Iterate ``loader`` (a ``torch.utils.data.DataLoader``, any sampler, shuffling or
-        ``DistributedSampler``) recording each batch's dataset indices for the cache."""
-        if self._cached is not None:
-            try:
-                self._cached.epoch_steps = len(loader)  # the cache's payback horizon
-            except TypeError:
-                pass
-        return SampleIdLoader(self, loader)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that currently require gradients."""

@@ -23,6 +23,7 @@ from torch import nn
 from ..amp import WrapperAutocast, wrapper_autocast
 from ..errors import CopyError
 from ..forwards import forward_of_copy, forward_with, restore_forward, saved_forward, temporary_forward
+from ..sample_ids import pop_sample_ids
 from .ddp_watch import active_ddp, check_ddp
 
 __all__ = ["Routing"]
@@ -199,6 +200,7 @@ class Routing:
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             fm = me()
             if fm is None or model_self is not original():  # a deep copy of the model, or no compiled module
+                pop_sample_ids(kwargs)
                 return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
             return fm.route(args, kwargs)
 
@@ -224,6 +226,7 @@ class Routing:
         """What an installed ``model(...)`` runs: the compiled graphs, or the model's own
         forward inside a capture or an eager call."""
         if self._bypassed():
+            pop_sample_ids(kwargs)  # the model's own forward never takes them
             return self._eager_forward(*args, **kwargs)
         return self._run(args, kwargs)
 

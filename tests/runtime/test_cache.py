@@ -551,3 +551,44 @@ def test_a_dropout_the_frozen_prefix_shares_with_later_blocks_caches_what_the_un
     cached, stats = run(True)
     assert stats["hits"] == 128 and stats["misses"] == 64  # epochs 2-4 read what epoch 1 (from step 3) stored
     assert cached == plain  # bitwise: the prefix draws nothing, cached or not
+
+
+def _token_run(cache: bool, tie: bool, epochs: int = 4):
+    """A token model trained 4 epochs with 2 blocks (the embedding's among them) frozen at
+    step 2: its losses."""
+    from _nets import TokenStack
+
+    torch.manual_seed(0)
+    model = TokenStack(layers=3, tie=tie)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    cfg = {"policy": "manual", "manual": {"schedule": {2: 2}}, "cache": {"enabled": cache}}
+    ids = torch.randint(0, 50, (32, 6), generator=torch.Generator().manual_seed(1))
+    fm = fxfreeze.compile(model, (ids[:2],), optimizer=opt, config=cfg)
+    loader = DataLoader(TensorDataset(ids), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+    losses: list[float] = []
+    for _ in range(epochs):
+        for (x,) in fm.wrap_loader(loader):
+            loss = nn.functional.cross_entropy(fm(x).flatten(0, 1), x.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return fm, losses
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_prefix_using_a_parameter_that_still_trains_is_never_cached(tie, caplog):
+    """An output layer tied to the embedding: the frozen prefix's embedding keeps training
+    from the head's use, so the prefix's outputs change at every step and stored ones would
+    be stale (the cached run's losses drifted from the uncached run's). Such a prefix runs
+    uncached, and says so; untied, the same run reads the cache. Losses equal bitwise."""
+    _, ref = _token_run(cache=False, tie=tie)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm, got = _token_run(cache=True, tie=tie)
+    assert got == ref
+    hits = fm.activation_cache.stats["hits"]
+    if tie:
+        assert hits == 0 and "it uses emb.weight, which still train" in caplog.text
+        assert fm.prefix_trains(2) == ["emb.weight"] and fm.prefix_trains(1) == ["emb.weight"]
+    else:
+        assert hits > 0 and "still train" not in caplog.text and fm.prefix_trains(2) == []
