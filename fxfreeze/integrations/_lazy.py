@@ -164,6 +164,8 @@ class LazyCompile:
         #: the trainer's own DDP runs this process among others: every rank applies rank 0's decisions
         self.data_parallel = False
         self._route: Any = None
+        #: (a PEFT model's base model, its forward before, the forward naming the ids): see _name_ids_on_base
+        self._base: tuple[nn.Module, Any, Any] | None = None
         self._final_state: dict[str, Any] | None = None
 
     @classmethod
@@ -213,6 +215,35 @@ class LazyCompile:
         # forward names (the HF Trainer) keeps them (fxfreeze.with_sample_ids)
         self._route = types.MethodType(forward_with(signature_with_ids(forward_signature(model)), run), model)
         model.__dict__["forward"] = self._route
+        self._name_ids_on_base()
+
+    def _name_ids_on_base(self) -> None:
+        """The HF Trainer reads the columns to keep from a PEFT model's *base* model's
+        ``forward``: give that one the ids' keyword too (calls it gets never carry them: the
+        route above took them out), so that a PEFT model's batches keep their ids."""
+        get = getattr(self.model, "get_base_model", None)
+        try:
+            base = get() if callable(get) else None
+        except Exception:  # a wrapper whose base cannot be read: nothing to name
+            base = None
+        if not isinstance(base, nn.Module) or base is self.model:
+            return
+        state, ref = saved_forward(base), weakref.ref(base)
+
+        def run(base_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            pop_sample_ids(kwargs)
+            return forward_of_copy(state, ref(), base_self)(*args, **kwargs)  # a deep copy rebinds to itself
+
+        shim = types.MethodType(forward_with(signature_with_ids(forward_signature(base)), run), base)
+        base.__dict__["forward"] = shim
+        self._base = (base, state, shim)
+
+    def _unname_ids_on_base(self) -> None:
+        if self._base is not None:
+            base, state, shim = self._base
+            if base.__dict__.get("forward") is shim:
+                restore_forward(base, state)
+            self._base = None
 
     def uninstall(self) -> None:
         """Stop routing: the model runs its own forward again (the compiled module, if
@@ -222,6 +253,7 @@ class LazyCompile:
         if self._previous is not None:
             restore_forward(self.model, self._previous)
             self._previous = None
+        self._unname_ids_on_base()
 
     def release(self) -> None:
         """Training is over: detach the compiled module (its blocks unfrozen, held modules
@@ -243,6 +275,7 @@ class LazyCompile:
         if on_top and self._previous is not None:
             restore_forward(self.model, self._previous)
             self._previous = None
+            self._unname_ids_on_base()
         if fm is not None:
             logger.info("fxfreeze: training ended; %s is given back unfrozen, running its own forward",
                         type(self.model).__name__)

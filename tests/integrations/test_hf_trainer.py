@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import fxfreeze  # noqa: E402
 from fxfreeze.integrations.transformers import FxFreezeCallback  # noqa: E402
 
 V = 100
@@ -277,3 +278,48 @@ def test_lora_on_a_causal_lm_keeps_its_last_adapters_training(tmp_path):
     _trainer(model, tmp_path, [cb], bf16=False).train()  # raised at step 5
     assert [(e["step"], e["num_frozen"]) for e in cb.module.freezer.history if e["action"] == "freeze"] == [(4, 3)]
     assert all(not torch.equal(a, p) for a, p in zip(before, last))
+
+
+@pytest.mark.parametrize("kind", ["torch-dataset", "datasets-Dataset", "peft-lora"])
+def test_the_activation_cache_under_the_trainer_reads_the_ids_the_batch_carries(tmp_path, kind):
+    """``fxfreeze.with_sample_ids`` on the training (and evaluation) set: the Trainer keeps the
+    id column (the route names it in its signature, and a PEFT model's base model's forward,
+    which the Trainer reads instead; it drops the columns ``forward`` does not name, "source"
+    here), every call takes it out before the model sees it, and the cache reads it. Before,
+    the Trainer's batches came without ids and the cache never served one. The run equals the
+    uncached one bitwise (an untied model: a tied one is never cached)."""
+
+    def run(cache: bool):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_positions=64, tie_word_embeddings=False)
+        model = transformers.GPT2LMHeadModel(config)
+        if kind == "peft-lora":
+            peft = pytest.importorskip("peft")
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]))
+        cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {1: 2}}, "cache": {"enabled": cache}})
+        train, held_out = _Tokens(32, 0), _Tokens(8, 1)
+        if kind == "datasets-Dataset":
+            datasets = pytest.importorskip("datasets")
+            rows = [{k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in train[i].items()} for i in range(32)]
+            train = datasets.Dataset.from_list(rows)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(cache)), per_device_train_batch_size=8, per_device_eval_batch_size=4,
+            max_steps=12, learning_rate=1e-2, eval_strategy="steps", eval_steps=6, report_to="none", use_cpu=True,
+            disable_tqdm=True, seed=0, save_strategy="no",
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=fxfreeze.with_sample_ids(train),
+                                       eval_dataset=fxfreeze.with_sample_ids(held_out), callbacks=[cb])
+        trainer.train()
+        return model, cb, trainer
+
+    ref, _, ref_trainer = run(False)
+    model, cb, trainer = run(True)
+    stats = cb.module.activation_cache.stats
+    # 4 batches an epoch; the freeze after step 1 fills the rest of epoch 1 and epoch 2; epoch 3 reads all
+    assert stats["hits"] == 32 and stats["uncached_batches"] == 0
+    assert cb.lazy.epoch_steps == 4
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{n} differs from the uncached run")
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and evals == [h["eval_loss"] for h in ref_trainer.state.log_history if "eval_loss" in h]
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the base model's forward is its own again

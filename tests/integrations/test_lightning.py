@@ -266,3 +266,43 @@ def test_a_gan_with_an_optimizer_per_network_follows_the_compiled_networks_own()
     assert set(frozen) == {n for n in snapshot if n.startswith(("0.", "1."))}
     moved = [n for n, p in lit.disc.named_parameters() if not torch.equal(p, snapshot[n])]
     assert moved and not any(n.startswith(("0.", "1.")) for n in moved), moved  # stem and first block held
+
+
+class _DictLit(_Lit):
+    """Dict batches; checks that the training step never sees the sample ids."""
+
+    def training_step(self, batch, batch_idx):
+        assert set(batch) == {"x", "y"}, sorted(batch)
+        return F.cross_entropy(self.net(batch["x"]), batch["y"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self.net(batch["x"]), batch["y"]))
+
+
+def test_the_activation_cache_under_lightning_reads_the_ids_the_batch_carries():
+    """``fxfreeze.with_sample_ids`` on a dataset of dicts: the callback takes the ids out of
+    each training batch before the step sees it and declares them for its calls, so the
+    cache reads them (before, Lightning's batches came without ids and the cache served
+    none). The run equals the uncached one bitwise."""
+    import fxfreeze
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+    data = fxfreeze.with_sample_ids([{"x": x[i], "y": y[i]} for i in range(32)])
+
+    def fit(cache: bool):
+        lit = _DictLit()
+        cb = FxFreezeCallback(policy="manual", config={"manual": {"schedule": {1: 3}}, "cache": {"enabled": cache}})
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", callbacks=[cb], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1)
+        loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+        trainer.fit(lit, loader, torch.utils.data.DataLoader(data, batch_size=8))
+        return lit, cb
+
+    ref, _ = fit(False)
+    lit, cb = fit(True)
+    stats = cb.module.activation_cache.stats
+    assert stats["hits"] >= 32 and stats["uncached_batches"] == 0 and cb.lazy.epoch_steps == 4  # epoch 3 reads all
+    for (n, p), q in zip(lit.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{n} differs from the uncached run")
