@@ -18,6 +18,7 @@ from .partition import Proposal, propose
 from .plan import FreezePlan
 from .plan_build import build_plan, starts_from_plan
 from .trace import DEFAULT_TIMEOUT, Capture, capture, unwrap_compiled
+from .trace_state import fresh_containers
 
 __all__ = ["plan", "analyze", "Analysis"]
 
@@ -73,7 +74,7 @@ def analyze(
         if cap.executable:
             gm = cap.build(model)
             if args or kwargs:
-                propagate(gm, model, cap, args, kwargs)
+                propagate(gm, model, cap, *fresh_containers(args, kwargs))  # the run must not change them
     if not cap.executable:
         gm = _plain_graph_module(cap.graph)
     ix = GraphIndex(cap.graph, model)

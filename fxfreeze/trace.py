@@ -306,10 +306,9 @@ def _capture(
         with watch_checkpoints() as checkpoints, watch_functions() as functions, watch_tensor_hooks() as hooks:
             strip = unknown_outputs(_run_eager(model, *fresh_containers(args, kwargs)))
     reasons: list[str] = lost_in_graphs(functions, hooks)
-    common = dict(
-        training=model.training, example_args=args, example_kwargs=kwargs, checkpoints=bool(checkpoints),
-        functions=tuple(functions), tensor_hooks=len(hooks),
-    )
+    kept = fresh_containers(args, kwargs)  # the caller's state objects stay the caller's
+    common = dict(training=model.training, example_args=kept[0], example_kwargs=kept[1], checkpoints=bool(checkpoints),
+                  functions=tuple(functions), tensor_hooks=len(hooks))
     bound = f"{timeout:g} s" if timeout else ""
 
     fx_graph: fx.Graph | None = None

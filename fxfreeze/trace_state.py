@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import enum
 import random
 import sys
 import threading
@@ -65,12 +67,32 @@ def rng_state() -> tuple[Any, ...]:
     return bytes(torch.random.get_rng_state().numpy()), cuda, random.getstate(), np_state
 
 
+#: leaves a run of the model cannot change, or that must stay themselves (modules, classes)
+_SHARED = (torch.Tensor, type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
+           torch.layout, torch.memory_format, nn.Module, type, enum.Enum)
+
+
+def _own_copy(x: Any) -> Any:
+    """``x`` for one run: an object the model may change in place (a key/value cache it
+    appends to) is a deep copy; tensors, plain values, modules and callables are shared, and
+    an object that cannot be copied is shared too."""
+    if isinstance(x, _SHARED) or callable(x):
+        return x
+    try:
+        return copy.deepcopy(x)
+    except Exception:  # noqa: BLE001 - locks, handles, tensors that are not leaves: nothing better to do
+        return x
+
+
 def fresh_containers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call's lists, tuples and dicts rebuilt around the same tensors, for one run of the
     model: a forward that writes into its input dict (sentence-transformers adds its outputs
     to the features it is given) must not change the example inputs a capture keeps, nor
-    the caller's dict."""
-    args, kwargs = pytree.tree_map(lambda x: x, (tuple(args), dict(kwargs)))
+    the caller's dict. Other objects among the arguments are copied for the run: a capture
+    runs the model (eagerly, or tracing it) on the call it then serves, and a Hugging Face
+    ``DynamicCache`` passed by ``generate`` took the run's keys and values, so that the
+    real call attended to every token twice."""
+    args, kwargs = pytree.tree_map(_own_copy, (tuple(args), dict(kwargs)))
     return tuple(args), dict(kwargs)
 
 

@@ -367,3 +367,28 @@ def test_a_model_fx_traces_returns_its_own_output_type():
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
     fm.graph_module(True).graph.lint()
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_generate_on_a_routed_model_mid_training_equals_the_plain_models(name):
+    """``generate`` in the middle of training (a Seq2SeqTrainer's ``predict_with_generate``, a
+    callback printing samples) calls the routed model with a ``DynamicCache`` it appends to.
+    Capturing that new kind of call ran the model on the cache first, so the real call saw
+    every key and value twice: Llama and BART generated other tokens than the plain model.
+    Greedy and beam search now equal the plain model's, with blocks frozen."""
+    factory, _, _, seq2seq = ARCHS[name]
+    torch.manual_seed(0)
+    model = factory()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.decoder_start_token_id = 0
+    ref = copy.deepcopy(model)
+    x = _batch(seq2seq, 2, 8)
+    fm = fxfreeze.compile(model, {**x, "labels": _labels(x, seq2seq)}, policy="manual")
+    fm.install()
+    fm.freeze_prefix(2)
+    model.eval()
+    ref.eval()
+    prompt = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
+    for beams in (1, 2):
+        got = model.generate(**prompt, max_new_tokens=6, do_sample=False, num_beams=beams)
+        assert torch.equal(got, ref.generate(**prompt, max_new_tokens=6, do_sample=False, num_beams=beams)), beams

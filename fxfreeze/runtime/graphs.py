@@ -54,6 +54,7 @@ from ..passes.labels import transfer_blocks
 from ..passes.residue import training_residue
 from ..calls import describe_call, forward_signature
 from ..trace import Capture, capture_call, preserved_state
+from ..trace_state import fresh_containers
 
 __all__ = ["GraphEntry", "GraphCache", "call_key", "DEFAULT_MAX_GRAPHS"]
 
@@ -278,7 +279,7 @@ class GraphCache:
     def primary_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The example call's arguments, moved to the model's device (and floating ones to its
         dtype)."""
-        args, kwargs = self.primary_call
+        args, kwargs = fresh_containers(*self.primary_call)  # state objects among them: a copy per run
         return _to_model(self.model, args), _to_model(self.model, kwargs)
 
     def primary(self, training: bool) -> GraphEntry:

@@ -447,3 +447,51 @@ def test_functional_call_and_per_sample_gradients_see_the_parameters_of_each_cal
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     fm.freeze_prefix(2)  # the cut graph reads them too
     torch.testing.assert_close(functional_call(fm, doubled, (x,)), functional_call(ref, doubled, (x,)), rtol=1e-6, atol=1e-6)
+
+
+class _Memory:
+    """A state object a forward appends to, as a key/value cache (HF ``DynamicCache``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def remember(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.detach())
+        return torch.cat(self.rows, dim=1).mean(dim=1, keepdim=True)
+
+
+class _Recalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.layers = nn.ModuleList(Res(8) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, memory: _Memory | None = None) -> torch.Tensor:
+        h = self.stem(x)
+        for layer in self.layers:
+            h = layer(h)
+        if memory is not None:  # a value-dependent object: no graph takes it, the model's own forward runs
+            h = h + memory.remember(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["new-kind-of-call", "first-call-compiles"])
+def test_capturing_a_call_leaves_the_state_objects_it_was_given_alone(first):
+    """Capturing a new kind of call runs the model on it (eagerly, then tracing). A state
+    object among the arguments that the forward appends to (Hugging Face's ``DynamicCache``,
+    which ``generate`` passes) took that run's rows, so the real call saw them twice: a
+    routed Llama generated other tokens than the plain model. Each capture run now gets its
+    own copy of such objects; the call's object holds exactly its own call's rows."""
+    torch.manual_seed(0)
+    model = _Recalls()
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    mine, theirs = _Memory(), _Memory()
+    if first:  # the integrations' first call: the capture is made on it, then it runs
+        fm = fxfreeze.compile(model, {"x": x, "memory": mine}, policy="manual")
+    else:
+        fm = fxfreeze.compile(model, (x,), policy="manual")
+    for _ in range(2):
+        torch.testing.assert_close(fm(x, memory=mine), ref(x, memory=theirs), rtol=0, atol=0)
+    assert len(mine.rows) == len(theirs.rows) == 2
