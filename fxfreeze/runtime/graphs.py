@@ -268,8 +268,11 @@ class GraphCache:
             raise (e.__cause__ or e) from None
         except FxFreezeError as e:
             self._eager[key] = str(e)
-            logger.warning(
-                "fxfreeze: a call of %s (%s, %s mode) cannot be captured, so calls like it run the model's own "
+            # an inference call (generate's, with its key/value cache) loses nothing by running
+            # the model's own forward: said at INFO; a call that may train, at WARNING
+            level = logging.WARNING if training or torch.is_grad_enabled() else logging.INFO
+            logger.log(
+                level, "fxfreeze: a call of %s (%s, %s mode) cannot be captured, so calls like it run the model's own "
                 "forward: %s", type(self.model).__name__, describe_call(args, kwargs),
                 "training" if training else "eval", e,
             )
