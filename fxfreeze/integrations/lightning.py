@@ -170,6 +170,20 @@ class FxFreezeCallback(pl.Callback):
             if self.module is not None:
                 self._ids_scope.enter_context(self.module.sample_ids(ids))
 
+    def _drop_ids(self, batch: Any) -> None:
+        """Evaluation batches of a dataset with ids: they are not the steps' to see either."""
+        if isinstance(batch, MutableMapping):
+            batch.pop(SAMPLE_ID_KEY, None)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._drop_ids(batch)
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._drop_ids(batch)
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._drop_ids(batch)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._ids_scope.close()
         if self.module is not None:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .dynamo import outside_dynamo
 from .host_tier import HostTier
 from .input_prints import InputPrints
 from .spill import DiskTier
@@ -139,6 +140,7 @@ class ActivationCache:
         self._disk.close()
 
     # -- the graph's entry point ---------------------------------------------------------------------
+    @outside_dynamo  # torch.compile(fm): a graph break here, not a recompilation per batch of ids
     def load(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
         assert self.runner is not None
         ids = self.ids

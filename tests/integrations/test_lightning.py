@@ -276,12 +276,14 @@ class _DictLit(_Lit):
         return F.cross_entropy(self.net(batch["x"]), batch["y"])
 
     def validation_step(self, batch, batch_idx):
+        assert set(batch) == {"x", "y"}, sorted(batch)
         self.log("val_loss", F.cross_entropy(self.net(batch["x"]), batch["y"]))
 
 
 def test_the_activation_cache_under_lightning_reads_the_ids_the_batch_carries():
     """``fxfreeze.with_sample_ids`` on a dataset of dicts: the callback takes the ids out of
-    each training batch before the step sees it and declares them for its calls, so the
+    each training batch (and validation batch) before the step sees it and declares them for
+    a training step's calls, so the
     cache reads them (before, Lightning's batches came without ids and the cache served
     none). The run equals the uncached one bitwise."""
     import fxfreeze

@@ -83,3 +83,44 @@ def test_compiling_a_torch_compiled_model_compiles_the_model_inside(caplog):
     assert fxfreeze.plan(wrapped, (torch.randn(4, 8),)).names == fm.plan.names
     assert set(fm.state_dict()) == set(model.state_dict())
     assert any("torch.compile(fm)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("ids", ["wrap_loader", "in-the-call"])
+def test_torch_compile_with_the_activation_cache_reads_it_without_recompiling(ids, caplog):
+    """``torch.compile(fm)`` with the activation cache: dynamo traced into the cache's load
+    (the graph's ``cache_load`` node) and guarded on each batch's sample ids and timings, so
+    it recompiled at every batch until ``recompile_limit``. The load is now a graph break:
+    the run equals the uncached, uncompiled one and nothing recompiles past the limit."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(48, 8, generator=torch.Generator().manual_seed(1)), torch.randint(0, 3, (48,)))
+    with_ids = fxfreeze.with_sample_ids([{"x": x, "y": y} for x, y in data])
+
+    def train(cache: bool, compiled: bool):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        cfg = {**CONFIG, "cache": {"enabled": cache}}
+        fm = fxfreeze.compile(model, (torch.randn(4, 8),), optimizer=opt, strategy="export", config=cfg)
+        run = torch.compile(fm, backend="aot_eager") if compiled else fm
+        loader = DataLoader(data if ids == "wrap_loader" else with_ids, batch_size=8, shuffle=True,
+                            generator=torch.Generator().manual_seed(3))
+        losses = []
+        for _ in range(3):
+            if ids == "wrap_loader":
+                batches = ((x, y, {}) for x, y in fm.wrap_loader(loader))
+            else:
+                batches = ((b["x"], b["y"], {"fxfreeze_sample_id": b["fxfreeze_sample_id"]}) for b in loader)
+            for x, y, kw in batches:
+                loss = nn.functional.cross_entropy(run(x, **kw), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+        return fm, torch.stack(losses)
+
+    _, plain = train(False, False)
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        fm, losses = train(True, True)
+    torch.testing.assert_close(losses, plain, rtol=1e-5, atol=1e-6)
+    assert fm.activation_cache.stats["hits"] >= 48 and fm.activation_cache.stats["uncached_batches"] == 0
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
