@@ -122,3 +122,10 @@ def test_ids_given_to_an_installed_route_never_reach_the_models_forward():
     fm.uninstall()
     with pytest.raises(TypeError):  # the plain model takes no such keyword: only routes remove it
         model(x, **{SAMPLE_ID_KEY: torch.arange(4)})
+
+
+@pytest.mark.parametrize("bad", [["a", "b"], torch.tensor([0.5, 1.5]), [True, False]])
+def test_ids_that_are_not_integers_are_refused_with_what_they_must_be(bad):
+    fm = fxfreeze.compile(ResidualMLP(depth=3), (torch.randn(2, 8),), policy="manual", config={"cache": {"enabled": True}})
+    with pytest.raises(fxfreeze.FreezeError, match="sample ids must be integers"):
+        fm(torch.randn(2, 8), **{SAMPLE_ID_KEY: bad})

@@ -115,8 +115,19 @@ class SampleIds:
         if self._cache is None:
             yield
             return
+        try:
+            declared = torch.as_tensor(ids).reshape(-1).cpu()
+        except (TypeError, ValueError, RuntimeError) as e:
+            declared = None
+            reason = str(e)
+        if declared is None or declared.is_floating_point() or declared.is_complex() or declared.dtype == torch.bool:
+            what = type(ids).__name__ if declared is None else f"{type(ids).__name__} of {declared.dtype}"
+            raise FreezeError(
+                f"sample ids must be integers, one per sample of the batch (a tensor or list of dataset indices); got "
+                f"{what}{': ' + reason if declared is None else ''}"
+            )
         prev = self._cache.ids
-        self._cache.ids = torch.as_tensor(ids).reshape(-1).cpu()
+        self._cache.ids = declared
         try:
             yield
         finally:
