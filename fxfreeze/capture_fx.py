@@ -33,7 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from .graph_utils import repair_fx_wraps
-from .trace_state import rng_state
+from .trace_state import fresh_containers, preserved_state, rng_state
 
 __all__ = ["trace_fx", "hides_structure"]
 
@@ -165,6 +165,34 @@ def _concrete_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return concrete
 
 
+def _fails_on(model: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Run a traced graph once on the example call (no gradient, the model's state kept) and
+    return its error, or None. fx follows the forward's Python branches with proxies in
+    place of the inputs: ``if not torch.is_tensor(timesteps): timesteps = torch.tensor(
+    [timesteps])`` (diffusers' UNets) takes the branch for a number, and the graph then fails
+    on the tensor the model itself takes; a failing graph is no capture (export is tried)."""
+    args, kwargs = fresh_containers(args, kwargs)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+    except (TypeError, ValueError):
+        return None  # no call to check against
+    values = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            name = str(n.target).lstrip("*")
+            if name not in bound.arguments and not n.args:
+                return None
+            values.append(bound.arguments[name] if name in bound.arguments else n.args[0])
+    try:
+        with preserved_state(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fx.Interpreter(fx.GraphModule(model, graph)).run(*values)
+    except Exception as e:  # noqa: BLE001 - whatever the graph raises disqualifies it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def _drop_var_placeholders(graph: fx.Graph) -> list[str]:
     """fx gives ``*args`` / ``**kwargs`` one placeholder each, a proxy the forward's code
     inspects symbolically. Unused (a forward that accepts extra keywords and ignores them),
@@ -258,6 +286,11 @@ def trace_fx(
             if used:
                 return None, leaves, (f"fx cannot specialise the forward's {', '.join(used)} to a call (it traces them "
                                       "as one opaque input: `kw.get(...) is not None` would always hold)")
+            failed = _fails_on(model, graph, args, kwargs)
+            if failed is not None:
+                return None, leaves, (f"fx's graph fails on the example inputs the model runs on ({failed}): the "
+                                      "forward branches on its inputs' Python types, which fx sees as proxies "
+                                      "(`torch.is_tensor(t)` is False for one)")
             return graph, leaves, None
         except Exception as e:  # noqa: BLE001 - any tracing failure drives escalation
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

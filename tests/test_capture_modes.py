@@ -380,3 +380,52 @@ def test_a_block_drawing_random_numbers_from_constants_is_a_leaf_that_draws_at_e
         assert (a.grad is None) == (b.grad is None), n
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+class _Timestepped(nn.Module):
+    """``forward(x, t)`` normalising its timestep as diffusers' UNets do: a number becomes a
+    one-element tensor, a tensor is broadcast to the batch. fx's proxy is no tensor to
+    ``torch.is_tensor``, so fx records the branch for a number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.temb = nn.Linear(8, 16), nn.Linear(1, 16)
+        self.blocks = nn.Sequential(*[Res(16) for _ in range(3)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=torch.long, device=x.device)
+        elif t.dim() == 0:
+            t = t[None]
+        t = t * torch.ones(x.shape[0], dtype=t.dtype, device=t.device)
+        return self.head(self.blocks(self.stem(x) + self.temb(t.float()[:, None] / 1000)))
+
+
+def test_a_graph_fx_traced_down_a_branch_the_inputs_do_not_take_sends_the_capture_to_export():
+    """fx's graph for ``_Timestepped`` calls ``torch.tensor([t])`` on the timestep tensor and
+    fails on the very inputs the model runs on: ``compile`` raised ``ExampleInputError``
+    ("only integer tensors of a single element can be converted to an index"), refusing
+    diffusers' ``UNet2DModel``. A traced graph is now run once on the example call; one that
+    fails is no capture, and export (which follows the tensor branch) takes the model."""
+    torch.manual_seed(0)
+    model, x, t = _Timestepped(), torch.randn(4, 8), torch.tensor([10, 20, 30, 40])
+    ref = _Timestepped()
+    ref.load_state_dict(model.state_dict())
+    with pytest.raises(TraceError, match=r"fx's graph fails on the example inputs.*torch.is_tensor"):
+        capture(model, (x, t), strategy="fx")
+    fm = fxfreeze.compile(model, (x, t), config={"policy": "manual"})
+    assert fm.strategy == "export" and len(fm.plan.blocks) == 4
+    fm.freeze_prefix(2)
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n not in set(fm.frozen_parameter_names()))
+    out, exp = fm(x, t), ref(x, t)
+    torch.testing.assert_close(out, exp, rtol=1e-6, atol=1e-7)
+    out.sum().backward()
+    exp.sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    for e in fm.graphs.entries():
+        fm.graph_module_of(e).graph.lint()

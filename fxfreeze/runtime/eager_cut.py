@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from ..passes.cut_backward import enter_eval, restore_modes, shared_module_calls
+from ..passes.cut_backward import crashing_layout, cut_tensor, enter_eval, restore_modes, shared_module_calls
 from .own_forward import leaf_outputs
 from .dynamo import outside_dynamo
 
@@ -104,10 +104,15 @@ class EagerCut:
 
 def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
-    lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``)."""
-    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
+    lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``), and
+    one in a layout that would crash a trainable GroupNorm's backward made contiguous
+    (:func:`~fxfreeze.passes.cut_backward.crashing_layout`)."""
+    def cut(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and (t.requires_grad or crashing_layout(t))
+
+    if not any(cut(t) for t in tree_flatten(output)[0]):
         return None  # nothing to cut: the module's own output object, untouched
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, output)
+    return tree_map(lambda t: cut_tensor(t) if cut(t) else t, output)
 
 
 class _SharedCalls:

@@ -200,3 +200,20 @@ def test_a_module_shared_with_later_blocks_runs_in_eval_mode_in_the_prefix_only(
     assert len(want) == len(grads)
     for a, b in zip(grads, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy", ["fx", "hooks"])
+def test_a_channels_last_output_handed_to_a_trainable_groupnorm_does_not_crash(strategy):
+    """torch before 2.14 crashed the process (a segmentation fault, CPU) in GroupNorm's
+    backward when its input was channels_last and needed no gradient: what a frozen prefix
+    hands on in diffusers' VAE and UNet. The cut makes such a tensor contiguous there; the
+    gradients equal an eager reference's. Run in a subprocess: a regression kills it, not
+    the suite. (``hooks``: a model that runs its own forward, cut by hooks.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("_channels_last_gn.py")
+    done = subprocess.run([sys.executable, str(script), strategy], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
