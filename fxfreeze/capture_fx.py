@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any, Mapping
@@ -181,9 +182,11 @@ def _fails_on(model: nn.Module, graph: fx.Graph, args: tuple[Any, ...], kwargs: 
     for n in graph.nodes:
         if n.op == "placeholder":
             name = str(n.target).lstrip("*")
-            if name not in bound.arguments and not n.args:
-                return None
-            values.append(bound.arguments[name] if name in bound.arguments else n.args[0])
+            if name not in bound.arguments:  # a specialised argument's placeholder is renamed: `scale_1`
+                name = re.sub(r"_\d+$", "", name)
+            if name not in bound.arguments:
+                return None  # a placeholder the call does not name: nothing to check against
+            values.append(bound.arguments[name])
     try:
         with preserved_state(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from ..passes.cut_backward import crashing_layout, cut_tensor, enter_eval, restore_modes, shared_module_calls
+from ..passes.cut_backward import enter_eval, restore_modes, shared_module_calls
+from ..passes.cut_ops import crashing_layout, cut_tensor
 from .own_forward import leaf_outputs
 from .dynamo import outside_dynamo
 
