@@ -41,7 +41,9 @@ here knows any class name: blocks are found from structure alone.
    first block when it holds no parameters); nodes between two units go to the preceding
    block (a block runs from its first node to the next block's first node); everything
    after the last unit is the head, which is never frozen, except parameter-free nodes
-   right after it that narrow the cut (a residual join in the parent's code).
+   right after it that narrow the cut (a residual join in the parent's code). A stretch
+   between two units that runs modules with parameters of the next unit's subtree rather
+   than the previous one's (an encoder-decoder's decoder embeddings) opens the next block.
 6. **Fallback.** With no run anywhere, the contiguous parametrised children of the model
    (descending through wrappers that hold nearly all parameters) are the blocks, and the
    last of them is the head.
@@ -288,11 +290,35 @@ def propose(index: GraphIndex) -> Proposal:
     if units[0].lo > 0 and ix.params_in(0, units[0].lo):
         starts.append(0)
         names.append("stem")
-    for u in units:
-        starts.append(u.lo)
+    for prev, u in zip([None, *units[:-1]], units):
+        starts.append(u.lo if prev is None else _start_after(ix, prev, u))
         names.append(_unit_name(u.paths))
     starts[0] = 0  # nodes before the first unit belong to block 0
     return Proposal(starts=starts, head_start=head_start, names=names, notes=notes)
+
+
+def _shared_depth(a: str, b: str) -> int:
+    """How many leading path components ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _start_after(ix: GraphIndex, prev: Unit, u: Unit) -> int:
+    """Where ``u``'s block starts: at its unit, unless the stretch before it (after ``prev``)
+    holds modules with parameters of ``u``'s subtree rather than ``prev``'s. An
+    encoder-decoder's decoder embeddings run between the last encoder layer and the first
+    decoder layer: they open the decoder, not close the encoder (which they joined before,
+    so that freezing the encoder froze them too)."""
+    last, first = prev.paths[-1], u.paths[0]
+    for p in range(prev.hi + 1, u.lo):
+        owner = ix.owner[p]
+        if owner and _shared_depth(owner, first) > _shared_depth(owner, last):
+            return p if ix.params_in(p, u.lo) else u.lo
+    return u.lo
 
 
 def top_modules(paths: Iterable[str]) -> list[str]:

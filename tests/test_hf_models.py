@@ -397,3 +397,17 @@ def test_generate_on_a_routed_model_mid_training_equals_the_plain_models(name, c
             got = model.generate(**prompt, max_new_tokens=6, do_sample=False, num_beams=beams)
         assert torch.equal(got, ref.generate(**prompt, max_new_tokens=6, do_sample=False, num_beams=beams)), beams
     assert not any(r.levelno >= logging.WARNING for r in caplog.records if r.name == "fxfreeze")
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_an_encoder_decoders_decoder_embeddings_open_its_first_decoder_block(name):
+    """Freezing the whole encoder leaves the decoder's embeddings (positions, norm) training:
+    they open the first decoder block (they closed the last encoder block before)."""
+    factory, blocks, _, _ = ARCHS[name]
+    torch.manual_seed(0)
+    x = _batch(True, 2, 8)
+    p = fxfreeze.plan(factory(), {**x, "labels": _labels(x, True)})
+    assert p.names == blocks
+    last_encoder, first_decoder = p.blocks[2].modules, p.blocks[3].modules
+    assert not any("decoder" in m for m in last_encoder), last_encoder
+    assert any("embed" in m for m in first_decoder) and first_decoder[-1] == blocks[3], first_decoder

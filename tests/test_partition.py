@@ -463,3 +463,52 @@ def test_layers_of_two_kinds_alternating_are_one_block_each():
     assert all(len(b.frontier) == 1 for b in p.blocks)
     p = fxfreeze.plan(ConvPairs(), (torch.randn(2, 3, 8, 8),))
     assert [b.name for b in p.blocks][1:] == ["body.0..1", "body.2..3", "body.4..5"]
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, d)) for _ in range(layers)
+        )
+
+
+class _EncoderDecoder(torch.nn.Module):
+    """An encoder and a decoder, each with its own embeddings; the decoder reads the
+    encoder's output (a cross term added to every layer's input)."""
+
+    def __init__(self, vocab: int = 50, d: int = 16) -> None:
+        super().__init__()
+        self.encoder, self.decoder = _Stack(vocab, d, 2), _Stack(vocab, d, 2)
+        self.lm_head = torch.nn.Linear(d, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        h = self.encoder.norm(self.encoder.embed(src))
+        for layer in self.encoder.layers:
+            h = h + layer(h)
+        memory = h.mean(1, keepdim=True)
+        y = self.decoder.norm(self.decoder.embed(tgt))
+        for layer in self.decoder.layers:
+            y = y + layer(y + memory)
+        return self.lm_head(y)
+
+
+def test_the_decoders_embeddings_open_the_decoder_not_close_the_encoder():
+    """The decoder's embeddings run between the last encoder layer and the first decoder
+    layer. They went to the block before them, so freezing the whole encoder froze the
+    decoder's embeddings too (BART, T5, bert2bert, ViT+GPT-2). Modules of the next unit's
+    subtree there now open its block; the encoder's own trailing code stays with it."""
+    src, tgt = torch.randint(0, 50, (2, 7)), torch.randint(0, 50, (2, 5))
+    model = _EncoderDecoder()
+    p = fxfreeze.plan(model, (src, tgt))
+    assert p.names == ["stem", "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    assert p.blocks[2].modules == ["encoder.layers.1"]
+    assert p.blocks[3].modules == ["decoder.embed", "decoder.norm", "decoder.layers.0"]
+    fm = fxfreeze.compile(model, (src, tgt), policy="manual")
+    fm.freeze_prefix(3)  # the whole encoder
+    frozen = set(fm.frozen_parameter_names())
+    assert {n for n, _ in model.encoder.named_parameters(prefix="encoder")} == frozen
+    fm(src, tgt).sum().backward()
+    assert model.decoder.embed.weight.grad is not None and model.encoder.embed.weight.grad is None
