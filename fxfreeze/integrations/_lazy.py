@@ -196,19 +196,17 @@ class LazyCompile:
 
         def run(model_self: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             lazy = me()
+            ids = pop_sample_ids(kwargs)  # not an input of the model's: only the compiled module takes them
             if lazy is None or model_self is not original():  # a deep copy (an EMA, SWA): not routed
-                pop_sample_ids(kwargs)
                 return forward_of_copy(previous, original(), model_self)(*args, **kwargs)
             if _passing() or lazy.released:
-                pop_sample_ids(kwargs)
                 return lazy._original(*args, **kwargs)
             # installed over a mixed-precision wrapper (accelerate's), the route replaced it: the
             # compiled module applies its autocast (fxfreeze.amp)
             if lazy.module is None:
-                ids = pop_sample_ids(kwargs)  # not an input of the model's: kept out of the capture
                 lazy._compile(args, kwargs)
-                if ids is not None:
-                    kwargs[SAMPLE_ID_KEY] = ids
+            if ids is not None:
+                kwargs[SAMPLE_ID_KEY] = ids
             return lazy.module.route(args, kwargs)
 
         # the model's signature, and the sample ids' keyword: a trainer keeping only the columns

@@ -107,7 +107,7 @@ def _detach_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     """Forward hook: ``output`` with every tensor that requires a gradient detached (tuples,
     lists, dicts and registered pytree containers such as Hugging Face's ``ModelOutput``), and
     one in a layout that would crash a trainable GroupNorm's backward made contiguous
-    (:func:`~fxfreeze.passes.cut_backward.crashing_layout`)."""
+    (:func:`~fxfreeze.passes.cut_ops.crashing_layout`)."""
     def cut(t: Any) -> bool:
         return isinstance(t, torch.Tensor) and (t.requires_grad or crashing_layout(t))
 

@@ -115,17 +115,13 @@ class SampleIds:
         if self._cache is None:
             yield
             return
+        must = "sample ids must be integers, one per sample of the batch (a tensor or list of dataset indices); got"
         try:
             declared = torch.as_tensor(ids).reshape(-1).cpu()
         except (TypeError, ValueError, RuntimeError) as e:
-            declared = None
-            reason = str(e)
-        if declared is None or declared.is_floating_point() or declared.is_complex() or declared.dtype == torch.bool:
-            what = type(ids).__name__ if declared is None else f"{type(ids).__name__} of {declared.dtype}"
-            raise FreezeError(
-                f"sample ids must be integers, one per sample of the batch (a tensor or list of dataset indices); got "
-                f"{what}{': ' + reason if declared is None else ''}"
-            )
+            raise FreezeError(f"{must} {type(ids).__name__}: {e}") from e
+        if declared.is_floating_point() or declared.is_complex() or declared.dtype == torch.bool:
+            raise FreezeError(f"{must} {type(ids).__name__} of {declared.dtype}")
         prev = self._cache.ids
         self._cache.ids = declared
         try:
