@@ -30,8 +30,13 @@ class CacheConfig:
     - ``enabled``: off by default; needs sample ids (``fm.wrap_loader(loader)``);
     - ``memory_budget_mb``: bytes kept in memory; the rest spills to ``directory`` (a new
       temporary folder when None), checked for writability when the model is compiled;
-    - ``dtype``: ``float32`` (bitwise identical to not caching), ``float16`` or
-      ``bfloat16`` (half the memory);
+    - ``dtype``: ``float32`` (identical to not caching: bitwise with ``sub_batches`` off),
+      ``float16`` or ``bfloat16`` (half the memory);
+    - ``sub_batches``: a batch that finds only some of its samples stored (the epoch after a
+      mid-epoch freeze, under a shuffling loader) runs the prefix on its missing rows only.
+      A kernel picked for the smaller batch may round otherwise than the whole batch's (about
+      1e-7 in float32 on CPU convolutions), so turn it off for runs that must equal an
+      uncached run bitwise;
     - ``host_budget_mb``: for a frontier on an accelerator, bytes kept in (pinned) host
       memory once ``memory_budget_mb`` on the device is full, before spilling; None (the
       default) is 4096 on an accelerator and 0 on the CPU;
@@ -50,9 +55,10 @@ class CacheConfig:
     verify_fraction: float = 0.0
     random_augmentation: bool = False
     host_budget_mb: float | None = None
+    sub_batches: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "prefetch", "random_augmentation"):
+        for name in ("enabled", "prefetch", "random_augmentation", "sub_batches"):
             flag(getattr(self, name), f"cache.{name}")
         if number(self.memory_budget_mb, "cache.memory_budget_mb") < 0:
             raise ConfigError(f"cache.memory_budget_mb must be a non-negative number, got {self.memory_budget_mb!r}")

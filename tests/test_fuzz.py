@@ -22,7 +22,8 @@ _SECTIONS = {
                "asynchronous", "freeze", "reference_timeout"],
     "autofreeze": ["interval", "percentile"],
     "smartfrz": ["weights", "record_interval", "stage_interval", "min_history", "threshold", "patience", "seed", "contiguous"],
-    "cache": ["enabled", "memory_budget_mb", "directory", "dtype", "prefetch", "verify_fraction", "random_augmentation"],
+    "cache": ["enabled", "memory_budget_mb", "directory", "dtype", "prefetch", "verify_fraction", "random_augmentation",
+              "sub_batches"],
 }
 _TOP = ["policy", "lr_change_factor", "release_optimizer_state", "steps_per_epoch", "total_steps"]
 

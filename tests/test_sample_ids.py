@@ -104,7 +104,10 @@ def test_ids_given_in_the_call_read_the_cache_as_wrap_loader_does():
     _, off = _train("off")
     by_loader, loader_losses = _train("loader")
     by_batch, batch_losses = _train("batch")
-    assert batch_losses == loader_losses == off  # bitwise: cached rows equal what the prefix computes
+    assert batch_losses == loader_losses  # bitwise: the same ids, the same reads
+    # the uncached run's within rounding: batches partly stored run the prefix on fewer rows (another GEMM)
+    torch.testing.assert_close(batch_losses, off, rtol=1e-5, atol=1e-6)
+    assert by_batch.activation_cache.stats["partial_batches"] > 0
     assert by_batch.activation_cache.stats == by_loader.activation_cache.stats
     assert by_batch.activation_cache.stats["hits"] > 0 and by_batch.activation_cache.ids is None
     # an evaluation call with ids (an eval set given ids too) runs as without them

@@ -23,9 +23,11 @@ dataset), the frontier tensors the frozen prefix produced for it:
   and every sample of a batch still has its ``k`` entry, the new frontier is computed from
   the old one by running blocks ``k..k'-1`` only (the prefix does not run again).
 
-On a miss the prefix runs under ``no_grad`` on the whole batch (its modules are in eval mode
-and deterministic, so a sample's frontier does not depend on its batch) and the batch's
-entries are stored. A batch without sample ids (the loop did not go through
+On a miss the prefix runs under ``no_grad`` (its modules are in eval mode and deterministic,
+so a sample's frontier does not depend on its batch) and the batch's entries are stored. A
+batch that finds only some of its samples stored (the epoch after a mid-epoch freeze, under
+a shuffling loader) runs the prefix on its missing rows only
+(:mod:`fxfreeze.runtime.cache_rows`; checked against a whole-batch run once per prefix). A batch without sample ids (the loop did not go through
 ``fm.wrap_loader``) is computed, not cached, with one warning. Each stored sample keeps a
 fingerprint of its input (:mod:`fxfreeze.runtime.input_prints`); a read whose input differs
 from it (random augmentation the config did not declare, multi-scale inputs, ids that do not
@@ -39,30 +41,26 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .dynamo import outside_dynamo
-from .host_tier import HostTier
+from .cache_rows import disagreement, fits, merge_rows, take_rows
+from .cache_tiers import HOST, EntryTiers
 from .input_prints import InputPrints
-from .spill import DiskTier
 
 __all__ = ["ActivationCache", "CacheStats"]
 
 logger = logging.getLogger("fxfreeze")
-#: the host tier's budget when ``host_budget_mb`` is None and the frontier is on an accelerator
-DEFAULT_HOST_BUDGET_MB = 4096.0
 
 class CacheStats(dict):  # a dict so that it prints and serialises plainly
     pass
 
 
-class ActivationCache:
+class ActivationCache(EntryTiers):
     """Frontier tensors of the frozen prefix, per sample id. See the module docstring."""
 
     def __init__(
@@ -74,16 +72,10 @@ class ActivationCache:
         prefetch: bool = True,
         seed: int = 0,
         host_budget_mb: float | None = None,
+        sub_batches: bool = True,
     ) -> None:
-        self.budget = int(memory_budget_mb * 2**20)
-        self.host_budget_mb = host_budget_mb
-        self.store_dtype = None if dtype == "float32" else {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         self.verify_fraction = float(verify_fraction)
-        self._devices: tuple[torch.device, ...] | None = None
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        self._mem: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._bytes = 0
         self._k = 0
         self._old: tuple[int, dict[int, tuple[torch.Tensor, ...]]] | None = None
         self.runner: Callable[[Sequence[Any]], tuple[Any, ...]] | None = None
@@ -92,14 +84,13 @@ class ActivationCache:
         self.prints = InputPrints()
         self.ids: torch.Tensor | None = None
         self.enabled = True
+        #: run the prefix on a batch's missing rows only: None until checked once per prefix
+        self.partial: bool | None = None if sub_batches else False
         self._warned_no_ids = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
-        self.stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
-                                uncached_batches=0, spill_failures=0)
-        self._host: HostTier | None = None  # created at the first store, when the frontier's device is known
-        self._disk = DiskTier(directory, self.stats, self._pool)
-        self.directory = self._disk.directory
-        #: measured seconds and rows: computing the prefix, storing rows, serving rows (hits)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
+        stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
+                           uncached_batches=0, spill_failures=0, partial_batches=0)
+        super().__init__(memory_budget_mb, host_budget_mb, dtype, directory, pool, stats)
         self.costs: dict[str, list[float]] = {"run": [0.0, 0], "store": [0.0, 0], "load": [0.0, 0]}
 
     # -- prefix changes ----------------------------------------------------------------------------
@@ -118,6 +109,8 @@ class ActivationCache:
         self.clear()
         self._old = keep
         self._k = k
+        if self.partial:
+            self.partial = None  # checked again on the new prefix
         self._disk.set_prefix(k, key)
         self.runner = runner
         self.refill = refill
@@ -160,7 +153,7 @@ class ActivationCache:
         changed = self.prints.poll()
         prints = self.prints.of(inputs, self.names, len(keys))
         host = self._host
-        entries = [_HOST if host is not None and i in host else self._get(i) for i in keys]
+        entries = [HOST if host is not None and i in host else self._get(i) for i in keys]
         if changed is None and prints:  # the entries this batch finds were stored for the same inputs
             present = [r for r, e in enumerate(entries) if e is not None]
             if present:
@@ -176,27 +169,85 @@ class ActivationCache:
             if self.verify_fraction > 0 and self._rng.random() < self.verify_fraction:
                 self._verify(inputs, out)
             return out
-        out = None
+        miss = [r for r, e in enumerate(entries) if e is None]
+        if len(miss) < len(keys) and self.partial is not False:
+            done = self._fill_rows(inputs, keys, entries, miss, prints)
+            if done is not None:
+                return done
+        out = self._frontier(inputs, keys, prints)
+        if isinstance(out, str):
+            return self._inputs_changed(inputs, out)
+        return self._store(keys, entries, out, prints)
+
+    def _frontier(self, inputs: Sequence[Any], keys: list[int], prints: Any) -> tuple[Any, ...] | str:
+        """The frontier of these samples: from a shallower prefix's entries by running the
+        blocks between (when every sample has one), else by running the prefix; a str
+        saying how when their inputs are not those the shallower entries were stored for."""
         if self._old is not None and self.refill is not None:
-            old_k, old = self._old
+            old = self._old[1]
             prev = [old.get(i) for i in keys]
             if all(p is not None for p in prev):
                 changed = self.prints.differ(keys, prints, strict=False)
                 if changed is not None:
-                    return self._inputs_changed(inputs, changed)
+                    return changed
                 old_frontier = tuple(torch.stack([p[j] for p in prev]) for j in range(len(prev[0])))  # type: ignore[index]
                 with torch.no_grad():
                     out = tuple(self.refill(inputs, old_frontier))
                 self.stats["refills"] += len(keys)
                 for i in keys:
                     old.pop(i, None)
-        if out is None:
-            t0 = time.perf_counter()
+                return out
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = tuple(self.runner(inputs))  # type: ignore[misc]
+        self._cost("run", t0, len(keys))
+        return out
+
+    def _fill_rows(self, inputs: Sequence[Any], keys: list[int], entries: list[Any], miss: list[int],
+                   prints: Any) -> tuple[Any, ...] | None:
+        """A batch that finds some of its samples stored: run the prefix on the missing rows
+        only (:mod:`fxfreeze.runtime.cache_rows`), store them and return the whole batch's
+        frontier. The first such batch of a prefix is also run whole and compared; a prefix
+        that gives a sample other values in a smaller batch, fails on one, or hands back other
+        rows is run on whole batches from then on (one INFO line). None: run it whole."""
+        n, missing = len(keys), set(miss)
+        present = [r for r in range(n) if r not in missing]
+        sub_prints = prints.take(miss) if prints else prints
+        t0 = time.perf_counter()
+        have = self._assemble([keys[r] for r in present], [entries[r] for r in present])
+        self._cost("load", t0, len(present))
+        try:
+            part = self._frontier(take_rows(inputs, miss, n), [keys[r] for r in miss], sub_prints)
+        except Exception as e:  # a graph that refuses another batch size: run the batch whole
+            return self._no_partial(f"a batch of {len(miss)} raised {type(e).__name__}: {e}")
+        if isinstance(part, str):
+            return self._inputs_changed(inputs, part)
+        if not fits(part, have, len(miss)):
+            return self._no_partial(f"a batch of {len(miss)} gave other rows than the stored ones")
+        if self.partial is None:  # once per prefix: a sub-batch's rows are the whole batch's
             with torch.no_grad():
-                out = tuple(self.runner(inputs))
-            self._cost("run", t0, len(keys))
+                diff = disagreement(tuple(self.runner(inputs)), part, miss)  # type: ignore[misc]
+            if diff is not None:
+                return self._no_partial(f"a sample's frontier in a smaller batch differs by {diff:.3g}")
+            self.partial = True
+        out = merge_rows(n, present, have, miss, part)
+        self.stats["hits"] += len(present)
+        self.stats["partial_batches"] += 1
+        return self._store([keys[r] for r in miss], [None] * len(miss), part, sub_prints, result=out)
+
+    def _no_partial(self, why: str) -> None:
+        self.partial = False
+        logger.info("fxfreeze cache: batches that find part of their samples stored run the frozen prefix on "
+                    "every sample, not only on the missing ones (%s)", why)
+        return None
+
+    def _store(self, keys: list[int], entries: list[Any], out: tuple[Any, ...],
+               prints: Any, result: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
+        """Keep the rows of ``out`` whose ``entries`` are None, under ``keys``; return
+        ``result`` (default ``out``)."""
+        result = out if result is None else result
         if not self._check_batch(out, len(keys)):
-            return out
+            return result
         self.stats["misses"] += sum(1 for e in entries if e is None)
         self._devices = tuple(t.device for t in out)  # where entries read back from disk go
         t0 = time.perf_counter()
@@ -216,7 +267,7 @@ class ActivationCache:
             self._offload(over, stored)
         self.prints.record(keys, prints)
         self._cost("store", t0, rows)
-        return out
+        return result
 
     def _inputs_changed(self, inputs: Sequence[Any], how: str) -> tuple[Any, ...]:
         """A sample came back with another input than its entry was computed from: the
@@ -231,46 +282,6 @@ class ActivationCache:
         self.clear()
         with torch.no_grad():
             return tuple(self.runner(inputs))  # type: ignore[misc]
-
-    def _assemble(self, keys: list[int], entries: list[Any]) -> tuple[torch.Tensor, ...]:
-        """One batch tensor per frontier value from per-sample entries: rows on the device
-        are stacked as they are; the host tier's rows come in one copy (prefetched when it
-        could be)."""
-        pos = [r for r, e in enumerate(entries) if e is _HOST]
-        if not pos:
-            return tuple(torch.stack([e[j] for e in entries]) for j in range(len(entries[0])))
-        assert self._host is not None and self._devices is not None
-        part = self._restore(self._host.gather([keys[r] for r in pos], self._devices))
-        if len(pos) == len(keys):
-            return part
-        at = {r: n for n, r in enumerate(pos)}
-        return tuple(
-            torch.stack([part[j][at[r]] if r in at else e[j] for r, e in enumerate(entries)]) for j in range(len(part))
-        )
-
-    def _offload(self, over: list[tuple[int, int]], stored: tuple[torch.Tensor, ...]) -> None:
-        """Rows beyond the device budget: to the host tier while it has room (one copy for the
-        batch's share), the rest to disk."""
-        host = self._host_tier(stored)
-        if host is not None:
-            row_bytes = sum(t[0].numel() * t.element_size() for t in stored)
-            n = min(len(over), host.room(row_bytes))
-            if n:
-                sel = [r for r, _ in over[:n]]
-                # a stack of row views: no index tensor to copy to the device
-                part = tuple(torch.stack([t[r] for r in sel]) for t in stored)
-                host.put([i for _, i in over[:n]], part)
-                over = over[n:]
-        for row, i in over:
-            self._put(i, tuple(t[row] for t in stored))
-
-    def _host_tier(self, stored: tuple[torch.Tensor, ...]) -> HostTier | None:
-        if self._host is None:
-            mb = self.host_budget_mb
-            if mb is None:
-                mb = DEFAULT_HOST_BUDGET_MB if any(t.device.type != "cpu" for t in stored) else 0.0
-            self._host = HostTier(int(mb * 2**20), self._pool)
-        return self._host if self._host.budget > 0 else None
 
     def _cost(self, what: str, since: float, rows: int) -> None:
         c = self.costs[what]
@@ -313,73 +324,3 @@ class ActivationCache:
                 self.enabled = False
                 self.clear()
                 return
-
-    # -- storage ---------------------------------------------------------------------------------------
-    def get(self, i: int) -> tuple[torch.Tensor, ...] | None:
-        """The frontier rows stored for sample ``i`` (None when there are none, or when a
-        spilled entry is unreadable or was written under another key: then it is deleted)."""
-        i = int(i)
-        if self._host is not None and i in self._host and self._devices is not None:
-            return tuple(t[0] for t in self._restore(self._host.gather([i], self._devices)))
-        return self._get(i)
-
-    def spilled(self) -> list[Path]:
-        """The files of the entries spilled to disk."""
-        return self._disk.files()
-
-    def _get(self, i: int) -> tuple[torch.Tensor, ...] | None:
-        e = self._mem.get(i)
-        if e is not None:  # kept on the frontier's own device
-            return e if self.store_dtype is None else self._restore(e)
-        e = self._disk.get(i)
-        return None if e is None else self._restore(e)
-
-    def _restore(self, e: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """An entry as the graph wants it: float32 again, on the frontier's device (spilled
-        entries come back from disk on the CPU)."""
-        devs = self._devices or ()
-        out = []
-        for j, t in enumerate(e):
-            if self.store_dtype is not None and t.dtype == self.store_dtype:
-                t = t.to(torch.float32)
-            if j < len(devs) and t.device != devs[j]:
-                t = t.to(devs[j], non_blocking=True)
-            out.append(t)
-        return tuple(out)
-
-    def _put(self, i: int, stored: tuple[torch.Tensor, ...], spill: bool = True) -> bool:
-        """Keep sample ``i``'s rows (already in the storage dtype, detached from the batch
-        the model goes on using) on the device within the budget, else (``spill``) on disk.
-        False when it was not kept (it is recomputed when needed)."""
-        size = sum(t.numel() * t.element_size() for t in stored)
-        if self._bytes + size <= self.budget:
-            self._mem[i] = stored
-            self._bytes += size
-            return True
-        return spill and self._disk.put(i, stored, self.budget / 2**20)
-
-    def prefetch(self, ids: Sequence[int] | torch.Tensor) -> None:
-        """Start reading the disk entries of an upcoming batch, and copying its host-tier rows
-        to the device, on a background thread."""
-        if self._pool is None:
-            return
-        keys = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-        if self._host is not None and len(self._host) and self._devices is not None:
-            self._host.prefetch([i for i in keys if i in self._host], self._devices)
-        self._disk.prefetch(keys)
-
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes kept on the frontier's device."""
-        return self._bytes
-
-    @property
-    def host_bytes(self) -> int:
-        """Bytes kept in the host tier."""
-        return self._host.bytes if self._host is not None else 0
-
-    def __len__(self) -> int:
-        return len(self._mem) + len(self._disk) + (len(self._host) if self._host is not None else 0)
-
-
-_HOST = ("host tier",)  # an entry's marker in a batch: its rows are in the host tier

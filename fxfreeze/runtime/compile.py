@@ -135,7 +135,7 @@ def _compile(
 
             c = cfg.cache
             fm._cache = ActivationCache(c.memory_budget_mb, c.directory, c.dtype, c.verify_fraction, c.prefetch,
-                                       host_budget_mb=c.host_budget_mb)
+                                       host_budget_mb=c.host_budget_mb, sub_batches=c.sub_batches)
             fm._cached = CachedGraph(fm._cache, [b.name for b in fm.plan.blocks])
     fm.freezer = Freezer(fm, cfg, optimizer, scheduler=scheduler)
     if fm.eager_only:

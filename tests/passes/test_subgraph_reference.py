@@ -111,10 +111,11 @@ def test_int8_reference_agrees_with_fp32_on_a_conv_net():
     """Static int8 of a whole (trained a little) ResNet: top-1 agreement with fp32, int8 never
     flipping a clear decision, and a bounded relative error of the logits.
 
-    The agreement depends on the thread count (fp32 sums in another order): 96.5% with one
-    thread, 94.5% with two, every flip on a sample whose two best fp32 logits are within 4%
-    of the logits' scale. So: at least 93% overall, and no flip where that margin exceeds
-    5%."""
+    The agreement depends on the thread count (fp32 sums in another order) and on the CPU's
+    int8 kernels: 96.5% with one thread, 94.5% with two, every flip on a sample whose two
+    best fp32 logits are within 4% of the logits' scale, on an AVX-512 machine; 96.9% on an
+    AVX2 one (AMD EPYC), flips within 6%. So: at least 93% overall, and no flip where that
+    margin exceeds 10% (more than half the samples have such a margin)."""
     torch.manual_seed(0)
     model = zoo.resnet_cifar(depth=20, width=16, in_channels=1)
     x = torch.randn(256, 1, 16, 16)
@@ -139,7 +140,7 @@ def test_int8_reference_agrees_with_fp32_on_a_conv_net():
     top2 = fp.topk(2, dim=1).values
     margin = (top2[:, 0] - top2[:, 1]) / fp.abs().max()
     assert float(margin.median()) > 0.1  # most decisions are clear ones: the check below bites
-    assert not bool(flips[margin > 0.05].any()), margin[flips].tolist()
+    assert not bool(flips[margin > 0.1].any()), sorted(margin[flips].tolist())
     assert relative_error(q, fp) < 0.15
 
 
