@@ -411,3 +411,44 @@ def test_an_encoder_decoders_decoder_embeddings_open_its_first_decoder_block(nam
     last_encoder, first_decoder = p.blocks[2].modules, p.blocks[3].modules
     assert not any("decoder" in m for m in last_encoder), last_encoder
     assert any("embed" in m for m in first_decoder) and first_decoder[-1] == blocks[3], first_decoder
+
+
+def _lm_cache_run(factory, cache: bool) -> tuple[object, list[float]]:
+    """A causal LM trained 3 epochs of 3 shuffled batches with the stem and a layer frozen at
+    step 2 (mid-epoch): its losses."""
+    torch.manual_seed(0)
+    model = factory()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (24, 10), generator=g)
+    mask = torch.ones(24, 10, dtype=torch.long)
+    mask[::3, -3:] = 0  # some rows padded, at one length
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cfg = {"policy": "manual", "manual": {"schedule": {2: 2}, "unit": "step"}, "cache": {"enabled": cache}}
+    fm = fxfreeze.compile(model, {"input_ids": ids[:4], "attention_mask": mask[:4], "labels": ids[:4]}, optimizer=opt,
+                          config=cfg)
+    losses = []
+    for _ in range(3):
+        for rows in torch.randperm(24, generator=g).split(8):
+            with fm.sample_ids(rows):
+                loss = fm(input_ids=ids[rows], attention_mask=mask[rows], labels=ids[rows]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return fm, losses
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_a_llama_style_models_prefix_caches_its_hidden_states_and_recomputes_its_rotary_tables(name, caplog):
+    """The frozen prefix of a rotary model hands the layers the hidden states and the rotary
+    cos and sin (``(1, T, d)``, the batch's). Before, that turned the cache off at its first
+    store, so no Llama-style model was ever cached; now the tables are computed at every
+    step and the hidden states are read from the cache, with the uncached run's losses."""
+    factory = ARCHS[name][0]
+    _, ref = _lm_cache_run(factory, False)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm, losses = _lm_cache_run(factory, True)
+    c = fm.activation_cache
+    assert c.enabled and "caching is now off" not in caplog.text and "have no row per sample" in caplog.text
+    assert c.stats["hits"] >= 24 and c.stats["misses"] == 24  # every sample stored once, then read
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-6)

@@ -86,6 +86,10 @@ class ActivationCache(EntryTiers):
         self.enabled = True
         #: run the prefix on a batch's missing rows only: None until checked once per prefix
         self.partial: bool | None = None if sub_batches else False
+        self.shared_runner: Callable[[list[int]], Any] | None = None
+        #: frontier values the whole batch shares (rotary tables: no row per sample), by index,
+        #: and what computes them at every call; the other values are stored per sample
+        self._shared: tuple[set[int], Callable[[Sequence[Any]], Any]] | None = None
         self._warned_no_ids = False
         pool = ThreadPoolExecutor(1, thread_name_prefix="fxfreeze-cache") if prefetch else None
         stats = CacheStats(hits=0, misses=0, refills=0, spilled=0, corrupt=0, foreign=0, verified=0,
@@ -95,15 +99,16 @@ class ActivationCache(EntryTiers):
 
     # -- prefix changes ----------------------------------------------------------------------------
     def set_prefix(self, k: int, runner: Any, refill: Any = None, key: bytes | None = None,
-                   names: Sequence[str] = ()) -> None:
+                   names: Sequence[str] = (), shared: Any = None) -> None:
         """The prefix is now ``k`` blocks, computed by ``runner(inputs)`` from the graph
         inputs ``names`` (what their fingerprints are kept under); drop what was
         stored for another prefix (keeping the in-memory entries of a shallower one for
         ``refill(inputs, old_frontier)`` when given). ``key`` (32 bytes) identifies the plan,
         the prefix and its frozen weights: spilled entries carry it and are served only
-        under it."""
+        under it. ``shared(indices)`` builds a runner of those frontier values alone (or
+        None): values without a row per sample are computed by it at every call."""
         keep = None
-        if refill is not None and 0 < self._k < k and self._mem:
+        if refill is not None and 0 < self._k < k and self._mem and self._shared is None:
             keep = (self._k, self._mem)
             self._mem = {}
         self.clear()
@@ -115,6 +120,8 @@ class ActivationCache(EntryTiers):
         self.runner = runner
         self.refill = refill
         self.names = list(names)
+        self.shared_runner = shared
+        self._shared = None
 
     def clear(self) -> None:
         with self._lock:
@@ -163,7 +170,7 @@ class ActivationCache(EntryTiers):
         if changed is not None:
             return self._inputs_changed(inputs, changed)
         if all(e is not None for e in entries):
-            out = self._assemble(keys, entries)
+            out = self._with_shared(self._assemble(keys, entries), inputs)
             self._cost("load", t0, len(keys))
             self.stats["hits"] += len(keys)
             if self.verify_fraction > 0 and self._rng.random() < self.verify_fraction:
@@ -222,15 +229,16 @@ class ActivationCache(EntryTiers):
             return self._no_partial(f"a batch of {len(miss)} raised {type(e).__name__}: {e}")
         if isinstance(part, str):
             return self._inputs_changed(inputs, part)
-        if not fits(part, have, len(miss)):
+        rows = self._rows(part)
+        if not fits(rows, have, len(miss)):
             return self._no_partial(f"a batch of {len(miss)} gave other rows than the stored ones")
         if self.partial is None:  # once per prefix: a sub-batch's rows are the whole batch's
             with torch.no_grad():
-                diff = disagreement(tuple(self.runner(inputs)), part, miss)  # type: ignore[misc]
+                diff = disagreement(self._rows(tuple(self.runner(inputs))), rows, miss)  # type: ignore[misc]
             if diff is not None:
                 return self._no_partial(f"a sample's frontier in a smaller batch differs by {diff:.3g}")
             self.partial = True
-        out = merge_rows(n, present, have, miss, part)
+        out = self._with_shared(merge_rows(n, present, have, miss, rows), inputs)
         self.stats["hits"] += len(present)
         self.stats["partial_batches"] += 1
         return self._store([keys[r] for r in miss], [None] * len(miss), part, sub_prints, result=out)
@@ -248,6 +256,7 @@ class ActivationCache(EntryTiers):
         result = out if result is None else result
         if not self._check_batch(out, len(keys)):
             return result
+        out = self._rows(out)
         self.stats["misses"] += sum(1 for e in entries if e is None)
         self._devices = tuple(t.device for t in out)  # where entries read back from disk go
         t0 = time.perf_counter()
@@ -295,19 +304,52 @@ class ActivationCache(EntryTiers):
         return s / n if n else None
 
     def _check_batch(self, out: tuple[Any, ...], n: int) -> bool:
-        """Does every frontier value have one row per sample id? If not, caching turns off
-        (with a warning) and this batch's values are used as computed."""
-        for t in out:
-            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                logger.warning(
-                    "fxfreeze cache: the frozen prefix hands on a value without one row per sample id "
-                    "(%s for %d ids); caching is now off (check the sample ids, or the model keeps "
-                    "per-batch state across the cut)", shape, n)
-                self.enabled = False
-                self.clear()
-                return False
-        return True
+        """Does every frontier value stored per sample have one row per sample id?
+
+        At a prefix's first store, tensors without (tables the whole batch shares: rotary
+        cos and sin of shape ``(1, T, d)`` in Llama-style models) are set apart when
+        ``shared_runner`` can compute them alone and another value has rows: they are
+        computed at every call, the others cached. Otherwise caching turns off (with a
+        warning) and this batch's values are used as computed."""
+        skip = self._shared[0] if self._shared is not None else set()
+        bad = [j for j, t in enumerate(out) if j not in skip and not _has_rows(t, n)]
+        if not bad:
+            return True
+        if self._shared is None and len(self) == 0 and len(bad) < len(out) and self.shared_runner is not None \
+                and all(isinstance(out[j], torch.Tensor) for j in bad):
+            run = self.shared_runner(bad)
+            if run is not None:
+                self._shared = (set(bad), run)
+                logger.info("fxfreeze cache: %d of the %d values the frozen prefix hands on have no row per sample "
+                            "(shapes %s for %d ids); they are computed at every step, the others cached", len(bad),
+                            len(out), ", ".join(str(tuple(out[j].shape)) for j in bad[:3]), n)
+                return True
+        t = out[bad[0]]
+        logger.warning(
+            "fxfreeze cache: the frozen prefix hands on a value without one row per sample id "
+            "(%s for %d ids); caching is now off (check the sample ids, or the model keeps "
+            "per-batch state across the cut)", tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__, n)
+        self.enabled = False
+        self.clear()
+        return False
+
+    def _rows(self, out: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The frontier values stored per sample (all but the shared ones)."""
+        if self._shared is None:
+            return out
+        idx = self._shared[0]
+        return tuple(t for j, t in enumerate(out) if j not in idx)
+
+    def _with_shared(self, rows: tuple[Any, ...], inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """The whole frontier: the per-sample ``rows`` with the shared values computed for
+        this call put back in their places."""
+        if self._shared is None:
+            return rows
+        idx, run = self._shared
+        with torch.no_grad():
+            shared = iter(tuple(run(inputs)))
+        it = iter(rows)
+        return tuple(next(shared) if j in idx else next(it) for j in range(len(rows) + len(idx)))
 
     def _verify(self, inputs: Sequence[Any], cached: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad():
@@ -324,3 +366,7 @@ class ActivationCache(EntryTiers):
                 self.enabled = False
                 self.clear()
                 return
+
+
+def _has_rows(t: Any, n: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n

@@ -176,8 +176,12 @@ class CachedGraph:
         refill = None
         if self.frontier and 0 < self.k < k:
             refill = _refill_fn(base.graph, root, self.k, k, self.frontier, frontier, in_names)
+        def shared(idx: list[int]) -> Any:
+            return _shared_fn(base.graph, root, k, [frontier[j] for j in idx], in_names)
+
         named = frozen(k)
-        self.cache.set_prefix(k, runner, refill, key=prefix_fingerprint(self.blocks, k, named), names=in_names)
+        self.cache.set_prefix(k, runner, refill, key=prefix_fingerprint(self.blocks, k, named), names=in_names,
+                              shared=shared)
         self.gm, self.k, self.frontier = gm, k, frontier
         self._watched = [t for _, t in named]
         self._stamp = _stamp(self._watched)
@@ -202,3 +206,34 @@ def _refill_fn(graph: fx.Graph, root: Any, old_k: int, k: int, old: list[str], n
         return tuple(env[n] for n in new)
 
     return refill
+
+
+def _shared_fn(graph: fx.Graph, root: Any, k: int, names: list[str], in_names: list[str]) -> Any:
+    """A runner of the prefix's frontier values ``names`` alone, from the graph inputs: the
+    values the whole batch shares (rotary tables), computed at every call instead of cached.
+    Only the nodes they need run (a rotary table needs the positions, not the embeddings).
+    None when they cannot be extracted."""
+    try:
+        sub = extract(graph, root, 0, k, outputs=names, class_name="FrozenShared")
+    except PassError:
+        return None
+    if any(n not in in_names for n in sub.inputs):
+        return None
+    g = sub.graph_module.graph
+    live: set[fx.Node] = set()
+    stack = [n for n in g.nodes if n.op == "output"]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in live:
+                live.add(a)
+                stack.append(a)
+    for n in reversed(list(g.nodes)):
+        if n.op not in ("output", "placeholder") and n not in live:
+            g.erase_node(n)
+    sub.graph_module.recompile()
+    order = [in_names.index(n) for n in sub.inputs]
+
+    def run(inputs: Any) -> Any:
+        return sub.graph_module(*[inputs[i] for i in order])
+
+    return run

@@ -1,6 +1,7 @@
-"""A batch that finds only some of its samples in the activation cache runs the frozen prefix
-on its missing rows only (``fxfreeze/runtime/cache_rows.py``), and falls back to whole
-batches for a prefix that cannot take a smaller one."""
+"""The shapes of what the activation cache serves: a batch that finds only some of its samples
+stored runs the frozen prefix on its missing rows only (``fxfreeze/runtime/cache_rows.py``),
+and falls back to whole batches for a prefix that cannot take a smaller one; frontier values
+the whole batch shares (rotary tables) are computed at every call, the rest cached."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import logging
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import fxfreeze
+from fxfreeze.passes.cache_load import cache_load
 from fxfreeze.runtime.cache import ActivationCache
 from fxfreeze.runtime.cache_rows import disagreement, fits, merge_rows, take_rows
 
@@ -162,3 +167,100 @@ def test_row_helpers():
     assert disagreement((x,), (x[[1, 2]] + 1e-6,), [1, 2]) is None
     assert disagreement((x.long(),), (x[[1]].long() + 1,), [1]) == float("inf")
     assert disagreement((x,), (x[:1],), [1, 2]) == float("inf")
+
+
+class _Mixer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.lin(h * table))
+
+
+class _Rotary(nn.Module):
+    """A table of positions computed once and handed to every block, as Llama-style models
+    hand their rotary cos and sin: shape ``(1, T, d)``, no row per sample."""
+
+    def __init__(self, d: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Linear(d, d)
+        self.blocks = nn.ModuleList(_Mixer(d) for _ in range(depth))
+        self.head = nn.Linear(d, 2)
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.cos(torch.arange(x.shape[1], dtype=x.dtype)[None, :, None] * self.freq)
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h, table)
+        return self.head(h.mean(1))
+
+
+def _rotary_run(cache: bool):
+    torch.manual_seed(0)
+    net = _Rotary()
+    x, y = torch.randn(48, 5, 8), torch.randint(0, 2, (48,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    cfg: dict = {"policy": "manual", "manual": {"schedule": {2: 2}, "unit": "step"}, "cache": {"enabled": cache}}
+    fm = fxfreeze.compile(net, (x[:4],), optimizer=opt, config=cfg)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        for xb, yb in fm.wrap_loader(loader):
+            loss = nn.functional.cross_entropy(fm(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return fm, losses
+
+
+def test_a_table_the_whole_batch_shares_is_computed_at_every_step_and_the_rest_cached(caplog):
+    """The frozen prefix hands on the hidden states (a row per sample) and a position table
+    (``(1, T, d)``). Before, the table turned caching off at the first store ("a value without
+    one row per sample id"): no Llama-style model (rotary cos and sin) was ever cached. Now
+    the table is computed at every call from the positions alone, and the hidden states are
+    cached; the run equals the uncached one."""
+    _, ref = _rotary_run(False)
+    with caplog.at_level(logging.INFO, logger="fxfreeze"):
+        fm, losses = _rotary_run(True)
+    c = fm.activation_cache
+    assert c.enabled and c.stats["hits"] > 0 and "1 of the 2 values the frozen prefix hands on" in caplog.text
+    assert "caching is now off" not in caplog.text
+    assert [tuple(t.shape) for t in c.get(0)] == [(5, 8)]  # only the hidden states are stored per sample
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-6)
+    gm = fm.cached_graph_module
+    gm.graph.lint()
+    assert any(n.op == "call_function" and n.target is cache_load for n in gm.graph.nodes)
+
+
+def test_shared_values_are_put_back_in_their_places_and_a_deeper_prefix_does_not_refill_from_them():
+    x = torch.randn(6, 2, 3)
+    table = torch.arange(3.0)[None, None]
+    full = _Prefix(lambda x: (x * 2, table + x.shape[1], x + 1))
+    c = ActivationCache(prefetch=False)
+    built = []
+
+    def shared(idx):
+        built.append(idx)
+        return lambda inputs: (table + inputs[0].shape[1],)
+
+    c.set_prefix(1, full, shared=shared)
+    _load(c, x, [0, 1, 2])
+    out = _load(c, x, [2, 1, 0])
+    assert built == [[1]] and c.stats["hits"] == 3
+    for got, want in zip(out, (x[[2, 1, 0]] * 2, table + 2, x[[2, 1, 0]] + 1)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    c.set_prefix(2, full, refill=lambda inputs, old: (old[0] * 5,), shared=shared)
+    assert c._old is None  # the shallower entries lack the table: the deeper prefix runs
+    c.close()
+
+
+def test_without_a_runner_for_them_values_without_rows_turn_caching_off(caplog):
+    c = _cache(_Prefix(lambda x: (x * 2, torch.ones(1, 3))))
+    x = torch.randn(4, 3)
+    with caplog.at_level(logging.WARNING, logger="fxfreeze"):
+        out = _load(c, x, [0, 1, 2, 3])
+    assert not c.enabled and "caching is now off" in caplog.text
+    torch.testing.assert_close(out[0], x * 2)
