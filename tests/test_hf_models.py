@@ -438,13 +438,14 @@ def _lm_cache_run(factory, cache: bool) -> tuple[object, list[float]]:
     return fm, losses
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_a_llama_style_models_prefix_caches_its_hidden_states_and_recomputes_its_rotary_tables(name, caplog):
+def test_a_llama_style_models_prefix_caches_its_hidden_states_and_recomputes_its_rotary_tables(caplog):
     """The frozen prefix of a rotary model hands the layers the hidden states and the rotary
     cos and sin (``(1, T, d)``, the batch's). Before, that turned the cache off at its first
     store, so no Llama-style model was ever cached; now the tables are computed at every
-    step and the hidden states are read from the cache, with the uncached run's losses."""
-    factory = ARCHS[name][0]
+    step and the hidden states are read from the cache, with the uncached run's losses
+    (Llama here; Mistral, Phi, GPT-NeoX, Qwen2, Qwen3, ModernBERT and Funnel were probed
+    alike, docs/reliability.md row 81)."""
+    factory = ARCHS["llama"][0]
     _, ref = _lm_cache_run(factory, False)
     with caplog.at_level(logging.INFO, logger="fxfreeze"):
         fm, losses = _lm_cache_run(factory, True)
