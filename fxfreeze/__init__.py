@@ -73,4 +73,10 @@ def __getattr__(name: str):  # lazy: the runtime is only loaded when used
         from .config import FreezeConfig
 
         return FreezeConfig
+    # the docs name ``fxfreeze.distributed.FreezeDDP`` and the like after ``import fxfreeze``
+    # alone: a subpackage is imported when first reached (and its optional dependencies then)
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fxfreeze' has no attribute {name!r}")

@@ -1,11 +1,14 @@
 """The public API documents itself: every public function has a docstring with an example,
-and the examples that run without data or a network do run."""
+the examples that run without data or a network do run, and the dotted names the docs give
+resolve after ``import fxfreeze``."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,3 +91,23 @@ def test_examples_run(name):
         for extra in set(policy_names()) - before:
             unregister_policy(extra)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_the_dotted_names_the_docs_give_work_after_import_fxfreeze_alone():
+    """README and docs/distributed.md say to wrap the compiled module in
+    ``fxfreeze.distributed.FreezeDDP``. After ``import fxfreeze`` alone that raised
+    ``AttributeError`` (the subpackage was never imported; the suite only passed where another
+    test had imported it first, in the same worker). Subpackages are now imported when first
+    reached, so ``import fxfreeze`` stays light."""
+    code = (
+        "import sys, fxfreeze\n"
+        "assert 'fxfreeze.distributed' not in sys.modules and 'transformers' not in sys.modules\n"
+        "print(fxfreeze.distributed.FreezeDDP.__name__, fxfreeze.runtime.horizon.register_horizon.__name__)\n"
+        "try:\n"
+        "    fxfreeze.no_such_thing\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["FreezeDDP register_horizon", "module 'fxfreeze' has no attribute 'no_such_thing'"]
