@@ -287,7 +287,9 @@ def test_the_activation_cache_under_the_trainer_reads_the_ids_the_batch_carries(
     which the Trainer reads instead; it drops the columns ``forward`` does not name, "source"
     here), every call takes it out before the model sees it, and the cache reads it. Before,
     the Trainer's batches came without ids and the cache never served one. The run equals the
-    uncached one bitwise (an untied model: a tied one is never cached)."""
+    uncached one (an untied model: a tied one is never cached), within rounding: the batches of
+    epoch 2 run the prefix on their missing rows only, and a GEMM over fewer rows may round
+    otherwise (bitwise on the machines measured so far)."""
 
     def run(cache: bool):
         torch.manual_seed(0)
@@ -321,7 +323,9 @@ def test_the_activation_cache_under_the_trainer_reads_the_ids_the_batch_carries(
     assert stats["partial_batches"] >= 1
     assert cb.lazy.epoch_steps == 4
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{n} differs from the uncached run")
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{n} differs from the uncached run")
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-    assert len(evals) == 2 and evals == [h["eval_loss"] for h in ref_trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2
+    torch.testing.assert_close(evals, [h["eval_loss"] for h in ref_trainer.state.log_history if "eval_loss" in h],
+                               rtol=1e-5, atol=1e-6)
     assert not any("forward" in m.__dict__ for m in model.modules())  # the base model's forward is its own again

@@ -114,8 +114,9 @@ def test_int8_reference_agrees_with_fp32_on_a_conv_net():
     The agreement depends on the thread count (fp32 sums in another order) and on the CPU's
     int8 kernels: 96.5% with one thread, 94.5% with two, every flip on a sample whose two
     best fp32 logits are within 4% of the logits' scale, on the machine used until
-    2026-12-06; 96.9% on an AMD EPYC with AVX2 only, flips within 6%. So: at least 93% overall, and no flip where that
-    margin exceeds 10% (more than half the samples have such a margin)."""
+    2026-12-06; 96.9% on an AMD EPYC with AVX2 only, flips within 6%. So: at least 93%
+    overall, and no flip where that margin exceeds 10% (more than half the samples have
+    such a margin)."""
     torch.manual_seed(0)
     model = zoo.resnet_cifar(depth=20, width=16, in_channels=1)
     x = torch.randn(256, 1, 16, 16)
