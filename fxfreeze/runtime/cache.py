@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .dynamo import outside_dynamo
-from .cache_rows import disagreement, fits, merge_rows, take_rows
+from .cache_rows import disagreement, fits, has_rows, merge_rows, take_rows
 from .cache_tiers import HOST, EntryTiers
 from .input_prints import InputPrints
 
@@ -237,9 +237,11 @@ class ActivationCache(EntryTiers):
             return self._no_partial(f"a batch of {len(miss)} gave other rows than the stored ones")
         if self.partial is None:  # once per prefix: a sub-batch's rows are the whole batch's
             with torch.no_grad():
-                diff = disagreement(self._rows(tuple(self.runner(inputs))), rows, miss)  # type: ignore[misc]
-            if diff is not None:
-                return self._no_partial(f"a sample's frontier in a smaller batch differs by {diff:.3g}")
+                full = tuple(self.runner(inputs))  # type: ignore[misc]
+            diff = disagreement(self._rows(full), rows, miss)
+            if diff is not None:  # the whole batch's frontier, already computed, is the one to keep
+                self._no_partial(f"a sample's frontier in a smaller batch differs by {diff:.3g}")
+                return self._store(keys, entries, full, prints)
             self.partial = True
         out = self._with_shared(merge_rows(n, present, have, miss, rows), inputs)
         self.stats["hits"] += len(present)
@@ -315,7 +317,7 @@ class ActivationCache(EntryTiers):
         computed at every call, the others cached. Otherwise caching turns off (with a
         warning) and this batch's values are used as computed."""
         skip = self._shared[0] if self._shared is not None else set()
-        bad = [j for j, t in enumerate(out) if j not in skip and not _has_rows(t, n)]
+        bad = [j for j, t in enumerate(out) if j not in skip and not has_rows(t, n)]
         if not bad:
             return True
         if self._shared is None and len(self) == 0 and len(bad) < len(out) and self.shared_runner is not None \
@@ -369,7 +371,3 @@ class ActivationCache(EntryTiers):
                 self.enabled = False
                 self.clear()
                 return
-
-
-def _has_rows(t: Any, n: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n

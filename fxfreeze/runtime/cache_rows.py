@@ -22,7 +22,18 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["take_rows", "fits", "merge_rows", "disagreement"]
+__all__ = ["has_rows", "take_rows", "fits", "merge_rows", "disagreement"]
+
+
+def has_rows(t: Any, n: int) -> bool:
+    """Is ``t`` a tensor with one row per sample of a batch of ``n``?
+
+    Example::
+
+        >>> has_rows(torch.zeros(4, 3), 4), has_rows(torch.zeros(1, 3), 4), has_rows(7, 4)
+        (True, False, False)
+    """
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
 
 
 def take_rows(inputs: Sequence[Any], rows: list[int], n: int) -> tuple[Any, ...]:
@@ -39,7 +50,7 @@ def take_rows(inputs: Sequence[Any], rows: list[int], n: int) -> tuple[Any, ...]
     idx: dict[torch.device, torch.Tensor] = {}
 
     def one(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
+        if not has_rows(t, n):
             return t
         if t.device not in idx:
             idx[t.device] = torch.tensor(rows, device=t.device)

@@ -220,6 +220,7 @@ def _shared_fn(graph: fx.Graph, root: Any, k: int, names: list[str], in_names: l
     if any(n not in in_names for n in sub.inputs):
         return None
     g = sub.graph_module.graph
+    # by hand, not eliminate_dead_code: fx keeps random ops (ATen dropout) and so the prefix feeding them
     live: set[fx.Node] = set()
     stack = [n for n in g.nodes if n.op == "output"]
     while stack:
